@@ -1,0 +1,4 @@
+"""``python -m epicfeat`` is the ``epicfeat`` command."""
+from epicfeat.cli import main
+
+main()

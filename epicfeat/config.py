@@ -1,0 +1,176 @@
+"""One frozen dataclass config per command, resolved in layers.
+
+Resolution order (later wins):
+  1. the dataclass field defaults (so Python callers need no YAML),
+  2. ``configs/<command>.yaml`` when the package runs from a checkout,
+  3. a ``--config FILE`` given by the user,
+  4. CLI flags that were actually given (``None`` means "not given").
+
+Unknown keys are an error naming the key and the file, because a misspelt hyper-parameter that is silently
+ignored costs a researcher a whole training run. The resolved config is written beside every output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from epicfeat.errors import EpicfeatError
+
+#: ``configs/`` at the repository root (the package lives in ``<root>/epicfeat``).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+C = TypeVar("C")
+
+
+class ConfigError(EpicfeatError, ValueError):
+    """A config file or override that cannot be used; the message names the key and the source."""
+
+
+def resolve_config(
+    cls: type[C],
+    *,
+    defaults: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> C:
+    """Build a ``cls`` from its defaults YAML (``configs/<defaults>.yaml``), a user file and CLI overrides."""
+    values: dict[str, Any] = {}
+    sources: list[Path] = []
+    if defaults is not None and (CONFIG_DIR / f"{defaults}.yaml").is_file():
+        sources.append(CONFIG_DIR / f"{defaults}.yaml")
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        sources.append(path)
+    for path in sources:
+        values.update(_check_keys(cls, read_yaml(path), str(path)))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(_check_keys(cls, given, "command-line options"))
+    return from_dict(cls, values, source=" + ".join([str(s) for s in sources] + ["command line"]))
+
+
+def from_dict(cls: type[C], values: Mapping[str, Any], *, source: str = "dict") -> C:
+    """Coerce plain YAML values (str, list, number) to the field types of ``cls`` and build it."""
+    _check_keys(cls, values, source)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        try:
+            kwargs[name] = _coerce(value, hints[name])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{source}: key '{name}' = {value!r} is not a valid {hints[name]}: {err}") from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A YAML/JSON-safe dict of a config dataclass (paths become strings, tuples lists)."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def save_config(config: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically, so a re-run can pass it back with ``--config``."""
+    path = Path(path)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    atomic_write_text(path, text)
+    return path
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_keys(cls: type, values: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)} "
+            f"for {cls.__name__}; valid keys are: {', '.join(sorted(known))}"
+        )
+    return values
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for option in non_none:
+            try:
+                return _coerce(value, option)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in items)
+        if len(items) != len(args):
+            raise ValueError(f"expected {len(args)} values, got {len(items)}")
+        return tuple(_coerce(v, a) for v, a in zip(items, args))
+    if hint is Path:
+        return Path(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "yes", "no", "1", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ValueError("expected true or false")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError("expected an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        return float(value)  # YAML 1.1 reads "1.5e-4" as a string
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value

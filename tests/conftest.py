@@ -1,0 +1,23 @@
+"""Shared fixtures: the real EPIC-100 annotations (skipped when ../shared is absent) and one tiny synthetic dataset."""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_ANNOTATIONS = REPO.parent / "shared" / "epic100-annotations"
+
+
+@pytest.fixture(scope="session")
+def shared_annotations() -> Path:
+    """The real EPIC-100 annotation folder that developers and CI have beside the repo."""
+    if not (SHARED_ANNOTATIONS / "EPIC_100_validation.csv").is_file():
+        pytest.skip(f"real EPIC-100 annotations not found at {SHARED_ANNOTATIONS} (only developers and CI have ../shared)")
+    return SHARED_ANNOTATIONS
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """The embedded synthetic EPIC-layout dataset, generated once per test session."""
+    from epicfeat.data.synthetic import generate_synthetic_dataset
+
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), seed=0)
