@@ -1,0 +1,176 @@
+"""The one backbone factory: torchvision's ResNet50 up to global average pooling, giving 2048-d frame features.
+
+``extract``, ``finetune`` and ``predict`` all call ``create_backbone``, so cached features and fine-tuned models
+come from the same network definition. Every backbone carries ``weights_name`` (readable) and ``weights_sha``
+(a hash of its actual tensors), which go into the feature set's identity: features from different weights can
+never be mixed up, even when two files share a name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import ResNet50_Weights
+
+from epicfeat.errors import EpicfeatError
+
+FEATURE_DIM = 2048
+
+# --weights names for torchvision's ImageNet weights. "imagenet" is the better V2 recipe (80.9% top-1).
+_TORCHVISION_WEIGHTS = {
+    "imagenet": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
+    "imagenet1k_v2": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
+    "imagenet1k_v1": ("imagenet1k_v1", ResNet50_Weights.IMAGENET1K_V1),
+}
+
+
+class WeightsError(EpicfeatError):
+    """Backbone weights that cannot be found or loaded; the message says where they were expected and what to do."""
+
+
+class ResNet50Features(nn.Module):
+    """torchvision's ResNet50 without its classifier: (N, 3, H, W) -> (N, 2048) globally average-pooled features.
+
+    The layers keep torchvision's names, so a torchvision ResNet50 state dict (minus ``fc.*``) loads as is.
+    ResNet50 pools adaptively, so any input size of at least 32x32 gives 2048-d features.
+    """
+
+    def __init__(self):
+        super().__init__()
+        # Random init (torchvision's: Kaiming normal convs, BN weight 1 / bias 0), drawn from the global RNG.
+        resnet = torchvision.models.resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.avgpool = resnet.avgpool
+        self.weights_name = "random"
+        self.weights_sha = ""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
+
+
+def weights_identity(model: nn.Module) -> str:
+    """First 16 hex digits of a sha256 over the state dict (key, dtype, shape and bytes of every tensor, in order).
+
+    Independent of device and memory format: the same numbers give the same hash.
+    """
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes of any dtype
+    return digest.hexdigest()[:16]
+
+
+def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Features:
+    """Build the ResNet50 feature backbone in eval mode, with ``weights_name`` and ``weights_sha`` set.
+
+    ``weights``:
+      * ``"imagenet"`` (= ``"imagenet1k_v2"``) or ``"imagenet1k_v1"``: torchvision's ImageNet weights, read from
+        torch hub's cache (``torch.hub.get_dir()/checkpoints/``) or downloaded there; WeightsError says how to get
+        the file onto a machine without internet.
+      * ``"random"``: torchvision's random initialisation drawn with ``seed``; the same seed gives the same weights,
+        and the global RNG is left untouched. For tests and the demo.
+      * a path: a torchvision-style ResNet50 state dict (``fc.*`` keys are ignored), or an epicfeat checkpoint dict
+        holding a ``"backbone"`` state dict (what ``finetune`` saves).
+    """
+    weights = str(weights)
+    state_dict, source = None, ""
+    if weights in _TORCHVISION_WEIGHTS:
+        name, enum = _TORCHVISION_WEIGHTS[weights]
+        state_dict, source = _torchvision_state_dict(weights, enum), f"torchvision {enum}"
+    elif weights == "random":
+        name = f"random-seed{seed}"
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"--weights {weights!r}: no such file, and not one of imagenet, imagenet1k_v1, random; give a "
+                "ResNet50 state dict / epicfeat checkpoint path, or one of those names"
+            )
+        state_dict, source, name = _state_dict_from_file(path), str(path), f"file:{path.name}"
+    with torch.random.fork_rng(devices=[]):  # the random init must not move the caller's RNG streams
+        torch.manual_seed(seed)
+        model = ResNet50Features()
+    if state_dict is not None:
+        _load(model, state_dict, source)
+    model.weights_name = name
+    model.weights_sha = weights_identity(model)
+    return model.eval()
+
+
+def _torchvision_state_dict(weights: str, enum: ResNet50_Weights) -> Mapping[str, torch.Tensor]:
+    """torchvision's weights the normal way: torch hub's cache, else a download into it."""
+    file_name = os.path.basename(urlparse(enum.url).path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    was_cached = cached.is_file()
+    try:
+        return enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as err:  # no network, proxy, HTTP error, hash mismatch, unreadable file: all end the same way
+        if was_cached:
+            problem = f"the cached file {cached} cannot be read ({type(err).__name__}: {err}); delete it and "
+        else:
+            problem = (
+                f"{file_name} is not in torch hub's cache ({cached}) and downloading it failed "
+                f"({type(err).__name__}: {err}); "
+            )
+        raise WeightsError(
+            f"--weights {weights}: {problem}get the file on a machine with internet and copy it to that path:\n"
+            f"  mkdir -p {cached.parent} && curl -L -o {cached} {enum.url}\n"
+            f"(TORCH_HOME moves the cache.) Alternatives: --weights PATH (a ResNet50 state dict or an epicfeat "
+            f"checkpoint), or --weights random (seeded random weights, for tests and the demo)"
+        ) from None
+
+
+def _state_dict_from_file(path: Path) -> Mapping[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and "unsupported global" errors all mean: not a weights file
+        raise WeightsError(
+            f"{path}: cannot be read as PyTorch weights ({type(err).__name__}: {err}); give a ResNet50 state dict "
+            "saved with torch.save(model.state_dict(), path), or an epicfeat checkpoint"
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("backbone"), Mapping):
+        obj = obj["backbone"]  # an epicfeat (finetune) checkpoint
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise WeightsError(
+            f"{path}: holds neither a state dict of tensors nor a checkpoint with a 'backbone' state dict "
+            f"(found: {keys}); save one with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def _load(model: ResNet50Features, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a ResNet50 state dict strictly, ignoring the ImageNet classifier (fc.*)."""
+    trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in trunk]
+    unexpected = [k for k in trunk if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(trunk[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in trunk and trunk[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong_shape:
+        def listing(label: str, items: list[str]) -> str:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            return f"{len(items)} {label}: {', '.join(items[:5])}{more}" if items else ""
+
+        problems = "; ".join(
+            p for p in (listing("missing", missing), listing("unexpected", unexpected),
+                        listing("with the wrong shape", wrong_shape)) if p
+        )
+        raise WeightsError(
+            f"{source}: not torchvision ResNet50 weights ({problems}); the file must hold a torchvision resnet50 "
+            "state dict (keys like 'conv1.weight', 'layer4.2.bn3.running_var') or an epicfeat checkpoint"
+        )
+    model.load_state_dict(trunk, strict=True)

@@ -1,0 +1,470 @@
+"""Video frames: streaming decode with exact timestamps, frame sampling, and the one preprocessing definition.
+
+Everything that turns a video file into model input lives here, so that ``extract``, ``finetune`` and ``predict``
+cannot drift apart:
+
+* ``iter_frames`` streams a video once, front to back, in constant memory, and yields ``FrameBatch`` es of sampled
+  frames, each with its 0-based frame index and its presentation timestamp in seconds (read from the stream's pts,
+  never inferred by counting frames).
+* ``decode_frames_at`` fetches the frames shown at a few given times (one seek, then forward decoding).
+* ``Preprocess`` is the one preprocessing definition: shorter side to ``resize``, centre ``crop`` (uint8, done
+  here with swscale while decoding), then ImageNet normalisation (``Preprocess.normalize``, on the model's device).
+
+Time origin: every time in seconds is measured from the container's start, i.e. the earliest start time of its
+audio and video streams (FFmpeg's ``start_time``, computed exactly instead of rounded to microseconds). That is the
+position a player or ``ffmpeg -ss`` calls 0, which is what EPIC-100 timestamps are relative to. For ordinary MP4s,
+EPIC's included, the video starts at pts 0 and the first frame is at exactly 0.0 s; for files whose first pts is
+not 0 (MPEG-TS, edited MP4s) the offset is subtracted so that annotations still line up.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import VideoReformatter
+from av.video.stream import VideoStream
+
+from epicfeat.errors import EpicfeatError
+
+# swscale's bilinear filter; on downscaling it widens to cover every source pixel (no aliasing like nearest).
+_INTERPOLATION = "BILINEAR"
+# First bytes of the ISO media boxes an MP4/MOV file starts with: a file that starts like this but cannot be
+# opened is a damaged or incomplete MP4, not some other kind of file.
+_MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+
+
+class VideoError(EpicfeatError):
+    """A video file that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The one definition of how a frame becomes model input (recorded in every feature set's identity)."""
+
+    resize: int = 256  # the shorter side is resized to this (aspect ratio kept)
+    crop: int = 224  # then a centred square of this side is cut out
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, on the 0..1 scale
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        if self.resize < 1 or self.crop < 1 or self.crop > self.resize:
+            raise EpicfeatError(
+                f"preprocessing resize={self.resize}, crop={self.crop}: need 1 <= crop <= resize (the centre crop is "
+                "cut from the resized frame); fix --resize / --crop"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise EpicfeatError(
+                f"preprocessing mean={self.mean}, std={self.std}: need three values each (R, G, B) and std > 0"
+            )
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after resizing the shorter side to ``resize``; the longer side is truncated like
+        torchvision's ``Resize(int)`` (640x360 -> 455x256)."""
+        if width <= height:
+            return self.resize, self.resize * height // width
+        return self.resize * width // height, self.resize
+
+    def crop_offsets(self, width: int, height: int) -> tuple[int, int]:
+        """(left, top) of the centre crop inside a resized frame of this size (torchvision's CenterCrop rounding)."""
+        return int(round((width - self.crop) / 2)), int(round((height - self.crop) / 2))
+
+    def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 RGB images (N, H, W, 3) -> float32 (N, 3, H, W), ImageNet-normalised, on the images' device.
+
+        The result is a permuted view of the NHWC data, i.e. already in ``torch.channels_last`` memory format (the
+        fast layout for convolutions); call ``.contiguous()`` if something needs plain NCHW strides.
+        """
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got shape {tuple(images.shape)}")
+        # Fold the /255 into the statistics: (x/255 - mean) / std == (x - 255 mean) / (255 std).
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device) * 255
+        inv_std = 1.0 / (torch.tensor(self.std, dtype=torch.float32, device=images.device) * 255)
+        pixels = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W), channels_last strides
+        return (pixels - mean.view(1, 3, 1, 1)) * inv_std.view(1, 3, 1, 1)
+
+    def identity(self) -> dict:
+        """Everything that defines this preprocessing, for provenance records (plain JSON types)."""
+        return {
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()},
+            "resize_mode": "shorter_side",
+            "crop_mode": "center",
+            "interpolation": f"swscale_{_INTERPOLATION.lower()}",
+            "color": "rgb24",
+        }
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    path: Path
+    fps: float  # the stream's average frame rate (for VFR video, an average; rows carry their own pts)
+    duration: float  # seconds from the container's start to the end of the video stream (0.0 when unknown)
+    width: int
+    height: int
+    codec: str
+    frames: int | None  # frame count the container declares (None when it does not say)
+
+
+@dataclass
+class FrameBatch:
+    frame_indices: np.ndarray  # (n,) int64, 0-based positions in presentation order (-1: unknown, see decode_frames_at)
+    pts: np.ndarray  # (n,) float64, seconds from the container's start
+    images: np.ndarray  # (n, crop, crop, 3) uint8 RGB, resized + centre-cropped, not normalised
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+class _Resizer:
+    """Resize + centre crop with two cached swscale contexts.
+
+    Scaling in the decoder's own pixel format and then converting the small frame to RGB runs about five times
+    faster than one combined scale-and-convert call (measured 640x360 -> 455x256: ~5,300 vs ~900 frames/s on one
+    core), with a mean difference of about one grey level. A reformatter is reused across frames because
+    ``VideoFrame.reformat`` builds a new swscale context on every call.
+    """
+
+    def __init__(self, preprocess: Preprocess):
+        self.preprocess = preprocess
+        self._scale = VideoReformatter()
+        self._to_rgb = VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        width, height = self.preprocess.resized_size(frame.width, frame.height)
+        left, top = self.preprocess.crop_offsets(width, height)
+        small = self._scale.reformat(frame, width=width, height=height, interpolation=_INTERPOLATION, threads=1)
+        plane = self._to_rgb.reformat(small, format="rgb24", threads=1).planes[0]
+        # View the RGB plane in place (rows may be padded to line_size) instead of copying it with to_ndarray:
+        # the caller copies just the crop.
+        rows = np.frombuffer(plane, np.uint8, count=height * plane.line_size)
+        rows = rows.reshape(height, plane.line_size)  # (height, line_size)
+        rgb = rows[:, : width * 3].reshape(height, width, 3)  # (height, width, 3)
+        crop = self.preprocess.crop
+        return rgb[top : top + crop, left : left + crop]  # (crop, crop, 3) view into the frame
+
+
+def resize_and_crop(frame: av.VideoFrame, preprocess: Preprocess | None) -> np.ndarray:
+    """One decoded frame -> uint8 RGB (crop, crop, 3): shorter side to ``preprocess.resize``, centre crop.
+
+    ``preprocess=None`` returns the full-resolution RGB frame (H, W, 3). ``iter_frames`` and ``decode_frames_at``
+    both go through the same code, so features and fine-tuning inputs see identical pixels.
+    """
+    if preprocess is None:
+        return frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(_Resizer(preprocess)(frame))
+
+
+# ---------------------------------------------------------------------------------------------- opening files
+@contextmanager
+def _open_video(path: Path, threads: int = 0) -> Iterator[tuple[av.container.InputContainer, VideoStream]]:
+    """Open ``path`` and its first video stream, or raise a VideoError that says what is wrong with the file."""
+    if not path.exists():
+        raise VideoError(f"{path}: file not found; check --videos and the file name")
+    if not path.is_file():
+        raise VideoError(f"{path}: not a file (a folder?); point to the video file itself")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: file is empty (0 bytes): an interrupted copy or download; copy it again")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as err:
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[4:8] in _MP4_BOXES:
+            raise VideoError(
+                f"{path}: truncated or corrupt MP4: FFmpeg cannot read its index ({err.strerror}); the copy is "
+                "probably incomplete: copy or download it again"
+            ) from None
+        raise VideoError(
+            f"{path}: not a video file FFmpeg can read ({err.strerror}); check that this is the right file"
+        ) from None
+    try:
+        if not container.streams.video:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise VideoError(f"{path}: has no video stream (streams: {kinds}); check that this is the right file")
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise VideoError(
+                f"{path}: unsupported video codec: this FFmpeg build has no decoder for it; re-encode the file to "
+                "H.264 or HEVC (keeping its frame rate)"
+            )
+        # Threading must be chosen before the codec opens (PyAV opens it on the first decode).
+        stream.codec_context.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads  # 0: FFmpeg picks from the number of cores
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _time_origin(container: av.container.InputContainer) -> Fraction:
+    """The container's start in seconds, exactly: the earliest start of its audio and video streams (0 if none says)."""
+    starts = [
+        s.start_time * s.time_base
+        for s in container.streams
+        if s.type in ("video", "audio") and s.start_time is not None and s.time_base
+    ]
+    return min(starts) if starts else Fraction(0)
+
+
+def probe_video(path: str | Path) -> VideoMeta:
+    """Read a video's header (no decoding): frame rate, duration, size, codec; VideoError when it is unusable."""
+    path = Path(path)
+    with _open_video(path) as (container, stream):
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if stream.duration is not None and stream.start_time is not None:
+            duration = float((stream.start_time + stream.duration) * stream.time_base - _time_origin(container))
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        elif stream.frames and rate:
+            duration = stream.frames / float(rate)
+        else:
+            duration = 0.0
+        return VideoMeta(
+            path=path,
+            fps=float(rate) if rate else 0.0,
+            duration=duration,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            codec=stream.codec_context.name,
+            frames=stream.frames or None,
+        )
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+def _decoded_frames(
+    path: Path, container: av.container.InputContainer, stream: VideoStream, *, from_start: bool
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Yield (pts in stream ticks, frame) in presentation order, from the current read position to the end.
+
+    Damage becomes a VideoError that says where decoding stopped. With frame threading FFmpeg's decoder does not
+    report a broken packet, so the demuxer's view is checked too: a packet flagged corrupt (the cut-off last
+    packet of a truncated MP4), or fewer packets than the container's index declares (frames missing at the end).
+
+    A frame without a pts (raw H.264/HEVC elementary streams carry none) is placed one frame duration after the
+    previous frame: its decoder-reported duration, else the stream's nominal frame period; a first frame without
+    pts is placed at the stream's start. Containers such as MP4 always carry pts, so this rule never applies there.
+    """
+    origin = _time_origin(container)
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    nominal_ticks = round(1 / (rate * stream.time_base)) if rate and stream.time_base else 0
+    previous: tuple[int, int] | None = None  # (pts, duration) of the last frame, in stream ticks
+    packets_read = 0
+    start_pts = stream.start_time
+
+    def failure(problem: str) -> VideoError:
+        where = "before the first frame" if previous is None else (
+            f"after t={float(previous[0] * stream.time_base - origin):.2f} s"
+        )
+        return VideoError(f"{path}: truncated or corrupt: {problem} {where}; copy or download the file again")
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets, None)
+            if packet is None:
+                break
+            if packet.is_corrupt:
+                raise failure("a damaged packet (the file is cut off or overwritten)")
+            if packet.size:  # the last packet is an empty one that flushes the decoder
+                packets_read += 1
+            decoded = packet.decode()
+        except av.FFmpegError as err:
+            raise failure(f"decoding failed ({err.strerror})") from None
+        for frame in decoded:
+            pts = frame.pts
+            if pts is None:
+                if previous is None:
+                    pts = start_pts or 0
+                elif previous[1] > 0:
+                    pts = previous[0] + previous[1]
+                else:
+                    raise VideoError(
+                        f"{path}: its frames carry no timestamps and no frame rate; remux it into MP4 "
+                        "(ffmpeg -r RATE -i FILE -c copy OUT.mp4) so that frame times are known"
+                    )
+            previous = (pts, frame.duration or nominal_ticks)
+            yield pts, frame
+    # The frame count is only comparable when reading began at the first packet (not after a seek).
+    if from_start and stream.frames and packets_read < stream.frames:
+        raise failure(f"the container lists {stream.frames} frames but only {packets_read} could be read, ending")
+
+
+class _Batcher:
+    """Collects sampled frames into FrameBatches of up to ``batch_size`` (one fresh array per batch)."""
+
+    def __init__(self, batch_size: int, image_shape: tuple[int, ...]):
+        self.batch_size, self.image_shape = batch_size, image_shape
+        self._new()
+
+    def _new(self):
+        self.images = np.empty((self.batch_size, *self.image_shape), np.uint8)  # (B, crop, crop, 3)
+        self.indices: list[int] = []
+        self.pts: list[float] = []
+
+    def add(self, index: int, seconds: float, image: np.ndarray) -> FrameBatch | None:
+        self.images[len(self.indices)] = image
+        self.indices.append(index)
+        self.pts.append(seconds)
+        return self.flush() if len(self.indices) == self.batch_size else None
+
+    def flush(self) -> FrameBatch | None:
+        if not self.indices:
+            return None
+        n = len(self.indices)
+        batch = FrameBatch(
+            frame_indices=np.array(self.indices, np.int64),
+            pts=np.array(self.pts, np.float64),
+            images=self.images[:n],
+        )
+        self._new()
+        return batch
+
+
+def iter_frames(
+    path: str | Path, *, fps: float | None, preprocess: Preprocess, batch_size: int = 64, threads: int = 0
+) -> Iterator[FrameBatch]:
+    """Stream a video once, front to back, in constant memory, yielding batches of sampled, preprocessed frames.
+
+    Sampling: targets k/fps seconds (k = 0, 1, ...); each target takes the first frame whose time is >= the target,
+    and a frame is used at most once: targets that would land on the same frame (a frame rate below ``fps``, or a
+    gap in variable-frame-rate video) give one row, and sampling continues at the first target after that frame.
+    ``fps=None`` keeps every frame. Frame times are ``pts * time_base`` minus the container's start (see the module
+    docstring) and are compared with the targets in exact rational arithmetic, so a frame exactly on a target (the
+    5th frame of 50 fps video at fps=10) is taken, never its neighbour. Only kept frames are resized and converted
+    to RGB; dropped frames are decoded (the codec needs them) but cost nothing more.
+
+    ``frame_indices`` are 0-based positions of the frames in presentation (decoding output) order. Codec threading
+    is on (``threads=0``: FFmpeg's choice). Raises VideoError naming the file when it is missing, empty, not a
+    video, has no decodable video stream, or is truncated/corrupt (with the time decoding failed at).
+    """
+    if fps is not None and fps <= 0:
+        raise ValueError(f"fps must be positive or None, got {fps}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    path = Path(path)
+    rate = Fraction(fps) if fps is not None else None  # exact value of the float the caller gave
+    resizer = _Resizer(preprocess)
+    batcher = _Batcher(batch_size, (preprocess.crop, preprocess.crop, 3))
+    with _open_video(path, threads) as (container, stream):
+        origin, time_base = _time_origin(container), stream.time_base
+        next_target = 0  # k of the next target time k / fps
+        for index, (pts, frame) in enumerate(_decoded_frames(path, container, stream, from_start=True)):
+            time = pts * time_base - origin  # exact seconds (Fraction)
+            if rate is not None:
+                if time * rate < next_target:  # time < k / fps
+                    continue
+                next_target = math.floor(time * rate) + 1  # first target strictly after this frame
+            batch = batcher.add(index, float(time), resizer(frame))
+            if batch is not None:
+                yield batch
+    batch = batcher.flush()
+    if batch is not None:
+        yield batch
+
+
+def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Preprocess | None) -> FrameBatch:
+    """The frames shown at the given times (seconds from the container's start), in the order of ``times``.
+
+    For each time, the first frame whose time is >= it (times past the end get the last frame, times before the
+    start the first). Seeks once to the keyframe before ``min(times)`` and decodes forward, so a handful of frames
+    from a long video costs one GOP of decoding plus the span the times cover. ``preprocess=None`` returns the
+    full-resolution RGB frames (n, H, W, 3) instead of resized crops.
+
+    ``frame_indices`` are exact when decoding started at the first frame (``min(times)`` <= 0, or the seek landed
+    there); after a seek into the video the index of a frame is unknown without decoding everything before it,
+    and is reported as -1 rather than guessed from the frame rate.
+    """
+    path = Path(path)
+    wanted = np.asarray(times, dtype=np.float64).reshape(-1)  # (n,)
+    with _open_video(path) as (container, stream):
+        if preprocess is None:
+            shape: tuple[int, ...] = (stream.codec_context.height, stream.codec_context.width, 3)
+        else:
+            shape = (preprocess.crop, preprocess.crop, 3)
+        images = np.empty((len(wanted), *shape), np.uint8)  # (n, H, W, 3)
+        pts = np.zeros(len(wanted), np.float64)
+        indices = np.full(len(wanted), -1, np.int64)
+        if len(wanted) == 0:
+            return FrameBatch(frame_indices=indices, pts=pts, images=images)
+        resizer = _Resizer(preprocess) if preprocess is not None else None
+        order = np.argsort(wanted, kind="stable")  # requested times, earliest first
+        origin = _time_origin(container)
+        frames, index_known = _frames_from(path, container, stream, origin, float(wanted[order[0]]))
+
+        def convert(frame: av.VideoFrame) -> np.ndarray:
+            return resizer(frame) if resizer is not None else frame.to_ndarray(format="rgb24")
+
+        done = 0  # requested times (in `order`) already given a frame
+        last = None  # (index, seconds, frame) of the latest decoded frame, for times past the end
+        for count, (frame_pts, frame) in enumerate(frames):
+            seconds = float(frame_pts * stream.time_base - origin)
+            index = count if index_known else -1
+            image = None
+            while done < len(order) and wanted[order[done]] <= seconds:
+                if image is None:
+                    image = convert(frame)  # convert a frame once, however many times ask for it
+                slot = order[done]
+                images[slot], pts[slot], indices[slot] = image, seconds, index
+                done += 1
+            if done == len(order):
+                break
+            last = (index, seconds, frame)
+        if done < len(order):
+            if last is None:
+                raise VideoError(f"{path}: no frame could be decoded; the file is probably damaged")
+            index, seconds, frame = last
+            image = convert(frame)
+            for slot in order[done:]:
+                images[slot], pts[slot], indices[slot] = image, seconds, index
+    return FrameBatch(frame_indices=indices, pts=pts, images=images)
+
+
+def _frames_from(
+    path: Path,
+    container: av.container.InputContainer,
+    stream: VideoStream,
+    origin: Fraction,
+    earliest: float,
+) -> tuple[Iterator[tuple[int, av.VideoFrame]], bool]:
+    """Decoded frames starting at or before ``earliest`` seconds, and whether frame counting starts at frame 0.
+
+    Seeks to the keyframe before ``earliest``. With B-frames a container may seek by decoding time and land on a
+    keyframe shown after ``earliest``; then it seeks again from one second earlier, doubling the margin, down to
+    the start of the stream.
+    """
+    first_pts = stream.start_time
+    margin = 0.0
+    for attempt in range(64):
+        target = earliest - margin
+        if target <= 0 or first_pts is None:
+            if attempt > 0:  # an earlier attempt moved the read position: go back to the first frame
+                _seek(path, container, first_pts, stream)
+            return _decoded_frames(path, container, stream, from_start=True), True
+        _seek(path, container, math.floor((Fraction(target) + origin) / stream.time_base), stream)
+        frames = _decoded_frames(path, container, stream, from_start=False)
+        first = next(frames, None)
+        if first is not None and float(first[0] * stream.time_base - origin) <= earliest:
+            return _chain(first, frames), first[0] == first_pts
+        margin = max(1.0, 2 * margin)  # landed too late (or past the end): retry from further back
+    raise AssertionError("unreachable: the margin doubles past any video length")
+
+
+def _seek(path: Path, container: av.container.InputContainer, ticks: int, stream: VideoStream):
+    """Move to the keyframe at or before ``ticks`` (stream time base); the decoder is flushed by PyAV."""
+    try:
+        container.seek(ticks, stream=stream, backward=True, any_frame=False)
+    except av.FFmpegError as err:
+        raise VideoError(f"{path}: cannot seek in this file ({err.strerror}); remux or re-copy it") from None
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest

@@ -1,0 +1,137 @@
+"""backbone: seeded random weights, output shape, weight files and checkpoints, clear errors. No network is used."""
+import urllib.error
+
+import pytest
+import torch
+
+from epicfeat.backbone import FEATURE_DIM, ResNet50Features, WeightsError, create_backbone, weights_identity
+
+
+@pytest.fixture(scope="module")
+def random_seed0() -> ResNet50Features:
+    return create_backbone("random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # (2, 3, 64, 64)
+
+
+def test_random_weights_are_reproducible_per_seed_and_leave_the_global_rng_alone(random_seed0):
+    state = torch.get_rng_state()
+    again = create_backbone("random", seed=0)
+    other = create_backbone("random", seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+    assert random_seed0.weights_name == "random-seed0" and other.weights_name == "random-seed1"
+    assert again.weights_sha == random_seed0.weights_sha != other.weights_sha
+    assert len(random_seed0.weights_sha) == 16
+    assert torch.equal(again.layer4[2].conv3.weight, random_seed0.layer4[2].conv3.weight)
+    assert not torch.equal(other.layer4[2].conv3.weight, random_seed0.layer4[2].conv3.weight)
+
+
+def test_output_is_2048_features_per_image_at_any_input_size(random_seed0):
+    assert not random_seed0.training  # eval mode: BN uses running statistics
+    with torch.no_grad():
+        for size in (112, 224):
+            assert random_seed0(torch.zeros(1, 3, size, size)).shape == (1, FEATURE_DIM)
+        assert random_seed0(torch.zeros(2, 3, 64, 64)).shape == (2, 2048)
+
+
+def test_state_dict_file_round_trip(random_seed0, images, tmp_path):
+    # A torchvision-style file: trunk keys plus the ImageNet classifier, which is ignored.
+    state = dict(random_seed0.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    path = tmp_path / "resnet50.pth"
+    torch.save(state, path)
+
+    loaded = create_backbone(str(path))
+
+    assert loaded.weights_name == "file:resnet50.pth"
+    assert loaded.weights_sha == random_seed0.weights_sha == weights_identity(random_seed0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), random_seed0(images), rtol=0, atol=0)
+
+
+def test_epicfeat_checkpoint_with_a_backbone_state_dict(random_seed0, tmp_path):
+    path = tmp_path / "finetuned.pt"
+    torch.save({"backbone": random_seed0.state_dict(), "epoch": 3, "config": {"lr": 0.01}}, path)
+
+    loaded = create_backbone(path)
+
+    assert loaded.weights_sha == random_seed0.weights_sha and loaded.weights_name == "file:finetuned.pt"
+
+
+def test_weights_identity_follows_the_numbers(random_seed0):
+    changed = create_backbone("random", seed=0)
+    with torch.no_grad():
+        changed.bn1.running_mean[0] += 1.0
+    assert weights_identity(changed) != random_seed0.weights_sha
+    assert weights_identity(changed.to(memory_format=torch.channels_last)) == weights_identity(changed)
+
+
+def test_bad_weight_files_raise_weights_error_naming_the_file(random_seed0, tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot be read as PyTorch weights") as caught:
+        create_backbone(garbage)
+    assert str(garbage) in str(caught.value)
+
+    wrong_keys = tmp_path / "other_model.pth"
+    state = dict(random_seed0.state_dict())
+    state.pop("layer4.2.bn3.running_var")
+    state["head.weight"] = torch.zeros(3)
+    torch.save(state, wrong_keys)
+    with pytest.raises(WeightsError) as caught:
+        create_backbone(wrong_keys)
+    message = str(caught.value)
+    assert str(wrong_keys) in message
+    assert "1 missing: layer4.2.bn3.running_var" in message and "1 unexpected: head.weight" in message
+
+    not_a_state_dict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], not_a_state_dict)
+    with pytest.raises(WeightsError, match="neither a state dict"):
+        create_backbone(not_a_state_dict)
+
+    with pytest.raises(WeightsError, match="no such file"):
+        create_backbone(str(tmp_path / "absent.pth"))
+
+
+@pytest.mark.parametrize(
+    "weights, file_name", [("imagenet", "resnet50-11ad3fa6.pth"), ("imagenet1k_v1", "resnet50-0676ba61.pth")]
+)
+def test_missing_imagenet_weights_explain_where_to_put_them(tmp_path, monkeypatch, weights, file_name):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+
+    def no_network(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+    with pytest.raises(WeightsError) as caught:
+        create_backbone(weights)
+
+    message = str(caught.value)
+    expected_path = tmp_path / "torch" / "hub" / "checkpoints" / file_name
+    assert str(expected_path) in message
+    assert f"curl -L -o {expected_path} https://download.pytorch.org/models/{file_name}" in message
+    assert "--weights PATH" in message and "--weights random" in message
+
+
+def test_imagenet_weights_are_read_from_the_hub_cache_without_network(random_seed0, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("must not download"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    # Stand-in for torchvision's file (same layout: trunk + fc), so the test needs no 100 MB download.
+    state = dict(random_seed0.state_dict(), **{"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    torch.save(state, cache / "resnet50-11ad3fa6.pth")
+
+    model = create_backbone("imagenet")
+
+    assert model.weights_name == "imagenet1k_v2" and model.weights_sha == random_seed0.weights_sha
+
+    (cache / "resnet50-0676ba61.pth").write_bytes(b"half a download")
+    with pytest.raises(WeightsError, match="cannot be read") as caught:
+        create_backbone("imagenet1k_v1")
+    assert str(cache / "resnet50-0676ba61.pth") in str(caught.value) and "delete it" in str(caught.value)
