@@ -1,0 +1,427 @@
+"""Stage two's data: the rows a split needs, packed once into one contiguous tensor, and TSN-style sampling.
+
+Reading 32 rows per segment from Zarr chunks every epoch would make the GPU wait on decompression. Instead
+``pack_split`` reads each video of the split once, keeps only the rows that some segment covers (rows shared by
+overlapping segments are stored once), and lays them out contiguously:
+
+    features   (R, 2048) float16   all packed rows
+    row_start  (S,)      int64     segment s owns features[row_start[s] : row_start[s] + row_count[s]]
+    row_count  (S,)      int64     >= 1
+
+A batch is then one ``index_select`` on that tensor (``PackedSplit.gather``), on the CPU or, with the whole split
+moved to the GPU, on the device itself.
+
+Segments are joined to rows through the timestamps stored with the rows (``start_sec <= pts < stop_sec``), never by
+frame-count arithmetic: feature sets sampled at 10 rows/s from 59.94 or 50 fps videos have irregular row times.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from epicfeat.errors import EpicfeatError
+
+if TYPE_CHECKING:  # the store is only needed for type hints; pack_split duck-types it
+    from epicfeat.store import FeatureStore
+
+#: Timestamps within this many seconds of a row's pts count as equal to it. Annotation times have 10 ms (or 1 ms)
+#: resolution and rows are >= 1/90 s apart, so this only absorbs float rounding (3 * 0.1 != 0.3).
+PTS_TOLERANCE = 1e-6
+
+#: Rows read from the store per request while packing (rounded up to whole Zarr chunks): 16 MiB of float16.
+_READ_BLOCK_ROWS = 4096
+
+_REQUIRED_COLUMNS = ("narration_id", "participant_id", "video_id", "start_sec", "stop_sec")
+
+
+class PackError(EpicfeatError):
+    """A split that cannot be packed from a feature set (bad columns, unusable stored timestamps)."""
+
+
+@dataclass(repr=False, eq=False)
+class PackedSplit:
+    """Everything stage two needs about one split, packed contiguously in memory (or in a local memmap).
+
+    Segment ``s`` owns ``features[row_start[s] : row_start[s] + row_count[s]]``. Build one with ``pack_split``;
+    constructing it directly is fine for tests and tools.
+    """
+
+    features: torch.Tensor  # (R, D) float16, the rows of all segments of the split, contiguous
+    row_start: torch.Tensor  # (S,) int64: first row of each segment in `features`
+    row_count: torch.Tensor  # (S,) int64: >= 1 rows per segment (after the clamping rules)
+    verb_labels: torch.Tensor | None  # (S,) int64; None for the unlabelled test split
+    noun_labels: torch.Tensor | None  # (S,) int64; None for the unlabelled test split
+    narration_ids: list[str]
+    participant_ids: list[str]
+    video_ids: list[str]
+    summary: dict[str, int] = field(default_factory=dict)
+    feature_set: dict = field(default_factory=dict)  # FeatureSetIdentity.to_dict() of the store it came from
+    missing_video_ids: tuple[str, ...] = ()  # videos the split needs that the store lacks (run extract for them)
+
+    def __post_init__(self) -> None:
+        n = len(self.row_start)
+        lengths = {
+            "row_count": len(self.row_count),
+            "narration_ids": len(self.narration_ids),
+            "participant_ids": len(self.participant_ids),
+            "video_ids": len(self.video_ids),
+        }
+        for name in ("verb_labels", "noun_labels"):
+            if getattr(self, name) is not None:
+                lengths[name] = len(getattr(self, name))
+        wrong = {name: length for name, length in lengths.items() if length != n}
+        if wrong:
+            raise ValueError(f"PackedSplit: row_start has {n} segments but {wrong}")
+        if self.features.dim() != 2:
+            raise ValueError(f"PackedSplit: features must be (rows, dim), got shape {tuple(self.features.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.row_start)
+
+    def __repr__(self) -> str:
+        rows, dim = self.features.shape
+        return (f"PackedSplit({len(self)} segments, {rows} rows x {dim} {self.features.dtype}, "
+                f"device={self.features.device}, labelled={self.verb_labels is not None})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+    def segments_shorter_than(self, frames: int) -> int:
+        """How many segments have fewer rows than ``frames`` (their rows repeat when sampled)."""
+        return int((self.row_count < frames).sum())
+
+    def sample_rows(
+        self,
+        segments: torch.Tensor,
+        frames: int,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Rows of ``features`` to read for each segment: (B, T) int64, TSN-style.
+
+        Each segment's rows [0, count) are cut into ``frames`` equal bins. Training draws one position uniformly
+        inside each bin (from ``generator``, which may live on the CPU or on the split's device); evaluation takes
+        each bin's centre. With fewer rows than bins, neighbouring bins land on the same row, so rows repeat.
+        """
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        device = self.row_count.device
+        segments = torch.as_tensor(segments, dtype=torch.int64, device=device)
+        counts = self.row_count[segments].unsqueeze(1)  # (B, 1)
+        starts = self.row_start[segments].unsqueeze(1)  # (B, 1)
+        bins = torch.arange(frames, device=device).unsqueeze(0)  # (1, T)
+        if train:
+            draw_device = generator.device if generator is not None else device
+            uniform = torch.rand((len(segments), frames), generator=generator, dtype=torch.float64,
+                                 device=draw_device).to(device)  # (B, T) in [0, 1)
+            # Bin k spans [k * count / T, (k + 1) * count / T); float64 keeps the floor exact at bin edges.
+            offsets = torch.floor((bins + uniform) * counts / frames).long()  # (B, T)
+            offsets = torch.minimum(offsets, counts - 1)  # guards the (k + 1) * count / T edge against rounding
+        else:
+            # Centre of bin k is (k + 0.5) * count / T; integer arithmetic makes it exact.
+            offsets = ((2 * bins + 1) * counts) // (2 * frames)  # (B, T)
+        return starts + offsets  # (B, T)
+
+    def gather(
+        self,
+        segments: torch.Tensor,
+        frames: int,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Features of ``frames`` sampled rows per segment, (B, T, D) float16, by one ``index_select``."""
+        rows = self.sample_rows(segments, frames, train=train, generator=generator)  # (B, T)
+        picked = self.features.index_select(0, rows.reshape(-1))  # (B * T, D)
+        return picked.reshape(rows.shape[0], rows.shape[1], self.features.shape[1])  # (B, T, D)
+
+    def to(self, device: torch.device | str) -> PackedSplit:
+        """The same split with its tensors on ``device`` (a GPU can hold a whole packed split)."""
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return dataclasses.replace(
+            self,
+            features=move(self.features),
+            row_start=move(self.row_start),
+            row_count=move(self.row_count),
+            verb_labels=move(self.verb_labels),
+            noun_labels=move(self.noun_labels),
+        )
+
+
+def pack_split(
+    store: FeatureStore,
+    segments: pd.DataFrame,
+    *,
+    progress: bool = True,
+    max_memory_bytes: int | None = None,
+    memmap_dir: str | os.PathLike | None = None,
+) -> PackedSplit:
+    """Pack the rows that ``segments`` cover in ``store`` into one contiguous float16 array.
+
+    ``segments`` is a frame from the annotation layer (columns narration_id, participant_id, video_id, start_sec,
+    stop_sec, and verb_class/noun_class when labelled); its order is kept. Each video is read from the store once.
+    Rows join segments through the stored pts: row r belongs to a segment when start_sec <= pts[r] < stop_sec.
+
+    Edge cases are counted in ``summary`` and never raise:
+      - no row inside the segment (zero length, or between two rows): the row nearest its midpoint
+        (``empty_clamped``);
+      - the segment ends more than one row interval after the video's last row: the rows that exist, or the last
+        row when none does (``past_end_clamped``);
+      - the video is not (completely) in the store, or has no rows: the segment is dropped
+        (``missing_video_dropped`` segments, ``missing_videos`` videos; ids in ``missing_video_ids``).
+
+    When the packed rows need more than ``max_memory_bytes`` (default: half the memory available now), they go
+    into a numpy memmap file in ``memmap_dir`` (default: the system temp folder) instead; the API is the same.
+    """
+    _check_columns(segments)
+    complete = set(store.complete_videos())
+    video_ids = segments["video_id"].astype(str).to_numpy()
+    start_sec = segments["start_sec"].to_numpy(dtype=np.float64)
+    stop_sec = segments["stop_sec"].to_numpy(dtype=np.float64)
+
+    # Pass 1: per video, which rows each segment owns (timestamps only; feature rows are read in pass 2).
+    local_lo = np.zeros(len(segments), dtype=np.int64)  # first row in the video
+    local_hi = np.zeros(len(segments), dtype=np.int64)  # one past the last row in the video
+    keep = np.zeros(len(segments), dtype=bool)
+    counters = {"empty_clamped": 0, "past_end_clamped": 0}
+    plans: list[_VideoPlan] = []
+    missing: list[str] = []
+    feature_dim = None
+    for video_id, positions in pd.Series(np.arange(len(segments))).groupby(video_ids, sort=True):
+        positions = positions.to_numpy()
+        video = store.read(video_id) if video_id in complete else None
+        pts = np.asarray(video.pts, dtype=np.float64) if video is not None else np.empty(0)
+        if len(pts) == 0:
+            missing.append(str(video_id))
+            continue
+        backwards = np.flatnonzero(np.diff(pts) < 0)
+        if len(backwards):
+            raise PackError(f"feature set {getattr(store, 'path', store)}: video {video_id} has stored row "
+                            f"timestamps (pts) that go backwards at row {backwards[0] + 1}, so segments cannot be "
+                            f"joined to its rows. Extract it again into a new cache folder "
+                            f"(epicfeat extract --video-ids {video_id}).")
+        dim = int(video.features.shape[1])
+        if feature_dim is not None and dim != feature_dim:
+            raise PackError(f"feature set {getattr(store, 'path', store)}: video {video_id} has {dim}-d rows but "
+                            f"earlier videos have {feature_dim}-d rows. Re-extract it into one feature set.")
+        feature_dim = dim
+        lo, hi, n_empty, n_past = _rows_of_segments(pts, start_sec[positions], stop_sec[positions])
+        counters["empty_clamped"] += n_empty
+        counters["past_end_clamped"] += n_past
+        local_lo[positions], local_hi[positions], keep[positions] = lo, hi, True
+        plans.append(_VideoPlan(video_id=str(video_id), video=video, needed=_needed_rows(len(pts), lo, hi),
+                                positions=positions))
+
+    # Where each video's needed rows land in the packed array.
+    offset = 0
+    row_start = np.zeros(len(segments), dtype=np.int64)
+    for plan in plans:
+        packed_position = np.cumsum(plan.needed) - 1  # (rows_in_video,) index among the video's needed rows
+        row_start[plan.positions] = offset + packed_position[local_lo[plan.positions]]
+        plan.offset = offset
+        offset += int(plan.needed.sum())
+    total_rows, feature_dim = offset, feature_dim or _identity_dim(store)
+
+    # Pass 2: copy the needed rows, block by block, into one contiguous array. Videos fill disjoint slices of
+    # `out`, so a few threads read them at once (Zarr decompression and the copies overlap).
+    out, memmapped = _allocate(total_rows, feature_dim, max_memory_bytes, memmap_dir)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        copies = [pool.submit(_copy_needed_rows, plan, out) for plan in plans]
+        for copy in _progress(as_completed(copies), progress, total=len(copies), description="Packing features"):
+            copy.result()  # re-raises a failed read here
+    features = torch.from_numpy(out)  # (R, D) float16, shares memory with `out` (RAM or memmap)
+
+    kept = segments.loc[keep] if not keep.all() else segments
+    row_count = (local_hi - local_lo)[keep]
+    labelled = "verb_class" in segments.columns and "noun_class" in segments.columns
+    summary = {
+        "segments": int(keep.sum()),
+        "rows": int(total_rows),
+        "segment_rows": int(row_count.sum()),  # > rows when overlapping segments share rows
+        "videos": len(plans),
+        **counters,
+        "missing_video_dropped": int((~keep).sum()),
+        "missing_videos": len(missing),
+        "packed_bytes": int(out.nbytes),
+        "memmapped": int(memmapped),
+    }
+    return PackedSplit(
+        features=features,
+        row_start=torch.from_numpy(row_start[keep]),
+        row_count=torch.from_numpy(row_count),
+        verb_labels=torch.tensor(kept["verb_class"].to_numpy(dtype=np.int64)) if labelled else None,
+        noun_labels=torch.tensor(kept["noun_class"].to_numpy(dtype=np.int64)) if labelled else None,
+        narration_ids=kept["narration_id"].astype(str).tolist(),
+        participant_ids=kept["participant_id"].astype(str).tolist(),
+        video_ids=kept["video_id"].astype(str).tolist(),
+        summary=summary,
+        feature_set=_identity_dict(store),
+        missing_video_ids=tuple(missing),
+    )
+
+
+def feature_stats(
+    split: PackedSplit, *, chunk_rows: int = 16384, min_std: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the packed rows: two (D,) float32 CPU tensors.
+
+    Each packed row counts once. Computed in float64 chunks (float16 sums would overflow and round) and merged
+    with Chan's formula; the std is the population std, clamped to at least ``min_std`` so that standardising a
+    constant dimension (a dead ReLU channel) divides by a sane number.
+    """
+    features = split.features
+    dim = features.shape[1]
+    count = 0
+    mean = torch.zeros(dim, dtype=torch.float64, device=features.device)
+    sum_sq_dev = torch.zeros(dim, dtype=torch.float64, device=features.device)  # sum of squared deviations
+    for begin in range(0, features.shape[0], chunk_rows):
+        chunk = features[begin:begin + chunk_rows].to(torch.float64)  # (n, D)
+        n = chunk.shape[0]
+        chunk_var, chunk_mean = torch.var_mean(chunk, dim=0, correction=0)  # (D,), (D,)
+        chunk_sum_sq_dev = chunk_var * n
+        delta = chunk_mean - mean
+        total = count + n
+        mean = mean + delta * (n / total)
+        sum_sq_dev = sum_sq_dev + chunk_sum_sq_dev + delta**2 * (count * n / total)
+        count = total
+    if count == 0:
+        raise PackError("cannot compute feature statistics of an empty split (no rows were packed)")
+    std = torch.sqrt(sum_sq_dev / count).clamp(min=min_std)
+    return mean.float().cpu(), std.float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _VideoPlan:
+    video_id: str
+    video: Any  # VideoFeatures: .features (rows, D) array-like (zarr or numpy), .pts (rows,)
+    needed: np.ndarray  # (rows,) bool: rows some segment owns
+    positions: np.ndarray  # indices into the segments frame of this video's segments
+    offset: int = 0  # first packed row of this video
+
+
+def _check_columns(segments: pd.DataFrame) -> None:
+    absent = [c for c in _REQUIRED_COLUMNS if c not in segments.columns]
+    if absent:
+        raise PackError(f"segments table lacks columns {absent} (has {list(segments.columns)}). "
+                        "Read it with epicfeat.data.annotations (EpicAnnotations.segments or read_segments).")
+
+
+def _rows_of_segments(
+    pts: np.ndarray, start_sec: np.ndarray, stop_sec: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Row range [lo, hi) of each segment of one video, with the clamping rules applied (counts returned)."""
+    n = len(pts)
+    lo = np.searchsorted(pts, start_sec - PTS_TOLERANCE, side="left")  # first row with pts >= start
+    hi = np.searchsorted(pts, stop_sec - PTS_TOLERANCE, side="left")  # first row with pts >= stop
+    # The last row stands for one row interval of video; a segment ending later needs rows that do not exist.
+    interval = float(np.median(np.diff(pts))) if n > 1 else 0.0
+    past_end = stop_sec > pts[-1] + interval + PTS_TOLERANCE
+    empty = hi <= lo
+
+    # No row inside and past the end: the last row.
+    beyond = empty & past_end
+    lo[beyond], hi[beyond] = n - 1, n
+
+    # No row inside otherwise (zero length, or between two rows): the row nearest the midpoint.
+    between = empty & ~past_end
+    midpoint = (start_sec[between] + stop_sec[between]) / 2
+    right = np.clip(np.searchsorted(pts, midpoint), 0, n - 1)
+    left = np.clip(right - 1, 0, n - 1)
+    nearest = np.where(np.abs(pts[right] - midpoint) < np.abs(midpoint - pts[left]), right, left)
+    lo[between], hi[between] = nearest, nearest + 1
+    return lo.astype(np.int64), hi.astype(np.int64), int(between.sum()), int(past_end.sum())
+
+
+def _needed_rows(n_rows: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(n_rows,) bool mask of the rows inside any [lo, hi) range (a difference array, no loop over segments)."""
+    delta = np.zeros(n_rows + 1, dtype=np.int64)
+    np.add.at(delta, lo, 1)
+    np.add.at(delta, hi, -1)
+    return np.cumsum(delta[:-1]) > 0
+
+
+def _copy_needed_rows(plan: _VideoPlan, out: np.ndarray) -> None:
+    """Copy a video's needed rows into ``out`` from ``plan.offset`` on, reading whole chunks once each."""
+    features = plan.video.features
+    chunk_rows = int(getattr(features, "chunks", (1,))[0] or 1)
+    block_rows = -(-max(_READ_BLOCK_ROWS, chunk_rows) // chunk_rows) * chunk_rows  # whole chunks, so none is read twice
+    destination = plan.offset
+    for block_begin in range(0, len(plan.needed), block_rows):
+        mask = plan.needed[block_begin:block_begin + block_rows]
+        if not mask.any():
+            continue
+        first = int(mask.argmax())  # trim the read to the needed rows inside the block
+        last = len(mask) - int(mask[::-1].argmax())
+        block = np.asarray(features[block_begin + first:block_begin + last])  # (n, D)
+        rows = block[mask[first:last]]  # (k, D)
+        out[destination:destination + len(rows)] = rows
+        destination += len(rows)
+
+
+def _allocate(
+    rows: int, dim: int, max_memory_bytes: int | None, memmap_dir: str | os.PathLike | None
+) -> tuple[np.ndarray, bool]:
+    """A (rows, dim) float16 array in RAM, or in a memmap file when it is larger than the memory budget."""
+    nbytes = rows * dim * 2
+    budget = max_memory_bytes if max_memory_bytes is not None else _default_memory_budget()
+    if budget is None or nbytes <= budget or rows == 0:
+        return np.empty((rows, dim), dtype=np.float16), False
+    folder = Path(memmap_dir) if memmap_dir is not None else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"epicfeat-packed-{os.getpid()}-{uuid.uuid4().hex[:8]}.f16"
+    array = np.memmap(path, dtype=np.float16, mode="w+", shape=(rows, dim))
+    if os.name == "posix":
+        # The mapping keeps the data; unlinking now means no multi-GB file is left behind by a crash or a kill.
+        path.unlink()
+    return array, True
+
+
+def _default_memory_budget() -> int | None:
+    """Half of the memory available now (Linux /proc/meminfo), or None (no limit) where that is unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return None
+
+
+def _progress(items: Iterable, enabled: bool, *, total: int, description: str) -> Iterable:
+    """``items`` with a rich progress bar on stderr when enabled."""
+    if not enabled:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=description, total=total, console=Console(stderr=True), transient=True)
+
+
+def _identity_dict(store: Any) -> dict:
+    identity = getattr(store, "identity", None)
+    return identity.to_dict() if identity is not None else {}
+
+
+def _identity_dim(store: Any) -> int:
+    identity = getattr(store, "identity", None)
+    return int(getattr(identity, "feature_dim", 2048))
