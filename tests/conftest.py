@@ -17,7 +17,7 @@ def shared_annotations() -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
-    """The embedded synthetic EPIC-layout dataset, generated once per test session."""
-    from epicfeat.data.synthetic import generate_synthetic_dataset
+    """A tiny synthetic EPIC-layout dataset (6 short videos, ~1 s to generate), generated once per test session."""
+    from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset
 
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), seed=0)
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), seed=0, spec=SyntheticSpec.tiny())

@@ -1,0 +1,245 @@
+"""Temporal-model checkpoints: one self-describing file, written atomically, loaded with ``weights_only=True``.
+
+A checkpoint holds only tensors, numbers, strings, lists, tuples and dicts, so ``torch.load(weights_only=True)``
+can read it without running any pickled code. Layout (a plain dict):
+
+    format, format_version, epicfeat_version
+    model                  the TemporalModel state dict (its feature_mean / feature_std buffers included)
+    model_args             TemporalModelArgs as a dict
+    config                 the resolved TrainTemporalConfig as a dict (paths as strings)
+    verb_classes, noun_classes   class keys, index = class id
+    feature_set, feature_set_key the FeatureSetIdentity (dict) of the features it was trained on, and its key
+    epoch, metrics, history      completed epochs (1-based), this epoch's metrics, every epoch's metrics row
+    training_state         only in last.pt: optimizer, scheduler step, RNG states, early-stopping counters
+
+RNG states are stored as tensors (numpy's and Python's are converted), so a resumed run draws the same numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from epicfeat.errors import EpicfeatError
+from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
+
+FORMAT = "epicfeat-temporal-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(EpicfeatError):
+    """A checkpoint that cannot be used: not an epicfeat checkpoint, or trained on another feature set."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint (see the module docstring for what each field holds)."""
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    model_args: TemporalModelArgs
+    config: dict[str, Any]
+    verb_classes: tuple[str, ...]
+    noun_classes: tuple[str, ...]
+    feature_set: dict[str, Any]
+    feature_set_key: str
+    epoch: int
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    training_state: dict[str, Any] | None  # None in best.pt
+
+    def create_model(self, device: torch.device | str = "cpu") -> TemporalModel:
+        """The trained model in eval mode, standardisation included."""
+        model = create_temporal_model(self.model_args)
+        model.load_state_dict(self.model_state)
+        return model.to(device).eval()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    model_args: TemporalModelArgs,
+    config: Mapping[str, Any],
+    verb_classes: tuple[str, ...] | list[str],
+    noun_classes: tuple[str, ...] | list[str],
+    feature_set: Mapping[str, Any],
+    feature_set_key: str,
+    epoch: int,
+    metrics: Mapping[str, float],
+    history: list[Mapping[str, float]],
+    training_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then ``os.replace``.
+
+    A kill at any moment leaves either the previous file or the new one, never half of one.
+    """
+    from epicfeat import __version__
+
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epicfeat_version": __version__,
+        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "model_args": model_args.to_dict(),
+        "config": dict(config),
+        "verb_classes": list(verb_classes),
+        "noun_classes": list(noun_classes),
+        "feature_set": dict(feature_set),
+        "feature_set_key": feature_set_key,
+        "epoch": int(epoch),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "history": [dict(row) for row in history],
+        "training_state": dict(training_state) if training_state is not None else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint`` (safely: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a train-temporal run")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} is not an epicfeat temporal checkpoint: it holds Python objects that a safe load refuses "
+            f"({str(err).splitlines()[0]}). Use a best.pt / last.pt written by `epicfeat train-temporal`."
+        ) from None
+    except Exception as err:  # garbage bytes fail anywhere inside torch.load, with any exception type
+        raise CheckpointError(
+            f"{path} is not an epicfeat temporal checkpoint (torch.load could not read it: {err}). It may be "
+            "truncated or another kind of file; use a best.pt / last.pt written by `epicfeat train-temporal`."
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not an epicfeat temporal checkpoint (no '{FORMAT}' marker); use a "
+            "best.pt / last.pt written by `epicfeat train-temporal`."
+        )
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer epicfeat (checkpoint format {payload['format_version']}, this one "
+            f"reads up to {FORMAT_VERSION}); upgrade epicfeat."
+        )
+    return Checkpoint(
+        path=path,
+        model_state=payload["model"],
+        model_args=TemporalModelArgs(**payload["model_args"]),
+        config=payload["config"],
+        verb_classes=tuple(payload["verb_classes"]),
+        noun_classes=tuple(payload["noun_classes"]),
+        feature_set=payload["feature_set"],
+        feature_set_key=payload["feature_set_key"],
+        epoch=payload["epoch"],
+        metrics=payload["metrics"],
+        history=payload["history"],
+        training_state=payload["training_state"],
+    )
+
+
+def check_feature_set(checkpoint: Checkpoint, identity: Any) -> None:
+    """Refuse to pair a checkpoint with features from another feature set (other weights, fps, crop, ...).
+
+    ``identity`` is a ``FeatureSetIdentity`` (or its ``to_dict()``). A model trained on one feature set gives
+    meaningless scores on another, silently, so this is an error, never a warning.
+    """
+    wanted, wanted_key = _identity_and_key(identity)
+    if _canonical(wanted) == _canonical(checkpoint.feature_set):
+        return
+    differing = sorted(
+        k for k in set(wanted) | set(checkpoint.feature_set)
+        if _canonical(wanted.get(k)) != _canonical(checkpoint.feature_set.get(k))
+    )
+    raise CheckpointError(
+        f"checkpoint {checkpoint.path} was trained on feature set '{checkpoint.feature_set_key}' but the features "
+        f"given are from feature set '{wanted_key}' (they differ in: {', '.join(differing)}). Pick the cache folder "
+        f"of '{checkpoint.feature_set_key}' (--feature-set {checkpoint.feature_set_key}), or re-extract the videos "
+        "with that feature set's settings, or train a new model on this feature set."
+    )
+
+
+def feature_set_key_of(identity: Any) -> str:
+    """The readable key of a FeatureSetIdentity (or of its dict); a short hash when the store cannot name it."""
+    return _identity_and_key(identity)[1]
+
+
+def _identity_and_key(identity: Any) -> tuple[dict, str]:
+    if hasattr(identity, "to_dict") and hasattr(identity, "key"):
+        return identity.to_dict(), identity.key()
+    identity = dict(identity)
+    try:
+        from epicfeat.store import FeatureSetIdentity
+
+        return identity, FeatureSetIdentity.from_dict(identity).key()
+    except Exception:  # a hand-made identity (tests, tools): name it by a hash of its fields
+        digest = hashlib.sha256(json.dumps(_canonical(identity), sort_keys=True).encode()).hexdigest()[:8]
+        return identity, f"feature-set-{digest}"
+
+
+def _canonical(value: Any) -> Any:
+    """Tuples and lists compare equal (a checkpoint round trip may turn one into the other)."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- RNG states
+def capture_rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training run draws from, as tensors and numbers (``weights_only``-loadable)."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),  # (624,) MT19937 words
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "sampling": generator.get_state(),
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    """Put back what ``capture_rng_state`` saved (CUDA states only when this machine has as many GPUs)."""
+    torch.set_rng_state(state["torch_cpu"])
+    cuda_states = state["torch_cuda"]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        "MT19937",
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["pos"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss"]))
+    generator.set_state(state["sampling"])

@@ -1,0 +1,116 @@
+"""The stage-two model: standardise cached features, run a BiLSTM over time, pool, classify verb and noun.
+
+    features (B, T, D) ──► (x - mean) / std ──► 2-layer BiLSTM ──► pool over T ──► dropout ──► verb head (B, Cv)
+                            (buffers, from the                     mean | max |               └► noun head (B, Cn)
+                             training split)                       last | attention
+
+The standardisation lives in the model (two registered buffers saved in its state dict) because raw features from
+random-weight backbones have means around 13 and maxima around 140, which saturate LSTM gates: whoever evaluates,
+predicts with or exports a trained model must apply exactly the scaling it was trained with, and a checkpoint that
+carries it cannot get that wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+POOLINGS = ("mean", "max", "last", "attention")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemporalModelArgs:
+    """Everything needed to rebuild a ``TemporalModel`` (stored in every checkpoint)."""
+
+    input_dim: int = 2048  # feature size per row (ResNet50 pooled features)
+    hidden: int = 512  # LSTM hidden units per direction
+    layers: int = 2  # stacked BiLSTM layers
+    lstm_dropout: float = 0.3  # dropout between LSTM layers (ignored by torch when layers == 1)
+    dropout: float = 0.5  # dropout on the pooled vector, before the heads
+    pooling: str = "mean"  # how the T outputs become one vector: mean | max | last | attention
+    n_verbs: int  # verb classes (97 on EPIC-100)
+    n_nouns: int  # noun classes (300 on EPIC-100)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        for name in ("input_dim", "hidden", "layers", "n_verbs", "n_nouns"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TemporalModel(nn.Module):
+    """Standardise -> BiLSTM -> temporal pooling -> dropout -> separate verb and noun linear heads."""
+
+    def __init__(self, args: TemporalModelArgs):
+        super().__init__()
+        self.args = args
+        # Per-dimension statistics of the training features; identity scaling until set_feature_stats is called.
+        self.register_buffer("feature_mean", torch.zeros(args.input_dim))
+        self.register_buffer("feature_std", torch.ones(args.input_dim))
+        self.lstm = nn.LSTM(
+            input_size=args.input_dim,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            dropout=args.lstm_dropout if args.layers > 1 else 0.0,
+            bidirectional=True,
+            batch_first=True,
+        )
+        width = 2 * args.hidden  # forward and backward outputs side by side
+        # Attention pooling: one learned score per time step, softmax over T, weighted sum of the outputs.
+        self.attention = nn.Linear(width, 1) if args.pooling == "attention" else None
+        self.dropout = nn.Dropout(args.dropout)
+        self.verb_head = nn.Linear(width, args.n_verbs)
+        self.noun_head = nn.Linear(width, args.n_nouns)
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the training split's per-dimension mean and std (std clamped away from 0)."""
+        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
+            raise ValueError(
+                f"feature stats must have shape ({self.args.input_dim},), got {tuple(mean.shape)} and {tuple(std.shape)}"
+            )
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(std.float().clamp(min=1e-6))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, T, D), any float dtype -> (verb_logits (B, Cv), noun_logits (B, Cn))."""
+        x = (features.float() - self.feature_mean) / self.feature_std  # (B, T, D) float32, standardised
+        outputs, _ = self.lstm(x)  # (B, T, 2H): [forward_t, backward_t] at every step
+        pooled = self._pool(outputs)  # (B, 2H)
+        pooled = self.dropout(pooled)
+        return self.verb_head(pooled), self.noun_head(pooled)  # (B, Cv), (B, Cn)
+
+    def _pool(self, outputs: torch.Tensor) -> torch.Tensor:
+        pooling = self.args.pooling
+        if pooling == "mean":
+            return outputs.mean(dim=1)  # (B, 2H)
+        if pooling == "max":
+            return outputs.amax(dim=1)  # (B, 2H)
+        if pooling == "last":
+            # Each direction's *final* state: the forward pass ends at step T-1, the backward pass at step 0,
+            # so both halves have read the whole sequence.
+            hidden = self.args.hidden
+            forward_last = outputs[:, -1, :hidden]  # (B, H)
+            backward_last = outputs[:, 0, hidden:]  # (B, H)
+            return torch.cat([forward_last, backward_last], dim=1)  # (B, 2H)
+        scores = self.attention(outputs)  # (B, T, 1)
+        weights = torch.softmax(scores.float(), dim=1).to(outputs.dtype)  # (B, T, 1), sums to 1 over T
+        return (weights * outputs).sum(dim=1)  # (B, 2H)
+
+
+def create_temporal_model(
+    args: TemporalModelArgs, feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None
+) -> TemporalModel:
+    """Build a ``TemporalModel``; pass the training split's feature mean/std (``feature_stats``) to standardise."""
+    model = TemporalModel(args)
+    if (feature_mean is None) != (feature_std is None):
+        raise ValueError("pass both feature_mean and feature_std, or neither")
+    if feature_mean is not None:
+        model.set_feature_stats(feature_mean, feature_std)
+    return model
