@@ -65,18 +65,25 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_every_shipped_config_file_is_valid():
     """Each YAML in configs/ must load into its command's dataclass: a stale key would break users' runs."""
-    from epicfeat.extract import ExtractConfig
+    import importlib
 
-    owners = {"extract": ExtractConfig}
-    try:
-        from epicfeat.temporal.train import TrainTemporalConfig
-
-        owners.update(train_temporal=TrainTemporalConfig, temporal_16f=TrainTemporalConfig, temporal_32f=TrainTemporalConfig)
-    except ImportError:
-        pass
+    # configs/<stem>.yaml -> "module:ConfigClass" of the command that reads it
+    owners = {
+        "extract": "epicfeat.extract:ExtractConfig",
+        "train_temporal": "epicfeat.temporal.train:TrainTemporalConfig",
+        "temporal_16f": "epicfeat.temporal.train:TrainTemporalConfig",
+        "temporal_32f": "epicfeat.temporal.train:TrainTemporalConfig",
+        "evaluate": "epicfeat.evaluate:EvaluateConfig",
+        "submit": "epicfeat.evaluate:SubmitConfig",
+        "demo": "epicfeat.demo:DemoConfig",
+        "finetune": "epicfeat.finetune:FinetuneConfig",
+        "predict": "epicfeat.predict:PredictConfig",
+        "export": "epicfeat.export:ExportConfig",
+    }
     files = sorted(cfgmod.CONFIG_DIR.glob("*.yaml"))
     assert files, "configs/ holds no YAML files"
     for path in files:
-        cls = owners.get(path.stem)
-        assert cls is not None, f"{path.name} has no known owning config class; add it to this test"
-        resolve_config(cls, config_file=path)
+        owner = owners.get(path.stem)
+        assert owner is not None, f"{path.name} has no known owning config class; add it to this test"
+        module, name = owner.split(":")
+        resolve_config(getattr(importlib.import_module(module), name), config_file=path)

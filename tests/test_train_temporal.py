@@ -27,14 +27,7 @@ FEATURE_SET = {"weights": "random-seed0", "weights_sha": "0123", "fps": 10.0, "r
                "dtype": "float16", "feature_dim": DIM, "precision": "bf16"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP threads
-    made these runs up to 20x slower (1.4 s vs 25 s measured); the previous setting comes back after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------- a planted-signal dataset

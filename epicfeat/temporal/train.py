@@ -481,6 +481,29 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
+def score_split(
+    model: TemporalModel,
+    split: PackedSplit,
+    *,
+    frames: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verb and noun logits of every segment of ``split``, read at its bin-centre rows: (S, Cv), (S, Cn) float32."""
+    model.eval()
+    verb_logits, noun_logits = [], []
+    for begin in range(0, len(split), batch_size):
+        segments = torch.arange(begin, min(begin + batch_size, len(split)), device=split.device)  # (B,)
+        features = split.gather(segments, frames, train=False).to(device, non_blocking=True)  # (B, T, D)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            verbs, nouns = model(features)  # (B, Cv), (B, Cn)
+        verb_logits.append(verbs.float())
+        noun_logits.append(nouns.float())
+    return torch.cat(verb_logits), torch.cat(noun_logits)  # (S, Cv), (S, Cn)
+
+
+@torch.inference_mode()
 def evaluate(
     model: TemporalModel,
     split: PackedSplit,
@@ -501,17 +524,9 @@ def evaluate(
     """
     from epicfeat.metrics import epic_metrics
 
-    model.eval()
-    verb_logits, noun_logits = [], []
-    for begin in range(0, len(split), batch_size):
-        segments = torch.arange(begin, min(begin + batch_size, len(split)), device=split.device)  # (B,)
-        features = split.gather(segments, frames, train=False).to(device, non_blocking=True)  # (B, T, D)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            verbs, nouns = model(features)  # (B, Cv), (B, Cn)
-        verb_logits.append(verbs.float())
-        noun_logits.append(nouns.float())
-    verb_logits_all = torch.cat(verb_logits)  # (S, Cv)
-    noun_logits_all = torch.cat(noun_logits)  # (S, Cn)
+    verb_logits_all, noun_logits_all = score_split(
+        model, split, frames=frames, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype
+    )  # (S, Cv), (S, Cn)
     verb_labels, noun_labels = split.verb_labels.to(device), split.noun_labels.to(device)
     verb_loss = F.cross_entropy(verb_logits_all, verb_labels, label_smoothing=label_smoothing).item()
     noun_loss = F.cross_entropy(noun_logits_all, noun_labels, label_smoothing=label_smoothing).item()

@@ -1,0 +1,436 @@
+"""``epicfeat evaluate`` and ``epicfeat submit``: score a split from the feature cache with one or more checkpoints.
+
+Read it top to bottom:
+
+    evaluate(config)                        validation (or train) split -> official metrics, results pickle, plots
+    submit(config)                          test split -> the leaderboard's submission zip (+ results pickle)
+      _load_members(config, annotations)    checkpoints, checked against the class tables and each other
+      _score(config, members, split)        open their feature set, pack the split once, score every checkpoint at
+                                            its own T (bin-centre rows, as in training's validation), ensemble
+
+Ensembles. Several checkpoints (the seed's 16- and 32-frame models, or any set trained on the same feature set and
+class tables) are combined with ``ensemble_weights`` (normalised; default equal). ``ensemble_mode: probs`` (the
+default) averages softmax probabilities and stores their log, so the official action scoring, which applies a
+softmax, ranks actions by the averaged probabilities; ``logits`` averages raw logits. A single checkpoint's
+scores are its logits, untouched. See ``epicfeat.submission.ensemble``.
+
+Everything is written atomically into ``out``: a refusal (missing videos, a checkpoint from another feature set or
+class table, NaN scores) leaves no half-written file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from epicfeat.config import ConfigError, atomic_write_text, save_config
+from epicfeat.errors import EpicfeatError
+
+# The metrics the summary table shows (all are in metrics.json), in the leaderboard's order.
+TABLE_METRICS = (
+    ("verb@1", "all_verb_accuracy_at_1"),
+    ("noun@1", "all_noun_accuracy_at_1"),
+    ("action@1", "all_action_accuracy_at_1"),
+    ("verb@5", "all_verb_accuracy_at_5"),
+    ("noun@5", "all_noun_accuracy_at_5"),
+    ("action@5", "all_action_accuracy_at_5"),
+    ("tail action@1", "tail_action_accuracy_at_1"),
+    ("unseen action@1", "unseen_action_accuracy_at_1"),
+)
+
+# Supervision levels (https://github.com/epic-kitchens/SLS) that are true for models this tool trains.
+SLS_TL_FULL_TEMPORAL = 3  # trained on segment start/stop times and verb/noun labels
+SLS_TD = {"train": 3, "train+validation": 4}  # the full train split / train and validation
+SLS_PT_OF_WEIGHTS = {"random": 0, "imagenet1k_v1": 1, "imagenet1k_v2": 1}  # 0 none, 1 public image dataset
+
+
+class ScoringError(EpicfeatError):
+    """A split that cannot be scored as asked; nothing was written. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class _ScoringConfig:
+    checkpoints: tuple[Path, ...] = ()  # best.pt of train-temporal runs; several make an ensemble
+    ensemble_weights: tuple[float, ...] | None = None  # one per checkpoint (normalised); None: equal
+    ensemble_mode: Literal["probs", "logits"] = "probs"  # average probabilities (stored as log) or logits
+    annotations: Path | None = None  # folder with EPIC_100_*.csv
+    cache: Path = Path("cache")  # folder of feature sets
+    feature_set: str | None = None  # key under cache (or path); None: the checkpoints' own feature set
+    batch_size: int = 500  # segments per forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (scoring runs in fp32)
+    progress: bool = True  # progress bars and the summary table
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ensemble_mode not in ("probs", "logits"):
+            raise ConfigError(f"ensemble_mode must be 'probs' or 'logits', got {self.ensemble_mode!r}")
+        if self.ensemble_weights is not None and len(self.ensemble_weights) != len(self.checkpoints):
+            raise ConfigError(f"ensemble_weights has {len(self.ensemble_weights)} values for "
+                              f"{len(self.checkpoints)} checkpoints; give one weight per --checkpoint")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(_ScoringConfig):
+    split: Literal["validation", "train"] = "validation"  # a labelled split
+    out: Path = Path("runs/evaluate")  # metrics.json, metrics.md, results_<split>.pkl, per_class.csv, plots
+    allow_missing: bool = False  # score only the segments whose videos are in the feature set (metrics then
+    #   cover a subset and are not comparable with the leaderboard; the count is reported)
+    top_confused: int = 10  # most confused (true, predicted) pairs listed and plotted per task
+
+
+@dataclass(frozen=True)
+class SubmitConfig(_ScoringConfig):
+    out: Path = Path("runs/submit")  # submission.zip, results_test.pkl, config.yaml
+    sls_pt: int | None = None  # pretraining level; None: from the feature set's weights (random 0, ImageNet 1)
+    sls_tl: int = SLS_TL_FULL_TEMPORAL  # training labels: 3 = full temporal supervision (start/stop + classes)
+    sls_td: int | None = None  # training data; None: from the checkpoints (3 = train, 4 = train+validation)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One split scored by every member and by their combination (rows aligned with ``narration_ids``)."""
+
+    narration_ids: list[str]
+    members: list[tuple[str, np.ndarray, np.ndarray]]  # (name, verb (N, Cv), noun (N, Cn)) per checkpoint
+    verb: np.ndarray  # (N, Cv) combined: logits of a single model, ensemble log-probabilities or mean logits
+    noun: np.ndarray  # (N, Cn)
+    weights: list[float]  # normalised ensemble weights
+    feature_set_key: str
+    split_segments: int  # segments in the split's CSV
+    dropped: int  # of them, segments whose video is not in the feature set
+    missing_video_ids: tuple[str, ...]
+    packed: Any  # the PackedSplit (labels, participants) the rows come from
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    out: Path
+    metrics: dict[str, float]  # the combined model's official metrics (percent; NaN for an empty subset)
+    member_metrics: dict[str, dict[str, float]]  # per checkpoint
+    results_pickle: Path
+    metrics_json: Path
+    metrics_table: Path
+    per_class_csv: Path
+    plot: Path
+    segments: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    out: Path
+    submission_zip: Path
+    results_pickle: Path
+    segments: int
+    sls: dict[str, int]
+    sls_sources: dict[str, str]
+
+
+# --------------------------------------------------------------------------------------------- entry points
+def evaluate(config: EvaluateConfig) -> EvaluateResult:
+    """``epicfeat evaluate``: official EPIC-100 metrics of one checkpoint or an ensemble on a labelled split."""
+    from epicfeat.metrics import epic_metrics
+    from epicfeat.submission import write_results_pickle
+
+    annotations = _annotations(config)
+    members = _load_members(config, annotations)
+    scores = _score(config, members, annotations, config.split)
+    if scores.dropped and not config.allow_missing:
+        raise ScoringError(
+            f"{scores.dropped} of the {scores.split_segments} {config.split} segments have no features: their "
+            f"{len(scores.missing_video_ids)} video(s) are not (completely) in feature set {scores.feature_set_key} "
+            f"({_listed(scores.missing_video_ids)}). Extract them with the feature set's settings (epicfeat extract "
+            f"--split {config.split} ...), or pass --allow-missing to score the rest (metrics then cover a subset)."
+        )
+    packed = scores.packed
+    verb_labels, noun_labels = packed.verb_labels.numpy(), packed.noun_labels.numpy()  # (N,), (N,)
+    unseen = None
+    if config.split == "validation":
+        participants = annotations.unseen_participants("validation")
+        if participants is not None:
+            unseen = np.isin(np.asarray(packed.participant_ids), list(participants))  # (N,) bool
+
+    def metrics_of(verb: np.ndarray, noun: np.ndarray) -> dict[str, float]:
+        values = epic_metrics(verb, noun, verb_labels, noun_labels, tail_verbs=annotations.tail_verbs,
+                              tail_nouns=annotations.tail_nouns, unseen=unseen)
+        return {name: float(value) for name, value in values.items()}
+
+    member_metrics = {name: metrics_of(verb, noun) for name, verb, noun in scores.members}
+    combined = metrics_of(scores.verb, scores.noun)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    results_pickle = write_results_pickle(out / f"results_{config.split}.pkl", scores.verb, scores.noun,
+                                          scores.narration_ids)
+    report = {
+        "split": config.split,
+        "segments": len(scores.narration_ids),
+        "segments_in_split": scores.split_segments,
+        "segments_without_features": scores.dropped,
+        "feature_set": scores.feature_set_key,
+        "ensemble_mode": config.ensemble_mode if len(members) > 1 else "single model (logits)",
+        "members": [
+            {"checkpoint": str(path), "frames": _frames(ckpt), "weight": weight, "metrics": _json_safe(member_metrics[name])}
+            for (path, ckpt), weight, (name, _, _) in zip(members, scores.weights, scores.members)
+        ],
+        "metrics": _json_safe(combined),
+    }
+    metrics_json = out / "metrics.json"
+    atomic_write_text(metrics_json, json.dumps(report, indent=2, allow_nan=False) + "\n")
+    rows = {name: metrics for name, metrics in member_metrics.items()}
+    if len(members) > 1:
+        rows["ensemble"] = combined
+    metrics_table = out / "metrics.md"
+    atomic_write_text(metrics_table, _markdown_table(rows, title=f"{config.split}: {len(scores.narration_ids)} segments"))
+
+    per_class_csv, plot = _class_diagnostics(scores, annotations, verb_labels, noun_labels, out, config.top_confused)
+    result = EvaluateResult(
+        out=out, metrics=combined, member_metrics=member_metrics, results_pickle=results_pickle,
+        metrics_json=metrics_json, metrics_table=metrics_table, per_class_csv=per_class_csv, plot=plot,
+        segments=len(scores.narration_ids), dropped=scores.dropped,
+    )
+    if config.progress:
+        _print_table(rows, title=f"{config.split} ({len(scores.narration_ids)} segments, official EPIC-100 metrics, %)")
+        print(f"wrote {metrics_json}, {metrics_table}, {results_pickle}, {per_class_csv}, {plot}")
+    return result
+
+
+def submit(config: SubmitConfig) -> SubmitResult:
+    """``epicfeat submit``: score the test split and write the leaderboard's submission zip."""
+    from epicfeat.submission import build_submission, write_results_pickle, write_submission_zip
+
+    annotations = _annotations(config)
+    members = _load_members(config, annotations)
+    sls, sources = _supervision_levels(config, [ckpt for _, ckpt in members])
+    scores = _score(config, members, annotations, "test")
+    if scores.dropped:
+        raise ScoringError(
+            f"{scores.dropped} of the {scores.split_segments} test segments have no features: their "
+            f"{len(scores.missing_video_ids)} video(s) are not (completely) in feature set {scores.feature_set_key} "
+            f"({_listed(scores.missing_video_ids)}). A submission must score every test segment: extract them "
+            "with the feature set's settings (epicfeat extract --split test ...); nothing was written."
+        )
+    expected = annotations.segments("test")["narration_id"].astype(str).tolist()
+    submission = build_submission(
+        scores.verb, scores.noun, scores.narration_ids, expected_ids=expected,
+        n_verbs=len(annotations.verbs), n_nouns=len(annotations.nouns), **sls,
+    )
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    results_pickle = write_results_pickle(out / "results_test.pkl", scores.verb, scores.noun, scores.narration_ids)
+    submission_zip = write_submission_zip(out / "submission.zip", submission)
+    result = SubmitResult(out=out, submission_zip=submission_zip, results_pickle=results_pickle,
+                          segments=len(expected), sls=sls, sls_sources=sources)
+    if config.progress:
+        levels = ", ".join(f"{name}={value} ({sources[name]})" for name, value in sls.items())
+        print(f"scored {len(expected)} test segments with {len(members)} checkpoint(s); supervision levels: {levels}")
+        print(f"wrote {submission_zip} (upload this) and {results_pickle}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def _annotations(config: _ScoringConfig):
+    from epicfeat.data.annotations import EpicAnnotations
+
+    if config.annotations is None:
+        raise ScoringError("no annotations given: pass --annotations DIR (the folder holding EPIC_100_*.csv)")
+    return EpicAnnotations(config.annotations)
+
+
+def _load_members(config: _ScoringConfig, annotations) -> list[tuple[Path, Any]]:
+    """The checkpoints, refused when their class tables differ from the annotations' or their feature sets differ."""
+    from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
+
+    if not config.checkpoints:
+        raise ScoringError("no checkpoint given: pass --checkpoint runs/temporal_16f/best.pt (repeat the option "
+                           "to ensemble several models)")
+    members = [(Path(path), load_checkpoint(path)) for path in config.checkpoints]
+    for path, ckpt in members:
+        for task, table in (("verb", annotations.verbs), ("noun", annotations.nouns)):
+            trained = getattr(ckpt, f"{task}_classes")
+            if tuple(trained) != tuple(table.keys):
+                raise ScoringError(
+                    f"checkpoint {path} was trained with a {task} class table of {len(trained)} classes that differs "
+                    f"from the one in {config.annotations} ({len(table)} classes): its scores would name the wrong "
+                    "classes. Use the annotations the model was trained with, or a model trained on these."
+                )
+    for path, ckpt in members[1:]:
+        check_feature_set(ckpt, members[0][1].feature_set)  # an ensemble reads one feature set
+    return members
+
+
+def _score(config: _ScoringConfig, members: list[tuple[Path, Any]], annotations, split: str) -> Scores:
+    from epicfeat.submission import ensemble
+    from epicfeat.temporal.checkpoint import check_feature_set
+    from epicfeat.temporal.data import pack_split
+    from epicfeat.temporal.train import open_feature_set, resolve_device, score_split
+
+    first = members[0][1]
+    store = open_feature_set(Path(config.cache), config.feature_set or first.feature_set_key)
+    for _, ckpt in members:
+        check_feature_set(ckpt, store.identity)
+    segments = annotations.segments(split)
+    packed = pack_split(store, segments, progress=config.progress)
+    if len(packed) == 0:
+        raise ScoringError(
+            f"none of the {len(segments)} {split} segments has features in feature set {store.path}: extract their "
+            f"videos first (epicfeat extract --split {split} ... with the feature set's settings)"
+        )
+    device = resolve_device(config.device)
+    scored = []
+    for path, ckpt in members:
+        model = ckpt.create_model(device)
+        verb, noun = score_split(model, packed, frames=_frames(ckpt), batch_size=config.batch_size, device=device)
+        scored.append((_member_name(path), verb.cpu().numpy(), noun.cpu().numpy()))  # (N, Cv), (N, Cn)
+    weights = np.ones(len(members)) if config.ensemble_weights is None else np.asarray(config.ensemble_weights)
+    if len(scored) == 1:
+        verb, noun = scored[0][1], scored[0][2]
+    else:
+        verb, noun = ensemble([(v, n) for _, v, n in scored], weights, mode=config.ensemble_mode)
+    return Scores(
+        narration_ids=list(packed.narration_ids), members=scored, verb=verb, noun=noun,
+        weights=(weights / weights.sum()).tolist(), feature_set_key=store.identity.key(),
+        split_segments=len(segments), dropped=len(segments) - len(packed),
+        missing_video_ids=tuple(packed.missing_video_ids), packed=packed,
+    )
+
+
+def _frames(checkpoint) -> int:
+    return int(checkpoint.config["frames"])
+
+
+def _member_name(path: Path) -> str:
+    """runs/temporal_32f/best.pt -> temporal_32f/best.pt: short, and unique for the usual layout."""
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _supervision_levels(config: SubmitConfig, checkpoints: list) -> tuple[dict[str, int], dict[str, str]]:
+    """The sls_pt / sls_tl / sls_td of the submission, and where each came from (given, or read from the models)."""
+    sls, sources = {}, {}
+    if config.sls_pt is not None:
+        sls["sls_pt"], sources["sls_pt"] = config.sls_pt, "given"
+    else:
+        weights = {str(ckpt.feature_set.get("weights", "")) for ckpt in checkpoints}
+        levels = {SLS_PT_OF_WEIGHTS.get("random" if w.startswith("random") else w) for w in weights}
+        if None in levels or len(levels) != 1:
+            raise ScoringError(
+                f"cannot tell the pretraining level (sls_pt) of backbone weights {sorted(weights)}: pass --sls-pt "
+                "(0 none, 1 public image dataset such as ImageNet, 2 public image and video datasets, 3-4 "
+                "self-supervised, 5 private data; a backbone fine-tuned from ImageNet on EPIC-100 is 1)"
+            )
+        sls["sls_pt"], sources["sls_pt"] = levels.pop(), f"backbone weights {', '.join(sorted(weights))}"
+    sls["sls_tl"], sources["sls_tl"] = config.sls_tl, "full temporal supervision" if config.sls_tl == 3 else "given"
+    if config.sls_td is not None:
+        sls["sls_td"], sources["sls_td"] = config.sls_td, "given"
+    else:
+        trained_on = {(ckpt.config.get("train_splits", "train"), ckpt.config.get("train_file", "EPIC_100_train.csv"))
+                      for ckpt in checkpoints}
+        if any(train_file != "EPIC_100_train.csv" for _, train_file in trained_on):
+            raise ScoringError(
+                "a checkpoint was trained on a train file other than EPIC_100_train.csv, so the training-data level "
+                "(sls_td) is not 3 or 4 by definition: pass --sls-td (see --help)"
+            )
+        sls["sls_td"] = max(SLS_TD[splits] for splits, _ in trained_on)
+        sources["sls_td"] = "checkpoints trained on " + " and ".join(sorted({s for s, _ in trained_on}))
+    return sls, sources
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
+    """NaN (a subset without segments, e.g. no unseen participant) becomes null: JSON has no NaN."""
+    return {name: (None if math.isnan(value) else round(value, 4)) for name, value in metrics.items()}
+
+
+def _listed(ids: tuple[str, ...] | list[str], shown: int = 8) -> str:
+    more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+    return ", ".join(ids[:shown]) + more
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _markdown_table(rows: dict[str, dict[str, float]], *, title: str) -> str:
+    header = "| model | " + " | ".join(label for label, _ in TABLE_METRICS) + " |"
+    lines = [f"# {title} (official EPIC-100 metrics, %)", "", header,
+             "|" + "---|" * (len(TABLE_METRICS) + 1)]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics, key) for _, key in TABLE_METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(rows: dict[str, dict[str, float]], *, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("model")
+    for label, _ in TABLE_METRICS:
+        table.add_column(label, justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *(_cell(metrics, key) for _, key in TABLE_METRICS))
+    Console().print(table)
+
+
+def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, noun_labels: np.ndarray,
+                       out: Path, top: int) -> tuple[Path, Path]:
+    """per_class.csv (top-1 accuracy of every class) and per_class.png (accuracy of the most frequent classes
+    and the most confused pairs, for verbs and nouns)."""
+    from epicfeat.metrics import most_confused, per_class_accuracy
+
+    tasks = []
+    for task, logits, labels, table in (("verb", scores.verb, verb_labels, annotations.verbs),
+                                        ("noun", scores.noun, noun_labels, annotations.nouns)):
+        accuracy = per_class_accuracy(logits, labels, len(table))  # (C,) NaN for absent classes
+        counts = np.bincount(labels, minlength=len(table))  # (C,)
+        confused = most_confused(logits, labels, table.keys, top=top)
+        tasks.append((task, table.keys, accuracy, counts, confused))
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["task", "class_id", "class_key", "segments", "accuracy_at_1"])
+    for task, keys, accuracy, counts, _ in tasks:
+        for class_id, key in enumerate(keys):
+            writer.writerow([task, class_id, key, int(counts[class_id]),
+                             "" if np.isnan(accuracy[class_id]) else f"{accuracy[class_id]:.2f}"])
+    per_class_csv = out / "per_class.csv"
+    atomic_write_text(per_class_csv, buffer.getvalue())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    for row, (task, keys, accuracy, counts, confused) in enumerate(tasks):
+        frequent = [c for c in np.argsort(-counts, kind="stable")[:20] if counts[c] > 0]
+        ax = axes[row, 0]
+        ax.bar(range(len(frequent)), [accuracy[c] for c in frequent], color="tab:blue")
+        ax.set_xticks(range(len(frequent)), [f"{keys[c]} ({counts[c]})" for c in frequent], rotation=60,
+                      ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"{task}: the {len(frequent)} most frequent classes (segments)")
+        ax = axes[row, 1]
+        labels = [f"{true} -> {predicted}" for true, predicted, _ in confused][::-1]
+        ax.barh(range(len(confused)), [count for _, _, count in confused][::-1], color="tab:red")
+        ax.set_yticks(range(len(confused)), labels, fontsize=8)
+        ax.set_xlabel("segments")
+        ax.set_title(f"{task}: most confused (true -> predicted)")
+    fig.tight_layout()
+    plot = out / "per_class.png"
+    tmp = out / ".per_class.png.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(plot)
+    return per_class_csv, plot
