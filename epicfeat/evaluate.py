@@ -272,7 +272,8 @@ def _score(config: _ScoringConfig, members: list[tuple[Path, Any]], annotations,
     from epicfeat.submission import ensemble
     from epicfeat.temporal.checkpoint import check_feature_set
     from epicfeat.temporal.data import pack_split
-    from epicfeat.temporal.train import open_feature_set, resolve_device, score_split
+    from epicfeat.devices import resolve_device
+    from epicfeat.temporal.train import open_feature_set, score_split
 
     first = members[0][1]
     store = open_feature_set(Path(config.cache), config.feature_set or first.feature_set_key)

@@ -28,11 +28,12 @@ import torch
 
 from epicfeat import __version__
 from epicfeat.backbone import create_backbone
+from epicfeat.devices import resolve_device, resolve_precision
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, VideoError, VideoMeta, iter_frames, probe_video
 from epicfeat.store import FeatureSetIdentity, FeatureStore
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 # Frames whose last pts falls this far short of where the annotations (or the container) say the video ends are
 # reported as truncated / too short instead of being cached as if complete.
@@ -55,7 +56,8 @@ class ExtractConfig:
     crop: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    precision: Precision = "bf16"  # compute precision of the backbone (features are stored as float16)
+    precision: Precision = "auto"  # backbone compute precision; auto: bf16 on a GPU, fp32 on a CPU (features
+    #   are stored as float16 either way; the resolved value is part of the feature set)
     # how to run it (does not change the features)
     batch_size: int = 64
     decode_workers: int = -1  # DataLoader decode processes; -1: one per spare core (0: decode in this process)
@@ -181,6 +183,8 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
     from epicfeat.config import save_config
 
     started = time.perf_counter()
+    # The feature set records the precision that actually computes the features, never "auto".
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, resolve_device(config.device)))
     backbone = create_backbone(config.weights, seed=config.seed)
     identity = feature_set_identity(config, backbone)
     store = FeatureStore.create(config.cache, identity)
@@ -208,14 +212,6 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
         seconds=time.perf_counter() - started,
         bytes_written=_folder_bytes(store.path) - bytes_before,
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EpicfeatError(f"--device {device} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------ local executor

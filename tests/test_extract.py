@@ -183,7 +183,8 @@ def test_two_dask_workers_equal_one_process(videos, reference, tmp_path):
 
 
 def test_video_shorter_than_its_annotations_fails_clearly(videos, tmp_path):
-    from epicfeat.extract import VideoJob, resolve_device, run_local
+    from epicfeat.devices import resolve_device
+    from epicfeat.extract import VideoJob, run_local
 
     cfg = config(videos, tmp_path / "cache")
     backbone = create_backbone("random", seed=0)

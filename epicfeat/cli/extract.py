@@ -19,7 +19,7 @@ def extract(
     fps: Annotated[Optional[float], typer.Option(help="Feature rows per second of video [default 10].", show_default=False)] = None,
     resize: Annotated[Optional[int], typer.Option(help="Shorter side before the centre crop [256].", show_default=False)] = None,
     crop: Annotated[Optional[int], typer.Option(help="Centre crop size [224].", show_default=False)] = None,
-    precision: Annotated[Optional[str], typer.Option(help="Backbone compute precision: fp32 | bf16 | fp16 [bf16].", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Backbone compute precision: auto (bf16 on a GPU, fp32 on a CPU) | fp32 | bf16 | fp16 (default: auto).", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Frames per model batch [64].", show_default=False)] = None,
     decode_workers: Annotated[Optional[int], typer.Option(help="Decoding processes (-1: one per spare core).", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N.", show_default=False)] = None,

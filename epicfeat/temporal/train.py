@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from epicfeat.config import ConfigError, atomic_write_text, config_to_dict, save_config
+from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.temporal.checkpoint import (
     capture_rng_state,
@@ -612,14 +613,6 @@ def mixed_cross_entropy(
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"--device {device} asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    return torch.device(device)
-
-
 def _supported_autocast(device: torch.device, dtype: torch.dtype | None, notes: list[str]) -> torch.dtype | None:
     """``dtype`` if an LSTM trains under autocast with it here, else None (fp32) with a note saying why.
 

@@ -1,0 +1,173 @@
+"""Fine-tuning speed benchmark: clips/s of `epicfeat finetune`, and how much of an epoch waits on decoding.
+
+Builds a synthetic EPIC-layout dataset (``epicfeat.data.synthetic``) and a stage-two checkpoint whose feature set
+is a seeded random ResNet50 (so no extraction and no stage-two training are needed: the checkpoint's temporal
+model is a fresh seed-recipe BiLSTM, which is all a speed measurement needs), then runs the real ``finetune``
+function and reads its metrics rows:
+
+  CPU (default): decode-only clips/s (DataLoader + PyAV, no model), then training clips/s with small settings
+  (T=8, 112 px crops, batch 8; two epochs, the second timed: the first steps of a process are several times
+  slower), and the share of the epoch spent waiting for decoded clips.
+
+  --gpu (needs CUDA, under 5 minutes): T=16 and T=32 at 224 px crops (resize 256), bf16 autocast, global batch 32,
+  two epochs each, the second one timed: clips/s, peak GPU memory, share of time the GPU waited on decoding, and
+  the implied time of a full EPIC-100 epoch (67,217 clips). The synthetic videos are 640x360: decoding 1080p
+  originals costs several times more per frame (see FIELD_NOTES), so use downscaled copies for real runs.
+
+    python benchmarks/bench_finetune.py                    # CPU, about 1-2 minutes on 2 cores
+    python benchmarks/bench_finetune.py --gpu --skip-cpu   # the GPU section only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from epicfeat.backbone import create_backbone  # noqa: E402
+from epicfeat.data.annotations import EpicAnnotations  # noqa: E402
+from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
+from epicfeat.finetune import FinetuneConfig, finetune, load_start, _load_data  # noqa: E402
+from epicfeat.store import FeatureSetIdentity  # noqa: E402
+from epicfeat.temporal.checkpoint import save_checkpoint  # noqa: E402
+from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model  # noqa: E402
+
+EPIC100_TRAIN_CLIPS = 67_217
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos-per-split", type=int, default=2, help="synthetic train videos (default: %(default)s)")
+    parser.add_argument("--segments-per-video", type=int, default=6, help="segments per video (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=8, help="CPU: T frames per clip (default: %(default)s)")
+    parser.add_argument("--crop", type=int, default=112, help="CPU: crop side; resize is crop * 8 / 7 (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="CPU: clips per optimiser step (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="CPU: decode processes (default: %(default)s)")
+    parser.add_argument("--gpu", action="store_true", help="add the GPU section (needs CUDA)")
+    parser.add_argument("--gpu-device", default="cuda", help="device of the GPU section (cpu: a dry run of its code)")
+    parser.add_argument("--gpu-videos", type=int, default=6, help="GPU: synthetic train videos (default: %(default)s)")
+    parser.add_argument("--gpu-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="GPU: decode processes (default: cores - 2 = %(default)s)")
+    parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep datasets here (default: a temp folder)")
+    return parser.parse_args(argv)
+
+
+def make_dataset(root: Path, *, videos: int, segments: int, width: int, height: int):
+    spec = SyntheticSpec(seen_participants=1, train_videos_per_participant=videos, validation_videos_per_participant=1,
+                         test_videos_per_participant=1, unseen_videos=1, segments_per_video=(segments, segments),
+                         segment_seconds=(0.8, 2.4), width=width, height=height)
+    started = time.perf_counter()
+    dataset = generate_synthetic_dataset(root, seed=0, spec=spec)
+    return dataset, time.perf_counter() - started
+
+
+def make_checkpoint(path: Path, annotations: Path, *, resize: int, crop: int) -> Path:
+    """A stage-two checkpoint on the feature set a seeded random ResNet50 would give at this resize / crop."""
+    backbone = create_backbone("random", seed=0)
+    identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=10.0,
+                                  resize=resize, crop=crop, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                  precision="bf16")
+    table = EpicAnnotations(annotations)
+    args = TemporalModelArgs(n_verbs=len(table.verbs.keys), n_nouns=len(table.nouns.keys))
+    model = create_temporal_model(args, torch.full((2048,), 13.0), torch.full((2048,), 14.0))
+    return save_checkpoint(path, model=model, model_args=args, config={"frames": 16}, verb_classes=table.verbs.keys,
+                           noun_classes=table.nouns.keys, feature_set=identity.to_dict(),
+                           feature_set_key=identity.key(), epoch=0, metrics={}, history=[])
+
+
+def decode_only(config: FinetuneConfig, workers: int) -> float:
+    """Clips/s of the training DataLoader alone (PyAV decode + resize in worker processes, no model)."""
+    data = _load_data(config, load_start(config), [])
+    loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, num_workers=workers, shuffle=True)
+    started, clips = time.perf_counter(), 0
+    for batch in loader:
+        clips += len(batch["valid"])
+    return clips / (time.perf_counter() - started)
+
+
+def run(config: FinetuneConfig) -> dict:
+    result = finetune(config)
+    row = result.history[-1]  # the last epoch: warm-up (first iterations, cuDNN autotuning) is in the earlier ones
+    len_train = result.pack_summary["train"]["segments"]
+    train_seconds = len_train / row["train_segments_per_s"]
+    return {
+        "clips_per_s": row["train_segments_per_s"],
+        "frames_per_s": row["train_segments_per_s"] * config.frames,
+        "data_wait_share": row["data_wait_seconds"] / train_seconds,
+        "peak_gpu_memory_gb": row.get("peak_gpu_memory_gb", float("nan")),
+        "clips": len_train,
+        "epoch_seconds": train_seconds,
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_finetune_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, threads {torch.get_num_threads()}")
+    try:
+        if not args.skip_cpu:
+            dataset, seconds = make_dataset(workdir / "cpu_data", videos=args.videos_per_split,
+                                            segments=args.segments_per_video, width=192, height=108)
+            resize = args.crop * 8 // 7
+            checkpoint = make_checkpoint(workdir / "cpu_start.pt", dataset.annotations, resize=resize, crop=args.crop)
+            config = FinetuneConfig(
+                checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, out=workdir / "cpu_run",
+                train_splits="train+validation", frames=args.frames, epochs=2, batch_size=args.batch_size,
+                micro_batch_size=args.batch_size, num_workers=args.workers, device="cpu", progress=False,
+            )
+            shutil.rmtree(config.out, ignore_errors=True)
+            decode = decode_only(config, args.workers)
+            print(f"\nCPU, synthetic 192x108 videos (generated in {seconds:.0f} s), T={args.frames}, "
+                  f"{args.crop}px crops, batch {args.batch_size}, trainable stages 2, {args.workers} decode worker(s)")
+            print(f"  decode only:  {decode:8.1f} clips/s  ({decode * args.frames:.0f} frames/s)")
+            stats = run(config)
+            print(f"  training:     {stats['clips_per_s']:8.2f} clips/s  ({stats['frames_per_s']:.1f} frames/s, "
+                  f"{stats['clips']} clips in {stats['epoch_seconds']:.1f} s, second epoch)")
+            print(f"  waiting on decoding: {100 * stats['data_wait_share']:.1f} % of the epoch")
+        if args.gpu:
+            gpu_section(args, workdir)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def gpu_section(args: argparse.Namespace, workdir: Path) -> None:
+    device = torch.device(args.gpu_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--gpu: PyTorch sees no CUDA GPU here")
+    dry = device.type == "cpu"  # a dry run of this section's code on a CPU: tiny settings
+    width, height = (192, 108) if dry else (640, 360)
+    dataset, seconds = make_dataset(workdir / "gpu_data", videos=2 if dry else args.gpu_videos,
+                                    segments=4 if dry else 24, width=width, height=height)
+    resize, crop = (72, 64) if dry else (256, 224)
+    checkpoint = make_checkpoint(workdir / "gpu_start.pt", dataset.annotations, resize=resize, crop=crop)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    print(f"\nGPU section on {name}: synthetic {width}x{height} videos (generated in {seconds:.0f} s), "
+          f"{resize}/{crop}, bf16, global batch 32, trainable stages 2, {args.gpu_workers} decode workers")
+    for frames in (16, 32):
+        config = FinetuneConfig(
+            checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations,
+            out=workdir / f"gpu_run_T{frames}", train_splits="train+validation", frames=frames, epochs=2,
+            batch_size=4 if dry else 32, micro_batch_size=4 if dry else 32, num_workers=0 if dry else args.gpu_workers,
+            device=str(device), precision="bf16", progress=False,
+        )
+        shutil.rmtree(config.out, ignore_errors=True)
+        stats = run(config)
+        epoch_minutes = EPIC100_TRAIN_CLIPS / stats["clips_per_s"] / 60
+        print(f"  T={frames}: {stats['clips_per_s']:8.1f} clips/s, peak GPU memory {stats['peak_gpu_memory_gb']:.1f} GiB, "
+              f"waiting on decoding {100 * stats['data_wait_share']:.0f} % of the epoch; a full EPIC-100 epoch "
+              f"({EPIC100_TRAIN_CLIPS:,} clips) would take {epoch_minutes:.1f} min (target: < 10 min at T=16, < 40 GB)")
+
+
+if __name__ == "__main__":
+    main()

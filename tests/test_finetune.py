@@ -1,0 +1,353 @@
+"""End-to-end fine-tuning on decoded clips: sampling, augmentation, one epoch, resume, DDP, re-extraction, damage."""
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from epicfeat._clips import (
+    ClipAugment,
+    apply_clip_cutmix,
+    normalize_clips,
+    sample_clip_cutmix,
+    sample_clip_times,
+)
+from epicfeat.backbone import create_backbone
+from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.extract import ExtractConfig, extract_features
+from epicfeat.finetune import ClipModel, FinetuneConfig, FinetuneError, _load_data, finetune, load_start
+from epicfeat.frames import Preprocess
+from epicfeat.store import FeatureStore
+from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
+from epicfeat.temporal.data import PackedSplit
+from epicfeat.temporal.train import TrainTemporalConfig, evaluate, load_training_data, train_temporal
+
+FRAMES = 4
+RESIZE, CROP = 72, 64  # tiny frames: a ResNet50 step on 64x64 clips takes well under a second on one core
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads only slows small models down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _extract(dataset, cache, split, weights="random"):
+    return extract_features(ExtractConfig(
+        split=split, videos=dataset.videos, annotations=dataset.annotations, cache=cache, weights=weights,
+        resize=RESIZE, crop=CROP, precision="fp32", decode_workers=0, device="cpu", progress=False,
+    ))
+
+
+@pytest.fixture(scope="module")
+def stage_two(synthetic_dataset, tmp_path_factory):
+    """The real pipeline up to stage two: extract train + validation features, train a small BiLSTM on them."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("stage_two")
+    for split in ("train", "validation"):
+        assert _extract(synthetic_dataset, root / "cache", split).ok
+    # dropout 0: a 2-process run can then equal a 1-process one exactly (dropout masks depend on the process)
+    result = train_temporal(TrainTemporalConfig(
+        annotations=synthetic_dataset.annotations, cache=root / "cache", out=root / "temporal", frames=FRAMES,
+        hidden=16, layers=1, lstm_dropout=0.0, dropout=0.0, epochs=30, lr=1e-2, warmup_epochs=1, batch_size=4,
+        micro_batch_size=4, patience=0, device="cpu", progress=False,
+    ))
+    return root, result.best_checkpoint
+
+
+def _config(dataset, checkpoint, out, **overrides) -> FinetuneConfig:
+    small = dict(checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, out=out, epochs=1,
+                 batch_size=4, micro_batch_size=2, eval_batch_size=8, num_workers=0, device="cpu", progress=False,
+                 lr=1e-4, backbone_lr=1e-4, warmup_epochs=0, trainable_stages=1)  # layer4 only: faster
+    return FinetuneConfig(**{**small, **overrides})
+
+
+def _backbone_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["backbone"]
+
+
+# ------------------------------------------------------------------------------------------ clip sampling
+@pytest.mark.parametrize("count", [1, 3, 4, 7, 16, 33])
+def test_clip_times_use_the_bins_of_stage_two(count):
+    """Times land on the rows PackedSplit.sample_rows picks for a segment of `count` rows (same draws)."""
+    fps, start = 10.0, 2.0
+    split = PackedSplit(features=torch.zeros(count, 1), row_start=torch.tensor([0]), row_count=torch.tensor([count]),
+                        verb_labels=None, noun_labels=None, narration_ids=["a"], participant_ids=["P01"],
+                        video_ids=["P01_01"], summary={}, feature_set={})
+    stop = start + count / fps - 0.01  # rows at 2.0, 2.1, ... : exactly `count` of them inside [start, stop)
+    for train in (False, True):
+        rows = split.sample_rows(torch.tensor([0]), FRAMES, train=train, generator=torch.Generator().manual_seed(5))
+        times = sample_clip_times(start, stop, fps=fps, frames=FRAMES, train=train,
+                                  generator=torch.Generator().manual_seed(5))
+        np.testing.assert_allclose(times, start + rows[0].numpy() / fps)
+    # shorter than one row interval: the midpoint, like stage two's nearest row
+    np.testing.assert_allclose(sample_clip_times(2.01, 2.05, fps=fps, frames=3, train=True, generator=None), [2.03] * 3)
+
+
+def test_augmentation_is_identical_across_the_frames_of_a_clip():
+    preprocess = Preprocess(resize=RESIZE, crop=CROP)
+    augment = ClipAugment(preprocess)
+    frame = torch.randint(0, 256, (1, RESIZE, RESIZE, 3), dtype=torch.uint8)
+    clip = frame.expand(6, -1, -1, -1).contiguous()  # (T, H, W, 3): six copies of one frame
+    outputs = []
+    for seed in range(12):
+        out = augment(clip, seed)  # (T, 3, CROP, CROP)
+        assert out.shape == (6, 3, CROP, CROP) and out.dtype == torch.float32
+        assert torch.equal(out, out[:1].expand_as(out)), f"frames differ after augmentation (seed {seed})"
+        outputs.append(out[0])
+    assert torch.equal(augment(clip, 3)[0], outputs[3])  # reproducible from the clip's seed
+    assert len({o.sum().item() for o in outputs}) == 12  # and different seeds draw different parameters
+    # Any grayscale draw gives equal R, G, B: with p=1 every clip is gray (before normalisation by channel).
+    gray = ClipAugment(preprocess, grayscale=1.0)(clip, 0)
+    raw = gray * torch.tensor(preprocess.std).view(1, 3, 1, 1) + torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    torch.testing.assert_close(raw[:, 0], raw[:, 1], atol=1e-5, rtol=0)
+    # Identity settings reduce to extract's normalisation of the (full) frame.
+    plain = ClipAugment(Preprocess(resize=RESIZE, crop=RESIZE), scale=(1.0, 1.0), hflip=0.0,
+                        color_jitter=(0, 0, 0, 0), grayscale=0.0)
+    torch.testing.assert_close(plain(clip, 0), Preprocess(resize=RESIZE, crop=RESIZE).normalize(clip).contiguous())
+
+
+def test_clip_cutmix_pastes_one_box_into_every_frame_and_mixes_by_area():
+    clips = torch.arange(3.0).view(3, 1, 1, 1, 1).expand(3, 4, 3, 20, 30).contiguous()  # clip i is all i
+    for seed in range(20):
+        mix = sample_clip_cutmix(3, 20, 30, 1.0, seed)
+        if mix is None:
+            continue
+        mixed = apply_clip_cutmix(clips, mix)  # (3, 4, 3, 20, 30)
+        for i in range(3):
+            from_partner = mixed[i] == mix.partner[i]
+            if mix.partner[i] != i:
+                share = from_partner[0, 0].float().mean().item()
+                assert share == pytest.approx(mix.fraction)  # the label weight is the pasted area
+            assert torch.equal(from_partner, from_partner[:1].expand_as(from_partner))  # same box in all frames
+    assert sample_clip_cutmix(3, 20, 30, 0.0, 0) is None and sample_clip_cutmix(1, 20, 30, 1.0, 0) is None
+
+
+# --------------------------------------------------------------------------------------------- the model
+def test_decoded_clips_reproduce_the_stage_two_model_on_stored_features(synthetic_dataset, stage_two):
+    """Bin-centre frames + extract's preprocessing + the start backbone give the features stage two trained on."""
+    root, checkpoint_path = stage_two
+    config = _config(synthetic_dataset, checkpoint_path, root / "unused", frames=FRAMES)
+    start = load_start(config)
+    checkpoint = load_checkpoint(checkpoint_path)
+    data = load_training_data(TrainTemporalConfig(annotations=synthetic_dataset.annotations, cache=root / "cache",
+                                                  progress=False))
+    _, stored_verbs, stored_nouns = evaluate(checkpoint.create_model(), data.validation, frames=FRAMES,
+                                             batch_size=100, device=torch.device("cpu"))
+    clips = _load_data(config, start, []).validation
+    batch = torch.utils.data.default_collate([clips[i] for i in range(len(clips))])
+    assert batch["valid"].all()
+    model = ClipModel(start.backbone, checkpoint.create_model(), trainable_stages=2).eval()
+    with torch.no_grad():
+        verbs, nouns = model(normalize_clips(batch["clip"], start.preprocess))  # (S, Cv), (S, Cn)
+    # Stored features are float16: the logits agree to its rounding.
+    np.testing.assert_allclose(verbs.numpy(), stored_verbs, atol=2e-3)
+    np.testing.assert_allclose(nouns.numpy(), stored_nouns, atol=2e-3)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(stage_two):
+    _, checkpoint_path = stage_two
+    checkpoint = load_checkpoint(checkpoint_path)
+    clips = torch.randn(2, FRAMES, 3, CROP, CROP)
+    grads = []
+    for checkpointing in (False, True):
+        model = ClipModel(create_backbone("random", seed=0), checkpoint.create_model(), trainable_stages=5,
+                          activation_checkpointing=checkpointing).train()
+        verbs, nouns = model(clips)
+        (verbs.sum() + nouns.sum()).backward()
+        grads.append([p.grad.clone() for p in model.backbone.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+def test_one_epoch_from_a_stage_two_checkpoint_changes_the_backbone(synthetic_dataset, stage_two, tmp_path):
+    """Through the CLI: trains the last two stages only, keeps BN statistics, writes readable checkpoints."""
+    from typer.testing import CliRunner
+
+    from epicfeat.cli import app
+    from epicfeat.cli import commands  # noqa: F401  (registers the commands)
+
+    _, checkpoint_path = stage_two
+    out = tmp_path / "ft"
+    args = ["finetune", "--checkpoint", str(checkpoint_path), "--videos", str(synthetic_dataset.videos),
+            "--annotations", str(synthetic_dataset.annotations), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--micro-batch-size", "2", "--num-workers", "0", "--device", "cpu",
+            "--lr", "1e-4", "--backbone-lr", "1e-5", "--trainable-stages", "2", "--no-progress"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "loss.png", "accuracy.png", "lr.png"):
+        assert (out / name).is_file(), name
+
+    before = create_backbone("random", seed=0).state_dict()
+    after = _backbone_state(out / "last.pt")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("layer4.") and k.endswith("conv1.weight") for k in changed)
+    assert any(k.startswith("layer3.") for k in changed)
+    assert not any(k.startswith(("conv1.", "bn1.", "layer1.", "layer2.")) for k in changed)  # frozen stages
+    assert not any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)  # frozen BN
+
+    checkpoint = load_checkpoint(out / "last.pt")  # the temporal part reads like any stage-two checkpoint
+    assert checkpoint.epoch == 2 and len(checkpoint.history) == 2
+    assert checkpoint.config["frames"] == FRAMES and checkpoint.config["trainable_stages"] == 2
+    backbone = create_backbone(str(out / "last.pt"))  # and the backbone drops back into stage one
+    assert backbone.weights_name == "file:last.pt"
+    start_sha = load_checkpoint(checkpoint_path).feature_set["weights_sha"]
+    assert backbone.weights_sha == checkpoint.feature_set["weights_sha"] != start_sha
+    assert not torch.equal(checkpoint.model_state["verb_head.weight"],
+                           load_checkpoint(checkpoint_path).model_state["verb_head.weight"])
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "all_action_accuracy_at_1" in rows[0] and "train_skipped" in rows[0]
+
+    # Fine-tuning does not lower validation action accuracy compared with its starting checkpoint.
+    payload = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    start_metrics = payload["finetune"]["start_metrics"]
+    best = load_checkpoint(out / "best.pt").metrics
+    assert start_metrics["all_action_accuracy_at_1"] == pytest.approx(
+        load_checkpoint(checkpoint_path).metrics["all_action_accuracy_at_1"])  # same numbers as stage two's
+    assert best["all_action_accuracy_at_1"] >= start_metrics["all_action_accuracy_at_1"]
+
+
+def test_resume_is_exact_and_independent_of_decode_workers(synthetic_dataset, stage_two, tmp_path):
+    _, checkpoint_path = stage_two
+    whole = finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "whole", epochs=2, num_workers=2,
+                             eval_start=False))
+    killed = _config(synthetic_dataset, checkpoint_path, tmp_path / "killed", epochs=2, eval_start=False)
+    finetune(killed, stop_after_epoch=1)
+    resumed = finetune(dataclasses.replace(killed, resume=True))
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    for a, b in zip(whole.history, resumed.history):
+        for key in a:
+            if not key.endswith(("seconds", "_per_s")) and not (isinstance(a[key], float) and np.isnan(a[key])):
+                assert a[key] == b[key], key
+    for name in ("last.pt",):
+        x = torch.load(tmp_path / "whole" / name, weights_only=True)
+        y = torch.load(tmp_path / "killed" / name, weights_only=True)
+        for part in ("backbone", "model"):
+            for key in x[part]:
+                assert torch.equal(x[part][key], y[part][key]), f"{part}.{key}"
+    with pytest.raises(FinetuneError, match="already holds a run"):
+        finetune(killed)
+    with pytest.raises(FinetuneError, match="config differs"):
+        finetune(dataclasses.replace(killed, resume=True, backbone_lr=1e-3))
+
+
+def _torchrun(dataset, checkpoint_path, out, settings, *extra):
+    """`epicfeat finetune` in 2 gloo processes under torchrun, with _config's settings plus ``settings``."""
+    config_file = out.parent / f"{out.name}.yaml"
+    config_file.write_text(yaml.safe_dump({**settings, "eval_batch_size": 8, "lr": 1e-4, "backbone_lr": 1e-4,
+                                           "trainable_stages": 1, "warmup_epochs": 0}))  # as in _config
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "epicfeat", "finetune", "--config", str(config_file), "--checkpoint", str(checkpoint_path),
+               "--videos", str(dataset.videos), "--annotations", str(dataset.annotations), "--out", str(out),
+               "--num-workers", "0", "--device", "cpu", "--no-progress", *extra]
+    run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _assert_same_run(one_path, two_path, steps: int):
+    """Two runs' last.pt agree up to float summation order (the all-reduce adds in another order)."""
+    one = torch.load(one_path, weights_only=True)
+    two = torch.load(two_path, weights_only=True)
+    for key, value in one["model"].items():  # the temporal model
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    start = create_backbone("random", seed=0).state_dict()
+    moved = differ = total = 0
+    for key, value in one["backbone"].items():
+        if not value.dtype.is_floating_point:
+            continue
+        # Adam divides by sqrt(v): for the rare weights whose gradient is ~0, summation-order noise in the
+        # all-reduce becomes a full-size step. So: nearly every weight equal, none further apart than the steps.
+        gap = (two["backbone"][key] - value).abs()
+        assert gap.max() <= 2 * 1e-4 * steps + 1e-7, key  # lr 1e-4
+        differ += int((gap > 1e-6).sum())
+        total += value.numel()
+        moved += int((value != start[key]).sum())
+    assert moved > 1_000_000 and differ / total < 1e-3, (moved, differ, total)
+    assert [r["epoch"] for r in one["history"]] == [r["epoch"] for r in two["history"]]
+    for row_one, row_two in zip(one["history"], two["history"]):
+        for key in ("step", "train_loss", "val_loss", "all_action_accuracy_at_1", "all_verb_accuracy_at_5"):
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-4), key
+
+
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(synthetic_dataset, stage_two, tmp_path):
+    """torchrun, 2 CPU processes x 2 clips = 1 process x 4 clips per step (CutMix off: its partners are per batch)."""
+    _, checkpoint_path = stage_two
+    settings = dict(cutmix_alpha=0.0, epochs=1, eval_start=False, batch_size=4, micro_batch_size=2)
+    finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "one", **settings))
+    _torchrun(synthetic_dataset, checkpoint_path, tmp_path / "two", settings)
+    _assert_same_run(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt", steps=2)  # 8 clips / 4
+
+
+def test_a_ddp_run_resumes_where_a_run_stopped(synthetic_dataset, stage_two, tmp_path):
+    """Epoch 1 in one process, epoch 2 resumed by 2 torchrun processes == both epochs in one process."""
+    _, checkpoint_path = stage_two
+    settings = dict(cutmix_alpha=0.0, epochs=2, eval_start=False, batch_size=4, micro_batch_size=2)
+    finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "one", **settings))
+    finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "two", **settings), stop_after_epoch=1)
+    _torchrun(synthetic_dataset, checkpoint_path, tmp_path / "two", settings, "--resume")
+    _assert_same_run(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt", steps=2)  # epoch 2 only differs
+
+
+def test_re_extraction_with_the_fine_tuned_backbone_is_a_separate_feature_set(synthetic_dataset, stage_two, tmp_path):
+    root, checkpoint_path = stage_two
+    out = tmp_path / "ft"
+    finetune(_config(synthetic_dataset, checkpoint_path, out, eval_start=False))
+    cache = tmp_path / "cache"
+    original = _extract(synthetic_dataset, cache, "validation")
+    tuned = _extract(synthetic_dataset, cache, "validation", weights=str(out / "best.pt"))
+    assert original.ok and tuned.ok and tuned.store != original.store
+    assert len(FeatureStore.list_sets(cache)) == 2
+    identity = FeatureStore.open(tuned.store).identity
+    checkpoint = load_checkpoint(out / "best.pt")
+    assert identity.weights == "file:best.pt" and identity.weights_sha == checkpoint.feature_set["weights_sha"]
+    check_feature_set(checkpoint, identity)  # the fine-tuned model pairs with its own features...
+    with pytest.raises(Exception, match="differ in: weights, weights_sha"):
+        check_feature_set(checkpoint, FeatureStore.open(original.store).identity)  # ...and not with the old ones
+    video = FeatureStore.open(original.store).complete_videos()[0]
+    old = np.asarray(FeatureStore.open(original.store).read(video).features[:])
+    new = np.asarray(FeatureStore.open(tuned.store).read(video).features[:])
+    assert old.shape == new.shape and not np.array_equal(old, new)
+
+
+def test_damaged_and_missing_videos_are_skipped_and_counted(synthetic_dataset, stage_two, tmp_path):
+    _, checkpoint_path = stage_two
+    videos = tmp_path / "videos"
+    shutil.copytree(synthetic_dataset.videos, videos)
+    annotations = EpicAnnotations(synthetic_dataset.annotations)
+    train = annotations.segments("train")
+    damaged = sorted(train["video_id"].unique())[0]
+    path = next(videos.rglob(f"{damaged}.*"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated: its index is gone
+    validation = annotations.segments("validation")
+    missing = sorted(validation["video_id"].unique())[-1]
+    next(videos.rglob(f"{missing}.*")).unlink()
+    result = finetune(dataclasses.replace(_config(synthetic_dataset, checkpoint_path, tmp_path / "ft", epochs=2),
+                                          videos=videos))
+    per_epoch = int((train["video_id"] == damaged).sum())
+    assert [r["train_skipped"] for r in result.history] == [per_epoch, per_epoch]
+    assert result.skipped["train"] == 2 * per_epoch
+    assert result.pack_summary["validation"]["missing_video_dropped"] == int((validation["video_id"] == missing).sum())
+    assert result.pack_summary["train"]["segments"] == len(train)
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    (note,) = [n for n in result.notes if "could not be decoded" in n]
+    assert f"{damaged}: VideoError" in note  # which video, and why
+
+
+def test_backbone_weights_other_than_the_feature_sets_are_refused(synthetic_dataset, stage_two, tmp_path):
+    _, checkpoint_path = stage_two
+    other = tmp_path / "other.pt"
+    torch.save(create_backbone("random", seed=1).state_dict(), other)
+    with pytest.raises(FinetuneError, match="not the ones feature set .* was extracted with"):
+        finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "ft", weights=str(other)))
+    with pytest.raises(FinetuneError, match="--checkpoint"):
+        finetune(_config(synthetic_dataset, None, tmp_path / "ft"))
