@@ -6,8 +6,8 @@ into a work folder that is reused between runs, then measures in one run, on thi
   1. decode only: bare PyAV decode of every frame (no conversion), codec threads AUTO and 1;
   2. decode + preprocess: ``iter_frames`` with the default preprocessing (resize 256, centre crop 224) at fps=None
      (every frame) and fps=10, threads AUTO and 1; the per-core ratio (threads=1) to bare decode (target >= 0.5);
-  3. model only: extract's own per-batch step (``_features``: uint8 -> normalise -> channels_last -> bf16 autocast
-     ResNet50 -> float16) at batch 64 on pre-made images, and the bare forward pass on pre-normalised tensors; the
+  3. model only: extract's own per-batch step (``_features``: uint8 -> normalise -> channels_last -> ResNet50 at
+     extract's CPU precision -> float16) at batch 64 on pre-made images, and the bare forward pass on pre-normalised tensors; the
      extract step also with torch threads = cores - decode workers;
   4. end to end: the calls ``extract_features`` makes for the local executor (create_backbone, FeatureStore.create,
      select_videos, run_local; random weights, default preprocessing, fps=10, default decode workers, a fresh cache
@@ -56,12 +56,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from epicfeat.backbone import create_backbone  # noqa: E402
+from epicfeat.devices import resolve_device, resolve_precision  # noqa: E402
 from epicfeat.extract import (  # noqa: E402
     ExtractConfig,
     extract_features,
     feature_set_identity,
     preprocess_of,
-    resolve_device,
     run_local,
     select_videos,
 )
@@ -70,7 +70,7 @@ from epicfeat.store import FeatureStore  # noqa: E402
 
 # Extract's per-batch model step and its decode producer, measured alone: private, but they are exactly the code
 # that `extract` runs, so the stage numbers cannot drift from what the pipeline does.
-from epicfeat.extract import _decode_workers, _DecodeStream, _features, _Frames, _prepare_model  # noqa: E402
+from epicfeat.extract import _AUTOCAST_DTYPES, _decode_workers, _DecodeStream, _features, _Frames, _prepare_model  # noqa: E402,E501
 
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "epicfeat_bench_extract"
 NTSC = Fraction(60000, 1001)  # 59.94 fps, the rate of most EPIC-100 videos
@@ -350,10 +350,12 @@ def _timed_batches(step, batches: int) -> float:
 
 
 class CpuModel:
-    """ResNet50 as extract runs it on the CPU (batch 64, bf16 autocast, channels_last), on pre-made images."""
+    """ResNet50 as extract runs it on the CPU (batch 64, its CPU precision, channels_last), on pre-made images."""
 
     def __init__(self):
-        self.config = ExtractConfig(weights="random", device="cpu")
+        # extract resolves precision "auto" before it runs; do the same so both steps time what extract computes
+        cpu = torch.device("cpu")
+        self.config = ExtractConfig(weights="random", device="cpu", precision=resolve_precision("auto", cpu))
         self.device = torch.device("cpu")
         self.preprocess = preprocess_of(self.config)
         self.model = _prepare_model(create_backbone("random"), self.config, self.device)
@@ -368,7 +370,8 @@ class CpuModel:
 
     @torch.inference_mode()
     def forward_only(self) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = _AUTOCAST_DTYPES.get(self.config.precision)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             self.model(self.pixels)
 
     def seconds(self, step: str, threads: int) -> float:
@@ -802,7 +805,7 @@ def run_cpu_sections(args, settings: Settings, files: dict[str, Path], specs: di
          f"{model['extract_step_spare_threads_rows_per_s']:.1f}"]]))
 
     print("\n[4] end to end (CPU, fresh cache each run) ...", flush=True)
-    config = ExtractConfig(weights="random", device="cpu")  # defaults: fps 10, 256/224, bf16, decode workers -1
+    config = ExtractConfig(weights="random", device="cpu")  # defaults: fps 10, 256/224, precision auto (fp32 on CPU), decode workers -1
     e2e = measure_end_to_end(files, settings, args.workdir, config, cpu_model,
                              spare_threads=model["spare_threads"] if args.thread_variants else None)
     real = e2e.pop("extract_features")
@@ -813,7 +816,7 @@ def run_cpu_sections(args, settings: Settings, files: dict[str, Path], specs: di
         rows.append([name, f"{r['videos']} x {specs[r['file']].seconds:g} s", r["rows"], r["torch_threads"],
                      f"{r['seconds_total']:.1f}", f"{r['seconds_to_first_batch']:.1f}", f"{r['rows_per_s_total']:.1f}",
                      window, f"{r['steady_rows_per_s']:.1f}"])
-    print(f"      random weights, fps=10, resize 256 / crop 224, batch 64 bf16 channels_last, decode workers "
+    print(f"      random weights, fps=10, resize 256 / crop 224, batch 64, precision auto (fp32 on CPU), channels_last, decode workers "
           f"{_default_decode_workers()} (default), one run each; the video ids are links to one file;\n"
           "      steady = rows/s from the first model batch (after the workers' start-up) until the last rows that "
           "cannot have been\n      decoded ahead yet (prefetch); '(all)': run too short for that, the rest of the "

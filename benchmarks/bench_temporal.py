@@ -456,8 +456,10 @@ def print_cpu(cpu: dict, loader_rate: float, loader_seconds: float, loader_segme
     _row("end-to-end epoch, per segment (fp32)", f"{1000 * e2e['total_fp32']:.0f} ms",
          f"-> {e2e['total_fp32'] * n_segments / 3600:.1f} h per epoch of {n_segments:,}")
     _row("per-epoch speed-up of cached features", f"{speedup:,.0f}x", f"target >= 50x ({_verdict(speedup >= 50)})")
-    _row("  lower bound: bf16 backbone, fp32 BiLSTM", f"{speedup_bf16:,.0f}x",
-         f"target >= 50x ({_verdict(speedup_bf16 >= 50)})")
+    # bf16 autocast speeds the backbone up on GPUs and AMX CPUs but slows it down on CPUs without native bf16:
+    # the smaller of the two speed-ups is the one to hold against the target.
+    _row("  with a bf16 backbone, fp32 BiLSTM", f"{speedup_bf16:,.0f}x",
+         f"lower bound {min(speedup, speedup_bf16):,.0f}x: target >= 50x ({_verdict(min(speedup, speedup_bf16) >= 50)})")
 
 
 def print_gpu(gpu: dict, args) -> None:

@@ -7,6 +7,11 @@
     3. train      a 1-frame baseline and the seed's 16- and 32-frame BiLSTMs on the cached features
     4. evaluate   each model and the 16+32 ensemble on validation with the official EPIC-100 metrics
     5. submit     the ensemble's test-split submission zip
+    6. deploy     predict over one validation video (rolling window, timeline + annotated MP4) and export the
+                  longest model to ONNX, checked against PyTorch with onnxruntime
+
+``finetune`` is not part of the demo: end to end on decoded clips it runs at about one clip per second on a
+2-core CPU, minutes per epoch even here; it is the GPU pass that follows stage two.
 
 Every stage resumes: run it again and finished work (data, features, trained epochs) is reused. Nothing here is a
 shortcut of the real commands: each stage calls the same function as its CLI command, with smaller settings
@@ -57,11 +62,16 @@ class DemoResult:
     submission: Path
     metrics: dict[str, dict[str, float]]  # model name -> official metrics
     seconds: dict[str, float]  # stage -> wall seconds
+    deploy: Path  # predict's timeline and annotated MP4, the ONNX export
+    predict_fps: float  # frames per second predict sustained over the whole video
+    onnx_max_abs_diff: dict[str, float]  # exported model -> max |onnxruntime - PyTorch| logit
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run every stage of the pipeline on synthetic data (see the module docstring); returns where everything is."""
+    from epicfeat.data.annotations import EpicAnnotations
     from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+    from epicfeat.data.videos import find_videos
     from epicfeat.evaluate import EvaluateConfig, SubmitConfig, evaluate, submit
     from epicfeat.extract import ExtractConfig, extract_features, print_summary
     from epicfeat.temporal.train import TrainTemporalConfig, train_temporal
@@ -72,11 +82,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
     seconds: dict[str, float] = {}
     say = _Stages(config.progress, seconds)
 
-    with say("1/5 generate the synthetic EPIC-100 dataset"):
+    with say("generate", "1/6 generate the synthetic EPIC-100 dataset"):
         spec = SyntheticSpec.tiny() if config.dataset == "tiny" else SyntheticSpec()
         dataset = generate_synthetic_dataset(out / "data", seed=config.seed, spec=spec)
 
-    with say("2/5 extract ResNet50 features of every video (random weights)"):
+    with say("extract", "2/6 extract ResNet50 features of every video (random weights)"):
         summary = extract_features(ExtractConfig(
             split="all", videos=dataset.videos, annotations=dataset.annotations, cache=out / "cache",
             weights="random", seed=config.seed, fps=config.fps, resize=config.resize, crop=config.crop,
@@ -92,7 +102,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
     checkpoints: dict[int, Path] = {}
     for frames in config.frames:
-        with say(f"3/5 train the {frames}-frame temporal model" + (" (single-frame baseline)" if frames == 1 else "")):
+        with say("train", f"3/6 train the {frames}-frame temporal model" + (" (single-frame baseline)" if frames == 1 else "")):
             run = out / "runs" / f"temporal_{frames}f"
             result = train_temporal(TrainTemporalConfig(
                 annotations=dataset.annotations, cache=out / "cache", feature_set=summary.store.name, out=run,
@@ -110,18 +120,34 @@ def run_demo(config: DemoConfig) -> DemoResult:
     common = dict(annotations=dataset.annotations, cache=out / "cache", feature_set=summary.store.name,
                   device=config.device)
     metrics: dict[str, dict[str, float]] = {}
-    with say("4/5 evaluate every model and the ensemble on validation"):
+    with say("evaluate", "4/6 evaluate every model and the ensemble on validation"):
         for name, paths in evaluations.items():
             evaluation = out / "runs" / "evaluate" / name.replace(" ", "_").replace("+", "_")
             metrics[name] = evaluate(EvaluateConfig(checkpoints=tuple(paths), out=evaluation, progress=False,
                                                     **common)).metrics
 
-    with say("5/5 write the test-split submission of the ensemble"):
+    with say("submit", "5/6 write the test-split submission of the ensemble"):
         submission = submit(SubmitConfig(checkpoints=tuple(ensemble or checkpoints.values()),
                                           out=out / "runs" / "submit", progress=config.progress, **common))
 
+    with say("deploy", "6/6 predict over a validation video and export to ONNX"):
+        from epicfeat.export import ExportConfig, export
+        from epicfeat.predict import PredictConfig, predict
+
+        longest = checkpoints[max(config.frames)]
+        video_id = EpicAnnotations(dataset.annotations).segments("validation")["video_id"].iloc[0]
+        deploy = out / "runs" / "deploy"
+        predicted = predict(PredictConfig(
+            source=str(find_videos(dataset.videos, [video_id]).found[video_id]), checkpoint=longest, seed=config.seed,
+            timeline=deploy / f"{video_id}_timeline.csv", video_out=deploy / f"{video_id}_annotated.mp4",
+            device=config.device, progress=False,
+        ))
+        exported = export(ExportConfig(checkpoint=longest, format="onnx", out=deploy / "onnx", seed=config.seed))
+
     result = DemoResult(out=out, dataset=dataset.root, feature_set=summary.store, checkpoints=checkpoints,
-                        evaluation=evaluation, submission=submission.submission_zip, metrics=metrics, seconds=seconds)
+                        evaluation=evaluation, submission=submission.submission_zip, metrics=metrics, seconds=seconds,
+                        deploy=deploy, predict_fps=predicted.frames_per_second,
+                        onnx_max_abs_diff={check.model: check.max_abs_diff for check in exported.checks})
     if config.progress:
         print_demo_summary(result)
     return result
@@ -154,30 +180,32 @@ def print_demo_summary(result: DemoResult) -> None:
         artefacts.add_row(f"{frames}-frame model", f"{path}  (plots and metrics.csv beside it)")
     artefacts.add_row("evaluation", f"{result.evaluation}  (metrics.json, metrics.md, per_class.png, results_validation.pkl)")
     artefacts.add_row("submission", str(result.submission))
+    checks = ", ".join(f"{name} {diff:.1e}" for name, diff in result.onnx_max_abs_diff.items())
+    artefacts.add_row("deployment", f"{result.deploy}  (timeline, annotated MP4 at {result.predict_fps:.1f} frames/s; "
+                                    f"ONNX max |diff| vs PyTorch: {checks})")
     artefacts.add_row("time", ", ".join(f"{stage} {s:.0f} s" for stage, s in result.seconds.items()))
     console.print(artefacts)
 
 
 class _Stages:
-    """``with stages("name"):`` prints a header and records the stage's wall time."""
+    """``with stages("train", "3/6 train ..."):`` prints the title and adds the wall time to ``seconds["train"]``."""
 
     def __init__(self, enabled: bool, seconds: dict[str, float]):
         self.enabled, self.seconds = enabled, seconds
 
-    def __call__(self, name: str):
-        self.name = name
+    def __call__(self, key: str, title: str):
+        self.key, self.title = key, title
         return self
 
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
 
-            Console().rule(f"[bold]{self.name}")
+            Console().rule(f"[bold]{self.title}")
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        key = self.name.split(" ", 2)[1]  # "3/5 train the 16-frame ..." -> "train"
-        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self.started
+        self.seconds[self.key] = self.seconds.get(self.key, 0.0) + time.perf_counter() - self.started
         return False
 

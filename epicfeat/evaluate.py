@@ -411,6 +411,7 @@ def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, nou
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
     for row, (task, keys, accuracy, counts, confused) in enumerate(tasks):
@@ -427,6 +428,7 @@ def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, nou
         ax.barh(range(len(confused)), [count for _, _, count in confused][::-1], color="tab:red")
         ax.set_yticks(range(len(confused)), labels, fontsize=8)
         ax.set_xlabel("segments")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.25-segment ticks
         ax.set_title(f"{task}: most confused (true -> predicted)")
     fig.tight_layout()
     plot = out / "per_class.png"

@@ -411,7 +411,7 @@ def _features(
     pixels = preprocess.normalize(pixels)  # (B, 3, H, W) float32
     if config.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    dtype = _AUTOCAST_DTYPES.get(config.precision)
+    dtype = _AUTOCAST_DTYPES.get(resolve_precision(config.precision, device))  # extract_features resolved it
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         features = model(pixels)  # (B, 2048)
     return features.float().cpu().numpy().astype(np.float16)

@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +59,12 @@ from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess
 from epicfeat.temporal.checkpoint import (
-    FORMAT,
-    FORMAT_VERSION,
     Checkpoint,
     capture_rng_state,
     feature_set_key_of,
     load_checkpoint,
     restore_rng_state,
+    save_checkpoint,
 )
 from epicfeat.temporal.model import TemporalModel
 from epicfeat.temporal.train import (
@@ -699,47 +697,25 @@ def save_finetune_checkpoint(
     weights renamed ``file:<this file's name>`` (what ``create_backbone(weights=PATH)`` names it) and the hash of
     the fine-tuned weights. ``finetune`` records where the run started. Written atomically like ``save_checkpoint``.
     """
-    from epicfeat import __version__
-
     path = Path(path)
     backbone_state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
     sha = weights_identity(model.backbone)
     feature_set = {**start.checkpoint.feature_set, "weights": f"file:{path.name}", "weights_sha": sha}
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "epicfeat_version": __version__,
-        "model": {k: v.detach().cpu() for k, v in model.temporal.state_dict().items()},
-        "model_args": start.checkpoint.model_args.to_dict(),
-        "config": dict(config),
-        "verb_classes": list(start.checkpoint.verb_classes),
-        "noun_classes": list(start.checkpoint.noun_classes),
-        "feature_set": feature_set,
-        "feature_set_key": feature_set_key_of(feature_set),
-        "epoch": int(epoch),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "history": [dict(row) for row in history],
-        "training_state": dict(training_state) if training_state is not None else None,
-        "backbone": backbone_state,
-        "finetune": {
-            "start_checkpoint": str(start.checkpoint.path),
-            "start_feature_set": dict(start.checkpoint.feature_set),
-            "start_feature_set_key": start.checkpoint.feature_set_key,
-            "start_metrics": {k: float(v) for k, v in start_metrics.items()},
+    return save_checkpoint(
+        path, model=model.temporal, model_args=start.checkpoint.model_args, config=config,
+        verb_classes=start.checkpoint.verb_classes, noun_classes=start.checkpoint.noun_classes,
+        feature_set=feature_set, feature_set_key=feature_set_key_of(feature_set), epoch=epoch, metrics=metrics,
+        history=history, training_state=training_state,
+        extra={
+            "backbone": backbone_state,
+            "finetune": {
+                "start_checkpoint": str(start.checkpoint.path),
+                "start_feature_set": dict(start.checkpoint.feature_set),
+                "start_feature_set_key": start.checkpoint.feature_set_key,
+                "start_metrics": {k: float(v) for k, v in start_metrics.items()},
+            },
         },
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    )
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import tempfile
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from epicfeat.config import atomic_write
 from epicfeat.errors import EpicfeatError
 
 __all__ = [
@@ -60,23 +59,6 @@ class EnsembleError(EpicfeatError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _named(ids: Sequence[str]) -> str:
     """'a, b, c' or 'a, b, c, d, e and 7 more'."""
     shown = ", ".join(str(i) for i in ids[:_SHOWN])
@@ -149,7 +131,7 @@ def write_results_pickle(path: str | Path, verb_logits, noun_logits, narration_i
                               f"{_named(ids[bad].tolist())}. Check the checkpoint; nothing was written.")
     results = {"verb_output": np.ascontiguousarray(verbs), "noun_output": np.ascontiguousarray(nouns),
                "narration_id": ids}
-    return _atomic_write(path, lambda f: pickle.dump(results, f, protocol=PICKLE_PROTOCOL))
+    return atomic_write(path, lambda f: pickle.dump(results, f, protocol=PICKLE_PROTOCOL))
 
 
 # ----------------------------------------------------------------------------------------------- submission
@@ -253,7 +235,7 @@ def write_submission_zip(path: str | Path, submission: dict) -> Path:
         with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=5) as archive:
             archive.writestr(SUBMISSION_MEMBER, text)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------- ensembles

@@ -29,6 +29,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         submission = json.loads(archive.read("test.json"))
     assert list(submission["results"]) == annotations.segments("test")["narration_id"].tolist()
     assert (config.out / "config.yaml").is_file()
+    timeline = next(result.deploy.glob("*_timeline.csv")).read_text().splitlines()
+    assert len(timeline) > 1 and result.predict_fps > 0
+    assert set(result.onnx_max_abs_diff) == {"temporal_head", "full_model"}
+    assert all(diff < 2e-3 for diff in result.onnx_max_abs_diff.values())
 
     # a second run reuses the dataset, the features and the finished training runs
     before = {path: path.stat().st_mtime_ns for path in result.checkpoints.values()}

@@ -18,12 +18,7 @@ T, CROP = 4, 56
 VERBS, NOUNS = ("take", "put", "open"), ("cup", "knife", "tap", "plate")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

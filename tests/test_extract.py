@@ -1,6 +1,4 @@
 """Stage one end to end on tiny generated videos: rows, features, resume after SIGKILL, bad input, dask."""
-import json
-import os
 import signal
 import subprocess
 import sys

@@ -31,13 +31,7 @@ FRAMES = 4
 RESIZE, CROP = 72, 64  # tiny frames: a ResNet50 step on 64x64 clips takes well under a second on one core
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads only slows small models down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _extract(dataset, cache, split, weights="random"):

@@ -21,13 +21,7 @@ VERBS = ("take", "put", "open", "close", "wash", "cut")
 NOUNS = ("cup", "knife", "tap", "plate", "pan", "door", "bag")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only add spinning (see test_temporal_model)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _features(video: Path, backbone) -> tuple[torch.Tensor, np.ndarray]:

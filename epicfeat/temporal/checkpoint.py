@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from epicfeat.config import atomic_write
 from epicfeat.errors import EpicfeatError
 from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
 
@@ -78,11 +78,11 @@ def save_checkpoint(
     metrics: Mapping[str, float],
     history: list[Mapping[str, float]],
     training_state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then ``os.replace``.
-
-    A kill at any moment leaves either the previous file or the new one, never half of one.
-    """
+    """Write a checkpoint atomically (``epicfeat.config.atomic_write``): a kill at any moment leaves either the
+    previous file or the new one, never half of one. ``extra`` adds keys (``finetune`` stores its backbone there);
+    ``load_checkpoint`` reads the keys it knows and ignores the rest."""
     from epicfeat import __version__
 
     path = Path(path)
@@ -102,18 +102,8 @@ def save_checkpoint(
         "history": [dict(row) for row in history],
         "training_state": dict(training_state) if training_state is not None else None,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    payload.update(extra or {})
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Checkpoint:
