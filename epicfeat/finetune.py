@@ -502,7 +502,7 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
         start_metrics=start_metrics, skipped=skipped,
     )
     if config.progress and is_main:
-        print_summary(result, console=console)
+        print_summary(result, console=console, title="epicfeat finetune")
     return result
 
 

@@ -807,13 +807,13 @@ class _EpochProgress:
             self.console.print(f"early stop: no better validation action top-1 for {patience} epochs")
 
 
-def print_summary(result: TrainResult, *, console=None) -> None:
+def print_summary(result: TrainResult, *, console=None, title: str = "epicfeat train-temporal") -> None:
     """The end-of-run table: best epoch and its metrics, clamped / dropped segments, where everything went."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title="epicfeat train-temporal", show_header=False)
+    table = Table(title=title, show_header=False)
     table.add_row("epochs completed", f"{result.epochs_completed}" + (" (early stop)" if result.stopped_early else ""))
     table.add_row("best epoch", str(result.best_epoch))
     for name, value in result.best_metrics.items():
