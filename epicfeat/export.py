@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from epicfeat.config import atomic_write_text
+from epicfeat.config import atomic_write_text, save_config
 from epicfeat.errors import EpicfeatError
 from epicfeat.predict import backbone_for_checkpoint, preprocess_of, window_length
 from epicfeat.temporal.checkpoint import load_checkpoint
@@ -147,6 +147,7 @@ def export(config: ExportConfig) -> ExportResult:
     classes = out / "classes.json"
     atomic_write_text(classes, json.dumps(_metadata(checkpoint, inputs, result), indent=1) + "\n")
     result.files.append(classes)
+    save_config(config, out / "config.yaml")  # the resolved config: `epicfeat export --config` redoes this export
     return result
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from epicfeat.backbone import create_backbone
-from epicfeat.config import atomic_write_text
+from epicfeat.config import atomic_write_text, save_config
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, VideoError, iter_frames, resize_and_crop
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
@@ -478,6 +478,8 @@ def predict(config: PredictConfig) -> PredictResult:
                 "feature_set": checkpoint.feature_set_key, "window": window, "stride": config.stride,
                 "fps_sampled": fps}
         write_timeline(Path(config.timeline), result, meta)
+        # the resolved config beside the timeline: `epicfeat predict --config` redoes this run
+        save_config(config, Path(config.timeline).with_suffix(".config.yaml"))
     return result
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from epicfeat.backbone import create_backbone
+from epicfeat.config import resolve_config
 from epicfeat.export import TOLERANCE, ExportConfig, ExportError, export
 from epicfeat.predict import PredictError
 from epicfeat.store import FeatureSetIdentity
@@ -40,8 +41,10 @@ def checkpoint(tmp_path_factory):
 
 
 def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
-    result = export(ExportConfig(checkpoint=checkpoint, format="onnx", out=tmp_path))
+    config = ExportConfig(checkpoint=checkpoint, format="onnx", out=tmp_path)
+    result = export(config)
     assert sorted(p.name for p in result.files) == ["classes.json", "full_model.onnx", "temporal_head.onnx"]
+    assert resolve_config(ExportConfig, config_file=tmp_path / "config.yaml") == config  # saved beside the models
     assert [(c.model, c.tolerance) for c in result.checks] == [("temporal_head", TOLERANCE["temporal_head"]),
                                                              ("full_model", TOLERANCE["full_model"])]
     assert all(0 <= c.max_abs_diff <= c.tolerance for c in result.checks)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from epicfeat.backbone import create_backbone
+from epicfeat.config import resolve_config
 from epicfeat.frames import Preprocess, VideoError, iter_frames
 from epicfeat.predict import PredictConfig, PredictError, predict
 from epicfeat.store import FeatureSetIdentity
@@ -93,8 +94,10 @@ def test_timeline_matches_direct_model_calls_on_the_same_windows(setup, tmp_path
 def test_csv_timeline_annotated_video_and_skip_frames(setup, tmp_path):
     video, checkpoint, features, _ = setup
     out_video, timeline = tmp_path / "annotated.mp4", tmp_path / "timeline.csv"
-    result = predict(PredictConfig(source=str(video), checkpoint=checkpoint, stride=2, skip_frames=1,
-                                   timeline=timeline, video_out=out_video, progress=False))
+    config = PredictConfig(source=str(video), checkpoint=checkpoint, stride=2, skip_frames=1, timeline=timeline,
+                           video_out=out_video, progress=False)
+    result = predict(config)
+    assert resolve_config(PredictConfig, config_file=tmp_path / "timeline.config.yaml") == config  # beside it
     # skip_frames=1 samples at 5 fps: half the 10 fps rows (targets k/5 s are every other 10 fps target).
     assert result.frames == (len(features) + 1) // 2
     with open(timeline, newline="") as f:
