@@ -380,7 +380,8 @@ def _print_table(rows: dict[str, dict[str, float]], *, title: str) -> None:
         table.add_column(label, justify="right")
     for name, metrics in rows.items():
         table.add_row(name, *(_cell(metrics, key) for _, key in TABLE_METRICS))
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 130)).print(table)  # 9 columns: never truncate a metric's name
 
 
 def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, noun_labels: np.ndarray,
