@@ -247,8 +247,9 @@ def _annotations(config: _ScoringConfig):
 
 
 def _load_members(config: _ScoringConfig, annotations) -> list[tuple[Path, Any]]:
-    """The checkpoints, refused when their class tables differ from the annotations' or their feature sets differ."""
-    from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
+    """The checkpoints, refused when their class tables differ from the annotations' (``_score`` checks that each
+    one was trained on the feature set it reads)."""
+    from epicfeat.temporal.checkpoint import load_checkpoint
 
     if not config.checkpoints:
         raise ScoringError("no checkpoint given: pass --checkpoint runs/temporal_16f/best.pt (repeat the option "
@@ -263,8 +264,6 @@ def _load_members(config: _ScoringConfig, annotations) -> list[tuple[Path, Any]]
                     f"from the one in {config.annotations} ({len(table)} classes): its scores would name the wrong "
                     "classes. Use the annotations the model was trained with, or a model trained on these."
                 )
-    for path, ckpt in members[1:]:
-        check_feature_set(ckpt, members[0][1].feature_set)  # an ensemble reads one feature set
     return members
 
 
@@ -278,7 +277,7 @@ def _score(config: _ScoringConfig, members: list[tuple[Path, Any]], annotations,
     first = members[0][1]
     store = open_feature_set(Path(config.cache), config.feature_set or first.feature_set_key)
     for _, ckpt in members:
-        check_feature_set(ckpt, store.identity)
+        check_feature_set(ckpt, store.identity)  # so an ensemble's members all read the same features
     segments = annotations.segments(split)
     packed = pack_split(store, segments, progress=config.progress)
     if len(packed) == 0:
@@ -288,10 +287,10 @@ def _score(config: _ScoringConfig, members: list[tuple[Path, Any]], annotations,
         )
     device = resolve_device(config.device)
     scored = []
-    for path, ckpt in members:
+    for name, (path, ckpt) in zip(_member_names([path for path, _ in members]), members):
         model = ckpt.create_model(device)
         verb, noun = score_split(model, packed, frames=_frames(ckpt), batch_size=config.batch_size, device=device)
-        scored.append((_member_name(path), verb.cpu().numpy(), noun.cpu().numpy()))  # (N, Cv), (N, Cn)
+        scored.append((name, verb.cpu().numpy(), noun.cpu().numpy()))  # (N, Cv), (N, Cn)
     weights = np.ones(len(members)) if config.ensemble_weights is None else np.asarray(config.ensemble_weights)
     if len(scored) == 1:
         verb, noun = scored[0][1], scored[0][2]
@@ -309,9 +308,11 @@ def _frames(checkpoint) -> int:
     return int(checkpoint.config["frames"])
 
 
-def _member_name(path: Path) -> str:
-    """runs/temporal_32f/best.pt -> temporal_32f/best.pt: short, and unique for the usual layout."""
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+def _member_names(paths: list[Path]) -> list[str]:
+    """runs/temporal_32f/best.pt -> temporal_32f/best.pt; a name that repeats gets its position (#2), so each
+    member keeps its own row of metrics."""
+    names = [f"{path.parent.name}/{path.name}" if path.parent.name else path.name for path in paths]
+    return [f"{name} #{i + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 
 
 def _supervision_levels(config: SubmitConfig, checkpoints: list) -> tuple[dict[str, int], dict[str, str]]:

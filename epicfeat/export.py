@@ -27,7 +27,8 @@ from torch import nn
 
 from epicfeat.config import atomic_write_text, save_config
 from epicfeat.errors import EpicfeatError
-from epicfeat.predict import backbone_for_checkpoint, preprocess_of, window_length
+from epicfeat.frames import Preprocess
+from epicfeat.predict import window_length
 from epicfeat.temporal.checkpoint import load_checkpoint
 
 Format = Literal["onnx", "torchscript", "coreml"]
@@ -93,9 +94,9 @@ def build_models(config: ExportConfig):
     checkpoint = load_checkpoint(config.checkpoint)
     feature_set = checkpoint.feature_set
     window = window_length(checkpoint)
-    preprocess = preprocess_of(feature_set)
+    preprocess = Preprocess.from_identity(feature_set)
     head = checkpoint.create_model()
-    backbone = backbone_for_checkpoint(checkpoint, config.weights, config.seed)
+    backbone = checkpoint.create_backbone(config.weights, seed=config.seed)
     full = FullModel(backbone, head, preprocess.mean, preprocess.std,
                      getattr(torch, feature_set.get("dtype", "float16"))).eval()
     generator = torch.Generator().manual_seed(config.seed_inputs)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from epicfeat._clips import (
     normalize_clips,
     sample_clip_cutmix,
 )
-from epicfeat.backbone import ResNet50Features, WeightsError, create_backbone, weights_identity
+from epicfeat.backbone import ResNet50Features, weights_identity
 from epicfeat.config import ConfigError, config_to_dict, save_config
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
@@ -72,6 +71,7 @@ from epicfeat.temporal.train import (
     TrainResult,
     _console,
     _determinism,
+    EarlyStopping,
     _EpochProgress,
     _log_tensorboard,
     _seed_everything,
@@ -245,43 +245,9 @@ def load_start(config: FinetuneConfig) -> Start:
             f"{config.checkpoint}: its feature set kept every frame (fps=None), so clip times cannot be sampled on "
             "the same grid; train stage two on a feature set extracted with --fps (e.g. 10)"
         )
-    backbone = _start_backbone(config, checkpoint)
-    if backbone.weights_sha != identity.get("weights_sha"):
-        raise FinetuneError(
-            f"backbone weights {backbone.weights_name} (sha {backbone.weights_sha}) are not the ones feature set "
-            f"'{checkpoint.feature_set_key}' was extracted with ({identity.get('weights')}, sha "
-            f"{identity.get('weights_sha')}): the temporal model in {config.checkpoint} expects that backbone's "
-            "features. Pass --weights with the file or name the feature set was extracted with."
-        )
-    preprocess = Preprocess(resize=int(identity["resize"]), crop=int(identity["crop"]),
-                            mean=tuple(identity["mean"]), std=tuple(identity["std"]))
+    backbone = checkpoint.create_backbone(config.weights)  # the feature set's weights, hash checked
+    preprocess = Preprocess.from_identity(identity)
     return Start(checkpoint=checkpoint, backbone=backbone, preprocess=preprocess, fps=float(identity["fps"]))
-
-
-def _start_backbone(config: FinetuneConfig, checkpoint: Checkpoint) -> ResNet50Features:
-    """The backbone named by --weights, else by the feature set's identity (random-seedN, imagenet1k_v*, file:)."""
-    name = str(checkpoint.feature_set.get("weights", ""))
-    seed = int(name.removeprefix("random-seed")) if name.startswith("random-seed") and name[11:].isdigit() else 0
-    try:
-        if config.weights is not None:
-            return create_backbone(config.weights, seed=seed)
-        if name.startswith("random-seed"):
-            return create_backbone("random", seed=seed)
-        if name in ("imagenet1k_v1", "imagenet1k_v2"):
-            return create_backbone(name)
-        if name.startswith("file:") and _holds_backbone(checkpoint.path):
-            return create_backbone(str(checkpoint.path))  # a finetune checkpoint: its own backbone
-    except WeightsError as err:
-        raise FinetuneError(f"cannot load the backbone of feature set '{checkpoint.feature_set_key}': {err}") from None
-    raise FinetuneError(
-        f"feature set '{checkpoint.feature_set_key}' was extracted with weights {name!r}; pass the same file with "
-        "--weights PATH (it is checked against the feature set's weights hash)"
-    )
-
-
-def _holds_backbone(path: Path) -> bool:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(payload.get("backbone"), dict)
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -356,12 +322,11 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
 
         # --- resume: weights, optimiser, step, history, early-stopping state, RNG
         step, history, first_epoch = 0, [], 1
-        best_epoch, best_score, without_improvement, stopped_early = 0, -math.inf, 0, False
+        stopping = EarlyStopping(patience=config.patience, validated=data.validation is not None)
         start_metrics: dict[str, float] = {}
         rng_generator = torch.Generator()  # capture_rng_state wants one; the data order needs none (seeded per epoch)
         if config.resume:
             saved = load_checkpoint(last_path)
-            payload = torch.load(last_path, map_location="cpu", weights_only=True)
             _check_resume_config(saved.config, run_config, last_path)
             state = saved.training_state
             if state["scheduler"]["total_steps"] != schedule.total_steps:
@@ -371,14 +336,13 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
                     "with the same data, or start a new run in another --out"
                 )
             model.temporal.load_state_dict(saved.model_state)
-            model.backbone.load_state_dict(payload["backbone"])
+            model.backbone.load_state_dict(saved.extra["backbone"])
             optimizer.load_state_dict(state["optimizer"])
             step = state["scheduler"]["step"]
             history = [dict(row) for row in saved.history]
             first_epoch = saved.epoch + 1
-            best_epoch, best_score = state["best_epoch"], state["best_score"]
-            without_improvement, stopped_early = state["epochs_without_improvement"], state["stopped_early"]
-            start_metrics = dict(payload.get("finetune", {}).get("start_metrics", {}))
+            stopping.load(state)
+            start_metrics = dict(saved.extra.get("finetune", {}).get("start_metrics", {}))
             restore_rng_state(state["rng"], rng_generator)
             console.print(f"resuming {last_path} after epoch {saved.epoch} (step {step})")
         if is_main:
@@ -416,7 +380,7 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
         reported: set[str] = set()  # videos whose decoding problem was already printed
         try:
             for epoch in range(first_epoch, config.epochs + 1):
-                if stopped_early:
+                if stopping.stopped_early:
                     break
                 epoch_started = time.perf_counter()
                 first_step = step
@@ -445,15 +409,7 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
                 row["epoch_seconds"] = time.perf_counter() - epoch_started
                 history.append(row)
 
-                # Best by validation action top-1 (every rank has the same metrics, so all stop together).
-                score = row["all_action_accuracy_at_1"] if val_loader is not None else float(epoch)
-                improved = score > best_score
-                if improved:
-                    best_epoch, best_score, without_improvement = epoch, score, 0
-                else:
-                    without_improvement += 1
-                stopped_early = (val_loader is not None and config.patience > 0
-                                 and without_improvement >= config.patience)
+                improved = stopping.update(epoch, row)  # every rank has the same metrics: all stop together
                 if is_main:
                     fields = dict(model=model, start=start, config=run_config, epoch=epoch, metrics=row,
                                   history=history, start_metrics=start_metrics)
@@ -463,13 +419,12 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
                         "optimizer": optimizer.state_dict(),
                         "scheduler": {"step": step, **dataclasses.asdict(schedule)},
                         "rng": capture_rng_state(rng_generator),
-                        "best_epoch": best_epoch, "best_score": best_score,
-                        "epochs_without_improvement": without_improvement, "stopped_early": stopped_early,
+                        **stopping.state(),
                     }
                     save_finetune_checkpoint(last_path, **fields, training_state=training_state)
                     _write_csv(csv_path, history)
                     _log_tensorboard(tensorboard, row, schedule, first_step, step)
-                    _report(console, row, best_epoch, config, stopped_early)
+                    progress.report(row, stopping, details=_epoch_details(row))
                 for video_id in sorted(set(problems) - reported):
                     console.print(f"[yellow]skipped:[/] clips of {problems[video_id]}")
                 reported = set(problems)
@@ -493,11 +448,11 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
         steps = np.arange(step)
         plots = plot_training(history, out, lr_curve=(steps / steps_per_epoch, [schedule(int(s)) for s in steps]),
                               title=f"finetune {out.name}")
-    best_row = next((r for r in history if r["epoch"] == best_epoch), history[-1] if history else {})
+    best_row = next((r for r in history if r["epoch"] == stopping.best_epoch), history[-1] if history else {})
     result = FinetuneResult(
         out=out, best_checkpoint=best_path, last_checkpoint=last_path, metrics_csv=csv_path, plots=tuple(plots),
-        tensorboard=out / "tensorboard", best_epoch=best_epoch, best_metrics=dict(best_row),
-        epochs_completed=len(history), stopped_early=stopped_early, history=tuple(history),
+        tensorboard=out / "tensorboard", best_epoch=stopping.best_epoch, best_metrics=dict(best_row),
+        epochs_completed=len(history), stopped_early=stopping.stopped_early, history=tuple(history),
         pack_summary=data.summary, seconds=time.perf_counter() - started, notes=tuple(notes),
         start_metrics=start_metrics, skipped=skipped,
     )
@@ -826,19 +781,11 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
                             "with the run's own settings (its config.yaml), or start a new run in another --out")
 
 
-def _report(console, row: dict[str, float], best_epoch: int, config: FinetuneConfig, stopped_early: bool) -> None:
-    if not config.progress:
-        return
-    parts = [f"epoch {int(row['epoch'])}", f"train loss {row['train_loss']:.3f}"]
-    if "val_loss" in row:
-        parts += [f"val loss {row['val_loss']:.3f}", f"verb {row['all_verb_accuracy_at_1']:.1f}",
-                  f"noun {row['all_noun_accuracy_at_1']:.1f}", f"action {row['all_action_accuracy_at_1']:.1f}"]
-    parts += [f"{row['train_segments_per_s']:.1f} clips/s", f"data wait {row['data_wait_seconds']:.1f} s"]
+def _epoch_details(row: dict[str, float]) -> list[str]:
+    """What a fine-tuning epoch line adds to train-temporal's losses and accuracies."""
+    parts = [f"{row['train_segments_per_s']:.1f} clips/s", f"data wait {row['data_wait_seconds']:.1f} s"]
     if "peak_gpu_memory_gb" in row:
         parts.append(f"peak GPU {row['peak_gpu_memory_gb']:.1f} GiB")
     if row.get("train_skipped"):
         parts.append(f"{int(row['train_skipped'])} clips skipped")
-    marker = " [green]*best*[/]" if best_epoch == int(row["epoch"]) else ""
-    console.print("  ".join(parts) + marker, soft_wrap=True)
-    if stopped_early:
-        console.print(f"early stop: no better validation action top-1 for {config.patience} epochs")
+    return parts

@@ -64,6 +64,12 @@ class Preprocess:
                 f"preprocessing mean={self.mean}, std={self.std}: need three values each (R, G, B) and std > 0"
             )
 
+    @classmethod
+    def from_identity(cls, feature_set: dict) -> Preprocess:
+        """The preprocessing a feature set was extracted with (its identity dict), for finetune, predict, export."""
+        return cls(resize=int(feature_set["resize"]), crop=int(feature_set["crop"]),
+                   mean=tuple(feature_set["mean"]), std=tuple(feature_set["std"]))
+
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after resizing the shorter side to ``resize``; the longer side is truncated like
         torchvision's ``Resize(int)`` (640x360 -> 455x256)."""

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
-from epicfeat.backbone import create_backbone
 from epicfeat.config import atomic_write_text, save_config
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, VideoError, iter_frames, resize_and_crop
@@ -120,44 +118,6 @@ class PredictResult:
 
 
 # ------------------------------------------------------------------------------------------------ model setup
-def backbone_for_checkpoint(checkpoint: Checkpoint, weights: str | None, seed: int) -> torch.nn.Module:
-    """The ResNet50 whose features the checkpoint was trained on, or a PredictError saying what does not match."""
-    feature_set = checkpoint.feature_set
-    recorded = str(feature_set.get("weights", ""))
-    if weights is None:
-        random_seed = re.fullmatch(r"random-seed(\d+)", recorded)
-        if random_seed:
-            weights, seed = "random", int(random_seed.group(1))
-        elif recorded in ("imagenet1k_v1", "imagenet1k_v2"):
-            weights = recorded
-        elif recorded.startswith("file:") and _holds_backbone(checkpoint.path):
-            weights = str(checkpoint.path)  # a finetune checkpoint carries its own fine-tuned backbone
-        else:
-            raise PredictError(
-                f"checkpoint {checkpoint.path} was trained on features of backbone weights {recorded!r}; pass "
-                "--weights PATH with that weights file (the one given to `epicfeat extract`)"
-            )
-    backbone = create_backbone(weights, seed=seed)
-    if backbone.weights_sha != feature_set.get("weights_sha"):
-        raise PredictError(
-            f"--weights {weights} (seed {seed}) gives backbone {backbone.weights_name} with hash "
-            f"{backbone.weights_sha}, but checkpoint {checkpoint.path} was trained on features of {recorded!r} "
-            f"(hash {feature_set.get('weights_sha')}); its scores would be meaningless on other features. Pass the "
-            "weights used by `epicfeat extract` for that feature set (or omit --weights to derive them)"
-        )
-    return backbone
-
-
-def _holds_backbone(path: Path) -> bool:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(payload.get("backbone"), dict)
-
-
-def preprocess_of(feature_set: dict) -> Preprocess:
-    return Preprocess(resize=int(feature_set["resize"]), crop=int(feature_set["crop"]),
-                      mean=tuple(feature_set["mean"]), std=tuple(feature_set["std"]))
-
-
 def window_length(checkpoint: Checkpoint) -> int:
     """T: rows per training segment (train-temporal's ``frames``)."""
     frames = checkpoint.config.get("frames")
@@ -407,7 +367,7 @@ def predict(config: PredictConfig) -> PredictResult:
         notes.append(f"backbone precision {precision} differs from the feature set's "
                      f"{feature_set.get('precision')}: features differ slightly from the training features")
     encoder = FrameEncoder(
-        backbone_for_checkpoint(checkpoint, config.weights, config.seed), preprocess_of(feature_set), device,
+        checkpoint.create_backbone(config.weights, seed=config.seed), Preprocess.from_identity(feature_set), device,
         precision=precision, feature_dtype=feature_set.get("dtype", "float16"),
         channels_last=config.channels_last, compile=config.compile,
     )

@@ -236,3 +236,12 @@ def test_cli_evaluates_an_ensemble_and_explains_bad_input(trained, tmp_path):
     assert [m["weight"] for m in json.loads((out / "metrics.json").read_text())["members"]] == [0.25, 0.75]
     bad = subprocess.run(base + ["--checkpoint", str(tmp_path / "absent.pt")], capture_output=True, text=True)
     assert bad.returncode == 2 and "absent.pt does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_members_named_alike_keep_their_own_rows():
+    from pathlib import Path
+
+    from epicfeat.evaluate import _member_names
+
+    paths = [Path("runs/a/best.pt"), Path("runs/a/best.pt"), Path("other/b/best.pt")]
+    assert _member_names(paths) == ["a/best.pt #1", "a/best.pt #2", "b/best.pt"]

@@ -7,10 +7,9 @@ import onnxruntime
 import pytest
 import torch
 
-from epicfeat.backbone import create_backbone
+from epicfeat.backbone import WeightsError, create_backbone
 from epicfeat.config import resolve_config
 from epicfeat.export import TOLERANCE, ExportConfig, ExportError, export
-from epicfeat.predict import PredictError
 from epicfeat.store import FeatureSetIdentity
 from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
@@ -87,7 +86,7 @@ def test_clear_errors(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` fail, installed or not
     with pytest.raises(ExportError, match="pip install coremltools"):
         export(ExportConfig(checkpoint=checkpoint, format="coreml", out=tmp_path))
-    with pytest.raises(PredictError, match="hash"):
+    with pytest.raises(WeightsError, match="hash"):
         export(ExportConfig(checkpoint=checkpoint, weights="random", seed=3, out=tmp_path))
     with pytest.raises(Exception, match="does not exist"):
         export(ExportConfig(checkpoint=tmp_path / "nope.pt", out=tmp_path))

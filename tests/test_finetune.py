@@ -17,7 +17,7 @@ from epicfeat._clips import (
     sample_clip_cutmix,
     sample_clip_times,
 )
-from epicfeat.backbone import create_backbone
+from epicfeat.backbone import WeightsError, create_backbone
 from epicfeat.data.annotations import EpicAnnotations
 from epicfeat.extract import ExtractConfig, extract_features
 from epicfeat.finetune import ClipModel, FinetuneConfig, FinetuneError, _load_data, finetune, load_start
@@ -341,7 +341,7 @@ def test_backbone_weights_other_than_the_feature_sets_are_refused(synthetic_data
     _, checkpoint_path = stage_two
     other = tmp_path / "other.pt"
     torch.save(create_backbone("random", seed=1).state_dict(), other)
-    with pytest.raises(FinetuneError, match="not the ones feature set .* was extracted with"):
+    with pytest.raises(WeightsError, match="not the ones feature set .* was extracted with"):
         finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "ft", weights=str(other)))
     with pytest.raises(FinetuneError, match="--checkpoint"):
         finetune(_config(synthetic_dataset, None, tmp_path / "ft"))

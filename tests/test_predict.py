@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from epicfeat.backbone import create_backbone
+from epicfeat.backbone import WeightsError, create_backbone
 from epicfeat.config import resolve_config
 from epicfeat.frames import Preprocess, VideoError, iter_frames
 from epicfeat.predict import PredictConfig, PredictError, predict
@@ -120,7 +120,7 @@ def test_clear_errors(setup, tmp_path):
     video, checkpoint, _, _ = setup
     with pytest.raises(VideoError, match="file not found"):
         predict(PredictConfig(source=str(tmp_path / "missing.mp4"), checkpoint=checkpoint, progress=False))
-    with pytest.raises(PredictError, match="trained on features of 'random-seed0'"):
+    with pytest.raises(WeightsError, match="trained on features of 'random-seed0'"):
         predict(PredictConfig(source=str(video), checkpoint=checkpoint, weights="random", seed=1, progress=False))
     with pytest.raises(PredictError, match="must end in .csv or .json"):
         predict(PredictConfig(source=str(video), checkpoint=checkpoint, timeline=tmp_path / "t.txt"))
@@ -148,5 +148,5 @@ def test_finetune_checkpoint_uses_its_own_backbone(setup, tmp_path):
     torch.save(payload, tmp_path / "ft.pt")
     result = predict(PredictConfig(source=str(video), checkpoint=tmp_path / "ft.pt", max_seconds=1.5, progress=False))
     assert result.frames == 15 and len(result.predictions) == len(range(T - 1, 15, 4))
-    with pytest.raises(PredictError, match="hash"):  # the seed-0 backbone is not the one the head was tuned with
+    with pytest.raises(WeightsError, match="hash"):  # the seed-0 backbone is not the one the head was tuned with
         predict(PredictConfig(source=str(video), checkpoint=tmp_path / "ft.pt", weights="random", progress=False))

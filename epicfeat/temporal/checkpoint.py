@@ -21,7 +21,8 @@ import json
 import os
 import pickle
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +35,12 @@ from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_tem
 
 FORMAT = "epicfeat-temporal-checkpoint"
 FORMAT_VERSION = 1
+
+
+#: The keys save_checkpoint always writes; anything else in a file is kept in Checkpoint.extra.
+_KNOWN_KEYS = frozenset({"format", "format_version", "epicfeat_version", "model", "model_args", "config",
+                         "verb_classes", "noun_classes", "feature_set", "feature_set_key", "epoch", "metrics",
+                         "history", "training_state"})
 
 
 class CheckpointError(EpicfeatError):
@@ -56,12 +63,51 @@ class Checkpoint:
     metrics: dict[str, float]
     history: list[dict[str, float]]
     training_state: dict[str, Any] | None  # None in best.pt
+    extra: dict[str, Any] = field(default_factory=dict)  # keys other writers added (finetune: backbone, finetune)
 
     def create_model(self, device: torch.device | str = "cpu") -> TemporalModel:
         """The trained model in eval mode, standardisation included."""
         model = create_temporal_model(self.model_args)
         model.load_state_dict(self.model_state)
         return model.to(device).eval()
+
+    def create_backbone(self, weights: str | None = None, *, seed: int | None = None):
+        """The ResNet50 whose features this model was trained on (``epicfeat.backbone.create_backbone``).
+
+        ``weights`` None derives them from the feature set's weights name: ``random-seedN``, ``imagenet1k_v1/v2``,
+        or, for a finetune checkpoint, the fine-tuned backbone it carries. ``seed`` (for ``weights="random"``)
+        None: N of ``random-seedN``.
+        Whatever the source, the weights must hash to the feature set's ``weights_sha``: a model scored on another
+        backbone's features gives meaningless numbers, so that is a WeightsError, never a warning.
+        """
+        from epicfeat.backbone import WeightsError, create_backbone
+
+        recorded = str(self.feature_set.get("weights", ""))
+        random_seed = re.fullmatch(r"random-seed(\d+)", recorded)
+        if seed is None:
+            seed = int(random_seed.group(1)) if random_seed else 0
+        if weights is None:
+            if random_seed:
+                weights, seed = "random", int(random_seed.group(1))
+            elif recorded in ("imagenet1k_v1", "imagenet1k_v2"):
+                weights = recorded
+            elif recorded.startswith("file:") and "backbone" in self.extra:
+                weights = str(self.path)  # a finetune checkpoint: its own fine-tuned backbone
+            else:
+                raise WeightsError(
+                    f"checkpoint {self.path} was trained on features of backbone weights {recorded!r}; pass "
+                    "--weights PATH with that weights file (the one given to `epicfeat extract`)"
+                )
+        backbone = create_backbone(weights, seed=seed)
+        if backbone.weights_sha != self.feature_set.get("weights_sha"):
+            raise WeightsError(
+                f"backbone weights {backbone.weights_name} (hash {backbone.weights_sha}) are not the ones feature set "
+                f"'{self.feature_set_key}' was extracted with ({recorded}, hash {self.feature_set.get('weights_sha')}): "
+                f"checkpoint {self.path} was trained on features of {recorded!r} and its scores would be meaningless on "
+                "other features. Pass --weights with the name or file that feature set was extracted with (or omit "
+                "--weights to derive them)."
+            )
+        return backbone
 
 
 def save_checkpoint(
@@ -146,6 +192,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
         metrics=payload["metrics"],
         history=payload["history"],
         training_state=payload["training_state"],
+        extra={key: value for key, value in payload.items() if key not in _KNOWN_KEYS},
     )
 
 

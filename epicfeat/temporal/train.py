@@ -281,7 +281,7 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
 
         # --- resume: weights, optimiser, schedule step, history, early-stopping counters and every RNG
         step, history, first_epoch = 0, [], 1
-        best_epoch, best_score, epochs_without_improvement, stopped_early = 0, -math.inf, 0, False
+        stopping = EarlyStopping(patience=config.patience, validated=val_split is not None)
         if config.resume:
             checkpoint = load_checkpoint(last_path)
             check_feature_set(checkpoint, data.feature_set)
@@ -299,8 +299,7 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
             step = state["scheduler"]["step"]
             history = [dict(row) for row in checkpoint.history]
             first_epoch = checkpoint.epoch + 1
-            best_epoch, best_score = state["best_epoch"], state["best_score"]
-            epochs_without_improvement, stopped_early = state["epochs_without_improvement"], state["stopped_early"]
+            stopping.load(state)
             restore_rng_state(state["rng"], generator)
             console.print(f"resuming {last_path} after epoch {checkpoint.epoch} (step {step})")
         save_config(dataclasses.replace(config, resume=False), out / "config.yaml")
@@ -326,7 +325,7 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
         progress = _EpochProgress(console, enabled=config.progress)
         try:
             for epoch in range(first_epoch, config.epochs + 1):
-                if stopped_early:
+                if stopping.stopped_early:
                     break
                 epoch_started = time.perf_counter()
                 first_step = step
@@ -351,16 +350,7 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
                 row["epoch_seconds"] = time.perf_counter() - epoch_started
                 history.append(row)
 
-                # Best by validation action top-1; without validation every epoch is the newest "best".
-                score = row["all_action_accuracy_at_1"] if val_on_device is not None else float(epoch)
-                improved = score > best_score
-                if improved:
-                    best_epoch, best_score, epochs_without_improvement = epoch, score, 0
-                else:
-                    epochs_without_improvement += 1
-                stopped_early = (
-                    val_on_device is not None and config.patience > 0 and epochs_without_improvement >= config.patience
-                )
+                improved = stopping.update(epoch, row)
 
                 checkpoint_fields = dict(
                     model=model, model_args=model_args, config=run_config,
@@ -374,15 +364,12 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
                     "optimizer": optimizer.state_dict(),
                     "scheduler": {"step": step, **dataclasses.asdict(schedule)},
                     "rng": capture_rng_state(generator),
-                    "best_epoch": best_epoch,
-                    "best_score": best_score,
-                    "epochs_without_improvement": epochs_without_improvement,
-                    "stopped_early": stopped_early,
+                    **stopping.state(),
                 }
                 save_checkpoint(last_path, **checkpoint_fields, training_state=training_state)
                 _write_csv(csv_path, history)
                 _log_tensorboard(tensorboard, row, schedule, first_step, step)
-                progress.report(row, best_epoch=best_epoch, stopped_early=stopped_early, patience=config.patience)
+                progress.report(row, stopping)
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
                     break
         finally:
@@ -395,7 +382,7 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
     plots = plot_training(
         history, out, lr_curve=(steps / steps_per_epoch, [schedule(int(s)) for s in steps]), title=out.name
     )
-    best_row = next((row for row in history if row["epoch"] == best_epoch), history[-1] if history else {})
+    best_row = next((row for row in history if row["epoch"] == stopping.best_epoch), history[-1] if history else {})
     result = TrainResult(
         out=out,
         best_checkpoint=best_path,
@@ -403,10 +390,10 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
         metrics_csv=csv_path,
         plots=tuple(plots),
         tensorboard=out / "tensorboard",
-        best_epoch=best_epoch,
+        best_epoch=stopping.best_epoch,
         best_metrics=dict(best_row),
         epochs_completed=len(history),
-        stopped_early=stopped_early,
+        stopped_early=stopping.stopped_early,
         history=tuple(history),
         pack_summary={name: dict(s.summary) for name, s in (("train", train_split), ("validation", val_split)) if s is not None},
         seconds=time.perf_counter() - started,
@@ -541,6 +528,41 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- schedule and time-span CutMix
+@dataclass
+class EarlyStopping:
+    """The best epoch by validation action top-1, and the stop after ``patience`` epochs without a better one.
+
+    Without validation (``train+validation`` runs) every epoch is the newest best and nothing stops early.
+    ``state()`` goes into last.pt's training_state and ``load()`` takes it back, so a resumed run decides the same.
+    """
+
+    patience: int  # 0: never stop early
+    validated: bool
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+
+    def update(self, epoch: int, row: dict[str, float]) -> bool:
+        """Record epoch ``epoch``'s metrics row; True when it is the new best."""
+        score = row["all_action_accuracy_at_1"] if self.validated else float(epoch)
+        improved = score > self.best_score
+        if improved:
+            self.best_epoch, self.best_score, self.epochs_without_improvement = epoch, score, 0
+        else:
+            self.epochs_without_improvement += 1
+        self.stopped_early = self.validated and self.patience > 0 and self.epochs_without_improvement >= self.patience
+        return improved
+
+    def state(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "best_score": self.best_score,
+                "epochs_without_improvement": self.epochs_without_improvement, "stopped_early": self.stopped_early}
+
+    def load(self, state: dict[str, Any]) -> None:
+        for name in ("best_epoch", "best_score", "epochs_without_improvement", "stopped_early"):
+            setattr(self, name, state[name])
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up to ``peak``, then cosine to ``min_lr``.
@@ -789,7 +811,8 @@ class _EpochProgress:
 
             yield advance
 
-    def report(self, row: dict[str, float], *, best_epoch: int, stopped_early: bool, patience: int) -> None:
+    def report(self, row: dict[str, float], stopping: EarlyStopping, details: list[str] | None = None) -> None:
+        """One line per epoch: losses and top-1 accuracies, then ``details`` (default: lr, speed, epoch time)."""
         if not self.enabled:
             return
         parts = [f"epoch {int(row['epoch'])}", f"train loss {row['train_loss']:.3f}"]
@@ -800,11 +823,12 @@ class _EpochProgress:
                 f"noun {row['all_noun_accuracy_at_1']:.1f}",
                 f"action {row['all_action_accuracy_at_1']:.1f}",
             ]
-        parts += [f"lr {row['lr']:.2e}", f"{row['train_segments_per_s']:,.0f} seg/s", f"{row['epoch_seconds']:.1f} s"]
-        marker = " [green]*best*[/]" if best_epoch == int(row["epoch"]) else ""
-        self.console.print("  ".join(parts) + marker, soft_wrap=True)
-        if stopped_early:
-            self.console.print(f"early stop: no better validation action top-1 for {patience} epochs")
+        if details is None:
+            details = [f"lr {row['lr']:.2e}", f"{row['train_segments_per_s']:,.0f} seg/s", f"{row['epoch_seconds']:.1f} s"]
+        marker = " [green]*best*[/]" if stopping.best_epoch == int(row["epoch"]) else ""
+        self.console.print("  ".join(parts + details) + marker, soft_wrap=True)
+        if stopping.stopped_early:
+            self.console.print(f"early stop: no better validation action top-1 for {stopping.patience} epochs")
 
 
 def print_summary(result: TrainResult, *, console=None, title: str = "epicfeat train-temporal") -> None:
