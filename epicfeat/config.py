@@ -33,6 +33,11 @@ class ConfigError(EpicfeatError, ValueError):
     """A config file or override that cannot be used; the message names the key and the source."""
 
 
+def option(default: Any, help: str, *, cli: bool = True) -> Any:
+    """A config field with the help text that ``--help`` shows; ``cli=False`` leaves it to recipes (YAML) only."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
+
+
 def resolve_config(
     cls: type[C],
     *,

@@ -22,34 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from epicfeat.config import ConfigError, save_config
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    out: Path = Path("demo_out")  # everything goes here: data/, cache/, runs/, config.yaml
-    seed: int = 0  # seeds the dataset, the random backbone and training
-    dataset: Literal["default", "tiny"] = "default"  # default: 18 videos, 6 min; tiny: 6 videos of ~4 s (tests)
-    # --- stage one (features): random weights, the seed's 10 rows/s, smaller crops than ImageNet's 224
-    fps: float = 10.0
-    resize: int = 128
-    crop: int = 112
-    precision: str = "fp32"  # backbone compute; bf16 is faster on recent CPUs, fp32 runs everywhere
-    # --- stage two (temporal models): the recipe, shrunk to a few hundred segments
-    frames: tuple[int, ...] = (1, 16, 32)  # 1 = a single-frame baseline; the ensemble uses the others
-    hidden: int = 128
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1.0e-3
-    warmup_epochs: float = 2.0
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.frames or min(self.frames) < 1:
-            raise ConfigError(f"frames must list positive sequence lengths, got {self.frames}")
+from epicfeat.config import save_config
+from epicfeat.configs import DemoConfig
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from epicfeat.config import ConfigError, atomic_write_text, save_config
+from epicfeat.config import atomic_write_text, save_config
+from epicfeat.configs import EvaluateConfig, ScoringConfig, SubmitConfig
 from epicfeat.errors import EpicfeatError
 
 # The metrics the summary table shows (all are in metrics.json), in the leaderboard's order.
@@ -45,52 +46,12 @@ TABLE_METRICS = (
 )
 
 # Supervision levels (https://github.com/epic-kitchens/SLS) that are true for models this tool trains.
-SLS_TL_FULL_TEMPORAL = 3  # trained on segment start/stop times and verb/noun labels
 SLS_TD = {"train": 3, "train+validation": 4}  # the full train split / train and validation
 SLS_PT_OF_WEIGHTS = {"random": 0, "imagenet1k_v1": 1, "imagenet1k_v2": 1}  # 0 none, 1 public image dataset
 
 
 class ScoringError(EpicfeatError):
     """A split that cannot be scored as asked; nothing was written. The message says what to do."""
-
-
-@dataclass(frozen=True)
-class _ScoringConfig:
-    checkpoints: tuple[Path, ...] = ()  # best.pt of train-temporal runs; several make an ensemble
-    ensemble_weights: tuple[float, ...] | None = None  # one per checkpoint (normalised); None: equal
-    ensemble_mode: Literal["probs", "logits"] = "probs"  # average probabilities (stored as log) or logits
-    annotations: Path | None = None  # folder with EPIC_100_*.csv
-    cache: Path = Path("cache")  # folder of feature sets
-    feature_set: str | None = None  # key under cache (or path); None: the checkpoints' own feature set
-    batch_size: int = 500  # segments per forward pass
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (scoring runs in fp32)
-    progress: bool = True  # progress bars and the summary table
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.ensemble_mode not in ("probs", "logits"):
-            raise ConfigError(f"ensemble_mode must be 'probs' or 'logits', got {self.ensemble_mode!r}")
-        if self.ensemble_weights is not None and len(self.ensemble_weights) != len(self.checkpoints):
-            raise ConfigError(f"ensemble_weights has {len(self.ensemble_weights)} values for "
-                              f"{len(self.checkpoints)} checkpoints; give one weight per --checkpoint")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig(_ScoringConfig):
-    split: Literal["validation", "train"] = "validation"  # a labelled split
-    out: Path = Path("runs/evaluate")  # metrics.json, metrics.md, results_<split>.pkl, per_class.csv, plots
-    allow_missing: bool = False  # score only the segments whose videos are in the feature set (metrics then
-    #   cover a subset and are not comparable with the leaderboard; the count is reported)
-    top_confused: int = 10  # most confused (true, predicted) pairs listed and plotted per task
-
-
-@dataclass(frozen=True)
-class SubmitConfig(_ScoringConfig):
-    out: Path = Path("runs/submit")  # submission.zip, results_test.pkl, config.yaml
-    sls_pt: int | None = None  # pretraining level; None: from the feature set's weights (random 0, ImageNet 1)
-    sls_tl: int = SLS_TL_FULL_TEMPORAL  # training labels: 3 = full temporal supervision (start/stop + classes)
-    sls_td: int | None = None  # training data; None: from the checkpoints (3 = train, 4 = train+validation)
 
 
 @dataclass(frozen=True)
@@ -238,7 +199,7 @@ def submit(config: SubmitConfig) -> SubmitResult:
 
 
 # ------------------------------------------------------------------------------------------------- scoring
-def _annotations(config: _ScoringConfig):
+def _annotations(config: ScoringConfig):
     from epicfeat.data.annotations import EpicAnnotations
 
     if config.annotations is None:
@@ -246,7 +207,7 @@ def _annotations(config: _ScoringConfig):
     return EpicAnnotations(config.annotations)
 
 
-def _load_members(config: _ScoringConfig, annotations) -> list[tuple[Path, Any]]:
+def _load_members(config: ScoringConfig, annotations) -> list[tuple[Path, Any]]:
     """The checkpoints, refused when their class tables differ from the annotations' (``_score`` checks that each
     one was trained on the feature set it reads)."""
     from epicfeat.temporal.checkpoint import load_checkpoint
@@ -267,7 +228,7 @@ def _load_members(config: _ScoringConfig, annotations) -> list[tuple[Path, Any]]
     return members
 
 
-def _score(config: _ScoringConfig, members: list[tuple[Path, Any]], annotations, split: str) -> Scores:
+def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, split: str) -> Scores:
     from epicfeat.submission import ensemble
     from epicfeat.temporal.checkpoint import check_feature_set
     from epicfeat.temporal.data import pack_split

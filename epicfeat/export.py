@@ -19,19 +19,18 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from epicfeat.config import atomic_write_text, save_config
+from epicfeat.configs import ExportConfig
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess
 from epicfeat.predict import window_length
 from epicfeat.temporal.checkpoint import load_checkpoint
 
-Format = Literal["onnx", "torchscript", "coreml"]
 
 # Max |PyTorch - exported| logit difference accepted. The head alone is exact to float32 rounding (~1e-6). The full
 # model runs 50 conv layers whose kernels sum in a different order in each runtime (~1e-5 relative on features),
@@ -43,18 +42,6 @@ TOLERANCE = {"temporal_head": 1e-4, "full_model": 2e-3}
 
 class ExportError(EpicfeatError):
     """An export that cannot be done or does not reproduce the PyTorch model; the message says why."""
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    checkpoint: Path | None = None  # best.pt / last.pt of train-temporal
-    format: Format = "onnx"  # onnx | torchscript | coreml
-    out: Path = Path("exported")  # folder for the two models and classes.json
-    weights: str | None = None  # backbone weights of the full model; None: derived from the feature set (see predict)
-    seed: int = 0  # seed of --weights random
-    opset: int = 17  # ONNX opset
-    check: bool = True  # run each export on random inputs and compare with PyTorch
-    seed_inputs: int = 0  # seed of the random check inputs
 
 
 @dataclass(frozen=True)

@@ -21,53 +21,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from epicfeat import __version__
 from epicfeat.backbone import create_backbone
+from epicfeat.configs import ExtractConfig
 from epicfeat.devices import resolve_device, resolve_precision
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, VideoError, VideoMeta, iter_frames, probe_video
 from epicfeat.store import FeatureSetIdentity, FeatureStore
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 # Frames whose last pts falls this far short of where the annotations (or the container) say the video ends are
 # reported as truncated / too short instead of being cached as if complete.
 _END_TOLERANCE_S = 1.0
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    # what to extract
-    split: str = "train"  # train | validation | test | all (videos come from the annotation CSVs)
-    video_ids: tuple[str, ...] = ()  # explicit video ids instead of a split
-    videos: Path | None = None  # video root (<root>/P01/P01_01.MP4 or <root>/P01/videos/P01_01.MP4)
-    annotations: Path | None = None  # folder with EPIC_100_*.csv (needed for --split)
-    cache: Path = Path("cache")  # feature sets live in <cache>/<feature set key>/
-    # what defines the feature set (all of it goes into the feature set's identity)
-    weights: str = "imagenet"  # imagenet | imagenet1k_v1 | random | PATH (state dict or epicfeat checkpoint)
-    seed: int = 0  # seed of --weights random
-    fps: float | None = 10.0  # rows per second of video (None: every frame)
-    resize: int = 256  # shorter side before the centre crop
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    precision: Precision = "auto"  # backbone compute precision; auto: bf16 on a GPU, fp32 on a CPU (features
-    #   are stored as float16 either way; the resolved value is part of the feature set)
-    # how to run it (does not change the features)
-    batch_size: int = 64
-    decode_workers: int = -1  # DataLoader decode processes; -1: one per spare core (0: decode in this process)
-    decode_threads: int = 0  # codec threads per decoder (0: let FFmpeg choose)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the backbone (GPU; pays off on long runs)
-    scheduler: str | None = None  # dask scheduler address to join; "local" starts a LocalCluster
-    workers: int = 2  # LocalCluster workers when scheduler == "local"
-    progress: bool = True
 
 
 @dataclass(frozen=True)

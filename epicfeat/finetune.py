@@ -36,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ from epicfeat._clips import (
     sample_clip_cutmix,
 )
 from epicfeat.backbone import ResNet50Features, weights_identity
-from epicfeat.config import ConfigError, config_to_dict, save_config
+from epicfeat.config import config_to_dict, save_config
+from epicfeat.configs import FinetuneConfig
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess
@@ -84,80 +85,6 @@ from epicfeat.temporal.train import (
 
 class FinetuneError(EpicfeatError):
     """A fine-tuning run that cannot start or continue as asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    # --- where to start
-    checkpoint: Path | None = None  # best.pt / last.pt of a train-temporal (or finetune) run
-    weights: str | None = None  # backbone weights the checkpoint's feature set was extracted with: imagenet |
-    #   imagenet1k_v1 | random | PATH; None: read from the feature set's identity (a file needs its path here).
-    #   Whatever is given must hash to the feature set's weights_sha, else the run is refused.
-    # --- data
-    videos: Path | None = None  # video root (<root>/P01/P01_01.MP4 or <root>/P01/videos/P01_01.MP4)
-    annotations: Path | None = None  # folder with EPIC_100_*.csv
-    train_file: str = "EPIC_100_train.csv"
-    train_splits: Literal["train", "train+validation"] = "train"  # train+validation: no validation, no early stop
-    out: Path = Path("runs/finetune")
-    resume: bool = False  # continue the run in `out` from its last.pt
-    frames: int | None = None  # T frames per clip; None: the checkpoint's T
-    # --- what trains
-    trainable_stages: int = 2  # last ResNet stages (layer4, layer3, ...) that train: 0-4, 5 adds the stem
-    activation_checkpointing: bool = False  # recompute trainable stages in backward: less memory, ~30% slower
-    # --- augmentation (the seed's; identical for all T frames of a clip)
-    crop_scale: tuple[float, float] = (0.6, 1.0)  # RandomResizedCrop area range (output: the feature set's crop)
-    hflip: float = 0.5
-    color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    grayscale: float = 0.1
-    cutmix_alpha: float = 1.0  # CutMix with one box for the whole clip; 0 turns it off
-    # --- optimisation
-    epochs: int = 10
-    lr: float = 1.5e-4  # peak AdamW lr of the temporal model and heads
-    backbone_lr: float = 1.5e-5  # peak AdamW lr of the trainable backbone stages
-    min_lr: float = 0.0  # head lr at the end of the cosine (the backbone's scales with backbone_lr / lr)
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    batch_size: int = 32  # effective (global) batch: clips per optimiser step over all processes
-    micro_batch_size: int = 8  # clips per forward/backward in each process; gradients accumulate
-    patience: int = 3  # early stopping on validation action top-1 (0: never)
-    # --- evaluation
-    eval_batch_size: int = 8
-    eval_start: bool = True  # evaluate the starting model first (its metrics are the baseline to beat)
-    # --- how to run
-    num_workers: int = 8  # DataLoader decode processes per training process (0: decode in the main process)
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    precision: Literal["fp32", "bf16"] = "bf16"  # autocast on a GPU (the CPU computes in fp32)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.frames is not None and self.frames < 1:
-            raise ConfigError(f"frames must be >= 1, got {self.frames}")
-        if not 0 <= self.trainable_stages <= 5:
-            raise ConfigError(
-                f"trainable_stages must be 0..5 (4 ResNet stages, 5 adds the stem), got {self.trainable_stages}"
-            )
-        if self.lr <= 0 or self.backbone_lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(
-                f"need lr > 0, backbone_lr >= 0, 0 <= min_lr <= lr; got {self.lr}, {self.backbone_lr}, {self.min_lr}"
-            )
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ConfigError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
-        if not (0 <= self.hflip <= 1 and 0 <= self.grayscale <= 1):
-            raise ConfigError("hflip and grayscale are probabilities in [0, 1]")
-        if min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
-            raise ConfigError(f"color_jitter must be >= 0 with hue <= 0.5, got {self.color_jitter}")
-        if self.warmup_epochs < 0 or self.patience < 0 or self.cutmix_alpha < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_epochs, patience, cutmix_alpha and weight_decay must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass(frozen=True)

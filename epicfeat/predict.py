@@ -24,46 +24,23 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from epicfeat.config import atomic_write_text, save_config
+from epicfeat.configs import PredictConfig
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, VideoError, iter_frames, resize_and_crop
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 
-Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class PredictError(EpicfeatError):
     """A prediction run that cannot start: bad source, weights that do not match the checkpoint, bad option."""
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    source: str = ""  # video file, or a camera: index N (Linux: /dev/videoN via v4l2) or a /dev/videoN path
-    checkpoint: Path | None = None  # best.pt / last.pt of train-temporal
-    # Backbone weights; must hash to the checkpoint's weights_sha. None: derived from the feature set's weights
-    # name (imagenet1k_v1/v2, random-seedN, or a finetune checkpoint's own backbone); other files: give the path.
-    weights: str | None = None
-    seed: int = 0  # seed of --weights random
-    stride: int = 4  # sampled frames between predictions (1: a prediction for every frame)
-    skip_frames: int = 0  # sampled frames dropped after each kept one: backbone runs at fps / (skip + 1)
-    top_k: int = 5  # verbs, nouns and actions listed per prediction
-    timeline: Path | None = None  # .csv or .json timeline of predictions (None: no file)
-    video_out: Path | None = None  # annotated MP4 of the frames the model saw (None: no video)
-    max_seconds: float | None = None  # stop after this many seconds of source (a camera runs until Ctrl-C otherwise)
-    batch_size: int = 4  # frames per backbone call (1: lowest latency for a live camera)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision | None = None  # backbone autocast; None: the feature set's (what the model was trained on)
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the backbone (pays off on long GPU runs)
-    camera_format: str | None = None  # PyAV capture format for cameras; None: v4l2 on Linux, avfoundation on macOS
-    progress: bool = True
 
 
 @dataclass(frozen=True)

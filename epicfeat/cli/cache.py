@@ -1,5 +1,4 @@
 """``epicfeat cache info | verify | export``: look into, check and convert the feature sets under ``--cache``."""
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -7,18 +6,12 @@ import typer
 
 from epicfeat.cli import _options as opt
 from epicfeat.config import resolve_config
+from epicfeat.configs import CacheConfig
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Inspect, verify and export feature sets.")
 
 FeatureSetKey = Annotated[Optional[str], typer.Option("--set", help="Only this feature set: its key (folder name under --cache) or its folder.", show_default=False)]
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    # No --config flag: the only key is the folder, and an extract config passed by habit would be refused for
-    # its other keys. configs/cache.yaml, when a checkout has one, still sets the default.
-    cache: Path = Path("cache")  # folder holding one subfolder per feature set
 
 
 @app.command()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-POOLINGS = ("mean", "max", "last", "attention")
+from epicfeat.configs import POOLINGS  # one list, shared with the config
 
 
 @dataclass(frozen=True, kw_only=True)

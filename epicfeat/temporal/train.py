@@ -35,13 +35,14 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from epicfeat.config import ConfigError, atomic_write_text, config_to_dict, save_config
+from epicfeat.config import atomic_write_text, config_to_dict, save_config
+from epicfeat.configs import TrainTemporalConfig
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.temporal.checkpoint import (
@@ -52,75 +53,11 @@ from epicfeat.temporal.checkpoint import (
     save_checkpoint,
 )
 from epicfeat.temporal.data import PackedSplit, feature_stats, pack_split
-from epicfeat.temporal.model import POOLINGS, TemporalModel, TemporalModelArgs, create_temporal_model
+from epicfeat.temporal.model import TemporalModel, create_temporal_model
 
 
 class TrainError(EpicfeatError):
     """A training run that cannot start or continue as asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class TrainTemporalConfig:
-    # --- data
-    annotations: Path | None = None  # folder with EPIC_100_*.csv (class tables, segments, tail / unseen CSVs)
-    train_file: str = "EPIC_100_train.csv"  # train CSV in that folder (e.g. EPIC_100_uda_source_train.csv, a subset)
-    cache: Path = Path("cache")  # folder of feature sets (<cache>/<feature set key>/)
-    feature_set: str | None = None  # key (folder name under cache) or path of the feature set; None: the only one
-    train_splits: Literal["train", "train+validation"] = "train"  # train+validation: final model for the test
-    #   submission, trained on both labelled splits: no validation, no early stopping, best.pt = last epoch
-    out: Path = Path("runs/temporal")  # this run's folder: checkpoints, metrics.csv, plots, tensorboard/, config.yaml
-    resume: bool = False  # continue the run in `out` from its last.pt (same schedule, RNG and data order)
-    # --- sampling
-    frames: int = 16  # T rows per segment, TSN-style: a random row in each of T equal bins (train), bin centres (eval)
-    # --- model (TemporalModelArgs)
-    hidden: int = 512  # LSTM units per direction
-    layers: int = 2  # stacked BiLSTM layers
-    lstm_dropout: float = 0.3  # dropout between LSTM layers
-    dropout: float = 0.5  # dropout before the verb / noun heads
-    pooling: Literal["mean", "max", "last", "attention"] = "mean"  # temporal pooling of the BiLSTM outputs
-    # --- optimisation (the seed's recipe)
-    epochs: int = 50  # maximum epochs (the LR schedule spans all of them)
-    lr: float = 1.5e-4  # peak AdamW learning rate, reached at the end of the warm-up
-    min_lr: float = 0.0  # learning rate the cosine decays to at the last step
-    weight_decay: float = 1e-4  # AdamW (decoupled) weight decay
-    warmup_epochs: float = 3.0  # linear warm-up from lr / warmup_steps to lr, then cosine decay; set per step
-    label_smoothing: float = 0.1  # for both the verb and the noun cross-entropy
-    batch_size: int = 100  # effective batch: segments per optimiser step (capped at the train set's size)
-    micro_batch_size: int = 100  # segments per forward/backward; gradients of batch_size / micro_batch_size
-    #   micro-batches are accumulated before each step (lower it when a GPU runs out of memory)
-    cutmix_alpha: float = 1.0  # time-span CutMix in feature space (module docstring); 0 turns it off
-    patience: int = 10  # early stopping: stop after this many epochs without a better validation action top-1
-    #   (0: never stop early)
-    # --- evaluation
-    eval_batch_size: int = 500  # segments per forward pass during validation
-    # --- how to run (these do not change what is learned, except through floating-point order)
-    seed: int = 0  # seeds model init, dropout, shuffling, row sampling and CutMix
-    deterministic: bool = False  # torch.use_deterministic_algorithms(True) for the run (bit-exact CPU resume)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype on a GPU (the CPU always computes in fp32)
-    progress: bool = True  # rich progress bars, per-epoch lines and the summary table
-
-    def __post_init__(self) -> None:
-        positive = ("frames", "hidden", "layers", "epochs", "batch_size", "micro_batch_size", "eval_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.train_splits not in ("train", "train+validation"):
-            raise ConfigError(f"train_splits must be 'train' or 'train+validation', got {self.train_splits!r}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_epochs < 0 or self.patience < 0 or self.cutmix_alpha < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_epochs, patience, cutmix_alpha and weight_decay must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-
-    def model_args(self, *, input_dim: int, n_verbs: int, n_nouns: int) -> TemporalModelArgs:
-        return TemporalModelArgs(
-            input_dim=input_dim, hidden=self.hidden, layers=self.layers, lstm_dropout=self.lstm_dropout,
-            dropout=self.dropout, pooling=self.pooling, n_verbs=n_verbs, n_nouns=n_nouns,
-        )
 
 
 @dataclass(frozen=True)
