@@ -1,10 +1,9 @@
 """One frozen dataclass config per command, resolved in layers.
 
 Resolution order (later wins):
-  1. the dataclass field defaults (so Python callers need no YAML),
-  2. ``configs/<command>.yaml`` when the package runs from a checkout,
-  3. a ``--config FILE`` given by the user,
-  4. CLI flags that were actually given (``None`` means "not given").
+  1. the dataclass field defaults (``epicfeat/configs.py``: the one source of every default),
+  2. a ``--config FILE`` recipe given by the user (``configs/temporal_32f.yaml``, a run's saved ``config.yaml``),
+  3. CLI flags that were actually given (``None`` means "not given").
 
 Unknown keys are an error naming the key and the file, because a misspelt hyper-parameter that is silently
 ignored costs a researcher a whole training run. The resolved config is written beside every output.
@@ -23,9 +22,6 @@ import yaml
 
 from epicfeat.errors import EpicfeatError
 
-#: ``configs/`` at the repository root (the package lives in ``<root>/epicfeat``).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 C = TypeVar("C")
 
 
@@ -33,23 +29,24 @@ class ConfigError(EpicfeatError, ValueError):
     """A config file or override that cannot be used; the message names the key and the source."""
 
 
-def option(default: Any, help: str, *, cli: bool = True) -> Any:
-    """A config field with the help text that ``--help`` shows; ``cli=False`` leaves it to recipes (YAML) only."""
-    return dataclasses.field(default=default, metadata={"help": help, "cli": cli})
+def option(default: Any, help: str, *, cli: bool = True, flag: str | None = None) -> Any:
+    """A config field with the help text that ``--help`` shows.
+
+    ``cli=False`` leaves the field to recipes (YAML) only; ``flag`` names the option when the field's own name
+    reads badly on a command line (``checkpoints`` is given as ``--checkpoint A --checkpoint B``).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli, "flag": flag})
 
 
 def resolve_config(
     cls: type[C],
     *,
-    defaults: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> C:
-    """Build a ``cls`` from its defaults YAML (``configs/<defaults>.yaml``), a user file and CLI overrides."""
+    """Build a ``cls`` from its field defaults, a recipe file and CLI overrides (later wins)."""
     values: dict[str, Any] = {}
     sources: list[Path] = []
-    if defaults is not None and (CONFIG_DIR / f"{defaults}.yaml").is_file():
-        sources.append(CONFIG_DIR / f"{defaults}.yaml")
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():

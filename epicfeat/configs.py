@@ -34,7 +34,7 @@ class ExtractConfig:
     crop: int = option(224, 'Centre crop size (pixels).')
     mean: tuple[float, float, float] = option((0.485, 0.456, 0.406), 'Normalisation mean per RGB channel (ImageNet).', cli=False)
     std: tuple[float, float, float] = option((0.229, 0.224, 0.225), 'Normalisation std per RGB channel (ImageNet).', cli=False)
-    precision: Precision = option("auto", 'Backbone compute precision; auto: bf16 on a GPU, fp32 on a CPU. Features are stored as float16 either way; the resolved value is part of the feature set.')
+    precision: Precision = option("auto", 'Backbone compute precision; auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. Features are stored as float16 either way; the resolved value is part of the feature set.')
     # how to run it (does not change the features)
     batch_size: int = option(64, 'Frames per model batch.')
     decode_workers: int = option(-1, 'DataLoader decode processes; -1: one per spare core (0: decode in this process).')
@@ -43,7 +43,8 @@ class ExtractConfig:
     channels_last: bool = option(True, 'Channels-last memory layout for the backbone (faster convolutions).')
     compile: bool = option(False, 'torch.compile the backbone (GPU; pays off on long runs).')
     scheduler: str | None = option(None, 'Dask scheduler address to join; "local" starts a LocalCluster.')
-    workers: int = option(2, 'LocalCluster workers with --scheduler local.')
+    workers: int = option(2, 'LocalCluster workers with --scheduler local (SLURM jobs with --scheduler slurm).')
+    claim_lease_s: float = option(60.0, 'Seconds after which the claim of a writer that stopped renewing it (killed) is stale and its video is taken over by another extract sharing the cache.')
     progress: bool = option(True, 'Progress bars, per-stage lines and the summary table.')
 
 
@@ -82,7 +83,7 @@ class TrainTemporalConfig:
     seed: int = option(0, 'Seeds model init, dropout, shuffling, row sampling and CutMix.')
     deterministic: bool = option(False, 'Deterministic kernels for the run (bit-exact CPU resume).')
     device: str = option("auto", 'auto | cpu | cuda | cuda:N.')
-    precision: Literal["fp32", "bf16"] = option("bf16", 'Autocast dtype on a GPU (the CPU always computes in fp32).')
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option("auto", "What the BiLSTM computes in (explicit casts, fp32 master weights; fp16 with loss scaling); auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. The resolved value is recorded in the run's config and used by its validation and by evaluate.")
     progress: bool = option(True, 'Rich progress bars, per-epoch lines and the summary table.')
 
     def __post_init__(self) -> None:
@@ -112,14 +113,19 @@ class TrainTemporalConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    checkpoints: tuple[Path, ...] = option((), 'A train-temporal best.pt; repeat the option to ensemble several models.')
-    ensemble_weights: tuple[float, ...] | None = option(None, 'One per checkpoint (normalised); None: equal.')
+    checkpoints: tuple[Path, ...] = option(
+        (), 'A train-temporal best.pt; repeat the option to ensemble several models.', flag="--checkpoint"
+    )
+    ensemble_weights: tuple[float, ...] | None = option(
+        None, 'One weight per --checkpoint, in order (normalised). Default: equal weights.', flag="--ensemble-weight"
+    )
     ensemble_mode: Literal["probs", "logits"] = option("probs", 'Average probabilities (stored as log) or logits.')
     annotations: Path | None = option(None, 'Folder with EPIC_100_*.csv.')
     cache: Path = option(Path("cache"), 'Folder of feature sets.')
     feature_set: str | None = option(None, "Key under cache (or path); None: the checkpoints' own feature set.")
     batch_size: int = option(500, 'Segments per forward pass.')
-    device: str = option("auto", 'auto | cpu | cuda | cuda:N (scoring runs in fp32).')
+    device: str = option("auto", 'auto | cpu | cuda | cuda:N.')
+    precision: Literal["checkpoint", "fp32", "bf16", "fp16"] = option("checkpoint", "What each model's BiLSTM computes in; checkpoint: the precision it was trained and validated in (its config's).")
     progress: bool = option(True, 'Progress bars and the summary table.')
 
     def __post_init__(self) -> None:
@@ -157,6 +163,8 @@ class FinetuneConfig:
     videos: Path | None = option(None, 'Video root (<root>/P01/P01_01.MP4 or <root>/P01/videos/P01_01.MP4).')
     annotations: Path | None = option(None, 'Folder with EPIC_100_*.csv.')
     train_file: str = option("EPIC_100_train.csv", 'Train CSV in the annotations folder.')
+    cache: Path = option(Path("cache"), "Folder of feature sets: clips are decoded at the stored rows' times of the checkpoint's feature set (stage two's frames).")
+    feature_set: str | None = option(None, "Key under --cache (or path) of the checkpoint's feature set; None: the checkpoint's own key.")
     train_splits: Literal["train", "train+validation"] = option("train", 'train: validate and stop early; train+validation: no validation, no early stop.')
     out: Path = option(Path("runs/finetune"), "This run's folder: checkpoints, metrics.csv, plots, config.yaml.")
     resume: bool = option(False, 'Continue the run in --out from its last.pt.')
@@ -184,6 +192,8 @@ class FinetuneConfig:
     # --- evaluation
     eval_batch_size: int = option(8, 'Clips per forward pass during validation.')
     eval_start: bool = option(True, 'Evaluate the starting model first (its metrics are the baseline to beat).')
+    restandardize: bool = option(True, "Re-estimate the temporal model's input mean/std with the training backbone after every epoch (the head keeps seeing standardised features).")
+    stats_segments: int = option(512, 'Train segments (evenly spaced, bin-centre frames, centre crop) the re-estimated mean/std are measured on.')
     # --- how to run
     num_workers: int = option(8, 'DataLoader decode processes per training process (0: decode in the main process).')
     seed: int = option(0, 'Seeds init, augmentation, shuffling and CutMix.')
@@ -193,7 +203,7 @@ class FinetuneConfig:
     progress: bool = option(True, 'Progress bars, per-stage lines and the summary table.')
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "micro_batch_size", "eval_batch_size", "stats_segments"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.frames is not None and self.frames < 1:
@@ -222,17 +232,18 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    source: str = option("", 'Video file, or a camera: index N (Linux: /dev/videoN via v4l2) or a /dev/videoN path.')
+    source: str = option("", 'Video file, or a camera: index N (Linux: /dev/videoN via v4l2), a /dev/videoN path, or any FFmpeg input with --camera-format (e.g. --camera-format lavfi "testsrc2=size=640x360:rate=30,realtime", a synthetic camera).')
     checkpoint: Path | None = option(None, 'best.pt or last.pt of a train-temporal run.')
     weights: str | None = option(None, "Backbone weights; they must hash to the checkpoint's. Default: derived from the feature set (imagenet, random with its seed, or a finetune checkpoint's own backbone); other files: give the path.")
     seed: int = option(0, 'Seed of --weights random.')
     stride: int = option(4, 'Sampled frames between predictions (1: a prediction for every frame).')
+    window_seconds: float = option(2.0, "Seconds of stream each prediction sees; its T rows are sampled from them exactly as evaluate samples a segment of that length (bin centres), so a prediction equals evaluate's score for the segment [window_start, window_end). Default 2.0 s: the median EPIC-100 validation segment (1.96 s over 9,668 segments; 51 % are shorter, 24 % more than twice as long). Use T / fps (1.6 at T=16, 10 fps) for T consecutive rows.")
     skip_frames: int = option(0, 'Sampled frames dropped after each kept one: backbone runs at fps / (skip + 1).')
     top_k: int = option(5, 'Verbs, nouns and actions listed per prediction.')
-    timeline: Path | None = option(None, 'Write the timeline of predictions to this .csv or .json file.')
-    video_out: Path | None = option(None, 'Write an annotated MP4 of the frames the model saw.')
+    timeline: Path | None = option(None, 'Write the timeline of predictions to this .csv or .jsonl (JSON Lines) file, one line per prediction, flushed as it is made: the file is valid at any moment and a run that stops keeps every prediction so far.')
+    video_out: Path | None = option(None, 'Write an annotated MP4: the sampled source frames at their own size, the model\'s crop outlined, the latest prediction drawn on them (needs Pillow).')
     max_seconds: float | None = option(None, 'Stop after this many seconds of source (a camera otherwise runs until Ctrl-C).')
-    batch_size: int = option(4, 'Frames per backbone call (1: lowest latency for a live camera).')
+    batch_size: int | None = option(None, "Frames per backbone call. Default: for a file, the feature set's extract batch size (up to 64; short batches are padded as extract pads them, so features equal the stored ones bit for bit); for a camera 1, the lowest latency. A camera keeps at most this many captured frames waiting: when the model falls behind, the oldest are dropped (counted in the summary) rather than queued.")
     device: str = option("auto", 'auto | cpu | cuda | cuda:N.')
     precision: Literal["fp32", "bf16", "fp16"] | None = option(None, "Backbone compute precision. Default: the feature set's (what the model was trained on).")
     channels_last: bool = option(True, 'Channels-last memory layout for the backbone (faster convolutions).')
@@ -281,3 +292,12 @@ class DemoConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     cache: Path = option(Path("cache"), 'Folder holding one subfolder per feature set.')
+    feature_set: str | None = option(
+        None, 'Only this feature set: its key (folder name under --cache) or its folder.', flag="--set"
+    )
+
+
+@dataclass(frozen=True)
+class CacheExportConfig(CacheConfig):
+    out: Path | None = option(None, 'The file to write, e.g. features.h5.')
+    format: Literal["hdf5"] = option("hdf5", 'Output format.')

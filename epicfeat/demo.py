@@ -19,11 +19,12 @@ shortcut of the real commands: each stage calls the same function as its CLI com
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from epicfeat.config import save_config
+from epicfeat.config import atomic_write_text, save_config
 from epicfeat.configs import DemoConfig
 
 
@@ -123,9 +124,23 @@ def run_demo(config: DemoConfig) -> DemoResult:
                         evaluation=evaluation, submission=submission.submission_zip, metrics=metrics, seconds=seconds,
                         deploy=deploy, predict_fps=predicted.frames_per_second,
                         onnx_max_abs_diff={check.model: check.max_abs_diff for check in exported.checks})
+    write_results(result, out / "results.json")
     if config.progress:
         print_demo_summary(result)
     return result
+
+
+def write_results(result: DemoResult, path: Path) -> Path:
+    """``results.json``: every model's validation metrics and the stage times, for scripts (and CI) to check."""
+    summary = {
+        "metrics": result.metrics,
+        "seconds": result.seconds,
+        "predict_frames_per_second": result.predict_fps,
+        "onnx_max_abs_diff": result.onnx_max_abs_diff,
+        "checkpoints": {f"{frames}-frame": str(path) for frames, path in result.checkpoints.items()},
+        "submission": str(result.submission),
+    }
+    return atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
 
 
 def print_demo_summary(result: DemoResult) -> None:
@@ -176,7 +191,7 @@ class _Stages:
         if self.enabled:
             from rich.console import Console
 
-            Console().rule(f"[bold]{self.title}")
+            Console(stderr=True).rule(f"[bold]{self.title}")  # progress to stderr, results to stdout
         self.started = time.perf_counter()
         return self
 

@@ -1,12 +1,21 @@
-"""Config resolution: defaults < configs/<name>.yaml < --config file < flags; unknown keys are errors."""
+"""Config resolution: dataclass defaults < --config recipe < flags; unknown keys are errors."""
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from epicfeat import config as cfgmod
-from epicfeat.config import ConfigError, config_to_dict, from_dict, resolve_config, save_config
+from epicfeat import configs
+from epicfeat.config import (
+    ConfigError,
+    config_to_dict,
+    from_dict,
+    resolve_config,
+    save_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -20,12 +29,10 @@ class ToyConfig:
     deterministic: bool = False
 
 
-def test_layers_override_in_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(cfgmod, "CONFIG_DIR", tmp_path)
-    (tmp_path / "toy.yaml").write_text("lr: 1.5e-4\nframes: 32\nname: from-defaults\n")
+def test_layers_override_in_order(tmp_path):
     user = tmp_path / "user.yaml"
-    user.write_text("frames: 8\nmean: [0.1, 0.2, 0.3]\n")
-    cfg = resolve_config(ToyConfig, defaults="toy", config_file=user, overrides={"name": "flag", "lr": None})
+    user.write_text("lr: 1.5e-4\nframes: 8\nname: from-recipe\nmean: [0.1, 0.2, 0.3]\n")
+    cfg = resolve_config(ToyConfig, config_file=user, overrides={"name": "flag", "lr": None})
     # YAML 1.1 reads 1.5e-4 as a string: it must still come out a float
     assert cfg == ToyConfig(lr=1.5e-4, frames=8, name="flag", mean=(0.1, 0.2, 0.3))
     assert isinstance(cfg.lr, float) and isinstance(cfg.mean, tuple)
@@ -63,27 +70,36 @@ def test_saved_config_round_trips(tmp_path):
     assert not list(path.parent.glob(".*tmp"))  # the temp file of the atomic write is gone
 
 
-def test_every_shipped_config_file_is_valid():
+def test_every_shipped_recipe_is_valid():
     """Each YAML in configs/ must load into its command's dataclass: a stale key would break users' runs."""
-    import importlib
-
-    # configs/<stem>.yaml -> "module:ConfigClass" of the command that reads it
-    owners = {
-        "extract": "epicfeat.extract:ExtractConfig",
-        "train_temporal": "epicfeat.temporal.train:TrainTemporalConfig",
-        "temporal_16f": "epicfeat.temporal.train:TrainTemporalConfig",
-        "temporal_32f": "epicfeat.temporal.train:TrainTemporalConfig",
-        "evaluate": "epicfeat.evaluate:EvaluateConfig",
-        "submit": "epicfeat.evaluate:SubmitConfig",
-        "demo": "epicfeat.demo:DemoConfig",
-        "finetune": "epicfeat.finetune:FinetuneConfig",
-        "predict": "epicfeat.predict:PredictConfig",
-        "export": "epicfeat.export:ExportConfig",
-    }
-    files = sorted(cfgmod.CONFIG_DIR.glob("*.yaml"))
-    assert files, "configs/ holds no YAML files"
+    owners = {"temporal_16f": configs.TrainTemporalConfig, "temporal_32f": configs.TrainTemporalConfig,
+              "demo_tiny": configs.DemoConfig}
+    files = sorted((REPO / "configs").glob("*.yaml"))
+    assert {path.stem for path in files} == set(owners), "a recipe was added or removed: list it here"
     for path in files:
-        owner = owners.get(path.stem)
-        assert owner is not None, f"{path.name} has no known owning config class; add it to this test"
-        module, name = owner.split(":")
-        resolve_config(getattr(importlib.import_module(module), name), config_file=path)
+        resolve_config(owners[path.stem], config_file=path)
+
+
+def test_recipes_hold_only_their_differences():
+    """configs/ holds recipes, not copies of the defaults: a copied default would hide a change of the dataclass."""
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cls = {"demo_tiny": configs.DemoConfig}.get(path.stem, configs.TrainTemporalConfig)
+        recipe, defaults = resolve_config(cls, config_file=path), cls()
+        keys = set(yaml.safe_load(path.read_text())) - {"frames"}  # the key a 16f/32f recipe is named after stays
+        repeated = [key for key in sorted(keys) if getattr(recipe, key) == getattr(defaults, key)]
+        assert not repeated, f"{path.name} repeats defaults: {repeated}"
+
+
+def test_seed_recipes_differ_only_in_frames_and_out():
+    r16 = resolve_config(configs.TrainTemporalConfig, config_file=REPO / "configs" / "temporal_16f.yaml")
+    r32 = resolve_config(configs.TrainTemporalConfig, config_file=REPO / "configs" / "temporal_32f.yaml")
+    assert (r16.frames, r32.frames) == (16, 32)
+    assert dataclasses.replace(r16, frames=32, out=r32.out) == r32
+    assert r16.lr == 1.5e-4 and r16.batch_size == 100 and r16.hidden == 512 and r16.patience == 10
+
+
+def test_every_config_field_has_help():
+    for cls in vars(configs).values():
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")]
+            assert not missing, f"{cls.__name__} fields without help: {missing}"

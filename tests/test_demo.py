@@ -29,6 +29,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
         submission = json.loads(archive.read("test.json"))
     assert list(submission["results"]) == annotations.segments("test")["narration_id"].tolist()
     assert (config.out / "config.yaml").is_file()
+    saved_results = json.loads((config.out / "results.json").read_text())
+    assert json.dumps(saved_results["metrics"]) == json.dumps(result.metrics)
+    assert set(saved_results["checkpoints"]) == {"1-frame", "4-frame", "8-frame"}
     timeline = next(result.deploy.glob("*_timeline.csv")).read_text().splitlines()
     assert len(timeline) > 1 and result.predict_fps > 0
     assert set(result.onnx_max_abs_diff) == {"temporal_head", "full_model"}

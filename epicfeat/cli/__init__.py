@@ -1,8 +1,15 @@
-"""The ``epicfeat`` command line: one module per command, each a thin wrapper over one package function."""
+"""The ``epicfeat`` command line: one module per command, each a thin wrapper over one package function.
+
+Every user mistake ends in one line on stderr and exit 2, never a traceback: usage errors (unknown option, bad
+value, missing argument) from click, and ``EpicfeatError`` (missing file, bad config, ...) from the package.
+typer 0.26 and later bundle their own click (``typer._click``) instead of the ``click`` package, so usage errors
+are recognised by their class names, which both share, rather than by importing one of them.
+"""
 import sys
 
 import typer
 
+from epicfeat.cli._options import Interrupted
 from epicfeat.errors import EpicfeatError
 
 app = typer.Typer(
@@ -12,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: "<root>/P01" or "(default: x)" must print as written
 )
 
 
@@ -26,20 +34,45 @@ def main() -> None:
     try:
         exit_code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except EpicfeatError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: completed work is kept; re-run the same command to resume.", err=True)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        _fail(f"error: {err}")
+    except (Interrupted, KeyboardInterrupt):
+        _interrupted()
+    except Exception as err:
+        if _is_click(err, "Abort"):  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+            _interrupted()
+        if not _is_click(err, "ClickException"):
+            raise
+        _fail(f"error: {_usage_message(err)}\n{_usage_hint(err)}", code=getattr(err, "exit_code", 2))
     sys.exit(exit_code if isinstance(exit_code, int) else 0)
+
+
+def _interrupted() -> None:
+    typer.secho(f"interrupted: completed work is kept; {_resume_hint(sys.argv[1:])}", err=True)
+    sys.exit(130)
+
+
+def _resume_hint(args: list[str]) -> str:
+    # Training runs continue only when asked (a re-run without --resume refuses to overwrite the folder).
+    if args and args[0] in ("train-temporal", "finetune") and "--resume" not in args:
+        return "run the same command with --resume to continue from the last finished epoch."
+    return "re-run the same command to resume."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
+def _is_click(err: BaseException, name: str) -> bool:
+    return any(klass.__name__ == name for klass in type(err).__mro__)
+
+
+def _usage_message(err: Exception) -> str:
+    message = err.format_message() if hasattr(err, "format_message") else str(err)
+    return " ".join(message.split())  # one line, whatever click wrapped
+
+
+def _usage_hint(err: Exception) -> str:
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "epicfeat"
+    return f"Try '{command} --help' for the options and their defaults."

@@ -1,30 +1,21 @@
 """``epicfeat cache info | verify | export``: look into, check and convert the feature sets under ``--cache``."""
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
-from epicfeat.cli import _options as opt
-from epicfeat.config import resolve_config
-from epicfeat.configs import CacheConfig
+from epicfeat.cli._options import config_command
+from epicfeat.configs import CacheConfig, CacheExportConfig
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Inspect, verify and export feature sets.")
 
-FeatureSetKey = Annotated[Optional[str], typer.Option("--set", help="Only this feature set: its key (folder name under --cache) or its folder.", show_default=False)]
 
-
-@app.command()
-def info(cache: opt.Cache = None) -> None:
-    """One table per feature set: identity, videos complete / partial / failed, rows, hours of video, size."""
+def _info(cfg: CacheConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from epicfeat.store import FeatureStore
-
-    cfg = resolve_config(CacheConfig, defaults="cache", overrides={"cache": cache})
     console = Console()
-    stores = FeatureStore.list_sets(cfg.cache)
+    stores = _stores(cfg)
     if not stores:
         console.print(f"no feature sets under {cfg.cache} (create one with `epicfeat extract`)")
         return
@@ -48,16 +39,11 @@ def info(cache: opt.Cache = None) -> None:
         console.print(table)
 
 
-@app.command()
-def verify(cache: opt.Cache = None, feature_set: FeatureSetKey = None) -> None:
-    """Check every complete video (shape, row counts, timestamps, NaN/inf, attributes); exit 1 on any problem."""
+def _verify(cfg: CacheConfig) -> None:
     from rich.console import Console
 
-    from epicfeat.store import FeatureStore
-
-    cfg = resolve_config(CacheConfig, defaults="cache", overrides={"cache": cache})
     console = Console(soft_wrap=True)  # one problem per line, whatever the terminal width
-    stores = [_pick_set(cfg.cache, feature_set)] if feature_set else FeatureStore.list_sets(cfg.cache)
+    stores = _stores(cfg)
     if not stores:
         console.print(f"no feature sets under {cfg.cache}: nothing to verify")
         return
@@ -80,47 +66,49 @@ def verify(cache: opt.Cache = None, feature_set: FeatureSetKey = None) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
-def export(
-    out: Annotated[Optional[Path], typer.Option("--out", help="The file to write, e.g. features.h5.", show_default=False)] = None,
-    output_format: Annotated[str, typer.Option("--format", help="Output format (hdf5 is the only one).")] = "hdf5",
-    cache: opt.Cache = None,
-    feature_set: FeatureSetKey = None,
-) -> None:
-    """Write one feature set's complete videos to a single HDF5 file (a group per video, same attributes)."""
+def _export(cfg: CacheExportConfig) -> None:
     from epicfeat.errors import EpicfeatError
-    from epicfeat.store import FeatureStore, export_hdf5
+    from epicfeat.store import export_hdf5
 
-    cfg = resolve_config(CacheConfig, defaults="cache", overrides={"cache": cache})
-    if output_format.lower() not in ("hdf5", "h5"):
-        raise EpicfeatError(f"--format {output_format} is not supported; use --format hdf5")
-    if out is None:
+    if cfg.out is None:
         raise EpicfeatError("no output file given: pass --out FILE, e.g. --out features.h5")
-    if feature_set:
-        store = _pick_set(cfg.cache, feature_set)
-    else:
-        stores = FeatureStore.list_sets(cfg.cache)
-        if not stores:
-            raise EpicfeatError(f"no feature sets under {cfg.cache}: create one with `epicfeat extract`, or point "
-                                "--cache at the folder that holds them")
-        if len(stores) > 1:
-            keys = ", ".join(s.path.name for s in stores) or "none"
-            raise EpicfeatError(f"{cfg.cache} holds {len(stores)} feature sets ({keys}); choose one with --set KEY")
-        store = stores[0]
-    path = export_hdf5(store, out)
+    stores = _stores(cfg)
+    if not stores:
+        raise EpicfeatError(f"no feature sets under {cfg.cache}: create one with `epicfeat extract`, or point "
+                            "--cache at the folder that holds them")
+    if len(stores) > 1:
+        keys = ", ".join(s.path.name for s in stores)
+        raise EpicfeatError(f"{cfg.cache} holds {len(stores)} feature sets ({keys}); choose one with --set KEY")
+    store = stores[0]
+    path = export_hdf5(store, cfg.out)
     typer.echo(f"wrote {len(store.complete_videos())} videos of {store.path.name} to {path} "
                f"({_human_bytes(path.stat().st_size)})")
 
 
-def _pick_set(cache: Path, key_or_path: str):
+def _stores(cfg: CacheConfig) -> list:
+    """The feature set named by --set, or every set under --cache."""
     from epicfeat.store import FeatureStore
 
-    candidate = Path(key_or_path)
-    return FeatureStore.open(candidate if (candidate / "featureset.json").is_file() else Path(cache) / key_or_path)
+    if cfg.feature_set is None:
+        return FeatureStore.list_sets(cfg.cache)
+    folder = Path(cfg.feature_set)
+    return [FeatureStore.open(folder if (folder / "featureset.json").is_file() else cfg.cache / cfg.feature_set)]
 
 
-def _human_bytes(n: int) -> str:
+def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+    raise AssertionError("unreachable")
+
+
+app.command("info")(config_command(
+    CacheConfig, _info, config_file=False,
+    doc="One table per feature set: identity, videos complete / partial / failed, rows, hours of video, size."))
+app.command("verify")(config_command(
+    CacheConfig, _verify, config_file=False,
+    doc="Check every complete video (shape, row counts, timestamps, NaN/inf, attributes); exit 1 on any problem."))
+app.command("export")(config_command(
+    CacheExportConfig, _export, config_file=False,
+    doc="Write one feature set's complete videos to a single HDF5 file (a group per video, same attributes)."))
