@@ -1,9 +1,9 @@
 """Fine-tuning speed benchmark: clips/s of `epicfeat finetune`, and how much of an epoch waits on decoding.
 
-Builds a synthetic EPIC-layout dataset (``epicfeat.data.synthetic``) and a stage-two checkpoint whose feature set
-is a seeded random ResNet50 (so no extraction and no stage-two training are needed: the checkpoint's temporal
-model is a fresh seed-recipe BiLSTM, which is all a speed measurement needs), then runs the real ``finetune``
-function and reads its metrics rows:
+Builds a synthetic EPIC-layout dataset (``epicfeat.data.synthetic``), extracts its feature set with a seeded
+random ResNet50 (finetune decodes clips at the stored rows' times), and a stage-two checkpoint on that feature
+set (no stage-two training: a fresh seed-recipe BiLSTM is all a speed measurement needs), then runs the real
+``finetune`` function and reads its metrics rows:
 
   CPU (default): decode-only clips/s (DataLoader + PyAV, no model), then training clips/s with small settings
   (T=8, 112 px crops, batch 8; two epochs, the second timed: the first steps of a process are several times
@@ -11,11 +11,13 @@ function and reads its metrics rows:
 
   --gpu (needs CUDA, under 5 minutes): T=16 and T=32 at 224 px crops (resize 256), bf16 autocast, global batch 32,
   two epochs each, the second one timed: clips/s, peak GPU memory, share of time the GPU waited on decoding, and
-  the implied time of a full EPIC-100 epoch (67,217 clips). The synthetic videos are 640x360: decoding 1080p
+  the time of a full EPIC-100 epoch (67,217 clips) projected from that timed slice, side by side with the seed's
+  figures on an A100 (10 min per epoch, 28-32 GB). ``--gpu-device cpu`` is a dry run of that code. The synthetic videos are 640x360: decoding 1080p
   originals costs several times more per frame (see FIELD_NOTES), so use downscaled copies for real runs.
 
     python benchmarks/bench_finetune.py                    # CPU, about 1-2 minutes on 2 cores
     python benchmarks/bench_finetune.py --gpu --skip-cpu   # the GPU section only
+    python benchmarks/bench_finetune.py --skip-cpu --long-segment   # decoding a 60 s segment's clip, 2 ways
 """
 from __future__ import annotations
 
@@ -32,15 +34,16 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from epicfeat.backbone import create_backbone  # noqa: E402
+from epicfeat.extract import ExtractConfig, extract_features  # noqa: E402
 from epicfeat.data.annotations import EpicAnnotations  # noqa: E402
 from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
 from epicfeat.finetune import FinetuneConfig, finetune, load_start, _load_data  # noqa: E402
-from epicfeat.store import FeatureSetIdentity  # noqa: E402
+from epicfeat.store import FeatureStore  # noqa: E402
 from epicfeat.temporal.checkpoint import save_checkpoint  # noqa: E402
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model  # noqa: E402
 
 EPIC100_TRAIN_CLIPS = 67_217
+SEED_A100 = "seed on an A100: 10 min/epoch, 28-32 GB"  # what the seed reported, to read the numbers against
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="GPU: decode processes (default: cores - 2 = %(default)s)")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    parser.add_argument("--long-segment", action="store_true",
+                        help="add: T=16 frames of one 60 s segment (640x360), one seek per bin vs one front-to-back pass")
     parser.add_argument("--workdir", type=Path, default=None, help="keep datasets here (default: a temp folder)")
     return parser.parse_args(argv)
 
@@ -70,13 +75,16 @@ def make_dataset(root: Path, *, videos: int, segments: int, width: int, height: 
     return dataset, time.perf_counter() - started
 
 
-def make_checkpoint(path: Path, annotations: Path, *, resize: int, crop: int) -> Path:
-    """A stage-two checkpoint on the feature set a seeded random ResNet50 would give at this resize / crop."""
-    backbone = create_backbone("random", seed=0)
-    identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=10.0,
-                                  resize=resize, crop=crop, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                  precision="bf16")
-    table = EpicAnnotations(annotations)
+def make_checkpoint(path: Path, dataset, cache: Path, *, resize: int, crop: int, device: str) -> Path:
+    """Extract the dataset's features with a seeded random ResNet50, and a stage-two checkpoint on that feature set."""
+    for split in ("train", "validation"):
+        result = extract_features(ExtractConfig(
+            split=split, videos=dataset.videos, annotations=dataset.annotations, cache=cache, weights="random",
+            resize=resize, crop=crop, precision="fp32", decode_workers=0, device=device, progress=False,
+        ))
+        assert result.ok, result
+    identity = FeatureStore.open(result.store).identity
+    table = EpicAnnotations(dataset.annotations)
     args = TemporalModelArgs(n_verbs=len(table.verbs.keys), n_nouns=len(table.nouns.keys))
     model = create_temporal_model(args, torch.full((2048,), 13.0), torch.full((2048,), 14.0))
     return save_checkpoint(path, model=model, model_args=args, config={"frames": 16}, verb_classes=table.verbs.keys,
@@ -119,9 +127,11 @@ def main(argv=None) -> None:
             dataset, seconds = make_dataset(workdir / "cpu_data", videos=args.videos_per_split,
                                             segments=args.segments_per_video, width=192, height=108)
             resize = args.crop * 8 // 7
-            checkpoint = make_checkpoint(workdir / "cpu_start.pt", dataset.annotations, resize=resize, crop=args.crop)
+            checkpoint = make_checkpoint(workdir / "cpu_start.pt", dataset, workdir / "cpu_cache", resize=resize,
+                                         crop=args.crop, device="cpu")
             config = FinetuneConfig(
                 checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, out=workdir / "cpu_run",
+                cache=workdir / "cpu_cache",
                 train_splits="train+validation", frames=args.frames, epochs=2, batch_size=args.batch_size,
                 micro_batch_size=args.batch_size, num_workers=args.workers, device="cpu", progress=False,
             )
@@ -134,11 +144,41 @@ def main(argv=None) -> None:
             print(f"  training:     {stats['clips_per_s']:8.2f} clips/s  ({stats['frames_per_s']:.1f} frames/s, "
                   f"{stats['clips']} clips in {stats['epoch_seconds']:.1f} s, second epoch)")
             print(f"  waiting on decoding: {100 * stats['data_wait_share']:.1f} % of the epoch")
+        if args.long_segment:
+            long_segment_section(workdir)
         if args.gpu:
             gpu_section(args, workdir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def long_segment_section(workdir: Path, seconds: float = 60.0, frames: int = 16) -> None:
+    """Decode time of one clip of a long segment: times cut into runs (a seek each) vs one pass through it all."""
+    import numpy as np
+
+    from epicfeat._clips import SEEK_GAP_SECONDS, decode_clip
+    from epicfeat.frames import Preprocess
+
+    spec = SyntheticSpec(seen_participants=1, train_videos_per_participant=1, validation_videos_per_participant=1,
+                         test_videos_per_participant=1, unseen_videos=1, segments_per_video=(1, 1),
+                         segment_seconds=(seconds, seconds), width=640, height=360, frame_rates=("60000/1001",))
+    dataset = generate_synthetic_dataset(workdir / "long_data", seed=0, spec=spec)
+    video = sorted(dataset.videos.rglob("*.MP4"))[0]
+    times = (np.arange(frames) + 0.5) * (seconds - 1.0) / frames  # bin centres over the segment
+    decode = Preprocess(resize=256, crop=224)
+    timings = {}
+    for name, gap in (("one pass", 1e9), (f"seek per run (gap > {SEEK_GAP_SECONDS:g} s)", SEEK_GAP_SECONDS)):
+        decode_clip(video, times, decode, seek_gap=gap, threads=1)  # warm the page cache
+        started = time.perf_counter()
+        for _ in range(3):
+            images = decode_clip(video, times, decode, seek_gap=gap, threads=1)
+        timings[name] = (time.perf_counter() - started) / 3
+    print(f"\nlong segment: T={frames} frames of a {seconds:.0f} s segment, 640x360 59.94 fps, 1 codec thread")
+    base = timings["one pass"]
+    for name, value in timings.items():
+        print(f"  {name:<32} {value * 1000:8.1f} ms per clip  ({base / value:.1f}x)")
+    assert images.shape == (frames, 224, 224, 3)
 
 
 def gpu_section(args: argparse.Namespace, workdir: Path) -> None:
@@ -150,13 +190,15 @@ def gpu_section(args: argparse.Namespace, workdir: Path) -> None:
     dataset, seconds = make_dataset(workdir / "gpu_data", videos=2 if dry else args.gpu_videos,
                                     segments=4 if dry else 24, width=width, height=height)
     resize, crop = (72, 64) if dry else (256, 224)
-    checkpoint = make_checkpoint(workdir / "gpu_start.pt", dataset.annotations, resize=resize, crop=crop)
+    checkpoint = make_checkpoint(workdir / "gpu_start.pt", dataset, workdir / "gpu_cache", resize=resize, crop=crop,
+                                 device=str(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     print(f"\nGPU section on {name}: synthetic {width}x{height} videos (generated in {seconds:.0f} s), "
-          f"{resize}/{crop}, bf16, global batch 32, trainable stages 2, {args.gpu_workers} decode workers")
+          f"{resize}/{crop}, bf16, global batch {4 if dry else 32}, trainable stages 2, "
+          f"{0 if dry else args.gpu_workers} decode workers")
     for frames in (16, 32):
         config = FinetuneConfig(
-            checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations,
+            checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, cache=workdir / "gpu_cache",
             out=workdir / f"gpu_run_T{frames}", train_splits="train+validation", frames=frames, epochs=2,
             batch_size=4 if dry else 32, micro_batch_size=4 if dry else 32, num_workers=0 if dry else args.gpu_workers,
             device=str(device), precision="bf16", progress=False,
@@ -166,7 +208,7 @@ def gpu_section(args: argparse.Namespace, workdir: Path) -> None:
         epoch_minutes = EPIC100_TRAIN_CLIPS / stats["clips_per_s"] / 60
         print(f"  T={frames}: {stats['clips_per_s']:8.1f} clips/s, peak GPU memory {stats['peak_gpu_memory_gb']:.1f} GiB, "
               f"waiting on decoding {100 * stats['data_wait_share']:.0f} % of the epoch; a full EPIC-100 epoch "
-              f"({EPIC100_TRAIN_CLIPS:,} clips) would take {epoch_minutes:.1f} min (target: < 10 min at T=16, < 40 GB)")
+              f"({EPIC100_TRAIN_CLIPS:,} clips) projected at {epoch_minutes:.1f} min  [{SEED_A100}]")
 
 
 if __name__ == "__main__":

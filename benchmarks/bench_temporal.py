@@ -12,12 +12,22 @@ through ``FeatureStore``), packs it with ``pack_split`` and measures on the CPU,
     runs ResNet50 forward + backward before the BiLSTM; measured on a few segments, extrapolated per segment
     (target: >= 50x).
 
-``--gpu`` adds one epoch over 67,217 segments (the 16k repeated) at T=32 on CUDA with bf16 autocast and the whole
-packed split on the GPU (target: under 30 s on an H200-class GPU).
+The real training loop (section "real loop", first, in every run): ``epicfeat.temporal.train.train_one_epoch``
+itself (time-span CutMix, gradient accumulation, the per-step learning rate) and ``evaluate`` (validation with
+the official metrics), on the real TemporalModel (2048 -> 2 x 512 BiLSTM -> 97 / 300), in each precision, printed
+side by side with the model alone: one optimiser step on a fixed batch (same micro-batches) x the epoch's steps.
+Their ratio is the share of the epoch the model itself takes (target on the CPU: >= 0.95).
+
+``--gpu`` runs the same loop on CUDA at EPIC-100's real size, built on the device without Zarr: every video's rows
+at 10 rows/s over its real duration (3.6 M rows x 2048 float16, 14.7 GB), the train segments of
+``EPIC_100_train.csv`` (67,217; where only the 16,115-segment UDA subset is present it is repeated to 67,217) and
+the 9,668 validation segments at their real rows, T=32, batch 100, bf16. It prints epoch seconds, validation
+seconds and peak memory (goal on one H200: an epoch <= 2 s, train + validate <= 3 s).
 
     python benchmarks/bench_temporal.py                 # full 16,115 segments, about 2-3 minutes on 2 cores
     python benchmarks/bench_temporal.py --segments 3000 # quicker
-    python benchmarks/bench_temporal.py --gpu           # on a machine with CUDA
+    python benchmarks/bench_temporal.py --only-loop     # the real loop only (about a minute on 2 cores)
+    python benchmarks/bench_temporal.py --only-loop --loop-segments 0 --gpu   # the GPU section only
 """
 from __future__ import annotations
 
@@ -68,9 +78,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gpu-segments", type=int, default=EPIC100_TRAIN_SEGMENTS,
                         help="segments in the GPU epoch, the split repeated to reach it (default: %(default)s)")
     parser.add_argument("--gpu-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                        help="autocast dtype of the GPU epoch (default: %(default)s)")
+                        help="autocast dtype of the older stand-in GPU epoch (default: %(default)s)")
+    parser.add_argument("--gpu-precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="precision of the real-loop GPU epoch (default: %(default)s)")
     parser.add_argument("--skip-cpu-model", action="store_true",
                         help="skip the CPU model, combined and end-to-end timings (e.g. with --gpu)")
+    parser.add_argument("--loop-segments", type=int, default=300,
+                        help="train segments of the CPU real-loop section (0 skips it; default: %(default)s)")
+    parser.add_argument("--loop-micro-batch", type=int, default=50,
+                        help="micro-batch of the real loop: batch / micro-batch accumulated steps (default: 50)")
+    parser.add_argument("--loop-precisions", default="fp32,bf16",
+                        help="precisions of the CPU real loop, comma-separated (default: %(default)s)")
+    parser.add_argument("--loop-repeats", type=int, default=2,
+                        help="real loop: epochs (and rounds of model-alone steps) timed, fastest kept (default: 2)")
+    parser.add_argument("--only-loop", action="store_true",
+                        help="run only the real-loop section(s): no Zarr feature set, no loader / e2e timings")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -400,7 +422,248 @@ def run_gpu_epoch(split: PackedSplit, mean, std, n_verbs: int, n_nouns: int, arg
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+# --- the real loop: train_one_epoch and evaluate ----------------------------------------------------------------
+
+
+def epic_row_layout(segments, video_info) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every video's rows at 10 rows/s over its real duration, laid end to end, and each segment's rows there.
+
+    Returns (row_start (S,), row_count (S,), total rows): a segment owns the rows of [start_sec, stop_sec), at
+    least one. For all 700 EPIC-100 videos the rows total 3.6 M, the size of a real feature set.
+    """
+    rows_per_video = np.ceil(video_info["duration"].to_numpy() * ROWS_PER_SECOND).astype(np.int64)  # (V,)
+    offsets = dict(zip(video_info.index, np.cumsum(rows_per_video) - rows_per_video))
+    video_rows = dict(zip(video_info.index, rows_per_video))
+    first = np.floor(segments["start_sec"].to_numpy() * ROWS_PER_SECOND).astype(np.int64)  # (S,)
+    last = np.ceil(segments["stop_sec"].to_numpy() * ROWS_PER_SECOND).astype(np.int64)
+    limit = np.array([video_rows[v] for v in segments["video_id"]])
+    first = np.minimum(first, limit - 1)
+    count = np.maximum(1, np.minimum(last, limit) - first)
+    start = np.array([offsets[v] for v in segments["video_id"]]) + first
+    return torch.from_numpy(start), torch.from_numpy(count), int(rows_per_video.sum())
+
+
+def layout_split(features: torch.Tensor, segments, video_info) -> PackedSplit:
+    """A PackedSplit of ``segments`` over ``features`` laid out by ``epic_row_layout`` (on features' device)."""
+    start, count, _ = epic_row_layout(segments, video_info)
+    device = features.device
+    n = len(segments)
+    return PackedSplit(
+        features=features, row_start=start.to(device), row_count=count.to(device),
+        verb_labels=torch.tensor(segments["verb_class"].to_numpy(), dtype=torch.int64, device=device),
+        noun_labels=torch.tensor(segments["noun_class"].to_numpy(), dtype=torch.int64, device=device),
+        narration_ids=[str(i) for i in range(n)], participant_ids=list(segments["participant_id"].astype(str)),
+        video_ids=list(segments["video_id"].astype(str)),
+    )
+
+
+def compact_split(segments, generator: torch.Generator, device) -> PackedSplit:
+    """``segments`` with their real row counts (10 rows/s) but only their own rows, random float16 (small)."""
+    count = np.maximum(1, np.round((segments["stop_sec"] - segments["start_sec"]).to_numpy() * ROWS_PER_SECOND))
+    count = torch.from_numpy(count.astype(np.int64))
+    features = torch.empty((int(count.sum()), FEATURE_DIM), dtype=torch.float16, device=device)
+    features.normal_(13.0, 14.0, generator=generator)  # (R, D) like random-weight ResNet50 features
+    n = len(segments)
+    return PackedSplit(
+        features=features, row_start=(torch.cumsum(count, 0) - count).to(device), row_count=count.to(device),
+        verb_labels=torch.tensor(segments["verb_class"].to_numpy(), dtype=torch.int64, device=device),
+        noun_labels=torch.tensor(segments["noun_class"].to_numpy(), dtype=torch.int64, device=device),
+        narration_ids=[str(i) for i in range(n)], participant_ids=list(segments["participant_id"].astype(str)),
+        video_ids=list(segments["video_id"].astype(str)),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_real_loop(train: PackedSplit, validation: PackedSplit, *, n_verbs: int, n_nouns: int, precision: str,
+                   device: torch.device, frames: int, batch_size: int, micro_batch_size: int, seed: int,
+                   warmup_segments: int, repeats: int = 2) -> dict:
+    """One real epoch (train_one_epoch) and one validation (evaluate), against the model alone, in ``precision``."""
+    from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
+    from epicfeat.temporal.precision import COMPUTE_DTYPES, grad_scaler, supported_precision
+    from epicfeat.temporal.train import LRSchedule, evaluate, train_one_epoch
+
+    notes: list[str] = []
+    asked, precision = precision, supported_precision(precision, device, notes)  # what train-temporal would run
+    for note in notes:
+        print(f"  note: {note}")
+    torch.manual_seed(seed)
+    mean, std = feature_stats(train)
+    model = create_temporal_model(TemporalModelArgs(n_verbs=n_verbs, n_nouns=n_nouns), mean, std).to(device)
+    model.compute_dtype = COMPUTE_DTYPES[precision]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=1e-4, fused=device.type == "cuda")
+    scaler = grad_scaler(precision, device) if precision == "fp16" else None
+    steps = math.ceil(len(train) / batch_size)
+    schedule = LRSchedule(peak=1.5e-4, warmup_steps=3 * steps, total_steps=50 * steps)
+    generator = torch.Generator(device=train.device).manual_seed(seed)
+    loop = dict(frames=frames, batch_size=batch_size, micro_batch_size=micro_batch_size, schedule=schedule,
+                label_smoothing=0.1, cutmix_alpha=1.0, generator=generator, device=device, scaler=scaler)
+
+    # Warm-up (cuDNN / oneDNN choose their kernels, the allocator fills): a few steps of the same loop.
+    warm = replace(train, row_start=train.row_start[:warmup_segments], row_count=train.row_count[:warmup_segments],
+                   verb_labels=train.verb_labels[:warmup_segments], noun_labels=train.noun_labels[:warmup_segments],
+                   narration_ids=train.narration_ids[:warmup_segments],
+                   participant_ids=train.participant_ids[:warmup_segments],
+                   video_ids=train.video_ids[:warmup_segments])
+    train_one_epoch(model, optimizer, warm, step=0, **loop)
+    evaluate(model, replace(validation, row_start=validation.row_start[:warmup_segments],
+                            row_count=validation.row_count[:warmup_segments],
+                            verb_labels=validation.verb_labels[:warmup_segments],
+                            noun_labels=validation.noun_labels[:warmup_segments],
+                            narration_ids=validation.narration_ids[:warmup_segments],
+                            participant_ids=validation.participant_ids[:warmup_segments],
+                            video_ids=validation.video_ids[:warmup_segments]),
+             frames=frames, batch_size=500, device=device)
+
+    # Each timing is the fastest of `repeats`, alternating model-alone steps and epochs: on a shared machine the
+    # minimum is the estimate least disturbed by other processes, and alternation exposes both to the same load.
+    model_step = _model_only_step(model, optimizer, train, frames, batch_size, micro_batch_size, generator, scaler)
+    model_step()  # untimed: a new batch shape for the allocator
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, epoch_times, validate_times = [], [], []
+    for _ in range(repeats):
+        step_times += [_time_steps(model_step, device, repeats=1) for _ in range(steps)]
+        _sync(device)
+        started = time.perf_counter()
+        stats, _ = train_one_epoch(model, optimizer, train, step=0, **loop)
+        _sync(device)
+        epoch_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        metrics, _, _ = evaluate(model, validation, frames=frames, batch_size=500, device=device, label_smoothing=0.1)
+        _sync(device)
+        validate_times.append(time.perf_counter() - started)
+    step_seconds, epoch, validate = min(step_times), min(epoch_times), min(validate_times)
+    result = {"precision": precision if precision == asked else f"{precision} (asked {asked})", "segments": len(train), "val_segments": len(validation), "steps": steps,
+              "epoch": epoch, "validate": validate, "model_step": step_seconds,
+              "model_share": step_seconds * steps / epoch, "train_loss": stats["train_loss"],
+              "val_action": metrics["all_action_accuracy_at_1"]}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def _model_only_step(model, optimizer, split: PackedSplit, frames: int, batch_size: int, micro_batch_size: int,
+                     generator, scaler):
+    """The model's share of one optimiser step: forward + backward of each micro-batch of a fixed, pre-gathered
+    batch, then AdamW; no sampling, gathering, CutMix or learning-rate setting."""
+    import torch.nn.functional as F
+
+    segments = torch.arange(min(batch_size, len(split)), device=split.device)  # (B,)
+    micro = [(split.gather(part, frames, train=True, generator=generator), split.verb_labels[part],
+              split.noun_labels[part]) for part in segments.split(micro_batch_size)]  # (b, T, D), (b,), (b,)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        for features, verbs, nouns in micro:
+            verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
+            loss = (F.cross_entropy(verb_logits, verbs, label_smoothing=0.1)
+                    + F.cross_entropy(noun_logits, nouns, label_smoothing=0.1)) * (len(verbs) / len(segments))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    return step
+
+
+def _time_steps(step, device: torch.device, repeats: int) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def print_real_loop(results: list[dict], where: str) -> None:
+    print()
+    print(f"Real loop ({where}): train_one_epoch (CutMix, accumulation, per-step lr) + evaluate, TemporalModel "
+          "2048 -> 2x512 BiLSTM")
+    for r in results:
+        label = f"{r['precision']}: {r['segments']:,} train / {r['val_segments']:,} val segments, {r['steps']} steps"
+        print(f"  {label}")
+        _row("    model alone: fastest step x steps", f"{r['model_step'] * r['steps']:.2f} s",
+             f"{r['model_step']:.3f} s per step; {r['segments'] / (r['model_step'] * r['steps']):,.0f} seg/s")
+        _row("    measured epoch (train_one_epoch, fastest)", f"{r['epoch']:.2f} s",
+             f"{r['segments'] / r['epoch']:,.0f} seg/s; train loss {r['train_loss']:.3f}")
+        _row("    model share of the epoch", f"{r['model_share']:.3f}",
+             f"target >= 0.95 on the CPU ({_verdict(r['model_share'] >= 0.95)})" if where == "CPU" else "")
+        _row("    validation (evaluate, official metrics)", f"{r['validate']:.2f} s",
+             f"{r['val_segments'] / r['validate']:,.0f} seg/s")
+        if "peak_gib" in r:
+            _row("    peak GPU memory", f"{r['peak_gib']:.1f} GiB")
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            _row(f"  {r['precision']} vs {base['precision']}: epoch speed-up", f"{base['epoch'] / r['epoch']:.2f}x")
+
+
+def run_cpu_real_loop(annotations, args) -> list[dict]:
+    train_segments = annotations.segments("train").iloc[:args.loop_segments].reset_index(drop=True)
+    val_segments = annotations.segments("validation").iloc[:max(1, args.loop_segments // 3)].reset_index(drop=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    train, validation = compact_split(train_segments, generator, "cpu"), compact_split(val_segments, generator, "cpu")
+    results = []
+    for precision in args.loop_precisions.split(","):
+        results.append(time_real_loop(train, validation, n_verbs=len(annotations.verbs),
+                                      n_nouns=len(annotations.nouns), precision=precision, device=torch.device("cpu"),
+                                      frames=args.frames, batch_size=args.batch_size,
+                                      micro_batch_size=args.loop_micro_batch, seed=args.seed, warmup_segments=50,
+                                      repeats=args.loop_repeats))
+    return results
+
+
+def run_gpu_real_loop(args) -> list[dict]:
+    """EPIC-100's real size on the GPU: 3.6 M rows built on the device, 67,217 / 9,668 segments at their real rows."""
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    train_file = "EPIC_100_train.csv" if (args.annotations / "EPIC_100_train.csv").is_file() else TRAIN_FILE
+    annotations = EpicAnnotations(args.annotations, train_file=train_file)
+    video_info = annotations.video_info
+    train_segments = annotations.segments("train")
+    if len(train_segments) < EPIC100_TRAIN_SEGMENTS:  # the UDA subset: repeated to the full split's size
+        index = np.arange(EPIC100_TRAIN_SEGMENTS) % len(train_segments)
+        train_segments = train_segments.iloc[index].reset_index(drop=True)
+    val_segments = annotations.segments("validation")
+    _, _, total_rows = epic_row_layout(val_segments, video_info)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    features = torch.empty((total_rows, FEATURE_DIM), dtype=torch.float16, device=device)
+    features.normal_(13.0, 14.0, generator=generator)  # (3.6 M, 2048): every row of every video, on the device
+    train, validation = layout_split(features, train_segments, video_info), layout_split(features, val_segments,
+                                                                                         video_info)
+    print(f"GPU: {torch.cuda.get_device_name()}; {total_rows:,} rows ({features.numel() * 2 / 1e9:.1f} GB) on the "
+          f"device; train {len(train):,} segments from {train_file}"
+          + (" (repeated to 67,217)" if train_file == TRAIN_FILE else "") + f"; validation {len(validation):,}",
+          flush=True)
+    return [time_real_loop(train, validation, n_verbs=len(annotations.verbs), n_nouns=len(annotations.nouns),
+                           precision=args.gpu_precision, device=device, frames=args.frames,
+                           batch_size=args.batch_size, micro_batch_size=args.batch_size, seed=args.seed,
+                           warmup_segments=2000, repeats=args.loop_repeats)]
+
+
 # --- main -------------------------------------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    """The CPU model and whether it has native bf16 (AMX / AVX512-BF16): timings depend on both."""
+    try:
+        from epicfeat.devices import native_bf16_cpu
+        native = native_bf16_cpu()
+    except ImportError:
+        native = False
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({'native bf16' if native else 'no native bf16'})"
 
 
 def _row(name: str, value: str, note: str = "") -> None:
@@ -482,6 +745,17 @@ def main(argv=None) -> int:
         segments = segments.iloc[:args.segments].reset_index(drop=True)
     n_verbs, n_nouns = len(annotations.verbs), len(annotations.nouns)
     video_ids = sorted(segments["video_id"].unique())
+    print(f"CPU: {_cpu_name()}, {torch.get_num_threads()} torch threads", flush=True)
+    if args.loop_segments > 0:
+        print_real_loop(run_cpu_real_loop(annotations, args), "CPU")
+    if args.only_loop:
+        if args.gpu:
+            if torch.cuda.is_available():
+                print()
+                print_real_loop(run_gpu_real_loop(args), "GPU")
+            else:
+                print("GPU: skipped, no CUDA device here")
+        return 0
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="epicfeat-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -529,6 +803,7 @@ def main(argv=None) -> int:
             if not torch.cuda.is_available():
                 print("GPU: skipped, no CUDA device here")
             else:
+                print_real_loop(run_gpu_real_loop(args), "GPU")
                 print_gpu(run_gpu_epoch(split, mean, std, n_verbs, n_nouns, args), args)
     finally:
         if args.workdir is None:

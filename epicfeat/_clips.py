@@ -3,11 +3,15 @@
 Everything here is deterministic given (seed, epoch, segment index): the T times of a clip and its augmentation
 parameters come from a seed derived from those three numbers, never from a worker's RNG. So the clips of an epoch
 do not depend on the number of DataLoader workers, on the number of DDP processes, or on where a resumed run
-restarted: that is what makes ``--resume`` exact and a 2-process run equal to a 1-process run.
+restarted: that is what makes ``--resume`` exact and a 2-process run equal to a 1-process run. CutMix is drawn
+from a seed derived from the global step, over the global batch (``sample_step_cutmix``), for the same reason.
 
-    ClipDataset[i]            decode T frames of segment i with PyAV (in a DataLoader worker): uint8 (T, H, W, 3)
+    SegmentRows               the stored rows' times of every segment (stage two's join of segments to rows)
+    ClipDataset[i]            decode T frames of segment i at its rows' times (in a DataLoader worker): uint8 (T, H, W, 3)
+    decode_clip(...)          those frames; times far apart are reached by a seek each (long segments)
     ClipAugment(clip, seed)   the seed's augmentations, with ONE set of parameters for all T frames (on any device)
     sample_clip_cutmix(...)   CutMix with the same box in every frame of a clip, labels mixed by the box's area
+    sample_step_cutmix(...)   the same over a step's global batch, identical in every DDP process
 """
 from __future__ import annotations
 
@@ -28,28 +32,60 @@ def derive_seed(*numbers: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- clip times
-def sample_clip_times(
-    start_sec: float, stop_sec: float, *, fps: float, frames: int, train: bool, generator: torch.Generator | None
-) -> np.ndarray:
-    """T times (seconds) inside [start_sec, stop_sec), TSN-binned exactly like ``PackedSplit.sample_rows``.
+def sample_row_offsets(count: int, frames: int, *, train: bool, generator: torch.Generator | None) -> np.ndarray:
+    """T positions in a segment's ``count`` stored rows, TSN-binned exactly like ``PackedSplit.sample_rows``.
 
-    Stage two's rows of a segment are the feature set's sample times k / fps with start <= k / fps < stop; we
-    take the same candidate times and the same bins: T equal bins over the candidates, a uniformly random one per
-    bin in training and the bin centre in evaluation. A segment with no candidate (shorter than a row interval)
-    uses its midpoint, as stage two uses the row nearest the midpoint.
+    T equal bins over the rows; a uniformly random row per bin in training (from ``generator``, the same float32
+    draw and integer arithmetic as stage two: row floor((k * count + j) / T), j = floor(u * count)), the bin
+    centre in evaluation. With fewer rows than bins, neighbouring bins share a row. A test holds the two equal.
     """
-    first = math.ceil(start_sec * fps - 1e-9)  # first k with k / fps >= start
-    last = math.ceil(stop_sec * fps - 1e-9)  # first k with k / fps >= stop (excluded)
-    count = last - first
-    if count <= 0:
-        return np.full(frames, (start_sec + stop_sec) / 2.0)
     bins = np.arange(frames)  # (T,)
     if train:
-        uniform = torch.rand(frames, generator=generator, dtype=torch.float64).numpy()  # (T,) in [0, 1)
-        offsets = np.minimum(np.floor((bins + uniform) * count / frames).astype(np.int64), count - 1)
-    else:
-        offsets = ((2 * bins + 1) * count) // (2 * frames)  # integer bin centres, as in sample_rows
-    return (first + offsets) / fps  # (T,)
+        uniform = torch.rand(frames, generator=generator)  # (T,) float32 in [0, 1), as sample_rows draws
+        within = np.minimum((uniform * count).long().numpy(), count - 1)  # (T,) j in [0, count)
+        return (bins * count + within) // frames  # (T,)
+    return ((2 * bins + 1) * count) // (2 * frames)  # (T,) integer bin centres, as in sample_rows
+
+
+@dataclass(frozen=True)
+class SegmentRows:
+    """The stored rows' times of every segment, packed like ``PackedSplit``: segment s owns
+    ``times[start[s] : start[s] + count[s]]`` (seconds, the feature set's pts, count >= 1).
+
+    Built by ``finetune`` from the feature set with stage two's join (``epicfeat.temporal.data.rows_of_segments``),
+    so a clip is decoded at the very frames whose features stage two read: at 59.94 fps a row's pts falls up to
+    16.7 ms after the nominal k / fps, and a grid of nominal times puts other rows into about 8 % of segments.
+    """
+
+    times: np.ndarray  # (R,) float64 seconds
+    start: np.ndarray  # (S,) int64
+    count: np.ndarray  # (S,) int64, >= 1
+
+    def clip_times(self, segment: int, frames: int, *, train: bool, generator: torch.Generator | None) -> np.ndarray:
+        """(T,) seconds: the rows stage two would sample for this segment (same bins, same draws)."""
+        first, count = int(self.start[segment]), int(self.count[segment])
+        return self.times[first + sample_row_offsets(count, frames, train=train, generator=generator)]  # (T,)
+
+
+#: Sampled times further apart than this are decoded after a seek of their own, not by decoding every frame in
+#: between: at 59.94 fps, 2 s is 120 frames, more than reaching a frame from its keyframe costs in EPIC's videos.
+SEEK_GAP_SECONDS = 2.0
+
+
+def decode_clip(path: Path, times: np.ndarray, decode: Preprocess, *, seek_gap: float = SEEK_GAP_SECONDS,
+                threads: int = 0) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames at ``times``; runs of times more than ``seek_gap`` apart are decoded separately.
+
+    ``decode_frames_at`` seeks once and decodes forward through the whole span, so 16 frames of a 147 s segment
+    would cost 147 s of decoding; cut into runs, each bin costs one seek plus the frames from its keyframe.
+    """
+    order = np.argsort(times, kind="stable")  # (T,)
+    ordered = times[order]
+    breaks = np.flatnonzero(np.diff(ordered) > seek_gap) + 1  # where a new run starts
+    images = np.empty((len(times), decode.crop, decode.crop, 3), np.uint8)  # (T, H, W, 3)
+    for run in np.split(np.arange(len(times)), breaks):
+        images[order[run]] = decode_frames_at(path, ordered[run], decode, threads=threads).images  # (n, H, W, 3)
+    return images
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -66,19 +102,22 @@ class ClipDataset(torch.utils.data.Dataset):
         segments: pd.DataFrame,
         video_paths: dict[str, Path],
         *,
+        rows: SegmentRows,
         frames: int,
-        fps: float,
         decode: Preprocess,
         train: bool,
         seed: int,
+        decode_threads: int = 0,
     ):
+        if len(rows.start) != len(segments):
+            raise ValueError(f"ClipDataset: {len(segments)} segments but row times for {len(rows.start)}")
         self.video_paths = video_paths
         self.video_ids = segments["video_id"].astype(str).tolist()
-        self.start = segments["start_sec"].to_numpy(np.float64)
-        self.stop = segments["stop_sec"].to_numpy(np.float64)
+        self.rows = rows
         self.verbs = segments["verb_class"].to_numpy(np.int64)
         self.nouns = segments["noun_class"].to_numpy(np.int64)
-        self.frames, self.fps, self.decode, self.train, self.seed = frames, fps, decode, train, seed
+        self.frames, self.decode, self.train, self.seed = frames, decode, train, seed
+        self.decode_threads = decode_threads  # codec threads per decode (0: FFmpeg's choice, all cores)
         self.epoch = 0  # set before each epoch; workers are re-created per epoch, so they see it
 
     def set_epoch(self, epoch: int) -> None:
@@ -92,12 +131,11 @@ class ClipDataset(torch.utils.data.Dataset):
         time_seed = derive_seed(self.seed, self.epoch, index, 0)
         aug_seed = derive_seed(self.seed, self.epoch, index, 1)
         generator = torch.Generator().manual_seed(time_seed)
-        times = sample_clip_times(
-            self.start[index], self.stop[index], fps=self.fps, frames=self.frames, train=self.train, generator=generator
-        )
+        times = self.rows.clip_times(index, self.frames, train=self.train, generator=generator)  # (T,)
         error = ""
         try:
-            images = decode_frames_at(self.video_paths[self.video_ids[index]], times, self.decode).images  # (T, H, W, 3)
+            images = decode_clip(self.video_paths[self.video_ids[index]], times, self.decode,
+                                 threads=self.decode_threads)  # (T, H, W, 3)
         except Exception as err:  # any damage in any file: skip this clip, never end the epoch
             error = f"{self.video_ids[index]}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             images = np.zeros((self.frames, self.decode.crop, self.decode.crop, 3), np.uint8)
@@ -142,10 +180,14 @@ class ClipAugment:
 
     def __call__(self, clip: torch.Tensor, seed: int) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> float32 (T, 3, crop, crop), normalised (channels_last strides)."""
+        out = self.pixels(clip, seed)  # (T, 3, crop, crop) uint8
+        return self.preprocess.normalize(out.permute(0, 2, 3, 1))  # (T, H, W, 3) -> (T, 3, H, W) float
+
+    def pixels(self, clip: torch.Tensor, seed: int) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> uint8 (T, 3, crop, crop): the augmentation before normalisation."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            out = self._transform(clip.permute(0, 3, 1, 2))  # (T, 3, crop, crop) uint8, one draw for all T
-        return self.preprocess.normalize(out.permute(0, 2, 3, 1))  # (T, H, W, 3) -> (T, 3, H, W) float
+            return self._transform(clip.permute(0, 3, 1, 2))  # (T, 3, crop, crop) uint8, one draw for all T
 
 
 def normalize_clips(clips: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
@@ -192,3 +234,36 @@ def apply_clip_cutmix(clips: torch.Tensor, mix: ClipCutMix) -> torch.Tensor:
     mixed = clips.clone()
     mixed[:, :, :, y0:y1, x0:x1] = clips[mix.partner.to(clips.device), :, :, y0:y1, x0:x1]  # (B, T, 3, h, w)
     return mixed
+
+
+# --------------------------------------------------------------------------------- CutMix over a global batch
+def global_positions(local: int, rank: int, world: int) -> torch.Tensor:
+    """(local,) positions in the step's global batch of this process's clips.
+
+    DistributedSampler deals the shuffled indices round robin (process r gets r, r + world, ...), so clip j of
+    process r's batch is clip j * world + r of the batch one process would take.
+    """
+    return torch.arange(local) * world + rank  # (local,)
+
+
+@dataclass(frozen=True)
+class StepCutMix:
+    """One optimiser step's CutMix over the global batch: clip g gets the box of clip ``partner[g]``."""
+
+    partner: torch.Tensor  # (B,) int64 global positions; an undecodable clip is its own partner (weight 0 anyway)
+    box: tuple[int, int, int, int]  # y0, y1, x0, x1
+    fraction: float
+
+
+def sample_step_cutmix(valid: torch.Tensor, height: int, width: int, alpha: float, seed: int) -> StepCutMix | None:
+    """CutMix of a whole global batch from ``seed`` (derived from the global step): every process draws the same.
+
+    ``valid`` (B,) bool over the global batch; partners are drawn among the valid clips only, as before.
+    """
+    keep = valid.nonzero().squeeze(1)  # (v,) global positions of decodable clips
+    mix = sample_clip_cutmix(len(keep), height, width, alpha, seed)
+    if mix is None:
+        return None
+    partner = torch.arange(len(valid))  # (B,)
+    partner[keep] = keep[mix.partner]
+    return StepCutMix(partner=partner, box=mix.box, fraction=mix.fraction)

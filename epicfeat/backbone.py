@@ -3,7 +3,9 @@
 ``extract``, ``finetune`` and ``predict`` all call ``create_backbone``, so cached features and fine-tuned models
 come from the same network definition. Every backbone carries ``weights_name`` (readable) and ``weights_sha``
 (a hash of its actual tensors), which go into the feature set's identity: features from different weights can
-never be mixed up, even when two files share a name.
+never be mixed up, even when two files share a name. Weights read from a file are named by their hash
+(``sha-<12 hex digits>``, see ``weights_name_of_sha``), not by the file's name, so a copied or renamed file
+holding the same tensors gives the same feature set.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Feat
       * ``"random"``: torchvision's random initialisation drawn with ``seed``; the same seed gives the same weights,
         and the global RNG is left untouched. For tests and the demo.
       * a path: a torchvision-style ResNet50 state dict (``fc.*`` keys are ignored), or an epicfeat checkpoint dict
-        holding a ``"backbone"`` state dict (what ``finetune`` saves).
+        holding a ``"backbone"`` state dict (what ``finetune`` saves); named ``sha-<hash>`` by its content.
     """
     weights = str(weights)
     state_dict, source = None, ""
@@ -96,15 +98,25 @@ def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Feat
                 f"--weights {weights!r}: no such file, and not one of imagenet, imagenet1k_v1, random; give a "
                 "ResNet50 state dict / epicfeat checkpoint path, or one of those names"
             )
-        state_dict, source, name = _state_dict_from_file(path), str(path), f"file:{path.name}"
+        state_dict, source, name = _state_dict_from_file(path), str(path), None  # named by content, below
     with torch.random.fork_rng(devices=[]):  # the random init must not move the caller's RNG streams
         torch.manual_seed(seed)
         model = ResNet50Features()
     if state_dict is not None:
         _load(model, state_dict, source)
-    model.weights_name = name
     model.weights_sha = weights_identity(model)
+    model.weights_name = name if name is not None else weights_name_of_sha(model.weights_sha)
     return model.eval()
+
+
+def weights_name_of_sha(weights_sha: str) -> str:
+    """The name of weights read from a file: ``sha-<first 12 hex digits of their hash>``, never the file's name.
+
+    A feature set extracted with ``--weights runs/finetune/last.pt`` and a checkpoint saved as ``best.pt`` (or a
+    copy, or a renamed file) holding the same backbone then have the same identity, and pair; two files that hold
+    different weights never do, whatever they are called.
+    """
+    return f"sha-{weights_sha[:12]}"
 
 
 def _torchvision_state_dict(weights: str, enum: ResNet50_Weights) -> Mapping[str, torch.Tensor]:

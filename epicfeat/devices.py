@@ -1,9 +1,14 @@
 """Where and in which precision models run: one answer for every command."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from epicfeat.errors import EpicfeatError
+
+# /proc/cpuinfo flags of CPUs that compute bf16 natively (Intel AMX tiles, AVX512-BF16 dot products).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -15,13 +20,29 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a GPU and fp32 on a CPU; other values are kept.
+@functools.lru_cache(maxsize=None)
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU computes bf16 natively (flag ``amx_bf16`` or ``avx512_bf16`` in ``cpuinfo``).
 
-    bf16 autocast pays off on GPUs (tensor cores) but not on most CPUs: on a 2-core AMD EPYC without native bf16,
-    ResNet50 ran at 1.9 frames/s in bf16 against 10 frames/s in fp32 (224 px, batch 16). CPUs with AMX can gain;
-    ask for bf16 explicitly there.
+    Measured on 2-core machines of this project: ResNet50 bf16 autocast runs about 3.4x faster than fp32 on such a
+    CPU (37 vs 11 images/s) and about 5x slower on one without (1.9 vs 10). A missing or unreadable file (not
+    Linux) answers False: fp32 is the safe choice.
     """
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a GPU and on a CPU with native bf16 (``native_bf16_cpu``), else fp32; others are kept."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()):
+            return "bf16"
+        return "fp32"
     return precision

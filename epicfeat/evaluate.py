@@ -11,8 +11,12 @@ Read it top to bottom:
 Ensembles. Several checkpoints (the seed's 16- and 32-frame models, or any set trained on the same feature set and
 class tables) are combined with ``ensemble_weights`` (normalised; default equal). ``ensemble_mode: probs`` (the
 default) averages softmax probabilities and stores their log, so the official action scoring, which applies a
-softmax, ranks actions by the averaged probabilities; ``logits`` averages raw logits. A single checkpoint's
-scores are its logits, untouched. See ``epicfeat.submission.ensemble``.
+softmax, ranks actions by the averaged probabilities; ``logits`` averages raw logits. See
+``epicfeat.submission.ensemble``. Whatever the combination, the files hold per-row log-probabilities and the
+metrics are computed on exactly those values (``epicfeat.submission.log_softmax_rows``).
+
+Precision. Each checkpoint is scored in the precision it was trained and validated in (its config's
+``precision``), so ``evaluate`` reproduces training's validation metrics; ``--precision`` overrides it.
 
 Everything is written atomically into ``out``: a refusal (missing videos, a checkpoint from another feature set or
 class table, NaN scores) leaves no half-written file.
@@ -98,7 +102,7 @@ class SubmitResult:
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """``epicfeat evaluate``: official EPIC-100 metrics of one checkpoint or an ensemble on a labelled split."""
     from epicfeat.metrics import epic_metrics
-    from epicfeat.submission import write_results_pickle
+    from epicfeat.submission import log_softmax_rows, write_results_pickle
 
     annotations = _annotations(config)
     members = _load_members(config, annotations)
@@ -119,6 +123,9 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
             unseen = np.isin(np.asarray(packed.participant_ids), list(participants))  # (N,) bool
 
     def metrics_of(verb: np.ndarray, noun: np.ndarray) -> dict[str, float]:
+        # Scored as written: the results pickle holds log_softmax_rows of the same arrays, bit for bit, so these
+        # are the metrics the official scripts compute from it (epicfeat.submission explains why log-probabilities).
+        verb, noun = log_softmax_rows(verb), log_softmax_rows(noun)  # (N, Cv), (N, Cn)
         values = epic_metrics(verb, noun, verb_labels, noun_labels, tail_verbs=annotations.tail_verbs,
                               tail_nouns=annotations.tail_nouns, unseen=unseen)
         return {name: float(value) for name, value in values.items()}
@@ -233,6 +240,7 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
     from epicfeat.temporal.checkpoint import check_feature_set
     from epicfeat.temporal.data import pack_split
     from epicfeat.devices import resolve_device
+    from epicfeat.temporal.precision import COMPUTE_DTYPES
     from epicfeat.temporal.train import open_feature_set, score_split
 
     first = members[0][1]
@@ -250,6 +258,7 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
     scored = []
     for name, (path, ckpt) in zip(_member_names([path for path, _ in members]), members):
         model = ckpt.create_model(device)
+        model.compute_dtype = COMPUTE_DTYPES[_precision(config, ckpt)]
         verb, noun = score_split(model, packed, frames=_frames(ckpt), batch_size=config.batch_size, device=device)
         scored.append((name, verb.cpu().numpy(), noun.cpu().numpy()))  # (N, Cv), (N, Cn)
     weights = np.ones(len(members)) if config.ensemble_weights is None else np.asarray(config.ensemble_weights)
@@ -267,6 +276,17 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
 
 def _frames(checkpoint) -> int:
     return int(checkpoint.config["frames"])
+
+
+def _precision(config: ScoringConfig, checkpoint) -> str:
+    """The precision a member is scored in: given, or the one its training validated in (its recorded config).
+
+    Runs record the resolved value (fp32 / bf16 / fp16); a config saying ``auto`` (none of ours) reads as fp32.
+    """
+    if config.precision != "checkpoint":
+        return config.precision
+    recorded = str(checkpoint.config.get("precision", "fp32"))
+    return recorded if recorded in ("fp32", "bf16", "fp16") else "fp32"
 
 
 def _member_names(paths: list[Path]) -> list[str]:

@@ -1,20 +1,35 @@
-"""`epicfeat export`: a trained checkpoint -> deployable models, each checked against PyTorch.
+"""`epicfeat export`: a trained checkpoint -> deployable models, each checked against ``epicfeat predict`` itself.
 
-Two models per format, plus ``classes.json`` (class names and the exact input specification):
+Two models per format, plus ``classes.json`` (class names and every preprocessing setting):
 
 * ``temporal_head``: features (1, T, 2048) float32 -> verb_logits (1, Cv), noun_logits (1, Cn). For runtimes that
-  compute per-frame features themselves and keep the rolling window (what ``epicfeat predict`` does).
+  compute per-frame features themselves and keep the window (what ``epicfeat predict`` does).
 * ``full_model``: frames (1, T, 3, crop, crop) float32 RGB in 0..255 (resized and centre-cropped as the feature set
   says) -> the same logits. ImageNet normalisation, the ResNet50 backbone, the rounding of features to the stored
   dtype (float16, as the model saw in training) and the head are all inside.
 
+Precision. ``predict`` computes the backbone in the feature set's precision (bf16 for sets extracted on a GPU or a
+bf16 CPU). The TorchScript full model does the same (autocast traced into it), so it equals ``predict``. ONNX and
+CoreML have no bf16 convolution (ONNX's Conv type list holds float16/32/64 only; ONNX Runtime refuses a bf16
+Conv as an invalid graph), so their full models compute in fp32: for an fp32 feature set they equal ``predict``,
+for a bf16 one they differ from it by the bf16 rounding, and ``classes.json`` and the summary say so, with the
+measured difference.
+
 Checks: every exported file is run (onnxruntime for ONNX, torch.jit for TorchScript) on seeded random inputs and
-compared with the PyTorch model; the largest absolute logit difference is reported and must be within the stated
-tolerance, else ExportError. ONNX uses torch's TorchScript-based exporter (``dynamo=False``): the default dynamo
-exporter of torch >= 2.9 needs the ``onnxscript`` package, which is not a dependency here.
+compared (1) with the PyTorch model it was exported from, at its own precision, which must agree within
+``TOLERANCE`` (else ExportError: the export is broken), and (2) with the ``predict`` path on the same frames
+(``FrameEncoder`` + the checkpoint's head), reported in ``classes.json``; at the feature set's precision it must
+agree within ``TOLERANCE`` too. CoreML models cannot be run on Linux (coremltools predicts on macOS only): their
+inputs, outputs and shapes are read back from the saved package and checked; numeric parity needs macOS.
+
+ONNX uses torch's dynamo exporter (``torch.export`` + onnxscript, opset >= 18), the exporter torch >= 2.9 defaults
+to; it needs the ``onnxscript`` package (a dependency of epicfeat).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -28,16 +43,20 @@ from epicfeat.config import atomic_write_text, save_config
 from epicfeat.configs import ExportConfig
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess
-from epicfeat.predict import window_length
-from epicfeat.temporal.checkpoint import load_checkpoint
+from epicfeat.predict import FrameEncoder, window_length
+from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 
-
-# Max |PyTorch - exported| logit difference accepted. The head alone is exact to float32 rounding (~1e-6). The full
-# model runs 50 conv layers whose kernels sum in a different order in each runtime (~1e-5 relative on features),
-# and a feature sitting on a float16 rounding boundary can then round to the neighbouring value (one float16 step,
-# ~1e-3 relative); the head turns that into logit changes of at most a few 1e-4. Measured with the seed-size head
-# at T=16, 224 px: 6e-8 (head) and 1e-5 (full model).
+# Max |reference - exported| logit difference accepted. The head alone is exact to float32 rounding (~1e-6). The
+# full model runs 50 conv layers whose kernels sum in a different order in each runtime (~1e-5 relative on
+# features), and a feature sitting on a float16 rounding boundary can then round to the neighbouring value (one
+# float16 step, ~1e-3 relative); the head turns that into logit changes of at most a few 1e-4. Measured with the
+# seed-size head at T=16, 224 px: 6e-8 (head) and 1e-5 (full model).
 TOLERANCE = {"temporal_head": 1e-4, "full_model": 2e-3}
+MIN_DYNAMO_OPSET = 18  # the dynamo exporter's translation tables start at opset 18
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Precision each format's full model computes its backbone in: TorchScript follows the feature set; ONNX and
+# CoreML have no bf16 convolution, so fp32 (see the module docstring).
+_FULL_MODEL_PRECISION = {"onnx": "fp32", "coreml": "fp32"}
 
 
 class ExportError(EpicfeatError):
@@ -47,53 +66,115 @@ class ExportError(EpicfeatError):
 @dataclass(frozen=True)
 class ExportCheck:
     model: str
-    max_abs_diff: float
+    precision: str  # what the exported model computes its backbone in
+    max_abs_diff: float  # vs the PyTorch model it was exported from (same precision)
+    max_abs_diff_vs_predict: float  # vs epicfeat predict's own path on the same frames
     tolerance: float
+    matches_predict: bool  # computed in the feature set's precision and within tolerance of predict
+
+
+@dataclass(frozen=True)
+class CoremlCheck:
+    model: str
+    inputs: dict[str, list[int]]  # name -> shape, read back from the saved .mlpackage
+    outputs: list[str]
 
 
 @dataclass
 class ExportResult:
     files: list[Path] = field(default_factory=list)
     checks: list[ExportCheck] = field(default_factory=list)
+    coreml_checks: list[CoremlCheck] = field(default_factory=list)
+    feature_set_precision: str = "fp32"
 
 
 class FullModel(nn.Module):
-    """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): normalise, backbone, round, head."""
+    """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): normalise, backbone, round, head.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean, std, feature_dtype: torch.dtype):
+    ``precision`` bf16 / fp16 runs the backbone under autocast exactly as ``predict``'s FrameEncoder does; the
+    head always runs in fp32, as in ``predict`` and ``evaluate``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mean, std, feature_dtype: torch.dtype,
+                 precision: str = "fp32", *, window: int):
         super().__init__()
         self.backbone, self.head, self.feature_dtype = backbone, head, feature_dtype
+        self.precision = precision
+        # T as a constant, not read from the input's shape: converters (coremltools) fail on traced shape
+        # arithmetic, and the exported shapes are fixed anyway.
+        self.window, self.feature_dim = window, head.args.input_dim
         # (x/255 - mean) / std == (x - 255 mean) / (255 std), folded as in Preprocess.normalize.
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
         self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255))
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, t, c, h, w = frames.shape
-        pixels = frames.reshape(b * t, c, h, w)  # (B*T, 3, H, W): every frame through the backbone
-        features = self.backbone((pixels - self.pixel_mean) * self.pixel_inv_std)  # (B*T, 2048)
+        pixels = frames.flatten(0, 1)  # (B*T, 3, H, W): every frame through the backbone
+        pixels = (pixels - self.pixel_mean) * self.pixel_inv_std
+        autocast = _AUTOCAST_DTYPES.get(self.precision)
+        if autocast is None:
+            features = self.backbone(pixels)  # (B*T, 2048)
+        else:
+            with torch.autocast(pixels.device.type, dtype=autocast):
+                features = self.backbone(pixels)  # (B*T, 2048), reduced precision
         # Round to the feature set's stored dtype, as the training features were.
-        features = features.to(self.feature_dtype).float()
-        return self.head(features.reshape(b, t, -1))  # (B, T, 2048) -> (B, Cv), (B, Cn)
+        features = features.float().to(self.feature_dtype).float()
+        features = features.reshape(-1, self.window, self.feature_dim)  # (B, T, 2048)
+        return self.head(features)  # (B, Cv), (B, Cn)
 
 
-def build_models(config: ExportConfig):
-    """(checkpoint, head, full model, example inputs) with the backbone matching the checkpoint's feature set."""
+@dataclass
+class _Models:
+    checkpoint: Checkpoint
+    preprocess: Preprocess
+    window: int
+    head: nn.Module
+    backbone: nn.Module
+    features: torch.Tensor  # (1, T, 2048) float32 check input of the head
+    frames: np.ndarray  # (1, T, crop, crop, 3) uint8 check input of the full model, as predict receives frames
+
+    @property
+    def precision(self) -> str:
+        return self.checkpoint.feature_set.get("precision", "fp32")
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        return getattr(torch, self.checkpoint.feature_set.get("dtype", "float16"))
+
+    def full_model(self, precision: str) -> FullModel:
+        return FullModel(self.backbone, self.head, self.preprocess.mean, self.preprocess.std, self.feature_dtype,
+                         precision, window=self.window).eval()
+
+    def frames_input(self) -> torch.Tensor:
+        """The check frames as the full model takes them: (1, T, 3, crop, crop) float32 RGB 0..255."""
+        return torch.from_numpy(self.frames).permute(0, 1, 4, 2, 3).float().contiguous()
+
+    @torch.inference_mode()
+    def predict_path(self, name: str) -> list[np.ndarray]:
+        """Logits of ``predict``'s own code on the check input: FrameEncoder (the feature set's precision, stored
+        dtype) then the head, for the full model; the head alone on the features for the temporal head."""
+        if name == "temporal_head":
+            return [t.numpy() for t in self.head(self.features)]
+        encoder = FrameEncoder(copy.deepcopy(self.backbone), self.preprocess, torch.device("cpu"),
+                               precision=self.precision, feature_dtype=str(self.feature_dtype).split(".")[-1],
+                               channels_last=True, compile=False)
+        features = encoder(self.frames[0])  # (T, 2048), stored dtype
+        return [t.numpy() for t in self.head(features[None])]  # (1, T, 2048) -> (1, Cv), (1, Cn)
+
+
+def build_models(config: ExportConfig) -> _Models:
+    """The checkpoint's head and backbone (matching its feature set) and seeded check inputs."""
     checkpoint = load_checkpoint(config.checkpoint)
-    feature_set = checkpoint.feature_set
     window = window_length(checkpoint)
-    preprocess = Preprocess.from_identity(feature_set)
+    preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()
-    backbone = checkpoint.create_backbone(config.weights, seed=config.seed)
-    full = FullModel(backbone, head, preprocess.mean, preprocess.std,
-                     getattr(torch, feature_set.get("dtype", "float16"))).eval()
+    backbone = checkpoint.create_backbone(config.weights, seed=config.seed).eval()
     generator = torch.Generator().manual_seed(config.seed_inputs)
     # Random features spread like the training features (the head's own statistics), so the check exercises the
     # standardised range the model works in, not a corner of it.
     features = head.feature_mean + head.feature_std * torch.randn(1, window, head.args.input_dim, generator=generator)
-    frames = torch.randint(0, 256, (1, window, 3, preprocess.crop, preprocess.crop), generator=generator).float()
-    # features (1, T, 2048), frames (1, T, 3, crop, crop)
-    inputs = {"temporal_head": ("features", features), "full_model": ("frames", frames)}
-    return checkpoint, {"temporal_head": head, "full_model": full}, inputs
+    frames = torch.randint(0, 256, (1, window, preprocess.crop, preprocess.crop, 3), generator=generator,
+                           dtype=torch.uint8).numpy()  # (1, T, crop, crop, 3)
+    return _Models(checkpoint, preprocess, window, head, backbone, features, frames)
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -102,16 +183,20 @@ def export(config: ExportConfig) -> ExportResult:
         raise ExportError("--checkpoint is required (the best.pt of a train-temporal run)")
     if config.format not in ("onnx", "torchscript", "coreml"):
         raise ExportError(f"--format must be onnx, torchscript or coreml, got {config.format!r}")
+    if config.format == "onnx":
+        _require_onnx(config)
     if config.format == "coreml":
         _require_coremltools()
-    checkpoint, models, inputs = build_models(config)
+    models = build_models(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = ExportResult()
-    for name, model in models.items():
-        input_name, example = inputs[name]
-        with torch.inference_mode():
-            expected = [t.numpy() for t in model(example)]  # [(1, Cv), (1, Cn)]
+    result = ExportResult(feature_set_precision=models.precision)
+    full_precision = _FULL_MODEL_PRECISION.get(config.format, models.precision)
+    for name in ("temporal_head", "full_model"):
+        precision = "fp32" if name == "temporal_head" else full_precision
+        model = models.head if name == "temporal_head" else models.full_model(precision)
+        input_name = "features" if name == "temporal_head" else "frames"
+        example = models.features if name == "temporal_head" else models.frames_input()
         if config.format == "onnx":
             path = out / f"{name}.onnx"
             _export_onnx(model, example, input_name, path, config.opset)
@@ -123,50 +208,126 @@ def export(config: ExportConfig) -> ExportResult:
         else:
             path = out / f"{name}.mlpackage"
             _export_coreml(model, example, input_name, path)
-            got = None  # running a CoreML model needs macOS; the trace it is converted from is checked instead
+            result.coreml_checks.append(_check_coreml(path, name, input_name, example, models))
+            got = None  # running a CoreML model needs macOS: its interface is checked instead
         result.files.append(path)
         if got is not None:
-            diff = max(float(np.abs(e - g).max()) for e, g in zip(expected, got))
-            check = ExportCheck(name, diff, TOLERANCE[name])
-            result.checks.append(check)
-            if not diff <= check.tolerance:  # `not <=` also catches NaN
-                raise ExportError(f"{path}: exported model differs from PyTorch by {diff:.3g} (max abs logit "
-                                  f"difference), above the tolerance {check.tolerance:g}; do not deploy it")
+            result.checks.append(_check(path, name, precision, model, example, got, models))
     classes = out / "classes.json"
-    atomic_write_text(classes, json.dumps(_metadata(checkpoint, inputs, result), indent=1) + "\n")
+    atomic_write_text(classes, json.dumps(_metadata(models, config, result, full_precision), indent=1) + "\n")
     result.files.append(classes)
     save_config(config, out / "config.yaml")  # the resolved config: `epicfeat export --config` redoes this export
     return result
 
 
-def _metadata(checkpoint, inputs, result: ExportResult) -> dict:
-    feature_set = checkpoint.feature_set
+def _check(path: Path, name: str, precision: str, model: nn.Module, example: torch.Tensor,
+           got: list[np.ndarray], models: _Models) -> ExportCheck:
+    """Exported logits vs the PyTorch model (must agree: else the export is broken) and vs predict's path."""
+    with torch.inference_mode():
+        reference = [t.numpy() for t in model(example)]  # [(1, Cv), (1, Cn)]
+    diff = max(float(np.abs(e - g).max()) for e, g in zip(reference, got))
+    diff_predict = max(float(np.abs(e - g).max()) for e, g in zip(models.predict_path(name), got))
+    tolerance = TOLERANCE[name]
+    if not diff <= tolerance:  # `not <=` also catches NaN
+        raise ExportError(f"{path}: exported model differs from PyTorch by {diff:.3g} (max abs logit difference), "
+                          f"above the tolerance {tolerance:g}; do not deploy it")
+    same_precision = name == "temporal_head" or precision == models.precision
+    if same_precision and not diff_predict <= tolerance:
+        raise ExportError(f"{path}: exported model differs from `epicfeat predict` by {diff_predict:.3g} (max abs "
+                          f"logit difference), above the tolerance {tolerance:g}; do not deploy it")
+    return ExportCheck(name, precision, diff, diff_predict, tolerance, same_precision)
+
+
+def _check_coreml(path: Path, name: str, input_name: str, example: torch.Tensor, models: _Models) -> CoremlCheck:
+    """Read the saved package back: one input of the example's shape, the two logits outputs."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    inputs = {i.name: [int(d) for d in i.type.multiArrayType.shape] for i in spec.description.input}
+    outputs = [o.name for o in spec.description.output]
+    expected = {input_name: list(example.shape)}
+    if inputs != expected or outputs != ["verb_logits", "noun_logits"]:
+        raise ExportError(f"{path}: the converted model has inputs {inputs} and outputs {outputs}, expected "
+                          f"{expected} and ['verb_logits', 'noun_logits']; do not deploy it")
+    return CoremlCheck(name, inputs, outputs)
+
+
+def _metadata(models: _Models, config: ExportConfig, result: ExportResult, full_precision: str) -> dict:
+    checkpoint, feature_set = models.checkpoint, models.checkpoint.feature_set
+    preprocessing = {
+        **models.preprocess.identity(),  # resize, crop, mean, std, resize_mode, crop_mode, interpolation, color
+        "fps": feature_set.get("fps"),  # frames per second sampled from the source (null: every frame)
+        "sampling": "each target k / fps takes the first frame at or after it",
+        "value_range": "0..255 (uint8 RGB as float32; normalisation is inside full_model)",
+        "layout": "NCHW per frame: frames (1, T, 3, crop, crop)",
+        "precision": models.precision,  # the feature set's backbone precision (what predict computes in)
+        "feature_dtype": feature_set.get("dtype", "float16"),  # features are rounded to this, as stored
+        "decoder": feature_set.get("decoder"),
+    }
     return {
         "verb_classes": list(checkpoint.verb_classes),  # index = output position in verb_logits
         "noun_classes": list(checkpoint.noun_classes),
         "action_id": "verb * 1000 + noun (official EPIC-100)",
+        "format": config.format,
         "inputs": {
-            "temporal_head": {"name": "features", "shape": list(inputs["temporal_head"][1].shape),
-                              "dtype": "float32", "what": "last T ResNet50 features, oldest first"},
-            "full_model": {"name": "frames", "shape": list(inputs["full_model"][1].shape), "dtype": "float32",
-                           "what": "last T frames, oldest first, RGB 0..255, shorter side resized then centre crop"},
+            "temporal_head": {"name": "features", "shape": list(models.features.shape), "dtype": "float32",
+                              "precision": "fp32", "what": "T ResNet50 features of the window, oldest first"},
+            "full_model": {"name": "frames", "shape": [1, models.window, 3, models.preprocess.crop,
+                                                       models.preprocess.crop],
+                           "dtype": "float32", "precision": full_precision,
+                           "what": "T frames of the window, oldest first, RGB 0..255, shorter side resized then "
+                                   "centre crop"},
         },
         "outputs": ["verb_logits", "noun_logits"],
-        "preprocessing": {k: feature_set.get(k) for k in ("fps", "resize", "crop", "mean", "std")},
+        "window": {
+            "frames": models.window,
+            "rule": "the T rows are the bin centres of the window's rows, as epicfeat evaluate samples a segment: "
+                    "row (2k + 1) * n // (2T) of the n rows in the window, k = 0..T-1 (epicfeat predict "
+                    "--window-seconds; its default 2.0 s is the median EPIC-100 validation segment)",
+        },
+        "preprocessing": preprocessing,
         "feature_set": checkpoint.feature_set_key,
         "checkpoint": str(checkpoint.path),
-        "checks": [{"model": c.model, "max_abs_diff": c.max_abs_diff, "tolerance": c.tolerance}
-                   for c in result.checks],
+        "checks": [{"model": c.model, "precision": c.precision, "max_abs_diff": c.max_abs_diff,
+                    "max_abs_diff_vs_predict": c.max_abs_diff_vs_predict, "tolerance": c.tolerance,
+                    "matches_predict": c.matches_predict} for c in result.checks],
+        "coreml_checks": [{"model": c.model, "inputs": c.inputs, "outputs": c.outputs,
+                           "numeric_parity": "not run: CoreML models run on macOS / iOS only"}
+                          for c in result.coreml_checks],
     }
 
 
+# ------------------------------------------------------------------------------------------------ formats
+def _require_onnx(config: ExportConfig) -> None:
+    if config.opset < MIN_DYNAMO_OPSET:
+        raise ExportError(f"--opset {config.opset}: the dynamo ONNX exporter needs opset >= {MIN_DYNAMO_OPSET}")
+    needed = ["onnxscript"] + (["onnxruntime"] if config.check else [])  # the exporter; the runtime of the check
+    missing = [name for name in needed if not _importable(name)]
+    if missing:
+        raise ExportError(f"--format onnx needs {' and '.join(missing)}, which epicfeat depends on but this environment "
+                          f"lacks: pip install {' '.join(missing)}")
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def _export_onnx(model: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
-        # The legacy exporter announces its deprecation, and warns that LSTMs exported at batch size 1 may not
-        # run at other batch sizes: the shapes are fixed at (1, T, ...) on purpose, as documented in classes.json.
+    # The exporter prints its progress on stdout and warns about torch.export internals: keep the command's
+    # output to its own summary. Shapes are fixed at (1, T, ...) on purpose, as documented in classes.json.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=[input_name],
-                          output_names=["verb_logits", "noun_logits"], opset_version=opset)
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[input_name],
+                              output_names=["verb_logits", "noun_logits"], opset_version=opset, external_data=False)
+        except Exception as err:  # noqa: BLE001 - torch.export / onnxscript failures: one line, which model, why
+            raise ExportError(f"{path}: the dynamo ONNX exporter failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); --format torchscript works "
+                              "with every torch") from None
 
 
 def _run_onnx(path: Path, input_name: str, example: torch.Tensor) -> list[np.ndarray]:
@@ -188,24 +349,33 @@ def _trace(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
         return torch.jit.trace(model, (example,))
 
 
-def _require_coremltools():
+def _require_coremltools() -> None:
     try:
         import coremltools  # noqa: F401
     except ImportError:
         raise ExportError(
-            "--format coreml needs coremltools, which is not installed: pip install coremltools (its converter runs "
-            "on Linux and macOS; running the .mlpackage needs macOS/iOS). --format onnx works everywhere."
+            "--format coreml needs coremltools, which is not installed: pip install 'epicfeat[coreml]' (or pip "
+            "install coremltools; its converter runs on Linux and macOS, running the .mlpackage needs macOS/iOS). "
+            "--format onnx works everywhere."
         ) from None
 
 
 def _export_coreml(model: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
-    """Convert the TorchScript trace with coremltools (ML program, fp32). Untested here: no coremltools in CI."""
+    """Convert the TorchScript trace with coremltools (ML program, fp32 compute); a conversion failure is one
+    ExportError line (coremltools' own converter of torch.export programs has no LSTM, so the trace is used)."""
     import coremltools as ct
 
     traced = _trace(model, example)
-    mlmodel = ct.convert(traced, inputs=[ct.TensorType(name=input_name, shape=tuple(example.shape))],
-                         outputs=[ct.TensorType(name="verb_logits"), ct.TensorType(name="noun_logits")],
-                         convert_to="mlprogram", compute_precision=ct.precision.FLOAT32)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            mlmodel = ct.convert(traced, inputs=[ct.TensorType(name=input_name, shape=tuple(example.shape))],
+                                 outputs=[ct.TensorType(name="verb_logits"), ct.TensorType(name="noun_logits")],
+                                 convert_to="mlprogram", compute_precision=ct.precision.FLOAT32)
+        except Exception as err:  # noqa: BLE001 - any converter failure: one line, which model, why
+            raise ExportError(f"{path}: coremltools {ct.__version__} cannot convert this model with torch "
+                              f"{torch.__version__} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
     mlmodel.save(str(path))
 
 
@@ -213,5 +383,12 @@ def print_summary(result: ExportResult) -> None:
     for path in result.files:
         print(f"wrote {path}")
     for check in result.checks:
-        print(f"check {check.model}: max abs logit difference vs PyTorch {check.max_abs_diff:.2e} "
-              f"(tolerance {check.tolerance:g}): ok")
+        print(f"check {check.model} ({check.precision}): max abs logit difference vs PyTorch {check.max_abs_diff:.2e}, "
+              f"vs epicfeat predict {check.max_abs_diff_vs_predict:.2e} (tolerance {check.tolerance:g}): "
+              + ("equals predict" if check.matches_predict else
+                 f"ok, but computes in {check.precision} where the feature set (and predict) use "
+                 f"{result.feature_set_precision}; --format torchscript exports it in {result.feature_set_precision}"))
+    for check in result.coreml_checks:
+        shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in check.inputs.items())
+        print(f"check {check.model}: CoreML inputs {shapes}, outputs {', '.join(check.outputs)}: ok; numeric parity "
+              "can only be checked on macOS (coremltools runs models there only)")

@@ -3,36 +3,73 @@
 Read it top to bottom:
 
     finetune(config)                          the one function `epicfeat finetune` calls
-      load_start(config)                      the train-temporal checkpoint + the backbone its feature set used
-                                              (refused when the weights' hash differs from the feature set's)
-      clip datasets                           segments -> T frames decoded with PyAV in DataLoader workers
+      load_start(config)                      the train-temporal checkpoint, the backbone its feature set used
+                                              (refused when the weights' hash differs) and that feature set
+      clip datasets                           segments -> their stored rows' times -> T frames decoded with PyAV
+      epoch 0                                 the starting model, scored by evaluate_clips like every epoch:
+                                              the baseline, and best.pt until an epoch beats it
       for each epoch:
         train_one_epoch(...)                  augment each clip (one parameter draw for all T frames), CutMix
-                                              (one box for all T frames), backbone + BiLSTM forward/backward,
-                                              gradient accumulation, warm-up + cosine per step, AdamW with a
-                                              backbone and a head learning rate
+                                              (one box for all T frames, drawn per global step), backbone +
+                                              BiLSTM forward/backward, gradient accumulation, warm-up + cosine
+                                              per step, AdamW with a backbone and a head learning rate
+        follow_feature_drift(...)             the temporal model's input mean/std follow the backbone
         evaluate_clips(...)                   bin-centre frames, extract's resize + centre crop, official metrics
         best.pt / last.pt, metrics.csv, TensorBoard, early stopping on validation action top-1 (as train-temporal)
+      judge(...)                              the summary line: did fine-tuning help, and by how much
+
+The same frames as stage two. A clip's T times are the pts of the rows stage two sampled for that segment
+(``segment_rows``: the feature set's stored pts, joined to segments by stage two's rule, binned like
+``PackedSplit.sample_rows``), never a nominal k / fps grid: at 59.94 fps a row's pts falls up to 16.7 ms after
+k / fps, which put other rows into about 8 % of segments. So epoch 0 reproduces ``epicfeat evaluate``'s numbers
+on the starting checkpoint (up to the float16 rounding of stored features).
+
+Never worse than the start. Epoch 0 is evaluated first (``eval_start``), counts as the best epoch, and best.pt is
+written from it; an epoch replaces best.pt only when its validation action top-1 beats the best so far. While
+best.pt holds the start's backbone its feature set is the start's own, so it pairs with the features already
+extracted. The result's ``verdict`` / ``gain`` say whether fine-tuning helped and by how much.
+
+Features and head that move together. The stage-two model standardises its input with the train split's
+per-dimension mean/std, measured on the starting backbone. When the backbone trains, its features drift, and
+near-constant dimensions (std at its 1e-3 floor: dead ReLU channels, 76 of 2048 on the synthetic demo data)
+turn a small drift into inputs many standard deviations out. Measured on the demo's default synthetic data (55
+validation segments, random-weight backbone, layer4 training at the default backbone lr 1.5e-5, head lr ~0), one
+epoch took validation action top-1 from 65.5 % to 0.0 % with the statistics fixed, and to 60.0 % with them
+following the backbone as below. Following limits the damage; best.pt (epoch 0 until beaten) is the guarantee. Choice: after every epoch the mean/std of the backbone's features are measured
+again on a fixed set of train clips (``stats_segments`` of them, evaluation's frames), the change since the
+start is taken per dimension as affine (f_now = a f_start + b) and applied to the stored statistics, so for an
+affine drift the head sees exactly the standardised inputs it was trained on, and an unchanged backbone leaves
+the statistics bit for bit. Why not the alternatives: re-estimating from scratch on a subset would replace
+stage two's full-split statistics by a noisier estimate even when nothing moved (the model would change with no
+training); a learned normalisation lets the drift through until gradients undo it, which is exactly the wreck.
+The cost is one forward pass over ``stats_segments`` clips per epoch (512 x T frames: under 1 % of an EPIC
+epoch's 67,217 clips forward and backward).
+``--no-restandardize`` keeps the stored statistics fixed.
 
 The backbone keeps its BatchNorm statistics (every BN layer stays in eval mode: clips are few per batch and
 highly correlated, so batch statistics would be noise) and only the last ``trainable_stages`` ResNet stages train.
 
 Checkpoints are train-temporal checkpoints (``load_checkpoint`` reads the temporal model, classes and config)
 plus a ``backbone`` state dict, so ``create_backbone(weights=best.pt)`` / ``epicfeat extract --weights best.pt``
-build a new feature set from the fine-tuned backbone. Their ``feature_set`` is that new feature set's identity
-(weights ``file:best.pt`` and the fine-tuned weights' hash), so the temporal model pairs only with features the
-fine-tuned backbone produced.
+build a new feature set from the fine-tuned backbone. Weights are paired by content: the feature set's weights
+are named ``sha-<hash>`` (``epicfeat.backbone.weights_name_of_sha``) for any file holding them, so features
+extracted with last.pt, best.pt or a renamed copy holding the same backbone are one feature set, and a model
+pairs with exactly the features its backbone gives.
 
 Scale-out: under ``torchrun`` (WORLD_SIZE > 1) each process takes its share of every global batch through a
 DistributedSampler, gradients are averaged by DistributedDataParallel, and only rank 0 logs and writes files.
-The loss of every step is normalised by the global number of valid clips, so N processes with a global batch B
-compute the same update as one process with batch B (up to floating-point summation order).
+The loss of every step is normalised by the global number of valid clips, and CutMix is drawn per global step
+over the global batch (partner boxes all-gathered), so N processes with a global batch B compute the same
+update as one process with batch B (up to floating-point summation order; tested with 2 gloo processes).
+Decoding: a clip's times further apart than ``SEEK_GAP_SECONDS`` are reached by a seek each (long segments are
+not decoded front to back), and codec threads x decode workers stay within the process's cores.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +84,13 @@ from torch import nn
 from epicfeat._clips import (
     ClipAugment,
     ClipDataset,
-    apply_clip_cutmix,
+    SegmentRows,
     derive_seed,
+    global_positions,
     normalize_clips,
-    sample_clip_cutmix,
+    sample_step_cutmix,
 )
-from epicfeat.backbone import ResNet50Features, weights_identity
+from epicfeat.backbone import FEATURE_DIM, ResNet50Features, weights_identity, weights_name_of_sha
 from epicfeat.config import config_to_dict, save_config
 from epicfeat.configs import FinetuneConfig
 from epicfeat.devices import resolve_device
@@ -61,6 +99,7 @@ from epicfeat.frames import Preprocess
 from epicfeat.temporal.checkpoint import (
     Checkpoint,
     capture_rng_state,
+    check_feature_set,
     feature_set_key_of,
     load_checkpoint,
     restore_rng_state,
@@ -78,7 +117,7 @@ from epicfeat.temporal.train import (
     _seed_everything,
     _supported_autocast,
     _write_csv,
-    mixed_cross_entropy,
+    open_feature_set,
     print_summary,
 )
 
@@ -90,6 +129,8 @@ class FinetuneError(EpicfeatError):
 @dataclass(frozen=True)
 class FinetuneResult(TrainResult):
     start_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the starting model, on validation
+    gain: float | None = None  # best.pt's validation action top-1 minus the start's (0.0: best.pt is the start)
+    verdict: str = ""  # one line: whether fine-tuning helped, and by how much
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # clips that could not be decoded, per split
 
 
@@ -153,7 +194,7 @@ class Start:
     checkpoint: Checkpoint
     backbone: ResNet50Features
     preprocess: Preprocess  # the feature set's resize / crop / mean / std (extract's definition)
-    fps: float  # the feature set's row rate: clip times are sampled on the same grid
+    store: Any  # the FeatureStore stage two read: its rows' pts are the times clips are decoded at
 
 
 def load_start(config: FinetuneConfig) -> Start:
@@ -167,14 +208,17 @@ def load_start(config: FinetuneConfig) -> Start:
             f"{config.checkpoint}: trained on {identity.get('backbone')} features of {checkpoint.model_args.input_dim} "
             "dimensions; finetune trains the ResNet50 backbone (2048-d) only"
         )
-    if identity.get("fps") is None:
-        raise FinetuneError(
-            f"{config.checkpoint}: its feature set kept every frame (fps=None), so clip times cannot be sampled on "
-            "the same grid; train stage two on a feature set extracted with --fps (e.g. 10)"
-        )
     backbone = checkpoint.create_backbone(config.weights)  # the feature set's weights, hash checked
     preprocess = Preprocess.from_identity(identity)
-    return Start(checkpoint=checkpoint, backbone=backbone, preprocess=preprocess, fps=float(identity["fps"]))
+    try:
+        store = open_feature_set(Path(config.cache), config.feature_set or checkpoint.feature_set_key)
+    except EpicfeatError as err:
+        raise FinetuneError(
+            f"{err}. finetune decodes each clip at the times of the stored rows stage two read, so it needs "
+            f"{config.checkpoint}'s feature set: pass --cache (and --feature-set) where `epicfeat extract` wrote it"
+        ) from None
+    check_feature_set(checkpoint, store.identity)
+    return Start(checkpoint=checkpoint, backbone=backbone, preprocess=preprocess, store=store)
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -251,6 +295,7 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
         step, history, first_epoch = 0, [], 1
         stopping = EarlyStopping(patience=config.patience, validated=data.validation is not None)
         start_metrics: dict[str, float] = {}
+        drift: dict[str, torch.Tensor] | None = None  # restandardize: stored stats + the reference measurement
         rng_generator = torch.Generator()  # capture_rng_state wants one; the data order needs none (seeded per epoch)
         if config.resume:
             saved = load_checkpoint(last_path)
@@ -270,6 +315,7 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
             first_epoch = saved.epoch + 1
             stopping.load(state)
             start_metrics = dict(saved.extra.get("finetune", {}).get("start_metrics", {}))
+            drift = saved.extra.get("finetune", {}).get("drift")
             restore_rng_state(state["rng"], rng_generator)
             console.print(f"resuming {last_path} after epoch {saved.epoch} (step {step})")
         if is_main:
@@ -290,10 +336,26 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
             autocast_dtype=autocast_dtype, label_smoothing=config.label_smoothing, tail_verbs=data.tail_verbs,
             tail_nouns=data.tail_nouns, unseen_participants=data.unseen_participants, problems=problems,
         )
+        stats_loader = _eval_loader(data.stats, config, rank, world, device)
+        measure = lambda: measure_feature_stats(  # noqa: E731
+            model.backbone, stats_loader, preprocess=start.preprocess, device=device, world=world,
+            autocast_dtype=autocast_dtype,
+        )
+        if config.restandardize and backbone_params and drift is None:
+            reference_mean, reference_std = measure()  # the start backbone, on the frames every epoch re-measures
+            drift = {"stored_mean": model.temporal.feature_mean.detach().cpu().clone(),
+                     "stored_std": model.temporal.feature_std.detach().cpu().clone(),
+                     "reference_mean": reference_mean, "reference_std": reference_std}
         if val_loader is not None and config.eval_start and not config.resume:
+            # Epoch 0: the starting model, scored by the code that scores every epoch. It is best.pt until an
+            # epoch beats it, so fine-tuning can never leave a best.pt worse than its start.
             start_metrics = evaluate()
+            stopping.update(0, start_metrics)
+            if is_main:
+                save_finetune_checkpoint(best_path, model=model, start=start, config=run_config, epoch=0,
+                                         metrics=start_metrics, history=[], start_metrics=start_metrics, drift=drift)
             console.print(
-                f"start: val verb {start_metrics['all_verb_accuracy_at_1']:.1f} noun "
+                f"start (epoch 0): val verb {start_metrics['all_verb_accuracy_at_1']:.1f} noun "
                 f"{start_metrics['all_noun_accuracy_at_1']:.1f} action {start_metrics['all_action_accuracy_at_1']:.1f}"
             )
 
@@ -320,10 +382,12 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
                         ddp_model, model, optimizer, loader, augment=augment, schedule=schedule, step=step,
                         backbone_lr_ratio=config.backbone_lr / config.lr, micro_batch_size=config.micro_batch_size,
                         label_smoothing=config.label_smoothing, cutmix_alpha=config.cutmix_alpha,
-                        seed=derive_seed(config.seed, epoch, rank), device=device, world=world,
+                        seed=config.seed, device=device, rank=rank, world=world,
                         autocast_dtype=autocast_dtype, on_batch=lambda n: advance(n * world), problems=problems,
                     )
                 train_seconds = time.perf_counter() - epoch_started
+                if drift is not None:  # the head's input scaling follows the backbone (see the module docstring)
+                    follow_feature_drift(model.temporal, drift, *measure())
                 lr = schedule(step - 1)  # the lr of the epoch's last step
                 row: dict[str, float] = {"epoch": epoch, "step": step, "lr": lr,
                                          "backbone_lr": lr * config.backbone_lr / config.lr, **train_stats}
@@ -339,7 +403,7 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
                 improved = stopping.update(epoch, row)  # every rank has the same metrics: all stop together
                 if is_main:
                     fields = dict(model=model, start=start, config=run_config, epoch=epoch, metrics=row,
-                                  history=history, start_metrics=start_metrics)
+                                  history=history, start_metrics=start_metrics, drift=drift)
                     if improved:
                         save_finetune_checkpoint(best_path, **fields)
                     training_state = {
@@ -375,17 +439,42 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
         steps = np.arange(step)
         plots = plot_training(history, out, lr_curve=(steps / steps_per_epoch, [schedule(int(s)) for s in steps]),
                               title=f"finetune {out.name}")
-    best_row = next((r for r in history if r["epoch"] == stopping.best_epoch), history[-1] if history else {})
+    if stopping.best_epoch == 0 and start_metrics:
+        best_row = {"epoch": 0, **start_metrics}  # no epoch beat the start: best.pt is the starting model
+    else:
+        best_row = next((r for r in history if r["epoch"] == stopping.best_epoch), history[-1] if history else {})
+    gain, verdict = judge(start_metrics, stopping.best_epoch, best_row)
+    if verdict:
+        notes.append(verdict)
     result = FinetuneResult(
         out=out, best_checkpoint=best_path, last_checkpoint=last_path, metrics_csv=csv_path, plots=tuple(plots),
         tensorboard=out / "tensorboard", best_epoch=stopping.best_epoch, best_metrics=dict(best_row),
         epochs_completed=len(history), stopped_early=stopping.stopped_early, history=tuple(history),
         pack_summary=data.summary, seconds=time.perf_counter() - started, notes=tuple(notes),
-        start_metrics=start_metrics, skipped=skipped,
+        start_metrics=start_metrics, skipped=skipped, gain=gain, verdict=verdict,
     )
     if config.progress and is_main:
         print_summary(result, console=console, title="epicfeat finetune")
+    if verdict and is_main:
+        print(verdict, file=sys.stderr)  # the run's result in one line, with or without --progress (job logs)
     return result
+
+
+def judge(start_metrics: dict[str, float], best_epoch: int, best: dict[str, float]) -> tuple[float | None, str]:
+    """(gain in validation action top-1 of best.pt over the start, one line saying whether fine-tuning helped)."""
+    key = "all_action_accuracy_at_1"
+    if not start_metrics or key not in best:
+        return None, ""
+    before, after = start_metrics[key], best[key]
+    if best_epoch == 0:
+        return 0.0, (f"fine-tuning did not help: no epoch beat the starting model's validation action top-1 "
+                     f"{before:.2f}; best.pt is the starting model (epoch 0)")
+    changes = ", ".join(
+        f"{name} {start_metrics[k]:.2f} -> {best[k]:.2f} ({best[k] - start_metrics[k]:+.2f})"
+        for name, k in (("verb", "all_verb_accuracy_at_1"), ("noun", "all_noun_accuracy_at_1"), ("action", key))
+        if k in start_metrics and k in best
+    )
+    return after - before, f"fine-tuning helped: validation top-1 {changes} at epoch {best_epoch}"
 
 
 # ------------------------------------------------------------------------------------- one epoch / eval
@@ -404,6 +493,7 @@ def train_one_epoch(
     cutmix_alpha: float,
     seed: int,
     device: torch.device,
+    rank: int = 0,
     world: int = 1,
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
@@ -412,6 +502,10 @@ def train_one_epoch(
     """One pass over this process's share of the clips; returns mean losses, skips, data wait, and the step.
 
     ``problems`` collects why clips were skipped: the first error of each video, keyed by video id.
+
+    CutMix is drawn per global step (``derive_seed(seed, step)``) over the global batch, and each process
+    pastes its clips' partner boxes from an all-gather of every process's boxes, so N processes train exactly
+    like one with the same global batch (``global_positions`` maps a process's clips to the global batch).
 
     Each loader batch is this process's part of one optimiser step; it runs as micro-batches whose summed losses
     are backpropagated (DDP averages over processes at the last one), then the gradients are scaled by
@@ -435,32 +529,46 @@ def train_one_epoch(
         valid_all = batch["valid"]  # (b,) bool
         skipped += int((~valid_all).sum())
         _collect(problems, batch["error"])
+        # Skipped clips still run (a black clip of the right shape, weight 0), so every DDP process runs the
+        # same backward passes and the all-reduce never waits on a process that had nothing to compute.
+        crop = augment.preprocess.crop
+        pixels = torch.stack([
+            augment.pixels(clip.to(device, non_blocking=True), int(s)) if ok else
+            torch.zeros(clip.shape[0], 3, crop, crop, dtype=torch.uint8, device=device)
+            for clip, s, ok in zip(batch["clip"], batch["aug_seed"], valid_all)
+        ])  # (b, T, 3, crop, crop) uint8
+        verbs, nouns = batch["verb"].to(device), batch["noun"].to(device)  # (b,)
+        partner_verbs, partner_nouns, fraction = verbs, nouns, 0.0
+        mix = None
+        if cutmix_alpha > 0:
+            # One draw per global step over the global batch: N processes paste what one process would.
+            positions = global_positions(len(valid_all), rank, world).to(device)  # (b,)
+            global_valid, global_verbs, global_nouns = (
+                _gather_global(t.to(device), world) for t in (valid_all.to(torch.uint8), verbs, nouns)
+            )  # (B,) each
+            mix = sample_step_cutmix(global_valid.bool().cpu(), crop, crop, cutmix_alpha, derive_seed(seed, step))
+        if mix is not None:
+            y0, y1, x0, x1 = mix.box
+            boxes = _gather_global(pixels[..., y0:y1, x0:x1].contiguous(), world)  # (B, T, 3, h, w) uint8
+            partner = mix.partner.to(device)[positions]  # (b,) global positions of each clip's partner
+            pixels[..., y0:y1, x0:x1] = boxes[partner]
+            partner_verbs, partner_nouns, fraction = global_verbs[partner], global_nouns[partner], mix.fraction
         micro_starts = range(0, len(valid_all), micro_batch_size)
         for micro_index, begin in enumerate(micro_starts):
             part = slice(begin, begin + micro_batch_size)
-            valid = valid_all[part]
             last_micro = micro_index == len(micro_starts) - 1
-            # Skipped clips still run (a black clip of the right shape, weight 0), so every DDP process runs the
-            # same backward passes and the all-reduce never waits on a process that had nothing to compute.
-            clips = torch.stack([
-                augment(clip.to(device, non_blocking=True), int(s)) if ok else
-                torch.zeros(clip.shape[0], 3, augment.preprocess.crop, augment.preprocess.crop, device=device)
-                for clip, s, ok in zip(batch["clip"][part], batch["aug_seed"][part], valid)
-            ])  # (b, T, 3, crop, crop)
-            verbs, nouns = batch["verb"][part].to(device), batch["noun"][part].to(device)  # (b,)
-            keep = valid.nonzero().squeeze(1).to(device)  # (v,) positions of decodable clips
-            mix = sample_clip_cutmix(len(keep), clips.shape[-2], clips.shape[-1], cutmix_alpha,
-                                     derive_seed(seed, step, micro_index))
-            if mix is not None:  # partners among the valid clips only
-                clips[keep] = apply_clip_cutmix(clips[keep], mix)
+            clips = normalize_clips(pixels[part].permute(0, 1, 3, 4, 2), augment.preprocess)  # (b', T, 3, crop, crop)
+            keep = valid_all[part].nonzero().squeeze(1).to(device)  # (v,) positions of decodable clips
             sync = contextlib.nullcontext() if (last_micro or world == 1) else ddp_model.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    verb_logits, noun_logits = ddp_model(clips)  # (b, Cv), (b, Cn)
+                    verb_logits, noun_logits = ddp_model(clips)  # (b', Cv), (b', Cn)
                 verb_logits, noun_logits = verb_logits.float()[keep], noun_logits.float()[keep]  # (v, C)
                 if len(keep):
-                    verb_loss = mixed_cross_entropy(verb_logits, verbs[keep], mix, label_smoothing)
-                    noun_loss = mixed_cross_entropy(noun_logits, nouns[keep], mix, label_smoothing)
+                    verb_loss = _mixed_loss(verb_logits, verbs[part][keep], partner_verbs[part][keep], fraction,
+                                            label_smoothing)
+                    noun_loss = _mixed_loss(noun_logits, nouns[part][keep], partner_nouns[part][keep], fraction,
+                                            label_smoothing)
                     loss = (verb_loss + noun_loss) * len(keep)  # a sum over clips: normalised after the step
                     sums += torch.stack([loss.detach(), verb_loss.detach() * len(keep), noun_loss.detach() * len(keep),
                                          torch.tensor(float(len(keep)), device=device)]).double()
@@ -560,6 +668,70 @@ def evaluate_clips(
     return {**stats, **{name: float(value) for name, value in metrics.items()}}
 
 
+# ------------------------------------------------------------------------------- features that move together
+@torch.inference_mode()
+def measure_feature_stats(
+    backbone: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    preprocess: Preprocess,
+    device: torch.device,
+    world: int = 1,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (two (2048,) float64 CPU tensors) of the backbone's features on ``loader``'s frames.
+
+    Sums in float64, all-reduced over processes, so every process gets the same numbers. Undecodable clips are
+    left out.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    sums = torch.zeros(2, FEATURE_DIM, dtype=torch.float64, device=device)  # sum, sum of squares
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for batch in loader:
+        clips = normalize_clips(batch["clip"][batch["valid"]].to(device), preprocess)  # (v, T, 3, crop, crop)
+        if not len(clips):
+            continue
+        images = clips.reshape(-1, *clips.shape[2:])  # (v * T, 3, crop, crop)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            features = backbone(images).double()  # (v * T, 2048)
+        sums += torch.stack([features.sum(0), (features * features).sum(0)])
+        count += len(features)
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    backbone.train(was_training)
+    if float(count) == 0:
+        raise FinetuneError("no clip of the statistics segments could be decoded; check --videos")
+    mean = sums[0] / count
+    std = (sums[1] / count - mean * mean).clamp(min=0).sqrt()
+    return mean.cpu(), std.cpu()
+
+
+#: Stds below this are treated as this when measuring how a dimension's spread changed (stage two's min_std):
+#: a dimension that was constant (a dead ReLU channel) has no scale to compare with.
+DRIFT_MIN_STD = 1e-3
+
+
+def follow_feature_drift(temporal: TemporalModel, drift: dict[str, torch.Tensor], mean: torch.Tensor,
+                         std: torch.Tensor) -> None:
+    """Move the temporal model's input mean/std by the change of the backbone's features since the start.
+
+    Per dimension, the change from the start backbone (``reference_*``) to the current one (``mean``, ``std``) is
+    taken as affine, f_now = a * f_start + b with a = std / reference_std and b = mean - a * reference_mean, and
+    applied to the stage-two statistics: mean' = a * stored_mean + b, std' = a * stored_std. For a backbone whose
+    features moved affinely, (f_now - mean') / std' == (f_start - stored_mean) / stored_std exactly: the head sees
+    the inputs it was trained on. An unchanged backbone gives a = 1, b = 0: the stored statistics, untouched.
+    """
+    ref_std = drift["reference_std"].clamp(min=DRIFT_MIN_STD)
+    scale = std.clamp(min=DRIFT_MIN_STD) / ref_std  # (D,) a
+    shift = mean - scale * drift["reference_mean"]  # (D,) b
+    unchanged = (mean == drift["reference_mean"]) & (std == drift["reference_std"])  # exact: keep the bits
+    new_mean = torch.where(unchanged, drift["stored_mean"].double(), scale * drift["stored_mean"].double() + shift)
+    new_std = torch.where(unchanged, drift["stored_std"].double(), scale * drift["stored_std"].double())
+    temporal.set_feature_stats(new_mean.float(), new_std.float())
+
+
 # -------------------------------------------------------------------------------------------- checkpoints
 def save_finetune_checkpoint(
     path: Path,
@@ -572,17 +744,22 @@ def save_finetune_checkpoint(
     history: list[dict[str, float]],
     start_metrics: dict[str, float],
     training_state: dict[str, Any] | None = None,
+    drift: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A train-temporal checkpoint (same format, read by ``load_checkpoint``) plus ``backbone`` and ``finetune``.
 
     ``feature_set`` is the identity of the features this backbone would give: the starting feature set's with the
-    weights renamed ``file:<this file's name>`` (what ``create_backbone(weights=PATH)`` names it) and the hash of
-    the fine-tuned weights. ``finetune`` records where the run started. Written atomically like ``save_checkpoint``.
+    weights named by their hash, ``sha-<12 hex digits>`` (what ``create_backbone(weights=PATH)`` names any file
+    holding them, whatever the file is called), and that hash. While the backbone is still the start's (best.pt
+    of epoch 0) it is the starting feature set itself, so best.pt pairs with the features already extracted.
+    ``finetune`` records where the run started. Written atomically like ``save_checkpoint``.
     """
     path = Path(path)
     backbone_state = {k: v.detach().cpu().clone() for k, v in model.backbone.state_dict().items()}
     sha = weights_identity(model.backbone)
-    feature_set = {**start.checkpoint.feature_set, "weights": f"file:{path.name}", "weights_sha": sha}
+    feature_set = dict(start.checkpoint.feature_set)
+    if sha != feature_set.get("weights_sha"):
+        feature_set.update(weights=weights_name_of_sha(sha), weights_sha=sha)
     return save_checkpoint(
         path, model=model.temporal, model_args=start.checkpoint.model_args, config=config,
         verb_classes=start.checkpoint.verb_classes, noun_classes=start.checkpoint.noun_classes,
@@ -595,6 +772,7 @@ def save_finetune_checkpoint(
                 "start_feature_set": dict(start.checkpoint.feature_set),
                 "start_feature_set_key": start.checkpoint.feature_set_key,
                 "start_metrics": {k: float(v) for k, v in start_metrics.items()},
+                **({"drift": {k: v.detach().cpu() for k, v in drift.items()}} if drift is not None else {}),
             },
         },
     )
@@ -605,6 +783,7 @@ def save_finetune_checkpoint(
 class _Data:
     train: ClipDataset
     validation: ClipDataset | None
+    stats: torch.utils.data.Subset  # the train segments the features' drift is measured on (restandardize)
     summary: dict[str, dict[str, int]]
     tail_verbs: frozenset[int] | None
     tail_nouns: frozenset[int] | None
@@ -639,20 +818,70 @@ def _load_data(config: FinetuneConfig, start: Start, notes: list[str]) -> _Data:
             notes.append(f"{int((~found).sum())} {name} segments dropped: {len(lookup.missing)} videos not under "
                          f"{config.videos} ({', '.join(lookup.missing[:5])}{'...' if len(lookup.missing) > 5 else ''})")
         segments = segments[found].reset_index(drop=True)
+        segments, rows, not_stored = segment_rows(start.store, segments)
+        if not_stored:
+            notes.append(f"{not_stored} {name} segments dropped: their videos are not (completely) in feature set "
+                         f"{start.store.identity.key()} (extract them, or stage two never saw them either)")
         if len(segments) == 0:
-            raise FinetuneError(f"no {name} segment has its video under {config.videos}; check --videos")
-        dataset = ClipDataset(segments, {k: Path(v) for k, v in lookup.found.items()}, frames=config.frames,
-                              fps=start.fps, decode=train_decode if name == "train" else p, train=name == "train",
-                              seed=config.seed)
+            raise FinetuneError(f"no {name} segment has its video under {config.videos} and in the feature set "
+                                f"{start.store.identity.key()}; check --videos and --cache")
+        paths = {k: Path(v) for k, v in lookup.found.items()}
+        threads = decode_threads(config)
+        dataset = ClipDataset(segments, paths, rows=rows, frames=config.frames,
+                              decode=train_decode if name == "train" else p, train=name == "train", seed=config.seed,
+                              decode_threads=threads)
         dataset.participants = segments["participant_id"].astype(str).tolist()
         datasets[name] = dataset
+        if name == "train":
+            # The frames the drift of the features is measured on: evaluation's (bin centres, centre crop).
+            chosen = np.unique(np.linspace(0, len(segments) - 1, min(len(segments), config.stats_segments)).round())
+            stats = torch.utils.data.Subset(
+                ClipDataset(segments, paths, rows=rows, frames=config.frames, decode=p, train=False, seed=config.seed,
+                            decode_threads=threads),
+                chosen.astype(np.int64).tolist(),
+            )
         summary[name] = {"segments": len(segments), "missing_video_dropped": int((~found).sum()),
-                         "missing_videos": len(lookup.missing)}
+                         "missing_videos": len(lookup.missing), "not_in_feature_set_dropped": not_stored}
     return _Data(
-        train=datasets["train"], validation=datasets.get("validation"), summary=summary,
+        train=datasets["train"], validation=datasets.get("validation"), stats=stats, summary=summary,
         tail_verbs=annotations.tail_verbs, tail_nouns=annotations.tail_nouns,
         unseen_participants=annotations.unseen_participants("validation") if "validation" in datasets else None,
     )
+
+
+def decode_threads(config: FinetuneConfig) -> int:
+    """Codec threads per decoding process, so that threads x decoders stays within this process's share of cores.
+
+    ``--decode-threads`` when given; else the cores this process may use (its CPU affinity, divided among the
+    processes torchrun starts on this node) over the decoders (``num_workers``, or this process itself).
+    """
+    if config.decode_threads > 0:
+        return config.decode_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, share // max(1, config.num_workers))
+
+
+def segment_rows(store: Any, segments: Any) -> tuple[Any, SegmentRows, int]:
+    """Segments whose video the feature set holds, with their stored rows' times (stage two's join), and how many
+    segments were dropped because the feature set lacks their video."""
+    from epicfeat.temporal.data import rows_of_segments
+
+    complete = set(store.complete_videos())
+    stored = segments["video_id"].astype(str).isin(complete).to_numpy()
+    segments = segments[stored].reset_index(drop=True)
+    times, starts, counts = [], np.zeros(len(segments), np.int64), np.zeros(len(segments), np.int64)
+    offset = 0
+    for video_id, positions in segments.groupby("video_id", sort=True).indices.items():
+        pts = store.read(str(video_id)).pts  # (rows,) float64 seconds
+        lo, hi = rows_of_segments(pts, segments["start_sec"].to_numpy()[positions],
+                                  segments["stop_sec"].to_numpy()[positions])  # (n,), (n,)
+        for position, first, stop in zip(positions, lo, hi):
+            times.append(pts[first:stop])
+            starts[position], counts[position] = offset, stop - first
+            offset += stop - first
+    packed = np.concatenate(times) if times else np.zeros(0, np.float64)  # (R,) seconds
+    return segments, SegmentRows(times=packed, start=starts, count=counts), int((~stored).sum())
 
 
 def _eval_loader(dataset: ClipDataset, config: FinetuneConfig, rank: int, world: int, device: torch.device):
@@ -661,6 +890,26 @@ def _eval_loader(dataset: ClipDataset, config: FinetuneConfig, rank: int, world:
         shard, batch_size=config.eval_batch_size, shuffle=False, num_workers=config.num_workers,
         pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
     )
+
+
+def _gather_global(local: torch.Tensor, world: int) -> torch.Tensor:
+    """(b, ...) of every process -> (world * b, ...) in global-batch order (clip j of process r at j * world + r)."""
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    stacked = torch.stack(parts, dim=1)  # (b, world, ...)
+    return stacked.reshape(-1, *local.shape[1:])  # (b * world, ...)
+
+
+def _mixed_loss(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, fraction: float,
+                label_smoothing: float) -> torch.Tensor:
+    """(1 - f) * CE(logits, labels) + f * CE(logits, partner labels): CutMix's labels mixed by the box's area."""
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if fraction == 0:
+        return loss
+    partner_loss = F.cross_entropy(logits, partner_labels, label_smoothing=label_smoothing)
+    return (1.0 - fraction) * loss + fraction * partner_loss
 
 
 def _collect(problems: dict[str, str] | None, errors: list[str]) -> None:
@@ -697,7 +946,8 @@ def _device(config: FinetuneConfig, world: int) -> torch.device:
 
 #: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
 _RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "videos", "checkpoint", "weights", "device",
-                                "precision", "progress", "eval_batch_size", "num_workers"})
+                                "precision", "progress", "eval_batch_size", "num_workers", "decode_threads",
+                                "cache", "feature_set"})
 
 
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -10,11 +10,12 @@ cannot drift apart:
 * ``Preprocess`` is the one preprocessing definition: shorter side to ``resize``, centre ``crop`` (uint8, done
   here with swscale while decoding), then ImageNet normalisation (``Preprocess.normalize``, on the model's device).
 
-Time origin: every time in seconds is measured from the container's start, i.e. the earliest start time of its
-audio and video streams (FFmpeg's ``start_time``, computed exactly instead of rounded to microseconds). That is the
-position a player or ``ffmpeg -ss`` calls 0, which is what EPIC-100 timestamps are relative to. For ordinary MP4s,
-EPIC's included, the video starts at pts 0 and the first frame is at exactly 0.0 s; for files whose first pts is
-not 0 (MPEG-TS, edited MP4s) the offset is subtracted so that annotations still line up.
+Time origin: every time in seconds is measured from the start of the video stream (its first pts, FFmpeg's
+``start_time``, computed exactly instead of rounded to microseconds), so the first frame is at exactly 0.0 s. The
+audio stream plays no part: with B-frames and no edit list an H.264 stream starts a few ticks after an audio track
+that starts at 0, and counting from the audio would shift every row by those frames depending on whether the file
+has sound (EPIC's files do, their 640x360 copies may not). For ordinary MP4s, EPIC's included, the video starts at
+pts 0 and nothing changes; for files whose first pts is not 0 (MPEG-TS, edited MP4s) the offset is subtracted.
 """
 from __future__ import annotations
 
@@ -23,15 +24,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
 
 from epicfeat.errors import EpicfeatError
+
+if TYPE_CHECKING:  # torch loads lazily: a decode process starts decoding before (without) importing it
+    import torch
 
 # swscale's bilinear filter; on downscaling it widens to cover every source pixel (no aliasing like nearest).
 _INTERPOLATION = "BILINEAR"
@@ -87,6 +90,8 @@ class Preprocess:
         The result is a permuted view of the NHWC data, i.e. already in ``torch.channels_last`` memory format (the
         fast layout for convolutions); call ``.contiguous()`` if something needs plain NCHW strides.
         """
+        import torch
+
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -112,7 +117,7 @@ class Preprocess:
 class VideoMeta:
     path: Path
     fps: float  # the stream's average frame rate (for VFR video, an average; rows carry their own pts)
-    duration: float  # seconds from the container's start to the end of the video stream (0.0 when unknown)
+    duration: float  # seconds from the video stream's start to its end (0.0 when unknown)
     width: int
     height: int
     codec: str
@@ -122,8 +127,9 @@ class VideoMeta:
 @dataclass
 class FrameBatch:
     frame_indices: np.ndarray  # (n,) int64, 0-based positions in presentation order (-1: unknown, see decode_frames_at)
-    pts: np.ndarray  # (n,) float64, seconds from the container's start
+    pts: np.ndarray  # (n,) float64, seconds from the video stream's start
     images: np.ndarray  # (n, crop, crop, 3) uint8 RGB, resized + centre-cropped, not normalised
+    sources: list[np.ndarray] | None = None  # the full-size RGB frames (H, W, 3), only from iter_frames(keep_source=True)
 
     def __len__(self) -> int:
         return len(self.pts)
@@ -156,6 +162,11 @@ class _Resizer:
         rgb = rows[:, : width * 3].reshape(height, width, 3)  # (height, width, 3)
         crop = self.preprocess.crop
         return rgb[top : top + crop, left : left + crop]  # (crop, crop, 3) view into the frame
+
+
+# Public name for callers that convert many frames themselves (predict's live capture keeps one for the whole
+# stream instead of building two swscale contexts per frame through resize_and_crop).
+Resizer = _Resizer
 
 
 def resize_and_crop(frame: av.VideoFrame, preprocess: Preprocess | None) -> np.ndarray:
@@ -210,14 +221,12 @@ def _open_video(path: Path, threads: int = 0) -> Iterator[tuple[av.container.Inp
         container.close()
 
 
-def _time_origin(container: av.container.InputContainer) -> Fraction:
-    """The container's start in seconds, exactly: the earliest start of its audio and video streams (0 if none says)."""
-    starts = [
-        s.start_time * s.time_base
-        for s in container.streams
-        if s.type in ("video", "audio") and s.start_time is not None and s.time_base
-    ]
-    return min(starts) if starts else Fraction(0)
+def _time_origin(container: av.container.InputContainer, stream: VideoStream | None = None) -> Fraction:
+    """The video stream's start in seconds, exactly (0 when it does not say); audio streams never count."""
+    stream = stream if stream is not None else container.streams.video[0]
+    if stream.start_time is None or not stream.time_base:
+        return Fraction(0)
+    return stream.start_time * stream.time_base
 
 
 def probe_video(path: str | Path) -> VideoMeta:
@@ -226,7 +235,7 @@ def probe_video(path: str | Path) -> VideoMeta:
     with _open_video(path) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if stream.duration is not None and stream.start_time is not None:
-            duration = float((stream.start_time + stream.duration) * stream.time_base - _time_origin(container))
+            duration = float((stream.start_time + stream.duration) * stream.time_base - _time_origin(container, stream))
         elif container.duration is not None:
             duration = container.duration / av.time_base
         elif stream.frames and rate:
@@ -258,7 +267,7 @@ def _decoded_frames(
     previous frame: its decoder-reported duration, else the stream's nominal frame period; a first frame without
     pts is placed at the stream's start. Containers such as MP4 always carry pts, so this rule never applies there.
     """
-    origin = _time_origin(container)
+    origin = _time_origin(container, stream)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     nominal_ticks = round(1 / (rate * stream.time_base)) if rate and stream.time_base else 0
     previous: tuple[int, int] | None = None  # (pts, duration) of the last frame, in stream ticks
@@ -314,11 +323,14 @@ class _Batcher:
         self.images = np.empty((self.batch_size, *self.image_shape), np.uint8)  # (B, crop, crop, 3)
         self.indices: list[int] = []
         self.pts: list[float] = []
+        self.sources: list[np.ndarray] = []
 
-    def add(self, index: int, seconds: float, image: np.ndarray) -> FrameBatch | None:
+    def add(self, index: int, seconds: float, image: np.ndarray, source: np.ndarray | None = None) -> FrameBatch | None:
         self.images[len(self.indices)] = image
         self.indices.append(index)
         self.pts.append(seconds)
+        if source is not None:
+            self.sources.append(source)
         return self.flush() if len(self.indices) == self.batch_size else None
 
     def flush(self) -> FrameBatch | None:
@@ -329,20 +341,22 @@ class _Batcher:
             frame_indices=np.array(self.indices, np.int64),
             pts=np.array(self.pts, np.float64),
             images=self.images[:n],
+            sources=self.sources or None,
         )
         self._new()
         return batch
 
 
 def iter_frames(
-    path: str | Path, *, fps: float | None, preprocess: Preprocess, batch_size: int = 64, threads: int = 0
+    path: str | Path, *, fps: float | None, preprocess: Preprocess, batch_size: int = 64, threads: int = 0,
+    keep_source: bool = False,
 ) -> Iterator[FrameBatch]:
     """Stream a video once, front to back, in constant memory, yielding batches of sampled, preprocessed frames.
 
     Sampling: targets k/fps seconds (k = 0, 1, ...); each target takes the first frame whose time is >= the target,
     and a frame is used at most once: targets that would land on the same frame (a frame rate below ``fps``, or a
     gap in variable-frame-rate video) give one row, and sampling continues at the first target after that frame.
-    ``fps=None`` keeps every frame. Frame times are ``pts * time_base`` minus the container's start (see the module
+    ``fps=None`` keeps every frame. Frame times are ``pts * time_base`` minus the video stream's start (see the module
     docstring) and are compared with the targets in exact rational arithmetic, so a frame exactly on a target (the
     5th frame of 50 fps video at fps=10) is taken, never its neighbour. Only kept frames are resized and converted
     to RGB; dropped frames are decoded (the codec needs them) but cost nothing more.
@@ -359,8 +373,10 @@ def iter_frames(
     rate = Fraction(fps) if fps is not None else None  # exact value of the float the caller gave
     resizer = _Resizer(preprocess)
     batcher = _Batcher(batch_size, (preprocess.crop, preprocess.crop, 3))
+    # keep_source (predict's annotated video): each sampled frame also as full-size RGB, one reused context.
+    source_rgb = VideoReformatter() if keep_source else None
     with _open_video(path, threads) as (container, stream):
-        origin, time_base = _time_origin(container), stream.time_base
+        origin, time_base = _time_origin(container, stream), stream.time_base
         next_target = 0  # k of the next target time k / fps
         for index, (pts, frame) in enumerate(_decoded_frames(path, container, stream, from_start=True)):
             time = pts * time_base - origin  # exact seconds (Fraction)
@@ -368,7 +384,8 @@ def iter_frames(
                 if time * rate < next_target:  # time < k / fps
                     continue
                 next_target = math.floor(time * rate) + 1  # first target strictly after this frame
-            batch = batcher.add(index, float(time), resizer(frame))
+            source = source_rgb.reformat(frame, format="rgb24").to_ndarray() if source_rgb is not None else None
+            batch = batcher.add(index, float(time), resizer(frame), source)
             if batch is not None:
                 yield batch
     batch = batcher.flush()
@@ -376,8 +393,10 @@ def iter_frames(
         yield batch
 
 
-def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Preprocess | None) -> FrameBatch:
-    """The frames shown at the given times (seconds from the container's start), in the order of ``times``.
+def decode_frames_at(
+    path: str | Path, times: Sequence[float], preprocess: Preprocess | None, *, threads: int = 0
+) -> FrameBatch:
+    """The frames shown at the given times (seconds from the video stream's start), in the order of ``times``.
 
     For each time, the first frame whose time is >= it (times past the end get the last frame, times before the
     start the first). Seeks once to the keyframe before ``min(times)`` and decodes forward, so a handful of frames
@@ -390,7 +409,7 @@ def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Prepr
     """
     path = Path(path)
     wanted = np.asarray(times, dtype=np.float64).reshape(-1)  # (n,)
-    with _open_video(path) as (container, stream):
+    with _open_video(path, threads) as (container, stream):  # threads: codec threads (0: FFmpeg's choice)
         if preprocess is None:
             shape: tuple[int, ...] = (stream.codec_context.height, stream.codec_context.width, 3)
         else:
@@ -402,7 +421,7 @@ def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Prepr
             return FrameBatch(frame_indices=indices, pts=pts, images=images)
         resizer = _Resizer(preprocess) if preprocess is not None else None
         order = np.argsort(wanted, kind="stable")  # requested times, earliest first
-        origin = _time_origin(container)
+        origin = _time_origin(container, stream)
         frames, index_known = _frames_from(path, container, stream, origin, float(wanted[order[0]]))
 
         def convert(frame: av.VideoFrame) -> np.ndarray:

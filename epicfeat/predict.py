@@ -1,42 +1,54 @@
 """Streaming action recognition: a video file or a camera -> a timeline of top-5 verbs, nouns and actions.
 
-    frames (PyAV, sampled at the feature set's fps) ──► ResNet50 once per frame ──► ring buffer of the last T
-    features ──► every ``stride`` frames: temporal head on the window ──► softmax / official action scores
+    frames (PyAV, sampled at the feature set's fps) ──► ResNet50 once per frame ──► rows of the last
+    ``window_seconds`` ──► every ``stride`` frames: T rows sampled as evaluate samples a segment ──► temporal head
+    ──► softmax / official action scores ──► one timeline line, flushed
 
-Each sampled frame goes through the backbone exactly once; the window of the last T features slides over a
-deque, so a prediction costs ``stride`` backbone passes plus one head call, instead of the seed demo's T backbone
-passes per prediction (``benchmarks/bench_predict.py`` measures both).
+The window. Training and ``evaluate`` spread T bins over a whole segment and read each bin's centre row
+(``PackedSplit.sample_rows``); a prediction does the same over the segment ``[window_start, window_end)`` that
+ends just after the newest row (``window_end`` = its time + one sampled-frame period) and lasts
+``window_seconds``. So a prediction's scores are exactly what ``evaluate`` gives a segment cut there
+(tests/test_predict.py checks this end to end). The sampling code is evaluate's own, not a copy.
 
-The backbone and the preprocessing are rebuilt from the checkpoint's feature set (weights hash, fps, resize,
-crop, mean, std, precision, stored dtype), so every window looks like the windows the model was trained on.
-A window covers the last T sampled frames: at 10 fps, T=16 is 1.6 s of video, the length of a typical EPIC action
-(training segments are binned into T rows, so the model saw segments of roughly this span).
+Each sampled frame goes through the backbone exactly once; the window keeps the features of its rows in a deque,
+so a prediction costs ``stride`` backbone passes plus one head call (``benchmarks/bench_predict.py``).
+
+Nothing is lost: the timeline (CSV or JSON Lines) gets one line per prediction, flushed at once, so the file is
+valid at any moment; an error after the first frame (a truncated file, a camera that disconnects) ends the run
+with the outputs kept and ``PredictResult.error`` saying what happened (one line in the summary).
+
+Cameras (any FFmpeg capture input) are read by a thread that keeps at most ``batch_size`` frames waiting: when
+the model is slower than the camera, the oldest waiting frames are dropped and counted, never queued, so latency
+cannot grow. Latency counts from the moment the capture thread received the frame.
 """
 from __future__ import annotations
 
 import collections
 import csv
-import io
+import functools
 import json
 import math
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from epicfeat.config import atomic_write_text, save_config
+from epicfeat.config import save_config
 from epicfeat.configs import PredictConfig
 from epicfeat.errors import EpicfeatError
-from epicfeat.frames import FrameBatch, Preprocess, VideoError, iter_frames, resize_and_crop
+from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_frames
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
+from epicfeat.temporal.data import PTS_TOLERANCE, PackedSplit
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TIMELINE_SUFFIXES = (".csv", ".jsonl")
 
 
 class PredictError(EpicfeatError):
@@ -45,9 +57,11 @@ class PredictError(EpicfeatError):
 
 @dataclass(frozen=True)
 class Prediction:
-    time: float  # seconds (source clock) of the window's last frame
-    window_start: float  # seconds of the window's first frame
-    frame_index: int  # source frame index of the window's last frame
+    time: float  # seconds (source clock) of the newest row in the window
+    window_start: float  # the window is the segment [window_start, window_end) in seconds, as evaluate cuts one
+    window_end: float
+    rows: int  # sampled rows inside the window (the T bins are spread over them)
+    frame_index: int  # source frame index of the newest row
     verbs: tuple[tuple[str, float], ...]  # (class, probability), best first
     nouns: tuple[tuple[str, float], ...]
     actions: tuple[tuple[str, str, float], ...]  # (verb, noun, score), official action ranking
@@ -61,9 +75,13 @@ class PredictResult:
     window: int  # T
     stride: int
     fps_sampled: float | None  # frames per second of source the backbone sees
-    latencies: list[float] = field(default_factory=list)  # per prediction, seconds (see _Latency)
+    window_seconds: float = 0.0
+    live: bool = False  # a capture device (latency from capture; frames may be dropped)
+    frames_dropped: int = 0  # live only: sampled frames thrown away because the model was behind
+    latencies: list[float] = field(default_factory=list)  # per prediction, seconds from capture (live) or decode
     backbone_seconds: float = 0.0
     head_seconds: float = 0.0
+    error: str | None = None  # what ended the run early (outputs cover what was done before it)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -84,13 +102,17 @@ class PredictResult:
             "seconds": round(self.seconds, 3),
             "frames_per_second": round(self.frames_per_second, 2),
             "predictions_per_second": round(self.predictions_per_second, 2),
+            "latency_from": "capture" if self.live else "decode",
             "latency_ms_median": round(self.latency_ms(0.5), 2),
             "latency_ms_p95": round(self.latency_ms(0.95), 2),
+            "frames_dropped": self.frames_dropped,
             "backbone_seconds": round(self.backbone_seconds, 3),
             "head_seconds": round(self.head_seconds, 3),
             "window": self.window,
+            "window_seconds": self.window_seconds,
             "stride": self.stride,
             "fps_sampled": self.fps_sampled,
+            "error": self.error,
         }
 
 
@@ -107,7 +129,9 @@ class FrameEncoder:
     """uint8 crops (N, crop, crop, 3) -> features (N, 2048) in the feature set's stored dtype, on the device.
 
     Features are rounded to the stored dtype (float16) exactly as ``extract`` stores them, so the head sees the
-    same numbers it was trained on.
+    same numbers it was trained on. ``pad_to`` pads a short batch with black frames, as extract pads its last
+    batch: convolution kernels (oneDNN, cuDNN) pick their algorithm by batch size, so a frame's features are
+    bit-identical to extract's only when both run batches of the same size.
     """
 
     def __init__(self, backbone: torch.nn.Module, preprocess: Preprocess, device: torch.device, *,
@@ -121,7 +145,11 @@ class FrameEncoder:
         self.feature_dtype = getattr(torch, feature_dtype)
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, pad_to: int | None = None) -> torch.Tensor:
+        rows = len(images)
+        if pad_to is not None and rows < pad_to:
+            padding = np.zeros((pad_to - rows, *images.shape[1:]), images.dtype)
+            images = np.concatenate([images, padding])  # (pad_to, H, W, 3)
         pixels = torch.from_numpy(images).to(self.device, non_blocking=True)  # (N, H, W, 3) uint8
         pixels = self.preprocess.normalize(pixels)  # (N, 3, H, W) float32, channels_last strides
         if self.channels_last:
@@ -130,7 +158,7 @@ class FrameEncoder:
             pixels = pixels.contiguous()
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             features = self.model(pixels)  # (N, 2048)
-        return features.float().to(self.feature_dtype)
+        return features[:rows].float().to(self.feature_dtype)
 
 
 def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_classes, noun_classes, k: int):
@@ -158,7 +186,85 @@ def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_class
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ the window
+@functools.lru_cache(maxsize=256)
+def evaluation_offsets(rows: int, frames: int) -> tuple[int, ...]:
+    """Positions (0..rows-1) of the T rows ``evaluate`` reads from a segment of ``rows`` rows: bin centres.
+
+    Asks ``PackedSplit.sample_rows`` itself (a one-segment split with no features), so this cannot drift from how
+    evaluation and training's validation sample segments.
+    """
+    one_segment = PackedSplit(
+        features=torch.empty(0, 1), row_start=torch.zeros(1, dtype=torch.int64),
+        row_count=torch.tensor([rows], dtype=torch.int64), verb_labels=None, noun_labels=None,
+        narration_ids=["window"], participant_ids=[""], video_ids=[""],
+    )
+    offsets = one_segment.sample_rows(torch.zeros(1, dtype=torch.int64), frames, train=False)  # (1, T)
+    return tuple(int(o) for o in offsets[0])
+
+
+@dataclass(frozen=True)
+class _Row:
+    features: torch.Tensor  # (2048,) stored dtype
+    pts: float  # seconds
+    frame_index: int
+    arrival: float  # perf_counter when the frame was captured (live) or decoded (file)
+
+
+class SegmentWindow:
+    """The rows of the last ``seconds`` of stream, read the way ``evaluate`` reads a segment of that length.
+
+    The window is the segment [end - seconds, end) that ends where the newest row's sampling slot ends: rows are
+    sampled at targets k / fps (each the first frame at or after its target), so the row of slot k stands for
+    [k / fps, (k + 1) / fps) and end = (k + 1) / fps; with every frame kept (fps None), end = newest time + the
+    gap to the previous row. So at 10 fps a 1.6 s window holds exactly 16 rows, whatever the source's frame
+    rate. A row belongs to it when start <= pts < end, with evaluate's pts tolerance. It is ``ready`` once the
+    stream covers the whole window; before that the first rows of a video would be stretched over it.
+    """
+
+    def __init__(self, seconds: float, frames: int, fps: float | None):
+        self.seconds, self.frames, self.fps = seconds, frames, fps
+        self.rows: collections.deque[_Row] = collections.deque()
+        self.first_pts: float | None = None
+        self.gap = 0.0  # fps None: seconds between the two newest rows
+
+    def add(self, row: _Row) -> None:
+        if self.rows:
+            self.gap = row.pts - self.rows[-1].pts
+        self.first_pts = row.pts if self.first_pts is None else self.first_pts
+        self.rows.append(row)
+        while self.rows[0].pts < self.start - PTS_TOLERANCE:  # the newest row always stays (start <= its pts)
+            self.rows.popleft()
+
+    @property
+    def end(self) -> float:
+        newest = self.rows[-1].pts
+        if self.fps is None:
+            return newest + self.gap
+        return (math.floor(newest * self.fps + PTS_TOLERANCE) + 1) / self.fps  # end of the newest row's slot
+
+    @property
+    def start(self) -> float:
+        return self.end - self.seconds
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.rows) and self.end > self.rows[-1].pts and self.start >= self.first_pts - PTS_TOLERANCE
+
+    def sample(self) -> torch.Tensor:
+        """The T sampled rows' features, oldest first: (1, T, 2048)."""
+        rows = [self.rows[i].features for i in evaluation_offsets(len(self.rows), self.frames)]
+        return torch.stack(rows)[None]  # (1, T, 2048)
+
+
 # ------------------------------------------------------------------------------------------------ sources
+@dataclass
+class SourceBatch:
+    frames: FrameBatch  # sampled, resized and cropped frames with their indices and times
+    arrivals: np.ndarray  # (n,) perf_counter seconds when each frame was captured (live) or decoded (file)
+    sources: list[np.ndarray] | None = None  # full-size RGB frames (H, W, 3), for the annotated video only
+
+
 def _camera_device(source: str, camera_format: str | None) -> tuple[str, str] | None:
     """(device, PyAV format) when ``source`` names a camera, else None (a file)."""
     if source.isdigit():
@@ -177,66 +283,207 @@ def _camera_device(source: str, camera_format: str | None) -> tuple[str, str] | 
     return None
 
 
-def _camera_batches(device: str, fmt: str, fps: float | None, preprocess: Preprocess,
-                    batch_size: int) -> Iterator[FrameBatch]:
-    """Live frames from a capture device, sampled at ``fps`` by their timestamps, in batches of ``batch_size``.
+def _file_batches(path: str, fps: float | None, preprocess: Preprocess, batch_size: int, *,
+                  keep_source: bool) -> Iterator[SourceBatch]:
+    for batch in iter_frames(path, fps=fps, preprocess=preprocess, batch_size=batch_size, keep_source=keep_source):
+        yield SourceBatch(batch, np.full(len(batch), time.perf_counter()), batch.sources)
 
-    Same sampling rule as ``iter_frames``: each target k/fps takes the first frame at or after it. Frame times
-    are measured from the first captured frame. Not covered by the tests (no camera in CI).
+
+class LiveCapture:
+    """A capture device read by a thread, like a camera driver: frames arrive in real time whether or not the
+    model keeps up.
+
+    The thread samples frames at ``fps`` by their timestamps (measured from the first captured frame; the same
+    rule as ``iter_frames``: each target k/fps takes the first frame at or after it) and keeps at most
+    ``capacity`` decoded frames waiting. When a new frame finds the queue full the oldest waiting frame is dropped
+    (``dropped`` counts them): predictions then skip ahead to the present instead of falling further behind.
+    ``batches`` takes whatever is waiting, up to ``batch_size`` frames, and resizes and crops them with one
+    ``Resizer`` kept for the whole stream (so a dropped frame costs no conversion, and the capture thread does
+    little besides reading). A capture error (a camera unplugged) ends ``batches`` with a PredictError after the
+    frames already captured.
     """
-    import av
 
-    try:
-        container = av.open(device, format=fmt)
-    except (av.FFmpegError, OSError) as err:
-        raise PredictError(
-            f"camera {device} ({fmt}): cannot open it ({err}); check the index and permissions"
-        ) from None
-    try:
-        stream = container.streams.video[0]
+    def __init__(self, device: str, fmt: str, fps: float | None, preprocess: Preprocess, capacity: int, *,
+                 max_seconds: float | None = None, keep_source: bool = False):
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        try:
+            self._container = av.open(device, format=fmt)
+            stream = self._container.streams.video[0]
+        except (av.FFmpegError, OSError, IndexError) as err:
+            raise PredictError(
+                f"camera {device} ({fmt}): cannot open it ({err}); check the index, the format and permissions"
+            ) from None
+        self.name = f"{device} ({fmt})"
+        self._stream, self._preprocess = stream, preprocess
+        self._rate = Fraction(fps) if fps is not None else None  # exact value of the float given
+        self._waiting: collections.deque = collections.deque()  # (index, seconds, av.VideoFrame, arrival)
+        self._capacity = max(1, capacity)
+        self._resizer = Resizer(preprocess)  # one for the whole stream: two swscale contexts, reused
+        self._source_rgb = VideoReformatter() if keep_source else None  # full-size RGB for the annotated video
+        self._max_seconds = max_seconds  # capture stops at this source time (frames after it are not counted)
+        self._ready = threading.Condition()
+        self._stop = threading.Event()
+        self._finished = False
+        self.error: BaseException | None = None
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._capture, name="epicfeat-capture", daemon=True)
+        self._thread.start()
+
+    def _frames(self):
+        """Decoded frames of the device (a separate method so that tests can make a device fail)."""
+        return self._container.decode(self._stream)
+
+    def _capture(self) -> None:
         start, next_target, index = None, 0, 0
-        images, indices, times = [], [], []
-        for frame in container.decode(stream):
-            seconds = frame.time if frame.time is not None else time.perf_counter()
-            start = seconds if start is None else start
-            seconds -= start
-            keep = fps is None or seconds * fps >= next_target
-            if keep:
-                if fps is not None:
-                    next_target = math.floor(seconds * fps) + 1  # first target strictly after this frame
-                images.append(resize_and_crop(frame, preprocess))
-                indices.append(index)
-                times.append(seconds)
-                if len(images) == batch_size:
-                    yield FrameBatch(np.array(indices), np.array(times), np.stack(images))  # (B, crop, crop, 3)
-                    images, indices, times = [], [], []
-            index += 1
-    finally:
-        container.close()
+        try:
+            for frame in self._frames():
+                arrival = time.perf_counter()
+                if self._stop.is_set():
+                    break
+                # Exact seconds (a Fraction) when the frame carries a pts, as iter_frames compares them.
+                seconds = frame.pts * frame.time_base if frame.pts is not None else Fraction(arrival)
+                start = seconds if start is None else start
+                seconds -= start
+                if self._max_seconds is not None and seconds >= self._max_seconds:
+                    break
+                index += 1
+                if self._rate is not None:
+                    if seconds * self._rate < next_target:  # before target k / fps
+                        continue
+                    next_target = math.floor(seconds * self._rate) + 1  # first target strictly after this frame
+                with self._ready:
+                    if len(self._waiting) == self._capacity:
+                        self._waiting.popleft()  # the model is behind: drop the oldest, keep the present
+                        self.dropped += 1
+                    self._waiting.append((index - 1, float(seconds), frame, arrival))
+                    self._ready.notify()
+        except BaseException as err:  # noqa: BLE001 - handed to the reading side, which reports it
+            self.error = err
+        finally:
+            with self._ready:
+                self._finished = True
+                self._ready.notify()
+            self._container.close()
+
+    def batches(self, batch_size: int) -> Iterator[SourceBatch]:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._waiting or self._finished)
+                if not self._waiting:
+                    break
+                taken = [self._waiting.popleft() for _ in range(min(batch_size, len(self._waiting)))]
+            indices, seconds, decoded, arrivals = zip(*taken)
+            images = np.stack([self._resizer(frame) for frame in decoded])  # (n, crop, crop, 3)
+            sources = None
+            if self._source_rgb is not None:
+                sources = [self._source_rgb.reformat(frame, format="rgb24").to_ndarray() for frame in decoded]
+            frames = FrameBatch(np.array(indices, np.int64), np.array(seconds, np.float64), images)
+            yield SourceBatch(frames, np.array(arrivals), sources)
+        if self.error is not None:
+            raise PredictError(f"camera {self.name}: capture stopped ({type(self.error).__name__}: {self.error})")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-class _AnnotatedVideo:
-    """H.264 MP4 of the frames the model saw (the centre crop), with a text panel below each frame.
+class CsvTimeline:
+    """One CSV row per prediction (ranked columns), each row flushed as soon as it is written."""
 
-    The panel shows the latest prediction (top verb, noun, action and scores) and the live FPS (over the last 30
-    frames processed). One output frame per sampled frame, at the sampled frame rate.
+    def __init__(self, path: Path, ranks: tuple[int, int, int]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self.writer = csv.writer(self.file)
+        header = ["time", "window_start", "window_end", "rows", "frame_index"]
+        for kind, k in zip(("verb", "noun", "action"), ranks):
+            for rank in range(1, k + 1):
+                header += [f"{kind}{rank}", f"{kind}{rank}_score"]
+        self._line(header)
+
+    def _line(self, row: list) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def write(self, p: Prediction) -> None:
+        row = [f"{p.time:.6f}", f"{p.window_start:.6f}", f"{p.window_end:.6f}", p.rows, p.frame_index]
+        for name, score in p.verbs:
+            row += [name, f"{score:.6g}"]
+        for name, score in p.nouns:
+            row += [name, f"{score:.6g}"]
+        for verb, noun, score in p.actions:
+            row += [f"{verb} {noun}", f"{score:.6g}"]
+        self._line(row)
+
+    def close(self, summary: dict) -> None:  # the summary is printed and returned; a CSV has no place for it
+        self.file.close()
+
+
+class JsonlTimeline:
+    """JSON Lines: a "run" record (source, checkpoint, window), one "prediction" record per prediction, a closing
+    "summary" record; each line flushed at once, so every complete line of the file parses at any moment."""
+
+    def __init__(self, path: Path, meta: dict):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        self._line({"type": "run", **meta})
+
+    def _line(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def write(self, p: Prediction) -> None:
+        self._line({
+            "type": "prediction", "time": p.time, "window_start": p.window_start, "window_end": p.window_end,
+            "rows": p.rows, "frame_index": p.frame_index,
+            "verbs": [{"class": c, "score": s} for c, s in p.verbs],
+            "nouns": [{"class": c, "score": s} for c, s in p.nouns],
+            "actions": [{"verb": v, "noun": n, "score": s} for v, n, s in p.actions],
+        })
+
+    def close(self, summary: dict) -> None:
+        self._line({"type": "summary", **summary})
+        self.file.close()
+
+
+def read_timeline(path: str | Path) -> list[dict]:
+    """A timeline written by ``predict`` (CSV or JSON Lines) as a list of records (CSV rows as dicts of strings;
+    JSON Lines records of every type), for tests and tools."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            return list(csv.DictReader(f))
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _timeline_ranks(top_k: int, n_verbs: int, n_nouns: int) -> tuple[int, int, int]:
+    """Ranked columns per kind: top_k capped by the class counts; actions also by the official top-100 pairs."""
+    actions = min(100, min(100, n_verbs) * min(100, n_nouns))
+    return min(top_k, n_verbs), min(top_k, n_nouns), min(top_k, actions)
+
+
+class _AnnotatedVideo:
+    """H.264 MP4 of the sampled source frames at their own size: the model's centre crop outlined, the latest
+    prediction (top verb, noun, action with scores) and the live FPS drawn in a panel at the top left.
+
+    One output frame per sampled frame, at the sampled frame rate. Drawing needs Pillow (the ``video`` extra).
     """
 
     LINES = 4
 
-    def __init__(self, path: Path, crop: int, fps: float | None):
+    def __init__(self, path: Path, width: int, height: int, preprocess: Preprocess, fps: float | None):
         import av
         from PIL import ImageFont
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.font = ImageFont.load_default(size=max(8, crop // 20))
-        self.line_height = self.font.size + 3
-        # yuv420p needs even sides.
-        self.width = crop + crop % 2
-        self.panel = self.LINES * self.line_height + 4
-        self.height = crop + self.panel + (crop + self.panel) % 2
-        self.crop = crop
+        # yuv420p needs even sides: one column / row of black on odd-sized sources.
+        self.width, self.height = width + width % 2, height + height % 2
+        self.font = ImageFont.load_default(size=max(10, height // 24))
+        self.line_height = int(self.font.size * 1.25)
+        self.crop_box = _crop_box(width, height, preprocess)
+        self.outline = max(2, height // 180)  # 2 px at least: yuv420p halves colour resolution
         rate = Fraction(fps).limit_denominator(1001) if fps else Fraction(30)
         self.container = av.open(str(path), mode="w")
         self.stream = self.container.add_stream("libx264", rate=rate)
@@ -251,8 +498,12 @@ class _AnnotatedVideo:
         canvas = Image.new("RGB", (self.width, self.height))
         canvas.paste(Image.fromarray(image), (0, 0))
         draw = ImageDraw.Draw(canvas)
-        for i, line in enumerate(lines[: self.LINES]):
-            draw.text((2, self.crop + 2 + i * self.line_height), line, fill=(255, 255, 255), font=self.font)
+        draw.rectangle(self.crop_box, outline=(255, 200, 0), width=self.outline)  # what the model sees
+        lines = lines[: self.LINES]
+        text_width = max(draw.textlength(line, font=self.font) for line in lines)
+        draw.rectangle((0, 0, int(text_width) + 8, len(lines) * self.line_height + 6), fill=(0, 0, 0))
+        for i, line in enumerate(lines):
+            draw.text((4, 3 + i * self.line_height), line, fill=(255, 255, 255), font=self.font)
         frame = av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
@@ -264,52 +515,33 @@ class _AnnotatedVideo:
         self.container.close()
 
 
-def _overlay_lines(prediction: Prediction | None, filled: int, window: int, live_fps: float) -> list[str]:
+def _crop_box(width: int, height: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom), inclusive, of the model's centre crop in source pixels: the crop is cut from
+    the frame resized to ``resized_size``, so its corners scale back by source / resized."""
+    resized_width, resized_height = preprocess.resized_size(width, height)
+    left, top = preprocess.crop_offsets(resized_width, resized_height)
+    scale_x, scale_y = width / resized_width, height / resized_height
+    right, bottom = left + preprocess.crop, top + preprocess.crop
+    return (round(left * scale_x), round(top * scale_y), round(right * scale_x) - 1, round(bottom * scale_y) - 1)
+
+
+def _require_pillow() -> None:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise PredictError("--video-out draws with Pillow, which epicfeat depends on but this environment lacks: "
+                           "pip install Pillow") from None
+
+
+def _overlay_lines(prediction: Prediction | None, window: SegmentWindow, live_fps: float) -> list[str]:
     if prediction is None:
-        return [f"warming up: {filled}/{window} frames", "", "", f"{live_fps:.1f} FPS"]
+        return [f"warming up: {window.end - window.first_pts:.1f}/{window.seconds:g} s of window", "", "",
+                f"{live_fps:.1f} FPS"]
     (verb, verb_p), (noun, noun_p) = prediction.verbs[0], prediction.nouns[0]
     action_verb, action_noun, action_p = prediction.actions[0]
     return [f"verb: {verb} {verb_p:.2f}", f"noun: {noun} {noun_p:.2f}",
             f"action: {action_verb} {action_noun} {action_p:.2f}",
             f"{live_fps:.1f} FPS  t={prediction.time:.1f}s"]
-
-
-def write_timeline(path: Path, result: PredictResult, meta: dict) -> None:
-    """CSV (one row per prediction, ranked columns) or JSON (predictions, run metadata, summary) by suffix."""
-    if path.suffix.lower() == ".json":
-        document = {
-            **meta,
-            "summary": result.summary(),
-            "predictions": [
-                {
-                    "time": p.time, "window_start": p.window_start, "frame_index": p.frame_index,
-                    "verbs": [{"class": c, "score": s} for c, s in p.verbs],
-                    "nouns": [{"class": c, "score": s} for c, s in p.nouns],
-                    "actions": [{"verb": v, "noun": n, "score": s} for v, n, s in p.actions],
-                }
-                for p in result.predictions
-            ],
-        }
-        atomic_write_text(path, json.dumps(document, indent=1) + "\n")
-        return
-    k = max((len(p.verbs) for p in result.predictions), default=0)
-    header = ["time", "window_start", "frame_index"]
-    for kind in ("verb", "noun", "action"):
-        for rank in range(1, k + 1):
-            header += [f"{kind}{rank}", f"{kind}{rank}_score"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    for p in result.predictions:
-        row = [f"{p.time:.6f}", f"{p.window_start:.6f}", p.frame_index]
-        for name, score in p.verbs:
-            row += [name, f"{score:.6g}"]
-        for name, score in p.nouns:
-            row += [name, f"{score:.6g}"]
-        for verb, noun, score in p.actions:
-            row += [f"{verb} {noun}", f"{score:.6g}"]
-        writer.writerow(row)
-    atomic_write_text(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -319,14 +551,65 @@ def _check(config: PredictConfig) -> None:
     if config.checkpoint is None:
         raise PredictError("--checkpoint is required (the best.pt of a train-temporal run)")
     for name in ("stride", "top_k", "batch_size"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise PredictError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
     if config.skip_frames < 0:
         raise PredictError(f"--skip-frames must be >= 0, got {config.skip_frames}")
+    if not config.window_seconds > 0:
+        raise PredictError(f"--window-seconds must be > 0, got {config.window_seconds}")
     if config.precision not in (None, "fp32", "bf16", "fp16"):
         raise PredictError(f"--precision must be fp32, bf16 or fp16, got {config.precision!r}")
-    if config.timeline is not None and Path(config.timeline).suffix.lower() not in (".csv", ".json"):
-        raise PredictError(f"--timeline {config.timeline}: the file name must end in .csv or .json")
+    if config.timeline is not None and Path(config.timeline).suffix.lower() not in TIMELINE_SUFFIXES:
+        hint = " (.json: use .jsonl, JSON Lines, which stays valid while it grows)" if (
+            Path(config.timeline).suffix.lower() == ".json") else ""
+        raise PredictError(f"--timeline {config.timeline}: the file name must end in .csv or .jsonl{hint}")
+    if config.video_out is not None:
+        _require_pillow()
+
+
+class _Outputs:
+    """Timeline and annotated video, opened at the first frame (a source that fails to start leaves no file)."""
+
+    def __init__(self, config: PredictConfig, checkpoint: Checkpoint, meta: dict, preprocess: Preprocess,
+                 fps: float | None):
+        self.config, self.checkpoint, self.meta, self.preprocess, self.fps = config, checkpoint, meta, preprocess, fps
+        self.timeline: CsvTimeline | JsonlTimeline | None = None
+        self.video: _AnnotatedVideo | None = None
+        self.opened = False
+        self.recent: collections.deque[float] = collections.deque(maxlen=30)  # wall times, for the live FPS
+
+    def open(self, first_source: np.ndarray | None) -> None:
+        self.opened = True
+        config = self.config
+        if config.timeline is not None:
+            path = Path(config.timeline)
+            # the resolved config beside the timeline: `epicfeat predict --config` redoes this run
+            save_config(config, path.with_suffix(".config.yaml"))
+            if path.suffix.lower() == ".csv":
+                self.timeline = CsvTimeline(path, _timeline_ranks(
+                    config.top_k, len(self.checkpoint.verb_classes), len(self.checkpoint.noun_classes)))
+            else:
+                self.timeline = JsonlTimeline(path, self.meta)
+        if config.video_out is not None and first_source is not None:
+            height, width = first_source.shape[:2]
+            self.video = _AnnotatedVideo(Path(config.video_out), width, height, self.preprocess, self.fps)
+
+    def prediction(self, prediction: Prediction) -> None:
+        if self.timeline is not None:
+            self.timeline.write(prediction)
+
+    def frame(self, source: np.ndarray, current: Prediction | None, window: SegmentWindow) -> None:
+        if self.video is None:
+            return
+        self.recent.append(time.perf_counter())
+        live_fps = (len(self.recent) - 1) / (self.recent[-1] - self.recent[0]) if self.recent[-1] > self.recent[0] else 0.0
+        self.video.write(source, _overlay_lines(current, window, live_fps))
+
+    def close(self, summary: dict) -> None:
+        if self.video is not None:
+            self.video.close()
+        if self.timeline is not None:
+            self.timeline.close(summary)
 
 
 def predict(config: PredictConfig) -> PredictResult:
@@ -336,7 +619,7 @@ def predict(config: PredictConfig) -> PredictResult:
     _check(config)
     checkpoint = load_checkpoint(config.checkpoint)
     feature_set = checkpoint.feature_set
-    window = window_length(checkpoint)
+    frames = window_length(checkpoint)
     device = resolve_device(config.device)
     notes: list[str] = []
     precision = config.precision or feature_set.get("precision", "fp32")
@@ -348,76 +631,121 @@ def predict(config: PredictConfig) -> PredictResult:
         precision=precision, feature_dtype=feature_set.get("dtype", "float16"),
         channels_last=config.channels_last, compile=config.compile,
     )
-    # The head runs in fp32: one small LSTM call per `stride` backbone frames is a small share of the work, and
-    # fp32 keeps the timeline's scores equal to a direct model call.
+    # The head runs in fp32, as evaluate runs it: one small LSTM call per `stride` backbone frames is a small
+    # share of the work, and fp32 keeps the timeline's scores equal to evaluate's.
     head = checkpoint.create_model(device)
     fps = feature_set.get("fps")
     fps = None if fps is None else float(fps) / (config.skip_frames + 1)
     if config.skip_frames and fps is None:
         notes.append("--skip-frames ignored: the feature set keeps every frame (fps: null), so no rate to lower")
+    if fps is not None and config.window_seconds * fps < 1 - PTS_TOLERANCE:
+        raise PredictError(f"--window-seconds {config.window_seconds} holds no frame at {fps:g} sampled frames/s: "
+                           f"give at least {1 / fps:g} s")
 
     camera = _camera_device(str(config.source), config.camera_format)
+    batch_size = _batch_size(config, feature_set, live=camera is not None, notes=notes)
+    if camera is None and not Path(config.source).exists():
+        raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
+    # Before the camera opens: its frames would otherwise pile up (and be dropped) during the one-off costs.
+    _warm_up(encoder, head, batch_size, frames)
+    capture = None
     if camera is None:
-        if not Path(config.source).exists():
-            raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
-        batches = iter_frames(config.source, fps=fps, preprocess=encoder.preprocess, batch_size=config.batch_size)
+        batches = _file_batches(config.source, fps, encoder.preprocess, batch_size,
+                                keep_source=config.video_out is not None)
     else:
-        batches = _camera_batches(*camera, fps, encoder.preprocess, config.batch_size)
+        capture = LiveCapture(*camera, fps, encoder.preprocess, capacity=batch_size, max_seconds=config.max_seconds,
+                              keep_source=config.video_out is not None)
+        batches = capture.batches(batch_size)
 
-    ring: collections.deque[tuple[torch.Tensor, float, int]] = collections.deque(maxlen=window)
-    result = PredictResult(predictions=[], frames=0, seconds=0.0, window=window, stride=config.stride,
-                           fps_sampled=fps, notes=notes)
-    writer = _AnnotatedVideo(Path(config.video_out), encoder.preprocess.crop, fps) if config.video_out else None
-    recent = collections.deque(maxlen=30)  # wall times of the last 30 frames, for the live FPS overlay
-    _warm_up(encoder, head, config.batch_size, window)
+    result = PredictResult(predictions=[], frames=0, seconds=0.0, window=frames, stride=config.stride,
+                           fps_sampled=fps, window_seconds=config.window_seconds, live=capture is not None,
+                           notes=notes)
+    meta = {"source": str(config.source), "checkpoint": str(config.checkpoint),
+            "feature_set": checkpoint.feature_set_key, "window": frames, "window_seconds": config.window_seconds,
+            "stride": config.stride, "fps_sampled": fps}
+    outputs = _Outputs(config, checkpoint, meta, encoder.preprocess, fps)
+    window = SegmentWindow(config.window_seconds, frames, fps)
     started = time.perf_counter()
+    # A file's short last batch is padded, as extract pads it; a camera's batches are whatever is waiting, run
+    # as they are (padding would cost a full batch of compute for every frame when the model keeps up).
+    pad_to = None if capture is not None else batch_size
     try:
-        for batch in batches:
-            if config.max_seconds is not None and batch.pts[0] >= config.max_seconds:
-                break
-            ready = time.perf_counter()  # the batch is decoded: latency of its predictions counts from here
-            features = encoder(batch.images)  # (n, 2048), stored dtype
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.backbone_seconds += time.perf_counter() - ready
-            for row in range(len(batch)):
-                if config.max_seconds is not None and batch.pts[row] >= config.max_seconds:
-                    break
-                ring.append((features[row], float(batch.pts[row]), int(batch.frame_indices[row])))
-                result.frames += 1
-                if len(ring) == window and (result.frames - window) % config.stride == 0:
-                    head_start = time.perf_counter()
-                    result.predictions.append(_predict_window(head, ring, checkpoint, config.top_k))
-                    now = time.perf_counter()
-                    result.head_seconds += now - head_start
-                    result.latencies.append(now - ready)
-                if writer is not None:
-                    recent.append(time.perf_counter())
-                    live_fps = (len(recent) - 1) / (recent[-1] - recent[0]) if recent[-1] > recent[0] else 0.0
-                    current = result.predictions[-1] if result.predictions else None
-                    writer.write(batch.images[row], _overlay_lines(current, len(ring), window, live_fps))
-            if config.progress:
-                print(f"\r{result.frames} frames, {len(result.predictions)} predictions, "
-                      f"{result.frames / (time.perf_counter() - started):.1f} frames/s", end="", file=sys.stderr)
+        _stream(config, batches, encoder, head, checkpoint, window, outputs, result, device, started, pad_to)
     except KeyboardInterrupt:  # a live camera stops with Ctrl-C: keep what was predicted
         notes.append("interrupted: outputs cover the frames processed so far")
+    except Exception as err:  # after the first frame, nothing done may be lost
+        if result.frames == 0:
+            raise
+        where = f"t={window.rows[-1].pts:.2f} s" if window.rows else "the start"
+        reason = str(err) if isinstance(err, EpicfeatError) else f"{type(err).__name__}: {err}"
+        result.error = (f"stopped after {result.frames} frames (at {where}); outputs cover them and "
+                        f"{len(result.predictions)} predictions: {reason}")
     finally:
-        if writer is not None:
-            writer.close()
+        if capture is not None:
+            capture.close()
+            result.frames_dropped = capture.dropped
+        result.seconds = time.perf_counter() - started
         if config.progress:
             print(file=sys.stderr)
-    result.seconds = time.perf_counter() - started
-    if not result.predictions:
-        notes.append(f"no prediction: fewer than T={window} frames were sampled "
-                     f"({result.frames} at {fps or 'every'} fps)")
-    if config.timeline is not None:
-        meta = {"source": str(config.source), "checkpoint": str(config.checkpoint),
-                "feature_set": checkpoint.feature_set_key, "window": window, "stride": config.stride,
-                "fps_sampled": fps}
-        write_timeline(Path(config.timeline), result, meta)
-        # the resolved config beside the timeline: `epicfeat predict --config` redoes this run
-        save_config(config, Path(config.timeline).with_suffix(".config.yaml"))
+        outputs.close(result.summary())
+    if not result.predictions and result.error is None:
+        notes.append(f"no prediction: the stream ({result.frames} frames at {fps or 'every'} fps) is shorter than "
+                     f"the {config.window_seconds:g} s window")
     return result
+
+
+def _stream(config: PredictConfig, batches: Iterator[SourceBatch], encoder: FrameEncoder, head: torch.nn.Module,
+            checkpoint: Checkpoint, window: SegmentWindow, outputs: _Outputs, result: PredictResult,
+            device: torch.device, started: float, pad_to: int | None) -> None:
+    """The loop: backbone per batch, then per frame the window, a prediction every ``stride`` ready frames."""
+    ready_frames = 0  # frames since the window first covered window_seconds of stream
+    for batch in batches:
+        rows = batch.frames
+        if not outputs.opened:
+            outputs.open(batch.sources[0] if batch.sources else None)
+        if config.max_seconds is not None and rows.pts[0] >= config.max_seconds:
+            return
+        backbone_start = time.perf_counter()
+        features = encoder(rows.images, pad_to=pad_to)  # (n, 2048), stored dtype
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.backbone_seconds += time.perf_counter() - backbone_start
+        for row in range(len(rows)):
+            if config.max_seconds is not None and rows.pts[row] >= config.max_seconds:
+                return
+            window.add(_Row(features[row], float(rows.pts[row]), int(rows.frame_indices[row]),
+                            float(batch.arrivals[row])))
+            result.frames += 1
+            if window.ready:
+                if ready_frames % config.stride == 0:
+                    head_start = time.perf_counter()
+                    prediction = _predict_window(head, window, checkpoint, config.top_k)
+                    now = time.perf_counter()
+                    result.head_seconds += now - head_start
+                    result.latencies.append(now - window.rows[-1].arrival)
+                    result.predictions.append(prediction)
+                    outputs.prediction(prediction)
+                ready_frames += 1
+            if batch.sources:
+                outputs.frame(batch.sources[row], result.predictions[-1] if result.predictions else None, window)
+        if config.progress:
+            print(f"\r{result.frames} frames, {len(result.predictions)} predictions, "
+                  f"{result.frames / (time.perf_counter() - started):.1f} frames/s", end="", file=sys.stderr)
+
+
+def _batch_size(config: PredictConfig, feature_set: dict, *, live: bool, notes: list[str]) -> int:
+    """--batch-size, else 1 for a camera and the feature set's extract batch size (up to 64) for a file."""
+    extracted = feature_set.get("batch_size")
+    if config.batch_size is not None:
+        size = config.batch_size
+    elif live:
+        return 1
+    else:
+        size = extracted if isinstance(extracted, int) and 1 <= extracted <= 64 else 32
+    if not live and isinstance(extracted, int) and size != extracted:
+        notes.append(f"batch size {size} differs from the feature set's {extracted}: features may differ from the "
+                     f"stored ones by a float16 step (--batch-size {extracted} gives them bit for bit)")
+    return size
 
 
 @torch.inference_mode()
@@ -430,26 +758,31 @@ def _warm_up(encoder: FrameEncoder, head: torch.nn.Module, batch_size: int, wind
 
 
 @torch.inference_mode()
-def _predict_window(head: torch.nn.Module, ring, checkpoint: Checkpoint, top_k: int) -> Prediction:
-    window = torch.stack([features for features, _, _ in ring])[None]  # (1, T, 2048)
-    verb_logits, noun_logits = head(window)  # (1, Cv), (1, Cn)
+def _predict_window(head: torch.nn.Module, window: SegmentWindow, checkpoint: Checkpoint, top_k: int) -> Prediction:
+    verb_logits, noun_logits = head(window.sample())  # (1, T, 2048) -> (1, Cv), (1, Cn)
     (verbs, nouns, actions), = top_predictions(
         verb_logits.float().cpu().numpy(), noun_logits.float().cpu().numpy(),
         checkpoint.verb_classes, checkpoint.noun_classes, top_k,
     )
-    return Prediction(time=ring[-1][1], window_start=ring[0][1], frame_index=ring[-1][2],
-                      verbs=verbs, nouns=nouns, actions=actions)
+    newest = window.rows[-1]
+    return Prediction(time=newest.pts, window_start=window.start, window_end=window.end, rows=len(window.rows),
+                      frame_index=newest.frame_index, verbs=verbs, nouns=nouns, actions=actions)
 
 
 def print_summary(result: PredictResult) -> None:
     s = result.summary()
     print(f"{s['frames']} frames through the backbone in {s['seconds']:.1f} s: {s['frames_per_second']:.1f} "
-          f"frames/s sustained; {s['predictions']} predictions (T={s['window']}, every {s['stride']} frames), "
-          f"{s['predictions_per_second']:.2f}/s; latency per prediction {s['latency_ms_median']:.1f} ms median, "
-          f"{s['latency_ms_p95']:.1f} ms p95")
+          f"frames/s sustained; {s['predictions']} predictions (T={s['window']} rows sampled over "
+          f"{s['window_seconds']:g} s as evaluate samples a segment, every {s['stride']} frames), "
+          f"{s['predictions_per_second']:.2f}/s; latency per prediction from {s['latency_from']} "
+          f"{s['latency_ms_median']:.1f} ms median, {s['latency_ms_p95']:.1f} ms p95")
+    if result.live:
+        print(f"frames dropped while the model was behind the camera: {s['frames_dropped']}")
     if result.predictions:
         last = result.predictions[-1]
         verb, noun, score = last.actions[0]
         print(f"last prediction (t={last.time:.2f} s): {verb} {noun} ({score:.2f})")
     for note in result.notes:
         print(f"note: {note}")
+    if result.error:
+        print(f"error: {result.error}")

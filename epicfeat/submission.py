@@ -4,12 +4,19 @@ Formats follow github.com/epic-kitchens/C1-Action-Recognition:
 
 * Results pickle (read by its ``evaluate.py`` / ``create_submission.py`` through ``utils/results.py``): a dict
   ``{'verb_output': float32 (N, C_v), 'noun_output': float32 (N, C_n), 'narration_id': ndarray of str (N,)}``
-  holding per-segment scores (logits), rows aligned with ``narration_id``.
+  holding per-segment scores, rows aligned with ``narration_id``. The arrays are pickled as
+  ``numpy.ndarray(shape, dtype, buffer)`` (see ``_PortableArray``), so numpy 1.x reads a file numpy 2 wrote.
 * Submission: a zip holding ``test.json`` = ``{"version": "0.2", "challenge": "action_recognition",
   "sls_pt": int, "sls_tl": int, "sls_td": int, "results": {narration_id: {"verb": {"0": score, ...},
-  "noun": {"0": score, ...}}}}`` with every class index as a string key. The leaderboard derives action scores
-  from these verb/noun scores the way ``epicfeat.metrics.action_scores`` does, so submit logits or
-  log-probabilities, never probabilities.
+  "noun": {"0": score, ...}}}}`` with every class index as a string key.
+
+Scores are per-row log-probabilities (``log_softmax_rows``) in both files, whatever the model produced. The
+official action scoring softmaxes the top-100 verb and noun scores with scipy's ``softmax`` *without an axis*,
+i.e. over the whole (N, 100) batch: raw logits whose level differs from segment to segment (spread 30) then
+underflow for every segment far below the batch maximum, and the leaderboard ranks their actions at random.
+A row of log-probabilities has its maximum between -log(C) and 0, so no row sits far below another, and
+the whole-batch softmax only multiplies each segment's pair scores by one constant: the official ranking and
+``epicfeat.metrics`` (per-segment softmax) agree.
 
 Every writer is atomic (temporary file in the same folder, then rename): a crash or a refusal leaves no file.
 """
@@ -37,6 +44,7 @@ __all__ = [
     "SubmissionError",
     "build_submission",
     "ensemble",
+    "log_softmax_rows",
     "write_results_pickle",
     "write_submission_zip",
 ]
@@ -78,6 +86,30 @@ def _score_matrix(scores, name: str) -> np.ndarray:
     return array
 
 
+def log_softmax_rows(scores) -> np.ndarray:
+    """Per-row log-probabilities of logits (N, C) as float32: what the results pickle and test.json hold.
+
+    Computed in float64 and rounded once, so the same scores always give bit-identical files, and metrics computed
+    on ``log_softmax_rows(x)`` are the metrics of what was written. Log-probabilities give themselves back (up to
+    the last float32 bit); the ranking of every row is unchanged.
+    """
+    wide = np.asarray(scores, dtype=np.float64)  # (N, C)
+    return _log_softmax(wide).astype(np.float32)
+
+
+class _PortableArray:
+    """Pickles an array as ``numpy.ndarray(shape, dtype_string, bytearray)``: the only global it names is
+    ``numpy.ndarray``, which every numpy has, where numpy 2's own pickles name ``numpy._core.multiarray``
+    (absent before numpy 2, so numpy 1.x cannot load them). A bytearray buffer makes the loaded array writable."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = np.ascontiguousarray(array)
+
+    def __reduce__(self):
+        return np.ndarray, (tuple(int(n) for n in self.array.shape), self.array.dtype.str,
+                            bytearray(self.array.tobytes()))
+
+
 def _shortest_float32(values: np.ndarray) -> np.ndarray:
     """float64 values whose shortest decimal (what ``json`` writes) reads back as exactly ``values`` in float32.
 
@@ -113,7 +145,8 @@ def write_results_pickle(path: str | Path, verb_logits, noun_logits, narration_i
     """Write the results file the official EPIC-100 ``evaluate.py`` reads (its dict format), atomically.
 
     ``{'verb_output': float32 (N, C_v), 'noun_output': float32 (N, C_n), 'narration_id': ndarray of str (N,)}``,
-    pickled (protocol 4). Holds logits (or ensemble log-probabilities), one row per narration_id.
+    pickled (protocol 4) with arrays any numpy >= 1.0 loads. Takes logits (or ensemble log-probabilities) and
+    stores their per-row log-probabilities (``log_softmax_rows``), one row per narration_id.
     Refuses (SubmissionError, nothing written) mismatched lengths, repeated narration_ids and NaN/inf scores.
     """
     verbs = _score_matrix(verb_logits, "verb_logits").astype(np.float32)  # (N, C_v)
@@ -129,8 +162,8 @@ def write_results_pickle(path: str | Path, verb_logits, noun_logits, narration_i
     if bad:
         raise SubmissionError(f"{path}: NaN or infinite scores (after float32 conversion) for "
                               f"{_named(ids[bad].tolist())}. Check the checkpoint; nothing was written.")
-    results = {"verb_output": np.ascontiguousarray(verbs), "noun_output": np.ascontiguousarray(nouns),
-               "narration_id": ids}
+    results = {"verb_output": _PortableArray(log_softmax_rows(verbs)),
+               "noun_output": _PortableArray(log_softmax_rows(nouns)), "narration_id": _PortableArray(ids)}
     return atomic_write(path, lambda f: pickle.dump(results, f, protocol=PICKLE_PROTOCOL))
 
 
@@ -147,7 +180,8 @@ def build_submission(verb_scores, noun_scores, narration_ids: Sequence[str], *, 
     """The leaderboard's ``test.json`` content, after checking every row is present exactly once and finite.
 
     verb_scores (N, n_verbs) and noun_scores (N, n_nouns) are logits or log-probabilities, rows aligned with
-    narration_ids. ``expected_ids`` are the split's narration_ids (e.g. every row of EPIC_100_test_timestamps.csv);
+    narration_ids; they are written as per-row log-probabilities (``log_softmax_rows``, the module docstring says
+    why), exactly the values ``write_results_pickle`` stores for the same scores. ``expected_ids`` are the split's narration_ids (e.g. every row of EPIC_100_test_timestamps.csv);
     results follow their order. Scores are written as the shortest decimals that read back as the same float32
     (see ``_shortest_float32``). Refuses with one SubmissionError listing every problem: missing, repeated or
     unknown narration_ids, class counts other than n_verbs/n_nouns, NaN/inf scores, sls values outside 0..5.
@@ -188,8 +222,8 @@ def build_submission(verb_scores, noun_scores, narration_ids: Sequence[str], *, 
                               ". Score exactly the split's segments with a finite model and the class tables it "
                               "was trained with; nothing was written.")
 
-    verb_values = _shortest_float32(verbs).tolist()  # (N, C_v) plain Python floats
-    noun_values = _shortest_float32(nouns).tolist()  # (N, C_n)
+    verb_values = _shortest_float32(log_softmax_rows(verbs.astype(np.float32))).tolist()  # (N, C_v) Python floats
+    noun_values = _shortest_float32(log_softmax_rows(nouns.astype(np.float32))).tolist()  # (N, C_n)
     verb_keys = [str(c) for c in range(n_verbs)]
     noun_keys = [str(c) for c in range(n_nouns)]
     row_of = {narration_id: row for row, narration_id in enumerate(ids)}

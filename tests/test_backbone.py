@@ -47,7 +47,7 @@ def test_state_dict_file_round_trip(random_seed0, images, tmp_path):
 
     loaded = create_backbone(str(path))
 
-    assert loaded.weights_name == "file:resnet50.pth"
+    assert loaded.weights_name == f"sha-{random_seed0.weights_sha[:12]}"  # named by content, not by file
     assert loaded.weights_sha == random_seed0.weights_sha == weights_identity(random_seed0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), random_seed0(images), rtol=0, atol=0)
@@ -59,7 +59,27 @@ def test_epicfeat_checkpoint_with_a_backbone_state_dict(random_seed0, tmp_path):
 
     loaded = create_backbone(path)
 
-    assert loaded.weights_sha == random_seed0.weights_sha and loaded.weights_name == "file:finetuned.pt"
+    assert loaded.weights_sha == random_seed0.weights_sha and loaded.weights_name == f"sha-{random_seed0.weights_sha[:12]}"
+
+
+def test_weights_files_are_named_by_their_content_not_their_file_name(random_seed0, tmp_path):
+    """Issue 15: last.pt and best.pt holding one backbone were two feature sets; a renamed copy was refused."""
+    import shutil
+
+    from epicfeat.backbone import weights_name_of_sha
+
+    last = tmp_path / "last.pt"
+    torch.save({"backbone": random_seed0.state_dict()}, last)
+    copy = tmp_path / "elsewhere" / "renamed.pt"
+    copy.parent.mkdir()
+    shutil.copy(last, copy)
+    other = tmp_path / "best.pt"
+    torch.save({"backbone": create_backbone("random", seed=1).state_dict()}, other)
+
+    names = {path.name: (b.weights_name, b.weights_sha) for path in (last, copy, other) for b in [create_backbone(path)]}
+    assert names["last.pt"] == names["renamed.pt"] == (weights_name_of_sha(random_seed0.weights_sha),
+                                                       random_seed0.weights_sha)
+    assert names["best.pt"][0] != names["last.pt"][0] and names["best.pt"][1] != names["last.pt"][1]
 
 
 def test_weights_identity_follows_the_numbers(random_seed0):

@@ -23,7 +23,7 @@ def identity(**changes) -> FeatureSetIdentity:
 
 def add_video(store: FeatureStore, video_id: str, rows: int, *, seed: int = 0) -> np.ndarray:
     features = np.random.default_rng(seed).standard_normal((rows, 2048)).astype(np.float16)  # (rows, 2048)
-    with store.writer(video_id, attrs=SOURCE) as writer:
+    with store.writer(video_id, attrs={**SOURCE, "duration": rows / 10}) as writer:  # 10 rows/s
         writer.append(features, np.arange(rows) / 10, np.arange(rows) * 5)
         writer.commit()
     return features
@@ -51,7 +51,7 @@ def test_info_prints_one_table_per_set(cache):
     assert result.exit_code == 0, result.output
     assert identity().key() in result.output and identity(fps=5.0).key() in result.output
     assert "2 complete, 1 partial, 1 failed" in result.output
-    assert "380 rows from 0.02 hours of video" in result.output  # 2 videos x 36 s = 0.02 h
+    assert "380 rows from 0.01 hours of video" in result.output  # 36 s + 2 s = 0.0106 h
     assert "0 complete, 0 partial, 0 failed" in result.output
 
 
@@ -70,8 +70,20 @@ def test_verify_passes_then_fails_naming_the_video(cache):
     group["features"][3, 3] = np.nan
     result = run("verify", "--cache", str(cache), "--set", store.path.name)
     assert result.exit_code == 1
-    assert "1 problem(s) in 2 complete videos" in result.output
+    assert "2 problem(s) in 2 complete videos" in result.output
     assert "P01_02: features hold NaN/inf in 1 rows (first: row 3)" in result.output
+    assert "P01_02: features: 1 chunk(s) do not match the checksum stored at commit (chunks 0)" in result.output
+
+
+def test_verify_reports_a_truncated_chunk_per_video_and_checks_the_rest(cache):
+    store = FeatureStore.open(cache / identity().key())
+    chunk = store.path / "videos" / "P01_01" / "features" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    result = run("verify", "--cache", str(cache))
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "1 problem(s) in 2 complete videos" in result.output
+    assert "P01_01: features chunk 1 (rows 256-511) cannot be read (RuntimeError" in result.output
+    assert "P01_02" not in result.output.split("problem(s)")[1].split("partial")[0]  # checked, and fine
 
 
 def test_export_writes_hdf5(cache, tmp_path):
@@ -96,4 +108,5 @@ def test_export_needs_a_set_when_there_are_several(cache, tmp_path):
     with h5py.File(out, "r") as h5:
         assert list(h5["videos"]) == ["P02_01"]
     result = run("export", "--cache", str(cache), "--out", str(out), "--set", str(other.path), "--format", "csv")
-    assert isinstance(result.exception, EpicfeatError) and "--format hdf5" in str(result.exception)
+    # --format is a choice now: the CLI refuses the value itself (a usage error, exit 2) and names the valid one
+    assert result.exit_code == 2 and "'csv' is not one of 'hdf5'" in result.output

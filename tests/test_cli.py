@@ -5,6 +5,7 @@ traceback; Ctrl-C keeps finished work and says how to resume (exit 130); an inst
 checkout.
 """
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from epicfeat import configs
 from epicfeat.cli._options import help_text
@@ -185,3 +187,17 @@ def test_an_installed_wheel_works_outside_the_checkout(tmp_path):
     assert "(default: demo_out)" in one_line(result.stdout)
     typo = subprocess.run([venv / "bin" / "epicfeat", "demo", "--epochs", "many"], **run)
     assert typo.returncode == 2 and typo.stderr.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_demo_recipe_through_the_console_script_keeps_results_on_stdout(tmp_path):
+    """`epicfeat demo --config configs/demo_tiny.yaml`: results (tables) on stdout, progress (stages) on stderr."""
+    result = epicfeat("demo", "--config", str(REPO / "configs" / "demo_tiny.yaml"), "--epochs", "1",
+                      "--out", str(tmp_path / "demo"), "--device", "cpu", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validation, official EPIC-100 metrics" in result.stdout
+    assert "1/6 generate" in result.stderr and "1/6 generate" not in result.stdout
+    saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
+    assert (saved["dataset"], saved["epochs"], saved["frames"]) == ("tiny", 1, [1, 4, 8])  # recipe, then the flag
+    metrics = json.loads((tmp_path / "demo" / "results.json").read_text())["metrics"]
+    assert list(metrics) == ["1-frame", "4-frame", "8-frame", "ensemble 4f+8f"]

@@ -14,7 +14,7 @@ import torch
 from epicfeat.data.annotations import EpicAnnotations
 from epicfeat.evaluate import EvaluateConfig, ScoringError, SubmitConfig, evaluate, submit
 from epicfeat.metrics import epic_metrics
-from epicfeat.submission import SubmissionError
+from epicfeat.submission import SubmissionError, log_softmax_rows
 from epicfeat.temporal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from epicfeat.temporal.data import pack_split
 from epicfeat.temporal.train import TrainTemporalConfig, open_feature_set, score_split, train_temporal
@@ -60,8 +60,9 @@ def _direct_logits(trained, checkpoint, split):
     ckpt = load_checkpoint(checkpoint)
     packed = pack_split(open_feature_set(cache, None), EpicAnnotations(dataset.annotations).segments(split),
                         progress=False)
-    verb, noun = score_split(ckpt.create_model(), packed, frames=ckpt.config["frames"], batch_size=7,
-                             device=torch.device("cpu"))
+    model = ckpt.create_model()
+    model.compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ckpt.config["precision"]]
+    verb, noun = score_split(model, packed, frames=ckpt.config["frames"], batch_size=7, device=torch.device("cpu"))
     return packed, verb.numpy(), noun.numpy()
 
 
@@ -84,10 +85,10 @@ def test_evaluate_one_checkpoint_writes_official_files_with_hand_checked_metrics
     assert results["narration_id"].tolist() == validation["narration_id"].tolist()
 
     packed, verb, noun = _direct_logits(trained, checkpoints[1], "validation")
-    np.testing.assert_array_equal(results["verb_output"], verb.astype(np.float32))  # a single model: raw logits
+    np.testing.assert_array_equal(results["verb_output"], log_softmax_rows(verb))  # per-row log-probabilities
     unseen = np.isin(packed.participant_ids, list(annotations.unseen_participants("validation")))
     assert unseen.any() and not unseen.all()  # the tiny dataset has seen and unseen validation participants
-    expected = epic_metrics(verb, noun, validation["verb_class"], validation["noun_class"],
+    expected = epic_metrics(log_softmax_rows(verb), log_softmax_rows(noun), validation["verb_class"], validation["noun_class"],
                             tail_verbs=annotations.tail_verbs, tail_nouns=annotations.tail_nouns, unseen=unseen)
     saved = json.loads(result.metrics_json.read_text())
     assert saved["segments"] == len(validation) and saved["segments_without_features"] == 0
@@ -116,8 +117,8 @@ def test_an_ensemble_of_two_checkpoints_equals_the_hand_averaged_scores(trained,
     if mode == "probs":  # log of the weighted mean of probabilities
         verb = np.log(0.25 * np.exp(_log_softmax(verb_a)) + 0.75 * np.exp(_log_softmax(verb_b)))
         noun = np.log(0.25 * np.exp(_log_softmax(noun_a)) + 0.75 * np.exp(_log_softmax(noun_b)))
-    else:
-        verb, noun = 0.25 * verb_a + 0.75 * verb_b, 0.25 * noun_a + 0.75 * noun_b
+    else:  # the weighted mean of logits, stored as per-row log-probabilities
+        verb, noun = _log_softmax(0.25 * verb_a + 0.75 * verb_b), _log_softmax(0.25 * noun_a + 0.75 * noun_b)
     with open(result.results_pickle, "rb") as f:
         results = pickle.load(f)
     np.testing.assert_allclose(results["verb_output"], verb, rtol=1e-5, atol=1e-5)
@@ -245,3 +246,12 @@ def test_members_named_alike_keep_their_own_rows():
 
     paths = [Path("runs/a/best.pt"), Path("runs/a/best.pt"), Path("other/b/best.pt")]
     assert _member_names(paths) == ["a/best.pt #1", "a/best.pt #2", "b/best.pt"]
+
+
+def test_evaluate_scores_in_the_precision_training_validated_in(trained, tmp_path):
+    _, _, checkpoints = trained
+    best = load_checkpoint(checkpoints[1])
+    assert best.config["precision"] in ("fp32", "bf16")  # auto, resolved and recorded by the run
+    result = evaluate(_config(EvaluateConfig, trained, tmp_path / "ev", checkpoints=(checkpoints[1],)))
+    for name in ("all_verb_accuracy_at_1", "all_noun_accuracy_at_5", "all_action_accuracy_at_1"):
+        assert result.metrics[name] == pytest.approx(best.metrics[name], abs=1e-9), name  # training's validation

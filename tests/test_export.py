@@ -21,22 +21,31 @@ VERBS, NOUNS = ("take", "put", "open"), ("cup", "knife", "tap", "plate")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def _checkpoint(path, precision):
     """A tiny attention-pooling head on a random-seed0 backbone feature set, with non-trivial feature statistics."""
     backbone = create_backbone("random", seed=0)
     identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=10.0,
                                   resize=64, crop=CROP, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                  precision="fp32")
+                                  precision=precision)
     args = TemporalModelArgs(hidden=8, layers=2, pooling="attention", n_verbs=len(VERBS), n_nouns=len(NOUNS))
     torch.manual_seed(0)
     # Random-weight features at this crop sit around 0..3 with spread ~0.5: standardise them like training would.
     model = create_temporal_model(args, torch.rand(2048) * 3, torch.rand(2048) * 0.5 + 0.2)
     return save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "best.pt", model=model, model_args=args, config={"frames": T},
-        verb_classes=VERBS, noun_classes=NOUNS, feature_set=identity.to_dict(), feature_set_key=identity.key(),
-        epoch=1, metrics={}, history=[],
+        path, model=model, model_args=args, config={"frames": T}, verb_classes=VERBS, noun_classes=NOUNS,
+        feature_set=identity.to_dict(), feature_set_key=identity.key(), epoch=1, metrics={}, history=[],
     )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", "fp32")
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """The same model on a bf16 feature set (what extract writes on a GPU or a bf16 CPU)."""
+    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", "bf16")
 
 
 def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
@@ -47,8 +56,20 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     assert [(c.model, c.tolerance) for c in result.checks] == [("temporal_head", TOLERANCE["temporal_head"]),
                                                              ("full_model", TOLERANCE["full_model"])]
     assert all(0 <= c.max_abs_diff <= c.tolerance for c in result.checks)
+    # Checked against predict's own path (FrameEncoder + head) too; an fp32 feature set: the same precision.
+    assert all(c.matches_predict and 0 <= c.max_abs_diff_vs_predict <= c.tolerance for c in result.checks)
     meta = json.loads((tmp_path / "classes.json").read_text())
     assert meta["verb_classes"] == list(VERBS) and meta["noun_classes"] == list(NOUNS)
+    assert meta["preprocessing"] == {
+        "resize": 64, "crop": CROP, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "resize_mode": "shorter_side", "crop_mode": "center", "interpolation": "swscale_bilinear", "color": "rgb24",
+        "fps": 10.0, "sampling": "each target k / fps takes the first frame at or after it",
+        "value_range": "0..255 (uint8 RGB as float32; normalisation is inside full_model)",
+        "layout": "NCHW per frame: frames (1, T, 3, crop, crop)", "precision": "fp32", "feature_dtype": "float16",
+        "decoder": None,
+    }
+    assert [c["matches_predict"] for c in meta["checks"]] == [True, True]
+    assert meta["inputs"]["full_model"]["precision"] == "fp32" and meta["window"]["frames"] == T
     assert meta["inputs"]["full_model"]["shape"] == [1, T, 3, CROP, CROP]
     assert meta["inputs"]["temporal_head"]["shape"] == [1, T, 2048]
 
@@ -82,6 +103,50 @@ def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
     assert len(result.checks) == 2 and all(c.max_abs_diff <= c.tolerance for c in result.checks)
 
 
+def test_a_bf16_feature_set_exports_a_bf16_full_model_that_equals_predict(bf16_checkpoint, tmp_path, capsys):
+    """predict computes a bf16 set's backbone in bf16: the TorchScript full model does too and equals predict; the
+    ONNX one computes in fp32 (ONNX has no bf16 Conv) and says that it differs, by how much."""
+    from epicfeat.export import print_summary
+
+    scripted = export(ExportConfig(checkpoint=bf16_checkpoint, format="torchscript", out=tmp_path / "ts"))
+    _, full = scripted.checks
+    assert (full.model, full.precision, full.matches_predict) == ("full_model", "bf16", True)
+    assert full.max_abs_diff_vs_predict <= 1e-5  # the same kernels as predict: equal up to float32 summation order
+    onnx = export(ExportConfig(checkpoint=bf16_checkpoint, format="onnx", out=tmp_path / "onnx"))
+    onnx_full = onnx.checks[1]
+    assert (onnx_full.precision, onnx_full.matches_predict) == ("fp32", False)
+    assert onnx_full.max_abs_diff <= TOLERANCE["full_model"]  # a faithful export of its fp32 model ...
+    # ... which is not predict's: the bf16 rounding of the backbone shows in the logits.
+    assert onnx_full.max_abs_diff_vs_predict > 10 * full.max_abs_diff_vs_predict + 1e-4
+    meta = json.loads((tmp_path / "onnx" / "classes.json").read_text())
+    assert meta["preprocessing"]["precision"] == "bf16" and meta["inputs"]["full_model"]["precision"] == "fp32"
+    print_summary(onnx)
+    assert "computes in fp32 where the feature set (and predict) use bf16" in capsys.readouterr().out
+
+
+def test_coreml_export_converts_with_the_declared_interface(checkpoint, tmp_path, monkeypatch):
+    ct = pytest.importorskip("coremltools")
+    result = export(ExportConfig(checkpoint=checkpoint, format="coreml", out=tmp_path))
+    assert sorted(p.name for p in result.files) == ["classes.json", "full_model.mlpackage", "temporal_head.mlpackage"]
+    assert result.checks == []  # no numeric check: CoreML runs on macOS only
+    assert [(c.model, c.inputs, c.outputs) for c in result.coreml_checks] == [
+        ("temporal_head", {"features": [1, T, 2048]}, ["verb_logits", "noun_logits"]),
+        ("full_model", {"frames": [1, T, 3, CROP, CROP]}, ["verb_logits", "noun_logits"]),
+    ]
+    meta = json.loads((tmp_path / "classes.json").read_text())
+    assert [c["numeric_parity"] for c in meta["coreml_checks"]] == ["not run: CoreML models run on macOS / iOS only"] * 2
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("PyTorch convert function for op 'frobnicate' not implemented.\nmore details")
+
+    monkeypatch.setattr(ct, "convert", unsupported)  # what a torch newer than coremltools knows looks like
+    with pytest.raises(ExportError) as caught:
+        export(ExportConfig(checkpoint=checkpoint, format="coreml", out=tmp_path / "again"))
+    message = str(caught.value)
+    assert "\n" not in message and f"coremltools {ct.__version__} cannot convert this model with torch" in message
+    assert "RuntimeError: PyTorch convert function for op 'frobnicate' not implemented." in message
+
+
 def test_clear_errors(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "coremltools", None)  # makes `import coremltools` fail, installed or not
     with pytest.raises(ExportError, match="pip install coremltools"):
@@ -90,6 +155,11 @@ def test_clear_errors(checkpoint, tmp_path, monkeypatch):
         export(ExportConfig(checkpoint=checkpoint, weights="random", seed=3, out=tmp_path))
     with pytest.raises(Exception, match="does not exist"):
         export(ExportConfig(checkpoint=tmp_path / "nope.pt", out=tmp_path))
+    with pytest.raises(ExportError, match="needs opset >= 18"):
+        export(ExportConfig(checkpoint=checkpoint, format="onnx", opset=17, out=tmp_path))
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # last: every later export here would need it
+    with pytest.raises(ExportError, match=r"needs onnxscript, which epicfeat depends on but this environment lacks: pip install onnxscript"):
+        export(ExportConfig(checkpoint=checkpoint, format="onnx", out=tmp_path))
 
 
 def test_cli_coreml_without_coremltools_is_a_clear_error(checkpoint, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Stage one end to end on tiny generated videos: rows, features, resume after SIGKILL, bad input, dask."""
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,19 @@ from epicfeat.frames import iter_frames
 from epicfeat.store import FeatureStore
 
 SIZE = (96, 54)  # 16:9, tiny
+# Child processes (the CLI, concurrent extracts) compute with one thread too: on a shared 2-core machine two
+# OpenMP threads made a tiny ResNet50 batch 20x slower (2.5 s vs 0.12 s measured).
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread_for_the_module():
+    """Tiny batches gain nothing from intra-op threads (see conftest's one_torch_thread); module-wide, so the
+    module-scoped reference run is covered too."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def write_video(path: Path, *, fps: Fraction, seconds: float, seed: int = 0) -> None:
@@ -77,6 +91,9 @@ def reference(videos, tmp_path_factory):
 def test_rows_match_the_decoded_stream_and_a_direct_model_call(videos, reference):
     summary, rows = reference
     assert sorted(rows) == sorted(VIDEO_IDS)
+    attrs = FeatureStore.open(summary.store).video_attrs("P01_01")
+    assert attrs["preprocess"] == preprocess_of(config(videos, Path("unused"))).identity()
+    assert attrs["preprocess"]["interpolation"] == "swscale_bilinear" and attrs["decoder"].startswith("pyav-")
     assert [r.video_id for r in summary.done] and summary.rows == sum(len(v[1]) for v in rows.values())
     cfg = config(videos, Path("unused"))
     backbone = create_backbone("random", seed=0).eval()
@@ -115,7 +132,7 @@ def test_resume_after_sigkill_is_bit_identical(videos, reference, tmp_path):
     # the first video is long enough that the kill lands while a later one is half-written
     save_config(config(videos, cache), cfg_file)
     command = [sys.executable, "-m", "epicfeat", "extract", "--config", str(cfg_file)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CHILD_ENV)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if any(cache.glob("*/videos/*/zarr.json")):
@@ -125,7 +142,7 @@ def test_resume_after_sigkill_is_bit_identical(videos, reference, tmp_path):
     process.wait()
     killed_store = next(cache.glob("*/featureset.json")).parent
     assert len(FeatureStore.open(killed_store).complete_videos()) < len(VIDEO_IDS), "the kill came too late"
-    resumed = subprocess.run(command, capture_output=True, text=True)
+    resumed = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV)
     assert resumed.returncode == 0, resumed.stderr
     got = read_all(killed_store)
     assert sorted(got) == sorted(expected)
@@ -163,7 +180,7 @@ def test_cli_exits_nonzero_with_summary_on_failures(videos, tmp_path):
         [sys.executable, "-m", "epicfeat", "extract", "--videos", str(videos), "--video-ids",
          "P01_02,P07_07", "--cache", str(tmp_path / "c"), "--weights", "random", "--resize", "64", "--crop", "56",
          "--decode-workers", "0", "--no-progress"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=CHILD_ENV,
     )
     assert result.returncode == 1, result.stderr
     assert "P07_07" in result.stdout and "not found" in result.stdout
@@ -171,13 +188,17 @@ def test_cli_exits_nonzero_with_summary_on_failures(videos, tmp_path):
 
 
 def test_two_dask_workers_equal_one_process(videos, reference, tmp_path):
+    """Two LocalCluster workers, each with a decode process; a broken file among the videos is recorded once
+    (the worker records it with its path; the client used to record it a second time)."""
     _, expected = reference
-    summary = extract_features(config(videos, tmp_path / "cache", scheduler="local", workers=2))
-    assert summary.ok and len(summary.done) == len(VIDEO_IDS)
-    got = read_all(summary.store)
-    for video_id, (features, pts, frames) in expected.items():
-        np.testing.assert_array_equal(got[video_id][0], features)
-        np.testing.assert_array_equal(got[video_id][1], pts)
+    root = _linked_videos(videos, tmp_path / "videos")
+    summary = extract_features(config(root, tmp_path / "cache", scheduler="local", workers=2, decode_workers=1,
+                                      video_ids=VIDEO_IDS + ("P03_01",)))
+    assert not summary.ok and len(summary.done) == len(VIDEO_IDS)
+    assert [r.video_id for r in summary.failed] == ["P03_01"]
+    records = FeatureStore.open(summary.store).failure_records()
+    assert [(r["video_id"], r["path"]) for r in records] == [("P03_01", str(root / "P03" / "P03_01.MP4"))]
+    _assert_equal_to_reference(summary.store, expected)
 
 
 def test_video_shorter_than_its_annotations_fails_clearly(videos, tmp_path):
@@ -193,3 +214,291 @@ def test_video_shorter_than_its_annotations_fails_clearly(videos, tmp_path):
     (result,) = run_local([job], store, backbone, cfg, device=resolve_device("cpu"))
     assert not result.ok and "ends at 1.5" in result.reason and "9.50 s" in result.reason
     assert store.complete_videos() == [] and "P01_02" in store.failures()
+
+
+# ------------------------------------------------------------------------------- finding 1: commit when done
+def test_each_video_is_committed_within_a_batch_of_its_end(tmp_path):
+    """Videos whose row counts are no multiple of the batch: a video's last rows ride in the next batch and it is
+    committed then, so while video j is written every video before j - MAX_VIDEOS_WAITING is complete and at most
+    MAX_VIDEOS_WAITING + 1 writers are open (the old batcher kept every video open until the global count of
+    pending rows happened to reach a multiple of the batch size)."""
+    from epicfeat.devices import resolve_device
+    from epicfeat.extract import MAX_VIDEOS_WAITING, feature_set_identity, run_local, select_videos
+
+    root = tmp_path / "videos"
+    ids = [f"P05_{i:02d}" for i in range(1, 7)]
+    seconds = (0.9, 0.8, 1.2, 0.8, 1.2, 1.6)  # rows 9, 8, 12, 8, 12, 16: the running total is never a multiple of 4
+    for i, video_id in enumerate(ids):
+        write_video(root / "P05" / f"{video_id}.MP4", fps=Fraction(30), seconds=seconds[i], seed=i)
+    cfg = config(root, tmp_path / "cache", video_ids=tuple(ids), batch_size=4)
+    backbone = create_backbone("random", seed=0)
+    store = FeatureStore.create(cfg.cache, feature_set_identity(cfg, backbone))
+    jobs, _ = select_videos(cfg)
+    open_writers: list[int] = []
+
+    def on_rows(video_id, rows, last_pts):
+        for earlier in ids[: max(0, ids.index(video_id) - MAX_VIDEOS_WAITING)]:
+            assert store.is_complete(earlier), f"{earlier} not committed when rows of {video_id} were written"
+        open_writers.append(len(store.partial_videos()))
+
+    results = run_local(jobs, store, backbone, cfg, device=resolve_device("cpu"), on_rows=on_rows)
+    assert [r.video_id for r in results] == ids and all(r.ok for r in results)
+    assert [r.rows for r in results] == [9, 8, 12, 8, 12, 16]
+    assert max(open_writers) <= MAX_VIDEOS_WAITING + 1
+
+
+# ----------------------------------------------------------------------------- finding 2: failures never fatal
+def test_unreadable_file_is_recorded_once_with_its_path(videos, tmp_path, monkeypatch):
+    """PermissionError (what an unreadable file raises; faked here because tests may run as root) becomes a
+    failure record with the path; the other videos complete."""
+    import epicfeat.frames
+
+    real_probe = epicfeat.frames.probe_video
+
+    def probe(path):
+        if Path(path).name == "P01_02.MP4":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_probe(path)
+
+    monkeypatch.setattr(epicfeat.frames, "probe_video", probe)
+    summary = extract_features(config(videos, tmp_path / "cache"))
+    assert not summary.ok and sorted(r.video_id for r in summary.done) == ["P01_01", "P02_01"]
+    (failed,) = summary.failed
+    assert failed.video_id == "P01_02" and "Permission denied" in failed.reason
+    records = FeatureStore.open(summary.store).failure_records()
+    assert [(r["video_id"], r["path"]) for r in records] == [("P01_02", str(videos / "P01" / "P01_02.MP4"))]
+
+
+def test_quota_exceeded_is_a_clear_error(videos, tmp_path, monkeypatch):
+    import errno
+
+    from epicfeat.errors import EpicfeatError
+    from epicfeat.store import VideoWriter
+
+    def no_quota(self, *args):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(VideoWriter, "append", no_quota)
+    with pytest.raises(EpicfeatError, match="disk quota .* exhausted"):
+        extract_features(config(videos, tmp_path / "cache", video_ids=("P01_01",)))
+
+
+def _kill_decoder(pool, video_id, *, times):
+    """An on_rows callback that SIGKILLs the decode process of ``video_id`` (up to ``times`` times)."""
+    import os
+
+    kills = []
+
+    def on_rows(seen_id, rows, last_pts):
+        if seen_id == video_id and len(kills) < times:
+            pid = pool.worker_pid(video_id)
+            if pid is not None and pid not in kills:
+                kills.append(pid)
+                os.kill(pid, signal.SIGKILL)
+
+    return on_rows, kills
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_dead_decoder_costs_one_retry_of_its_video(videos, reference, tmp_path, times):
+    from epicfeat.devices import resolve_device
+    from epicfeat.extract import DecodePool, feature_set_identity, run_local, select_videos
+
+    _, expected = reference
+    cfg = config(videos, tmp_path / "cache", decode_workers=1, batch_size=4)
+    backbone = create_backbone("random", seed=0)
+    store = FeatureStore.create(cfg.cache, feature_set_identity(cfg, backbone))
+    jobs, _ = select_videos(cfg)
+    pool = DecodePool(1, cfg.fps, preprocess_of(cfg), cfg.batch_size, cfg.decode_threads)
+    try:
+        on_rows, kills = _kill_decoder(pool, "P01_01", times=times)
+        results = {r.video_id: r for r in run_local(jobs, store, backbone, cfg, device=resolve_device("cpu"),
+                                                    on_rows=on_rows, pool=pool)}
+    finally:
+        pool.close()
+    assert len(kills) == times
+    assert results["P01_02"].ok and results["P02_01"].ok
+    if times == 1:  # the retry on a fresh process completes it, bit for bit
+        assert results["P01_01"].ok
+        got = read_all(store.path)
+        for video_id in VIDEO_IDS:
+            np.testing.assert_array_equal(got[video_id][0], expected[video_id][0])
+            np.testing.assert_array_equal(got[video_id][1], expected[video_id][1])
+    else:
+        assert not results["P01_01"].ok and "decode process died (signal 9)" in results["P01_01"].reason
+        assert [r["video_id"] for r in store.failure_records()] == ["P01_01"]
+    assert store.partial_videos() == []
+
+
+# ------------------------------------------------------------------------ findings 3 and 4: many writers
+_EXTRACT_CHILD = """
+import json, sys
+from epicfeat.config import from_dict, read_yaml
+from epicfeat.configs import ExtractConfig
+from epicfeat.extract import extract_features
+summary = extract_features(from_dict(ExtractConfig, read_yaml(sys.argv[1])))
+print(json.dumps({"done": [r.video_id for r in summary.done], "by_others": list(summary.by_others),
+                  "skipped": list(summary.skipped), "failed": [r.video_id for r in summary.failed]}))
+"""
+
+
+def _start_extract(cfg: ExtractConfig, tmp_path: Path, name: str) -> subprocess.Popen:
+    from epicfeat.config import save_config
+
+    cfg_file = tmp_path / f"{name}.yaml"
+    save_config(cfg, cfg_file)
+    return subprocess.Popen([sys.executable, "-c", _EXTRACT_CHILD, str(cfg_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=CHILD_ENV)
+
+
+def _finish(process: subprocess.Popen) -> dict:
+    import json
+
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _assert_equal_to_reference(store_path: Path, expected) -> None:
+    got = read_all(store_path)
+    assert sorted(got) == sorted(expected)
+    for video_id, (features, pts, frames) in expected.items():
+        np.testing.assert_array_equal(got[video_id][0], features)
+        np.testing.assert_array_equal(got[video_id][1], pts)
+        np.testing.assert_array_equal(got[video_id][2], frames)
+
+
+def _linked_videos(videos: Path, root: Path) -> Path:
+    """The module's videos linked under ``root``, plus P03_01.MP4, which is not a video."""
+    for path in ("P01/P01_01.MP4", "P01/P01_02.MP4", "P02/videos/P02_01.mp4"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).symlink_to(videos / path)
+    (root / "P03").mkdir()
+    (root / "P03" / "P03_01.MP4").write_text("not a video")
+    return root
+
+
+def test_three_processes_on_one_cache_divide_the_videos(videos, reference, tmp_path):
+    """Started together on one cache: every video is extracted by exactly one of them, the broken one is recorded
+    once, and each accounts for every video (done by it, by another, or failed) and exits normally."""
+    _, expected = reference
+    root = _linked_videos(videos, tmp_path / "videos")
+    cfg = config(root, tmp_path / "cache", video_ids=("P03_01", *VIDEO_IDS))
+    processes = [_start_extract(cfg, tmp_path, f"p{i}") for i in range(3)]
+    reports = [_finish(p) for p in processes]
+    done = [video_id for report in reports for video_id in report["done"]]
+    assert sorted(done) == sorted(VIDEO_IDS)  # each video extracted once, by someone
+    for report in reports:  # and every process accounts for every video: its own, others', or already there
+        assert sorted(report["done"] + report["by_others"] + report["skipped"]) == sorted(VIDEO_IDS)
+        assert report["failed"] == ["P03_01"]
+    store_path = next((tmp_path / "cache").glob("*/featureset.json")).parent
+    _assert_equal_to_reference(store_path, expected)
+    store = FeatureStore.open(store_path)
+    assert [r["video_id"] for r in store.failure_records()] == ["P03_01"]
+    assert store.partial_videos() == [] and list((store_path / ".claims").iterdir()) == []
+
+
+def test_a_killed_writers_video_is_taken_over_after_its_lease(videos, reference, tmp_path):
+    """A is SIGKILLed mid-video; B, started at once on the same cache, finds A's claim stale (A's pid is gone on
+    this host; on another host after the lease, see test_store's claim tests), redoes that video (removing A's
+    partial folder) and exits 0 with every video complete."""
+    _, expected = reference
+    cache = tmp_path / "cache"
+    cfg = config(videos, cache, claim_lease_s=2.0, video_ids=("P02_01", "P01_01", "P01_02"))
+    first = _start_extract(cfg, tmp_path, "a")
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*/.partial/*/features/c/*/*")):
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    store_path = next(cache.glob("*/featureset.json")).parent
+    store = FeatureStore.open(store_path)
+    held = sorted(p.name.split(".")[0] for p in (store_path / ".claims").glob("*.claim"))
+    assert held and store.partial_videos(), "the kill came too late"
+    killed_partials = {p for p in (store_path / ".partial").iterdir() if p.is_dir()}
+    second = _start_extract(cfg, tmp_path, "b")
+    report = _finish(second)
+    assert sorted(report["done"] + report["skipped"]) == sorted(VIDEO_IDS)
+    assert set(held) <= set(report["done"])  # the killed writer's videos were redone by B
+    _assert_equal_to_reference(store_path, expected)
+    assert store.partial_videos() == [] and not any(p.exists() for p in killed_partials)
+
+
+# -------------------------------------------------------------------------------------- finding 5: identity
+def test_identity_keys_what_changes_the_numbers_and_nothing_else(videos, tmp_path):
+    import av
+
+    from epicfeat.devices import resolve_device
+    from epicfeat.extract import feature_set_identity
+
+    backbone = create_backbone("random", seed=0)
+    cpu = resolve_device("cpu")
+    base = feature_set_identity(config(videos, tmp_path), backbone, cpu)
+    assert base.decoder == f"pyav-{av.__version__}-libavcodec-{'.'.join(map(str, av.library_versions['libavcodec']))}"
+    assert base.device == f"cpu-{torch.backends.cpu.get_cpu_capability()}" and base.tf32 is False
+    assert (base.batch_size, base.channels_last, base.compile, base.precision) == (8, True, False, "bf16")
+    keys = {base.key()}
+    for change in ({"batch_size": 5}, {"channels_last": False}, {"compile": True}, {"precision": "fp32"}):
+        keys.add(feature_set_identity(config(videos, tmp_path, **change), backbone, cpu).key())
+    assert len(keys) == 5
+    for same in ({"decode_workers": 2}, {"decode_threads": 1}, {"scheduler": "local"}, {"claim_lease_s": 5.0}):
+        assert feature_set_identity(config(videos, tmp_path, **same), backbone, cpu) == base
+
+
+def test_other_batch_size_is_another_set_and_decode_workers_change_nothing(videos, reference, tmp_path):
+    """A resume with another batch size cannot mix numbers: it goes to its own feature set (on this CPU its
+    numbers happen to be bit-identical, but cuDNN picks kernels per batch shape). Decode workers are not part of
+    the identity: 0 or 1 decode processes give the same set, bit for bit."""
+    summary, expected = reference
+    cache = tmp_path / "cache"
+    first = extract_features(config(videos, cache, video_ids=("P01_01",)))
+    resumed = extract_features(config(videos, cache, batch_size=5))
+    assert first.store != resumed.store and resumed.skipped == () and len(resumed.done) == 3
+    assert FeatureStore.open(first.store).complete_videos() == ["P01_01"]
+    _assert_equal_to_reference(resumed.store, expected)  # no ulp flipped by the batch size on this CPU
+    with_workers = extract_features(config(videos, tmp_path / "cache2", decode_workers=1))
+    assert with_workers.store.name == summary.store.name
+    _assert_equal_to_reference(with_workers.store, expected)
+
+
+# ------------------------------------------------------------------------------ finding 9: precision=auto
+def test_native_bf16_is_read_from_cpu_flags(tmp_path, monkeypatch):
+    from epicfeat import devices
+
+    flags = {"amx": "fpu sse2 avx512f amx_bf16 amx_tile", "avx512": "fpu avx512f avx512_bf16", "none": "fpu avx2"}
+    for name, line in flags.items():
+        (tmp_path / name).write_text(f"processor\t: 0\nflags\t\t: {line}\n")
+    assert devices.native_bf16_cpu(str(tmp_path / "amx")) and devices.native_bf16_cpu(str(tmp_path / "avx512"))
+    assert not devices.native_bf16_cpu(str(tmp_path / "none")) and not devices.native_bf16_cpu(str(tmp_path / "x"))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "native_bf16_cpu", lambda: True)
+    assert devices.resolve_precision("auto", cpu) == "bf16" and devices.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(devices, "native_bf16_cpu", lambda: False)
+    assert devices.resolve_precision("auto", cpu) == "fp32" and devices.resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_auto_precision_is_resolved_into_the_identity(videos, tmp_path):
+    from epicfeat.devices import native_bf16_cpu
+
+    summary = extract_features(config(videos, tmp_path / "cache", precision="auto", video_ids=("P01_02",)))
+    identity = FeatureStore.open(summary.store).identity
+    assert identity.precision == ("bf16" if native_bf16_cpu() else "fp32")
+
+
+def test_scheduler_slurm_submits_one_gpu_job_per_worker(monkeypatch):
+    """--scheduler slurm: dask-jobqueue jobs of one GPU, one dask thread, CPUs for the decode processes and a
+    non-daemonic worker (so it may start them). Nothing is submitted here: scale() is replaced."""
+    dask_jobqueue = pytest.importorskip("dask_jobqueue")
+    from epicfeat.extract import _dask_client
+
+    scaled = []
+    monkeypatch.setattr(dask_jobqueue.SLURMCluster, "scale", lambda self, jobs=0: scaled.append(jobs))
+    client, cluster = _dask_client(ExtractConfig(scheduler="slurm", decode_workers=7, workers=4))
+    try:
+        script = cluster.job_script()
+    finally:
+        client.close()
+        cluster.close()
+    assert scaled[0] == 4  # (close() scales to 0)
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --cpus-per-task=8" in script
+    assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script and "--nthreads 1" in script

@@ -6,25 +6,40 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
+from pathlib import Path
+
 from epicfeat._clips import (
     ClipAugment,
+    SegmentRows,
     apply_clip_cutmix,
+    decode_clip,
     normalize_clips,
     sample_clip_cutmix,
-    sample_clip_times,
+    sample_row_offsets,
 )
-from epicfeat.backbone import WeightsError, create_backbone
+from epicfeat.backbone import WeightsError, create_backbone, weights_name_of_sha
 from epicfeat.data.annotations import EpicAnnotations
 from epicfeat.extract import ExtractConfig, extract_features
-from epicfeat.finetune import ClipModel, FinetuneConfig, FinetuneError, _load_data, finetune, load_start
+from epicfeat.finetune import (
+    DRIFT_MIN_STD,
+    ClipModel,
+    FinetuneConfig,
+    FinetuneError,
+    _load_data,
+    finetune,
+    follow_feature_drift,
+    load_start,
+    segment_rows,
+)
 from epicfeat.frames import Preprocess
 from epicfeat.store import FeatureStore
 from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
-from epicfeat.temporal.data import PackedSplit
+from epicfeat.temporal.data import PackedSplit, pack_split
 from epicfeat.temporal.train import TrainTemporalConfig, evaluate, load_training_data, train_temporal
 
 FRAMES = 4
@@ -58,7 +73,9 @@ def stage_two(synthetic_dataset, tmp_path_factory):
 
 
 def _config(dataset, checkpoint, out, **overrides) -> FinetuneConfig:
+    cache = Path(checkpoint).parent.parent / "cache" if checkpoint is not None else Path("cache")  # stage_two's
     small = dict(checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, out=out, epochs=1,
+                 cache=cache,
                  batch_size=4, micro_batch_size=2, eval_batch_size=8, num_workers=0, device="cpu", progress=False,
                  lr=1e-4, backbone_lr=1e-4, warmup_epochs=0, trainable_stages=1)  # layer4 only: faster
     return FinetuneConfig(**{**small, **overrides})
@@ -70,20 +87,77 @@ def _backbone_state(path):
 
 # ------------------------------------------------------------------------------------------ clip sampling
 @pytest.mark.parametrize("count", [1, 3, 4, 7, 16, 33])
-def test_clip_times_use_the_bins_of_stage_two(count):
-    """Times land on the rows PackedSplit.sample_rows picks for a segment of `count` rows (same draws)."""
-    fps, start = 10.0, 2.0
+def test_clip_rows_use_the_bins_of_stage_two(count):
+    """Offsets land on the rows PackedSplit.sample_rows picks for a segment of `count` rows (same draws)."""
     split = PackedSplit(features=torch.zeros(count, 1), row_start=torch.tensor([0]), row_count=torch.tensor([count]),
                         verb_labels=None, noun_labels=None, narration_ids=["a"], participant_ids=["P01"],
                         video_ids=["P01_01"], summary={}, feature_set={})
-    stop = start + count / fps - 0.01  # rows at 2.0, 2.1, ... : exactly `count` of them inside [start, stop)
+    pts = 2.0 + np.arange(count) * 0.1 + 0.0167  # irregular stored times: whatever they are, they are used as is
+    rows = SegmentRows(times=pts, start=np.array([0]), count=np.array([count]))
     for train in (False, True):
-        rows = split.sample_rows(torch.tensor([0]), FRAMES, train=train, generator=torch.Generator().manual_seed(5))
-        times = sample_clip_times(start, stop, fps=fps, frames=FRAMES, train=train,
-                                  generator=torch.Generator().manual_seed(5))
-        np.testing.assert_allclose(times, start + rows[0].numpy() / fps)
-    # shorter than one row interval: the midpoint, like stage two's nearest row
-    np.testing.assert_allclose(sample_clip_times(2.01, 2.05, fps=fps, frames=3, train=True, generator=None), [2.03] * 3)
+        expected = split.sample_rows(torch.tensor([0]), FRAMES, train=train, generator=torch.Generator().manual_seed(5))
+        offsets = sample_row_offsets(count, FRAMES, train=train, generator=torch.Generator().manual_seed(5))
+        np.testing.assert_array_equal(offsets, expected[0].numpy())
+        times = rows.clip_times(0, FRAMES, train=train, generator=torch.Generator().manual_seed(5))
+        np.testing.assert_array_equal(times, pts[expected[0].numpy()])
+
+
+def test_clip_frames_are_the_stored_rows_of_stage_two_at_59_94_fps(synthetic_dataset, stage_two):
+    """Issue 15: the nominal grid k / fps put other rows into segments starting between k / fps and row k's pts."""
+    root, checkpoint_path = stage_two
+    store = load_start(_config(synthetic_dataset, checkpoint_path, root / "unused")).store
+    annotations = EpicAnnotations(synthetic_dataset.annotations)
+    videos = annotations.segments("validation")
+    video_id = next(v for v in sorted(videos["video_id"].unique())
+                    if abs(store.read(v).attrs.get("source_fps", 0) - 60000 / 1001) < 1e-3)
+    pts = store.read(video_id).pts  # (rows,) at 10 rows/s from 59.94 fps: pts >= k / 10, up to 16.7 ms later
+    late = np.flatnonzero(pts - np.arange(len(pts)) / 10 > 0.002)  # row k = frame 6k at 6k * 1001 / 60000 s
+    assert len(late) and late[0] + 8 < len(pts), pts  # the finding's premise: rows later than the nominal grid
+    k = int(late[0])
+    start_sec = (k / 10 + pts[k]) / 2  # after the nominal k / fps, before row k's frame
+    segments = pd.DataFrame({"narration_id": ["x"], "participant_id": [video_id.split("_")[0]],
+                             "video_id": [video_id], "start_sec": [start_sec], "stop_sec": [start_sec + 0.8],
+                             "verb_class": [0], "noun_class": [0]})
+    kept, rows, dropped = segment_rows(store, segments)
+    assert dropped == 0 and len(kept) == 1
+    nominal_first = np.ceil(start_sec * 10 - 1e-9) / 10  # the old grid's first time: (k + 1) / 10, row k + 1
+    assert nominal_first == pytest.approx((k + 1) / 10)
+    # Stage two joins by the stored pts: row k (pts[k] > start_sec) is the segment's first row, the grid skipped it
+    packed = pack_split(store, segments, progress=False)
+    stored = np.asarray(store.read(video_id).features[:])  # (rows, 2048)
+    np.testing.assert_array_equal(packed.features[0].numpy(), stored[k])
+    assert rows.count[0] == int(packed.row_count[0])
+    np.testing.assert_array_equal(rows.times[:rows.count[0]], pts[k:k + rows.count[0]])
+    # and decoding those times gives the frames whose features were stored: same backbone, same numbers
+    backbone = load_start(_config(synthetic_dataset, checkpoint_path, root / "unused")).backbone
+    times = rows.clip_times(0, FRAMES, train=False, generator=None)
+    images = decode_clip(next(synthetic_dataset.videos.rglob(f"{video_id}.*")), times, Preprocess(resize=RESIZE,
+                                                                                                  crop=CROP))
+    with torch.no_grad():
+        features = backbone(Preprocess(resize=RESIZE, crop=CROP).normalize(torch.from_numpy(images)))  # (T, 2048)
+    rows_read = [int(np.flatnonzero(pts == t)[0]) for t in times]
+    np.testing.assert_allclose(features.numpy(), stored[rows_read].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_a_clip_decoded_with_a_seek_per_run_of_times_equals_one_front_to_back_pass(synthetic_dataset):
+    """Long segments: times further apart than seek_gap are reached by a seek each, with the same frames."""
+    video = sorted(synthetic_dataset.videos.rglob("*.MP4"))[0]
+    times = np.array([3.2, 0.05, 1.1, 1.15, 2.5, 0.0])  # unordered, two close together
+    decode = Preprocess(resize=RESIZE, crop=CROP)
+    one_pass = decode_clip(video, times, decode, seek_gap=1e9)  # (6, CROP, CROP, 3)
+    for gap in (0.01, 0.5):
+        np.testing.assert_array_equal(decode_clip(video, times, decode, seek_gap=gap, threads=1), one_pass)
+
+
+def test_decode_threads_times_workers_stay_within_the_cores(monkeypatch):
+    from epicfeat.finetune import decode_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes on this node share its 16 cores
+    assert decode_threads(FinetuneConfig(num_workers=4)) == 2  # 4 workers x 2 threads = 8 cores per process
+    assert decode_threads(FinetuneConfig(num_workers=0)) == 8  # decoding in the process itself
+    assert decode_threads(FinetuneConfig(num_workers=32)) == 1
+    assert decode_threads(FinetuneConfig(num_workers=4, decode_threads=3)) == 3
 
 
 def test_augmentation_is_identical_across_the_frames_of_a_clip():
@@ -107,6 +181,21 @@ def test_augmentation_is_identical_across_the_frames_of_a_clip():
     plain = ClipAugment(Preprocess(resize=RESIZE, crop=RESIZE), scale=(1.0, 1.0), hflip=0.0,
                         color_jitter=(0, 0, 0, 0), grayscale=0.0)
     torch.testing.assert_close(plain(clip, 0), Preprocess(resize=RESIZE, crop=RESIZE).normalize(clip).contiguous())
+
+
+def test_step_cutmix_is_one_draw_per_global_step_whatever_the_processes():
+    """Every process draws the same partners and box from the step's seed; its clips sit at j * world + r."""
+    from epicfeat._clips import global_positions, sample_step_cutmix
+
+    valid = torch.tensor([True, True, False, True, True, True])  # (B,) the global batch
+    for seed in range(10):
+        mixes = [sample_step_cutmix(valid, 20, 30, 1.0, seed) for _ in range(2)]  # two processes, one draw
+        if mixes[0] is None:
+            continue
+        assert torch.equal(mixes[0].partner, mixes[1].partner) and mixes[0].box == mixes[1].box
+        assert mixes[0].partner[2] == 2 and set(mixes[0].partner[valid].tolist()) == {0, 1, 3, 4, 5}
+    assert global_positions(3, 0, 2).tolist() == [0, 2, 4] and global_positions(3, 1, 2).tolist() == [1, 3, 5]
+    assert global_positions(6, 0, 1).tolist() == list(range(6))
 
 
 def test_clip_cutmix_pastes_one_box_into_every_frame_and_mixes_by_area():
@@ -175,7 +264,8 @@ def test_one_epoch_from_a_stage_two_checkpoint_changes_the_backbone(synthetic_da
     args = ["finetune", "--checkpoint", str(checkpoint_path), "--videos", str(synthetic_dataset.videos),
             "--annotations", str(synthetic_dataset.annotations), "--out", str(out), "--epochs", "2",
             "--batch-size", "4", "--micro-batch-size", "2", "--num-workers", "0", "--device", "cpu",
-            "--lr", "1e-4", "--backbone-lr", "1e-5", "--trainable-stages", "2", "--no-progress"]
+            "--lr", "1e-4", "--backbone-lr", "1e-5", "--trainable-stages", "2", "--no-progress",
+            "--cache", str(checkpoint_path.parent.parent / "cache")]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "loss.png", "accuracy.png", "lr.png"):
@@ -193,7 +283,7 @@ def test_one_epoch_from_a_stage_two_checkpoint_changes_the_backbone(synthetic_da
     assert checkpoint.epoch == 2 and len(checkpoint.history) == 2
     assert checkpoint.config["frames"] == FRAMES and checkpoint.config["trainable_stages"] == 2
     backbone = create_backbone(str(out / "last.pt"))  # and the backbone drops back into stage one
-    assert backbone.weights_name == "file:last.pt"
+    assert backbone.weights_name == weights_name_of_sha(backbone.weights_sha)  # named by content, not "last.pt"
     start_sha = load_checkpoint(checkpoint_path).feature_set["weights_sha"]
     assert backbone.weights_sha == checkpoint.feature_set["weights_sha"] != start_sha
     assert not torch.equal(checkpoint.model_state["verb_head.weight"],
@@ -242,7 +332,8 @@ def _torchrun(dataset, checkpoint_path, out, settings, *extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "epicfeat", "finetune", "--config", str(config_file), "--checkpoint", str(checkpoint_path),
                "--videos", str(dataset.videos), "--annotations", str(dataset.annotations), "--out", str(out),
-               "--num-workers", "0", "--device", "cpu", "--no-progress", *extra]
+               "--num-workers", "0", "--device", "cpu", "--no-progress",
+               "--cache", str(checkpoint_path.parent.parent / "cache"), *extra]
     run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -274,9 +365,13 @@ def _assert_same_run(one_path, two_path, steps: int):
 
 
 def test_two_gloo_processes_equal_one_with_the_same_global_batch(synthetic_dataset, stage_two, tmp_path):
-    """torchrun, 2 CPU processes x 2 clips = 1 process x 4 clips per step (CutMix off: its partners are per batch)."""
+    """torchrun, 2 CPU processes x 2 clips = 1 process x 4 clips per step, CutMix on (issue 15: partners were drawn
+    per process and micro-batch; now per global step over the global batch, boxes all-gathered)."""
     _, checkpoint_path = stage_two
-    settings = dict(cutmix_alpha=0.0, epochs=1, eval_start=False, batch_size=4, micro_batch_size=2)
+    # restandardize off here: a = std / reference_std of near-constant dimensions turns the all-reduce's
+    # summation-order noise into buffer differences above _assert_same_run's tolerances
+    settings = dict(cutmix_alpha=1.0, epochs=1, eval_start=False, batch_size=4, micro_batch_size=2,
+                    restandardize=False)
     finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "one", **settings))
     _torchrun(synthetic_dataset, checkpoint_path, tmp_path / "two", settings)
     _assert_same_run(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt", steps=2)  # 8 clips / 4
@@ -285,7 +380,8 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(synthetic_datas
 def test_a_ddp_run_resumes_where_a_run_stopped(synthetic_dataset, stage_two, tmp_path):
     """Epoch 1 in one process, epoch 2 resumed by 2 torchrun processes == both epochs in one process."""
     _, checkpoint_path = stage_two
-    settings = dict(cutmix_alpha=0.0, epochs=2, eval_start=False, batch_size=4, micro_batch_size=2)
+    settings = dict(cutmix_alpha=0.0, epochs=2, eval_start=False, batch_size=4, micro_batch_size=2,
+                    restandardize=False)
     finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "one", **settings))
     finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "two", **settings), stop_after_epoch=1)
     _torchrun(synthetic_dataset, checkpoint_path, tmp_path / "two", settings, "--resume")
@@ -303,10 +399,20 @@ def test_re_extraction_with_the_fine_tuned_backbone_is_a_separate_feature_set(sy
     assert len(FeatureStore.list_sets(cache)) == 2
     identity = FeatureStore.open(tuned.store).identity
     checkpoint = load_checkpoint(out / "best.pt")
-    assert identity.weights == "file:best.pt" and identity.weights_sha == checkpoint.feature_set["weights_sha"]
+    assert identity.weights == checkpoint.feature_set["weights"] == weights_name_of_sha(identity.weights_sha)
+    assert identity.weights_sha == checkpoint.feature_set["weights_sha"]
     check_feature_set(checkpoint, identity)  # the fine-tuned model pairs with its own features...
     with pytest.raises(Exception, match="differ in: weights, weights_sha"):
         check_feature_set(checkpoint, FeatureStore.open(original.store).identity)  # ...and not with the old ones
+    # Paired by content: last.pt (the same backbone as best.pt here) and a renamed copy give the same feature set.
+    renamed = tmp_path / "copies" / "my-model.pt"
+    renamed.parent.mkdir()
+    shutil.copy(out / "best.pt", renamed)
+    for weights in (out / "last.pt", renamed):
+        again = _extract(synthetic_dataset, cache, "validation", weights=str(weights))
+        assert again.ok and again.store == tuned.store
+        check_feature_set(load_checkpoint(weights), FeatureStore.open(again.store).identity)
+    assert len(FeatureStore.list_sets(cache)) == 2
     video = FeatureStore.open(original.store).complete_videos()[0]
     old = np.asarray(FeatureStore.open(original.store).read(video).features[:])
     new = np.asarray(FeatureStore.open(tuned.store).read(video).features[:])
@@ -345,3 +451,132 @@ def test_backbone_weights_other_than_the_feature_sets_are_refused(synthetic_data
         finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "ft", weights=str(other)))
     with pytest.raises(FinetuneError, match="--checkpoint"):
         finetune(_config(synthetic_dataset, None, tmp_path / "ft"))
+
+
+# ------------------------------------------------------------------------------------- baseline at epoch 0
+def test_epoch_0_scores_like_evaluate_and_stays_best_when_an_epoch_is_worse(synthetic_dataset, stage_two, tmp_path):
+    """Issue 15: the only epoch became best.pt even when far worse than its start. Now the start is epoch 0."""
+    from epicfeat.configs import EvaluateConfig
+    from epicfeat.evaluate import evaluate as evaluate_command
+
+    root, checkpoint_path = stage_two
+    scored = evaluate_command(EvaluateConfig(checkpoints=(checkpoint_path,), annotations=synthetic_dataset.annotations,
+                                             cache=root / "cache", out=tmp_path / "evaluate", device="cpu",
+                                             progress=False))
+    # A head lr of 1 with no warm-up ruins the model in its two steps (backbone frozen: cheap on a CPU).
+    out = tmp_path / "ft"
+    result = finetune(_config(synthetic_dataset, checkpoint_path, out, lr=1.0, trainable_stages=0, cutmix_alpha=0.0,
+                              label_smoothing=0.0))
+    for key, value in scored.metrics.items():  # the same frames, the same model: the same official numbers
+        if "accuracy" in key and not np.isnan(value):
+            assert result.start_metrics[key] == pytest.approx(value, abs=1e-9), key
+    start_action = result.start_metrics["all_action_accuracy_at_1"]
+    epoch = result.history[0]
+    assert epoch["val_loss"] > result.start_metrics["val_loss"] + 0.5  # the epoch got worse...
+    assert epoch["all_action_accuracy_at_1"] <= start_action  # ...and did not beat the start's top-1 (a tie stays)
+    assert result.best_epoch == 0 and result.gain == 0.0  # so best.pt is still the start
+    assert result.verdict.startswith("fine-tuning did not help") and result.verdict in result.notes
+    best, start = load_checkpoint(out / "best.pt"), load_checkpoint(checkpoint_path)
+    assert best.epoch == 0 and best.metrics["all_action_accuracy_at_1"] == start_action
+    for key, value in start.model_state.items():
+        assert torch.equal(best.model_state[key], value), key
+    start_backbone = create_backbone("random", seed=0).state_dict()
+    for key, value in _backbone_state(out / "best.pt").items():
+        assert torch.equal(value, start_backbone[key]), key
+    assert best.feature_set == start.feature_set  # the start's own features still pair with it
+    check_feature_set(best, FeatureStore.open(root / "cache" / start.feature_set_key).identity)
+    assert load_checkpoint(out / "last.pt").epoch == 1  # the worse epoch is kept only as last.pt
+
+
+def test_the_verdict_says_by_how_much_fine_tuning_helped():
+    from epicfeat.finetune import judge
+
+    start = {"all_verb_accuracy_at_1": 50.0, "all_noun_accuracy_at_1": 40.0, "all_action_accuracy_at_1": 20.0}
+    best = {"all_verb_accuracy_at_1": 55.0, "all_noun_accuracy_at_1": 40.0, "all_action_accuracy_at_1": 25.5}
+    gain, verdict = judge(start, 3, best)
+    assert gain == 5.5
+    assert verdict == ("fine-tuning helped: validation top-1 verb 50.00 -> 55.00 (+5.00), noun 40.00 -> 40.00 "
+                       "(+0.00), action 20.00 -> 25.50 (+5.50) at epoch 3")
+    assert judge({}, 1, best) == (None, "")  # no baseline (--no-eval-start, or no validation): nothing to judge
+
+
+# ---------------------------------------------------------------------------- features and head together
+def test_feature_drift_is_followed_exactly_for_an_affine_change_and_not_at_all_without_one(stage_two):
+    _, checkpoint_path = stage_two
+    model = load_checkpoint(checkpoint_path).create_model()
+    stored_mean, stored_std = model.feature_mean.clone(), model.feature_std.clone()
+    generator = torch.Generator().manual_seed(0)
+    features = stored_mean + stored_std * torch.randn(3, FRAMES, 2048, generator=generator)  # (3, T, 2048)
+    reference_mean = stored_mean.double() + 0.1
+    reference_std = stored_std.double().clamp(min=2 * DRIFT_MIN_STD) * 1.1  # a * std stays above the floor
+    drift = {"stored_mean": stored_mean, "stored_std": stored_std, "reference_mean": reference_mean,
+             "reference_std": reference_std}
+    with torch.no_grad():
+        expected = model(features)
+        # Unchanged backbone: bit-identical statistics.
+        follow_feature_drift(model, drift, reference_mean.clone(), reference_std.clone())
+        assert torch.equal(model.feature_mean, stored_mean) and torch.equal(model.feature_std, stored_std)
+        # Every dimension scaled by a in [0.5, 2] and shifted by b: the head sees the same standardised inputs.
+        a = torch.empty(2048, dtype=torch.float64).uniform_(0.5, 2.0, generator=generator)
+        b = torch.randn(2048, dtype=torch.float64, generator=generator)
+        follow_feature_drift(model, drift, a * reference_mean + b, a * reference_std)
+        moved = (a * features.double() + b).float()  # (3, T, 2048): the new backbone's features
+        for got, want in zip(model(moved), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # Without following, the same drift changes the logits a lot.
+        model.set_feature_stats(stored_mean, stored_std)
+        assert (model(moved)[0] - expected[0]).abs().max() > 0.5  # vs < 1e-4 above
+
+
+def test_a_small_backbone_lr_does_not_wreck_a_good_head_in_one_epoch(synthetic_dataset, stage_two, tmp_path):
+    """Head lr ~0, backbone lr 1e-4 on layer4: with the stats following the features, validation holds up."""
+    _, checkpoint_path = stage_two
+    runs = {}
+    for restandardize in (False, True):
+        runs[restandardize] = finetune(_config(
+            synthetic_dataset, checkpoint_path, tmp_path / f"ft{int(restandardize)}", lr=1e-9, backbone_lr=1e-4,
+            trainable_stages=1, cutmix_alpha=0.0, restandardize=restandardize, stats_segments=64,
+        ))
+    start = runs[True].start_metrics
+    followed, fixed = runs[True].history[0], runs[False].history[0]
+    print({k: (start[k], fixed[k], followed[k]) for k in ("val_loss", "all_action_accuracy_at_1")})
+    # Measured (2 cores, this fixture): start 3.58 / 14.3 %, fixed statistics 3.91 / 0.0 %, following 3.50 / 14.3 %.
+    # On the demo's default data (55 validation segments) at the default backbone lr 1.5e-5 the same one epoch
+    # gave 65.5 % -> 0.0 % action top-1 with fixed statistics and 60.0 % following the drift.
+    assert followed["all_action_accuracy_at_1"] >= start["all_action_accuracy_at_1"]
+    assert followed["val_loss"] < start["val_loss"] + 0.05 and fixed["val_loss"] > followed["val_loss"] + 0.2
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+@pytest.mark.slow
+def test_the_loop_recipe_closes_on_synthetic_data(tmp_path):
+    """pipelines/finetune_loop.sh --synthetic: stage two -> finetune -> re-extract with best.pt -> stage two."""
+    import json
+
+    recipe = Path(__file__).resolve().parent.parent / "pipelines" / "finetune_loop.sh"
+    run = subprocess.run(["bash", str(recipe), "--synthetic", str(tmp_path / "loop")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "loop" / "loop_summary.json").read_text())
+    key = "all_action_accuracy_at_1"
+    first, tuned, final = (summary[name] for name in ("temporal_first", "finetune", "temporal_final"))
+    assert tuned[key] >= first[key]  # finetune's best.pt never falls below the model it started from
+    assert final[key] >= first[key] and summary["final_at_least_as_good"]
+    assert summary["keep"].endswith("temporal_final/best.pt")
+    final_set = load_checkpoint(tmp_path / "loop" / "temporal_final" / "best.pt").feature_set
+    assert final_set["weights"] == weights_name_of_sha(final_set["weights_sha"])  # the fine-tuned backbone's features
+
+
+def test_a_feature_set_is_paired_by_its_weights_hash_not_their_name(stage_two):
+    """random-seed0 re-extracted from a file holding those weights is named sha-...: the same numbers, accepted."""
+    root, checkpoint_path = stage_two
+    checkpoint = load_checkpoint(checkpoint_path)
+    identity = FeatureStore.open(root / "cache" / checkpoint.feature_set_key).identity.to_dict()
+    same = {**identity, "weights": weights_name_of_sha(identity["weights_sha"])}
+    check_feature_set(checkpoint, same)
+    other = create_backbone("random", seed=1)
+    with pytest.raises(Exception, match="differ in: weights, weights_sha"):
+        check_feature_set(checkpoint, {**identity, "weights": weights_name_of_sha(other.weights_sha),
+                                       "weights_sha": other.weights_sha})
+    with pytest.raises(Exception, match="differ in: crop, weights"):  # the name rule covers the weights alone
+        check_feature_set(checkpoint, {**same, "crop": identity["crop"] + 1})

@@ -318,3 +318,44 @@ def test_preprocess_identity_and_validation():
     assert identity["mean"] == [0.485, 0.456, 0.406] and identity["interpolation"] == "swscale_bilinear"
     with pytest.raises(Exception, match="crop <= resize"):
         Preprocess(resize=100, crop=112)
+
+
+def _write_bframe_video(path: Path, *, audio: bool) -> None:
+    """30 frames at 30 fps, H.264 with B-frames, no edit list (so the video's first pts is 2 frames, not 0), with
+    or without a silent AAC track that starts at 0."""
+    with av.open(str(path), "w", options={"use_editlist": "0"}) as container:
+        video = container.add_stream("libx264", rate=Fraction(30), options={"bf": "2", "g": "12"})
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = container.add_stream("aac", rate=48000) if audio else None
+        for number in range(30):
+            frame = av.VideoFrame.from_ndarray(_frame_image(number), format="rgb24")
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if sound is not None:
+            for k in range(48):  # 1.02 s of silence
+                samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                samples.sample_rate, samples.pts = 48000, k * 1024
+                for packet in sound.encode(samples):
+                    container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+
+
+def test_row_times_come_from_the_video_stream_with_or_without_audio(tmp_path):
+    silent, with_audio = tmp_path / "silent.mp4", tmp_path / "audio.mp4"
+    _write_bframe_video(silent, audio=False)
+    _write_bframe_video(with_audio, audio=True)
+    with av.open(str(with_audio)) as container:  # the case under test: audio at 0, video 2 frames later
+        assert container.streams.audio[0].start_time == 0 and container.streams.video[0].start_time > 0
+    rows = {name: _collect(iter_frames(path, fps=10, preprocess=SMALL)) for name, path in
+            (("silent", silent), ("audio", with_audio))}
+    for batch in rows.values():
+        assert batch.pts.tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], abs=1e-9)
+        assert batch.frame_indices.tolist() == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+        assert [_frame_number(image) for image in batch.images] == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27]
+    np.testing.assert_array_equal(rows["silent"].pts, rows["audio"].pts)
+    assert probe_video(with_audio).duration == pytest.approx(probe_video(silent).duration) == pytest.approx(1.0)
+    at = decode_frames_at(with_audio, [0.0, 0.5], SMALL)
+    assert at.pts.tolist() == [0.0, 0.5]

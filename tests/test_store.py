@@ -1,7 +1,10 @@
 """The feature store: round trip, atomic completion, crashes, concurrent writers, identity, verify, failures, HDF5."""
 import dataclasses
+import errno
+import hashlib
 import inspect
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,8 +19,10 @@ import zarr
 
 from epicfeat.store import (
     FEATURE_CHUNK_ROWS,
+    NUMERIC_SETTINGS,
     FLUSH_ROWS,
     FeatureSetIdentity,
+    ClaimLostError,
     FeatureStore,
     StoreError,
     export_hdf5,
@@ -46,7 +51,8 @@ def make_rows(rows: int, seed: int):
 
 def write_video(store, video_id, rows, *, seed=0, batch=50, attrs=None, **writer_kwargs):
     features, pts, frames = make_rows(rows, seed)
-    with store.writer(video_id, attrs=attrs or SOURCE, **writer_kwargs) as writer:
+    attrs = attrs or {**SOURCE, "duration": rows / 10}  # 10 rows per second of video, as verify expects
+    with store.writer(video_id, attrs=attrs, **writer_kwargs) as writer:
         for start in range(0, rows, batch):
             writer.append(features[start : start + batch], pts[start : start + batch], frames[start : start + batch])
         writer.commit()
@@ -71,7 +77,7 @@ def test_writer_round_trip(store):
     assert video.pts.dtype == np.float64 and video.frame_indices.dtype == np.int64
     np.testing.assert_array_equal(video.pts, pts)
     np.testing.assert_array_equal(video.frame_indices, frames)
-    for key, value in SOURCE.items():
+    for key, value in {**SOURCE, "duration": 60.0}.items():
         assert video.attrs[key] == value
     assert video.attrs["rows"] == 600 and video.attrs["complete"] is True
     provenance = video.attrs["provenance"]
@@ -111,7 +117,7 @@ def test_append_rejects_mismatched_shapes(store):
 
 
 def test_zero_row_video_commits(store):
-    with store.writer("P01_03", attrs=SOURCE) as writer:
+    with store.writer("P01_03", attrs={**SOURCE, "duration": 0.0}) as writer:
         writer.commit()
     video = store.read("P01_03")
     assert video.features.shape == (0, 2048) and len(video.pts) == 0 and video.attrs["rows"] == 0
@@ -258,13 +264,24 @@ def test_key_differs_for_any_field_change():
     base = identity()
     changed = {"weights": "imagenet1k_v2", "weights_sha": "fedcba9876543210", "fps": 5.0, "resize": 256,
                "crop": 224, "mean": (0.5, 0.456, 0.406), "std": (0.229, 0.224, 0.2), "backbone": "resnet101",
-               "dtype": "float32", "feature_dim": 1024, "precision": "bf16"}
+               "dtype": "float32", "feature_dim": 1024, "precision": "bf16",
+               "decoder": "pyav-17.0.0-libavcodec-61.19.100", "device": "cuda-NVIDIA H200", "tf32": True,
+               "batch_size": 256, "channels_last": False, "compile": True}
     assert set(changed) == {f.name for f in dataclasses.fields(FeatureSetIdentity)}  # every field is covered
     keys = {base.key()}
     for name, value in changed.items():
         keys.add(dataclasses.replace(base, **{name: value}).key())
     assert len(keys) == 1 + len(changed)
     assert identity(fps=10).key() == identity(fps=10.0).key()  # equal values, equal key
+
+
+def test_unrecorded_run_settings_keep_the_key_of_older_feature_sets():
+    """Sets written before decoder/device/batch size were keyed keep their folder name (hash of the old fields)."""
+    old_fields = {k: v for k, v in identity().to_dict().items() if k not in NUMERIC_SETTINGS}
+    canonical = json.dumps(old_fields, sort_keys=True, separators=(",", ":"))
+    assert identity().short_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    assert FeatureSetIdentity.from_dict(old_fields) == identity()
+    assert identity(batch_size=64).key() != identity(batch_size=32).key() != identity().key()
 
 
 def test_create_reopens_the_same_set_and_refuses_a_mismatch(tmp_path):
@@ -302,7 +319,7 @@ def test_verify_catches_nan_and_inf(store):
     features, pts, frames = make_rows(600, seed=9)
     features[300, 7] = np.nan
     features[301, 0] = np.inf
-    with store.writer("P04_01", attrs=SOURCE) as writer:
+    with store.writer("P04_01", attrs={**SOURCE, "duration": 60.0}) as writer:
         writer.append(features, pts, frames)
         writer.commit()
     write_video(store, "P04_02", 40)
@@ -322,13 +339,40 @@ def test_verify_catches_truncated_and_missing_data(store):
     group = zarr.open_group(store.path / "videos" / "P04_03", mode="r+")
     group["pts"][10] = 0.0
     problems = store.verify()
-    assert problems[0] == "P04_01: row counts disagree: features 500, pts 600, frame_index 600, attribute rows 600 " \
-                          "(truncated array?)"
-    assert problems[1:3] == ["P04_02: features: 1 of 3 chunks missing on disk",
-                             "P04_02: features hold NaN/inf in 256 rows (first: row 256)"]
-    assert problems[3] == "P04_03: pts are not strictly increasing at row 10"
-    assert problems[4] == "P04_04: attributes missing: source_path, duration, width, height"
-    assert len(problems) == 5
+    assert problems == [
+        "P04_01: row counts disagree: features 500, pts 600, frame_index 600, attribute rows 600 (truncated array?)",
+        "P04_01: features: 1 chunk(s) do not match the checksum stored at commit (chunks 1); re-extract the video",
+        "P04_01: features: 3 chunk checksums stored for 500 rows",
+        "P04_01: 500 rows, but 60.00 s at 10 rows/s makes about 600",
+        "P04_02: features: 1 of 3 chunks missing on disk",
+        "P04_02: features: 1 chunk(s) do not match the checksum stored at commit (chunks 1); re-extract the video",
+        "P04_02: features hold NaN/inf in 256 rows (first: row 256)",
+        "P04_03: pts do not match the checksum stored at commit (silent corruption)",
+        "P04_03: pts are not strictly increasing at row 10",
+        "P04_04: attributes missing: source_path, duration, width, height",
+    ]
+
+
+def test_verify_reports_a_damaged_chunk_and_checks_the_other_videos(store, tmp_path):
+    """A truncated chunk (a RuntimeError deep in the codec) and a flipped bit that still decodes are both reported
+    per video; the videos after them are still checked; the HDF5 export names the video instead of a traceback."""
+    write_video(store, "P06_01", 600, seed=1)
+    write_video(store, "P06_02", 600, seed=2)
+    write_video(store, "P06_03", 600, seed=3)
+    chunk = store.path / "videos" / "P06_01" / "features" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])  # truncated: no longer decodes
+    group = zarr.open_group(store.path / "videos" / "P06_02", mode="r+")
+    flipped = group["features"][5:6]
+    flipped.view(np.uint16)[0, 9] ^= 1  # one bit of one value: still a valid float16, still decodes
+    group["features"][5:6] = flipped  # written through zarr: only the checksum can tell
+    problems = store.verify()
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("P06_01: features chunk 1 (rows 256-511) cannot be read (RuntimeError: ")
+    assert problems[1] == ("P06_02: features: 1 chunk(s) do not match the checksum stored at commit (chunks 0); "
+                           "re-extract the video")
+    with pytest.raises(StoreError, match=r"cannot export P06_01 .* rows 0-2047 cannot be read"):
+        export_hdf5(store, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists() and not list(tmp_path.glob(".out.h5.*"))
 
 
 def test_damaged_video_is_reported_and_can_be_redone(store):
@@ -347,17 +391,22 @@ def test_failures_log_keeps_the_latest_and_drops_later_successes(store):
     store.record_failure("P05_01", "zero-byte file", path="/v/P05_01.MP4")
     store.record_failure("P05_02", "not a video")
     store.record_failure("P05_01", "truncated at t=3.2s", path="/v/P05_01.MP4")
-    with open(store.path / "failures.jsonl", "a") as log:
+    store.record_failure("P05_01", "truncated at t=3.2s", path="/v/P05_01.MP4")  # the same again: recorded once
+    with open(store.path / "failures.jsonl", "a") as log:  # the log of sets written before one file per record
+        log.write('{"video_id": "P05_04", "reason": "legacy", "time": "2020-01-01"}\n')
         log.write('{"video_id": "P05_03", "rea')  # a torn line from a killed process
     failures = store.failures()
-    assert sorted(failures) == ["P05_01", "P05_02"]
+    assert sorted(failures) == ["P05_01", "P05_02", "P05_04"]
     assert failures["P05_01"]["reason"] == "truncated at t=3.2s" and failures["P05_01"]["path"] == "/v/P05_01.MP4"
     assert failures["P05_02"]["path"] is None and failures["P05_02"]["time"]
-    lines = (store.path / "failures.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[0])["reason"] == "zero-byte file"  # append-only
+    records = sorted((store.path / "failures").glob("*.json"))  # one file per record: nothing can interleave
+    assert [json.loads(r.read_text())["reason"] for r in records if r.name.startswith("P05_01.")] == [
+        "zero-byte file", "truncated at t=3.2s"]
+    assert len(records) == 3
+    assert [r["video_id"] for r in store.failure_records()] == ["P05_04", "P05_01", "P05_02", "P05_01"]
     write_video(store, "P05_02", 20)  # the retry succeeded
-    assert sorted(store.failures()) == ["P05_01"]
-    assert store.info()["videos_failed"] == 1
+    assert sorted(store.failures()) == ["P05_01", "P05_04"]
+    assert store.info()["videos_failed"] == 2
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -400,3 +449,72 @@ def test_info_counts(store):
     assert facts["hours"] == pytest.approx(33.7 / 3600)
     assert facts["bytes"] == sum(p.stat().st_size for p in store.path.rglob("*") if p.is_file())
     assert facts["key"] == store.path.name and facts["identity"] == identity().to_dict()
+
+
+# -------------------------------------------------------------------------------------------- claims
+def test_a_claim_is_exclusive_until_released_or_stale(store):
+    first = store.claim("P07_01", lease_s=30)
+    assert first is not None and first.held()
+    assert store.claim("P07_01", lease_s=30) is None  # O_EXCL: a second writer cannot take it
+    assert store.claim_owner("P07_01", lease_s=30) == first.token
+    first.release()
+    second = store.claim("P07_01", lease_s=30)
+    assert second is not None and second.token != first.token
+    # Not renewed for longer than the lease: stale, so a third writer takes it over and the second has lost it.
+    old = time.time() - 31
+    os.utime(second.path, (old, old))
+    assert store.claim_owner("P07_01", lease_s=30) is None
+    third = store.claim("P07_01", lease_s=30)
+    assert third is not None and third.held()
+    assert not second.held() and not second.renew()
+    assert list((store.path / ".claims").iterdir()) == [third.path]  # the stale one was removed, not kept aside
+
+
+def test_commit_refuses_when_the_claim_was_taken_over(store):
+    features, pts, frames = make_rows(300, seed=1)
+    slow = store.claim("P07_02", lease_s=30)
+    writer = store.writer("P07_02", attrs={**SOURCE, "duration": 30.0}, claim=slow)
+    writer.append(features, pts, frames)
+    old = time.time() - 31
+    os.utime(slow.path, (old, old))  # the slow writer stopped renewing (paused, cut off from NFS)
+    fresh = store.claim("P07_02", lease_s=30)
+    with store.writer("P07_02", attrs={**SOURCE, "duration": 30.0}, claim=fresh) as redo:  # removes slow's folder
+        assert not writer.folder.exists()
+        redo.append(features, pts, frames)
+        redo.commit()
+    with pytest.raises(ClaimLostError, match="claim expired or was taken over"):
+        writer.commit()  # zarr would recreate the folder and publish it with missing chunks; the claim says no
+    np.testing.assert_array_equal(store.read("P07_02").features[:], features)
+    assert store.verify() == [] and store.partial_videos() == []
+
+
+def test_without_flock_a_live_writers_folder_is_kept(store, monkeypatch):
+    """NFS with nolock / Lustre with localflock: flock fails. The old rule treated every leftover as stale and
+    deleted the live writer's folder; now nothing is removed without a claim."""
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    features, pts, frames = make_rows(10, seed=3)
+    first = store.writer("P07_03", attrs={**SOURCE, "duration": 1.0})
+    first.append(features, pts, frames)
+    store.writer("P07_03", attrs={**SOURCE, "duration": 1.0}).close()
+    assert first.folder.is_dir()
+    first.commit()
+    np.testing.assert_array_equal(store.read("P07_03").features[:], features)
+
+
+def test_a_claim_of_a_dead_process_on_this_host_is_stale_at_once(store, tmp_path):
+    """A rerun after a kill on the same machine does not wait out the lease: the claim names a pid that is gone."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    dead_pid = int(child.stdout)
+    claim = store.claim("P07_04", lease_s=600)
+    owner = json.loads(claim.path.read_text())
+    assert owner["pid"] == os.getpid()
+    assert store.claim("P07_04", lease_s=600) is None  # this (live) process holds it
+    claim.path.write_text(json.dumps({**owner, "pid": dead_pid}))  # as if written by the dead process
+    assert store.claim_owner("P07_04", lease_s=600) is None
+    assert store.claim("P07_04", lease_s=600) is not None

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from epicfeat.temporal.data import PackedSplit, PackError, feature_stats, pack_split
+from epicfeat.temporal.data import PackedSplit, PackError, cached_pack_split, feature_stats, pack_split
 
 
 # --- a tiny in-memory stand-in for FeatureStore (same duck type: complete_videos, read, identity) -------------
@@ -294,3 +294,43 @@ def test_pack_from_a_real_feature_store(tmp_path):
         begin, count = int(split.row_start[s]), int(split.row_count[s])
         np.testing.assert_array_equal(split.features[begin:begin + count].numpy(), rows)
     assert split.feature_set == identity.to_dict()
+
+
+def test_a_packed_split_is_cached_on_disk_and_repacked_when_its_inputs_change(tmp_path, monkeypatch):
+    import epicfeat.temporal.data as data_module
+
+    store_module = pytest.importorskip("epicfeat.store")
+    identity = store_module.FeatureSetIdentity(
+        weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=4)
+    store = store_module.FeatureStore.create(tmp_path / "cache", identity)
+    rng = np.random.default_rng(0)
+    for video_id in ("P01_01", "P01_02"):
+        with store.writer(video_id, attrs={"source_fps": 50.0, "duration": 3.0}) as writer:
+            writer.append(rng.normal(size=(30, 4)).astype(np.float16), np.arange(30) / 10, np.arange(30) * 5)
+            writer.commit()
+    segments = _segments([("a", "P01_01", 0.0, 1.0, 1, 2), ("b", "P01_02", 0.5, 2.0, 3, 4),
+                          ("c", "P01_03", 0.0, 1.0, 0, 0)])  # P01_03 is not extracted (yet)
+    packs = []
+    real_pack = data_module.pack_split
+    monkeypatch.setattr(data_module, "pack_split", lambda *a, **k: packs.append(1) or real_pack(*a, **k))
+
+    first = cached_pack_split(store, segments, "train", progress=False)
+    again = cached_pack_split(store, segments, "train", progress=False)
+    assert len(packs) == 1  # the second call read the cache
+    cached = sorted(p.name for p in (tmp_path / "cache" / ".packed" / store.path.name).iterdir())
+    assert len(cached) == 1 and cached[0].startswith("train-")
+    assert torch.equal(again.features, first.features) and again.features.dtype == torch.float16
+    for name in ("row_start", "row_count", "verb_labels", "noun_labels"):
+        assert torch.equal(getattr(again, name), getattr(first, name)), name
+    assert again.narration_ids == ["a", "b"] and again.missing_video_ids == ("P01_03",)
+    assert again.summary["loaded_from_cache"] == 1 and again.feature_set == first.feature_set
+    assert store_module.FeatureStore.list_sets(tmp_path / "cache")[0].path == store.path  # not taken for a set
+
+    other_labels = segments.assign(verb_class=[2, 3, 0])
+    assert cached_pack_split(store, other_labels, "train", progress=False).verb_labels.tolist() == [2, 3]
+    with store.writer("P01_03", attrs={"source_fps": 50.0, "duration": 3.0}) as writer:  # the missing video arrives
+        writer.append(rng.normal(size=(30, 4)).astype(np.float16), np.arange(30) / 10, np.arange(30) * 5)
+        writer.commit()
+    assert len(cached_pack_split(store, segments, "train", progress=False)) == 3
+    assert len(packs) == 3  # new labels and a new video: each a fresh pack

@@ -83,7 +83,7 @@ def _config(tmp_path, name="run", **overrides) -> TrainTemporalConfig:
     """The recipe, shrunk: a tiny BiLSTM, a higher lr and few epochs so that each run takes about a second."""
     small = dict(out=tmp_path / name, frames=8, hidden=24, layers=2, lstm_dropout=0.0, dropout=0.1, epochs=12,
                  lr=1e-2, warmup_epochs=1, batch_size=50, micro_batch_size=50, patience=0, device="cpu",
-                 progress=False)
+                 precision="fp32", progress=False)
     return TrainTemporalConfig(**{**small, **overrides})
 
 
@@ -135,7 +135,7 @@ def test_sampled_cutmix_spans_fit_the_sequence_and_follow_beta_one():
         if mix is None:  # span rounded to 0: nothing mixed
             fractions.append(0.0)
             continue
-        assert 1 <= mix.span <= 10 and 0 <= mix.start and mix.start + mix.span <= 10
+        assert 0 <= mix.span <= 10 and 0 <= mix.start and mix.start + mix.span <= 10  # 0: nothing mixed
         assert sorted(mix.partner.tolist()) == list(range(6))
         assert mix.fraction == mix.span / 10
         fractions.append(mix.fraction)
@@ -187,10 +187,13 @@ def test_run_writes_checkpoints_metrics_plots_and_tensorboard(tmp_path):
         "accuracy.png", "best.pt", "config.yaml", "last.pt", "loss.png", "lr.png", "metrics.csv", "tensorboard"]
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, precision):
     data = _data(60, 30)
-    # Accumulation (2 micro-batches per step), dropout and CutMix all on: every RNG stream must come back.
-    settings = dict(epochs=4, batch_size=16, micro_batch_size=8, dropout=0.5, lstm_dropout=0.3, deterministic=True)
+    # Accumulation (2 micro-batches per step), dropout and CutMix all on: every RNG stream must come back
+    # (and fp16's loss scale).
+    settings = dict(epochs=4, batch_size=16, micro_batch_size=8, dropout=0.5, lstm_dropout=0.3, deterministic=True,
+                    precision=precision)
     straight = fit(_config(tmp_path, "straight", **settings), data)
     fit(_config(tmp_path, "resumed", **settings), data, stop_after_epoch=2)  # "killed" after epoch 2
     assert load_checkpoint(tmp_path / "resumed" / "last.pt").epoch == 2
@@ -216,7 +219,7 @@ def test_resume_refuses_other_feature_sets_changed_recipes_and_overwrites(tmp_pa
     assert "lr: 0.01\n" in (tmp_path / "run" / "config.yaml").read_text()  # a refused resume leaves the run alone
     with pytest.raises(TrainError, match=r"2 optimiser steps in all, this data gives 4 \(60 train segments\)"):
         fit(_config(tmp_path, epochs=2, resume=True), _data(60, 20))  # the packed train split changed size
-    other = _data(40, 20, feature_set={**FEATURE_SET, "weights": "imagenet1k_v2"}, key="set-b")
+    other = _data(40, 20, feature_set={**FEATURE_SET, "weights": "imagenet1k_v2", "weights_sha": "4567"}, key="set-b")
     with pytest.raises(CheckpointError, match="trained on feature set 'set-a'.*from feature set"):
         fit(_config(tmp_path, epochs=2, resume=True), other)
     with pytest.raises(TrainError, match="does not exist"):
@@ -294,7 +297,8 @@ def _write_epic_folder(root, rng) -> None:
 def _write_feature_set(cache, weights: str, video_ids, rng):
     from epicfeat.store import FeatureSetIdentity, FeatureStore
 
-    identity = FeatureSetIdentity(weights=weights, weights_sha="abcd", fps=10.0, resize=128, crop=112,
+    sha = {"imagenet1k_v2": "ef01"}.get(weights, "abcd")  # other weights, other numbers (same sha = same weights)
+    identity = FeatureSetIdentity(weights=weights, weights_sha=sha, fps=10.0, resize=128, crop=112,
                                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=DIM)
     store = FeatureStore.create(cache, identity)
     for video_id in video_ids:
@@ -337,3 +341,138 @@ def test_cli_trains_on_a_feature_set_and_refuses_to_mix_sets(tmp_path):
         cli_train_temporal(out=tmp_path / "run", feature_set=other.key(), resume=True, **common)
     with pytest.raises(TrainError, match="feature set 'nope' not found"):
         cli_train_temporal(out=tmp_path / "run3", feature_set="nope", **common)
+
+
+# --------------------------------------------------------------------------------------------------- precision
+def _recording_lstm_dtypes(monkeypatch):
+    """Every forward of the run's LSTM, as (training?, input dtype, weight dtype): what the LSTM really computes in."""
+    import epicfeat.temporal.train as train_module
+
+    seen = []
+    create = train_module.create_temporal_model
+
+    def create_and_record(*args, **kwargs):
+        model = create(*args, **kwargs)
+        model.lstm.register_forward_pre_hook(
+            lambda lstm, inputs: seen.append((lstm.training, inputs[0].dtype, lstm.weight_ih_l0.dtype)))
+        return model
+
+    monkeypatch.setattr(train_module, "create_temporal_model", create_and_record)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_the_lstm_computes_in_the_precision_asked_for_in_training_and_validation(tmp_path, monkeypatch,
+                                                                                  precision, dtype):
+    seen = _recording_lstm_dtypes(monkeypatch)
+    result = fit(_config(tmp_path, epochs=2, precision=precision), _data(40, 20))
+    # 40 segments / batch 50 -> 1 training step per epoch, then 1 validation batch: 2 epochs x (train, eval).
+    assert seen == [(True, dtype, dtype), (False, dtype, dtype)] * 2
+    last = load_checkpoint(result.last_checkpoint)
+    assert last.config["precision"] == precision and all(v.dtype == torch.float32 for v in last.model_state.values())
+    scaler = last.training_state.get("grad_scaler")
+    assert (scaler is not None and scaler["scale"] > 0) if precision == "fp16" else scaler is None
+    assert math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_bf16_stays_bf16_inside_an_autocast_region(tmp_path):
+    """CUDA's autocast recasts RNNs to float16; the model's explicit casts must win over any autocast. CPU autocast
+    to float16 stands in for it here: the LSTM still sees bfloat16."""
+    from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
+
+    model = create_temporal_model(TemporalModelArgs(input_dim=DIM, hidden=4, n_verbs=3, n_nouns=2))
+    model.compute_dtype = torch.bfloat16
+    seen = []
+    model.lstm.register_forward_pre_hook(lambda lstm, inputs: seen.append((inputs[0].dtype, lstm.weight_hh_l1.dtype)))
+    with torch.autocast("cpu", dtype=torch.float16):
+        verbs, _ = model(torch.randn(2, 3, DIM))
+    verbs.float().sum().backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert model.lstm.weight_hh_l1.grad.dtype == torch.float32  # fp32 master weights get fp32 gradients
+
+
+def test_auto_precision_follows_the_device_and_is_recorded(tmp_path, monkeypatch):
+    import epicfeat.devices
+    from epicfeat.temporal.precision import resolve_temporal_precision
+
+    monkeypatch.setattr(epicfeat.devices, "native_bf16_cpu", lambda *args: False)
+    assert resolve_temporal_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_temporal_precision("auto", torch.device("cuda")) == "bf16"  # the path a GPU takes
+    monkeypatch.setattr(epicfeat.devices, "native_bf16_cpu", lambda *args: True)
+    assert resolve_temporal_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_temporal_precision("fp16", torch.device("cpu")) == "fp16"
+    assert TrainTemporalConfig().precision == "auto"
+    result = fit(_config(tmp_path, epochs=1, precision="auto"), _data(40, 20))
+    assert "precision: bf16" in (tmp_path / "run" / "config.yaml").read_text()
+    assert load_checkpoint(result.best_checkpoint).config["precision"] == "bf16"
+
+
+def test_plots_are_redrawn_after_every_epoch(tmp_path, monkeypatch):
+    import epicfeat.temporal.plots as plots
+    import epicfeat.temporal.train as train_module
+
+    drawn = []
+    draw = plots.plot_training
+    monkeypatch.setattr(plots, "plot_training", lambda history, *a, **k: drawn.append(len(history)) or
+                        draw(history, *a, **k))
+    epochs_run = []
+    real_epoch = train_module.train_one_epoch
+
+    def killed_in_epoch_two(*args, **kwargs):
+        epochs_run.append(1)
+        if len(epochs_run) == 2:
+            raise KeyboardInterrupt("the job's time limit")  # a kill: nothing after this line of fit runs
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_two)
+    data = _data(40, 20)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_config(tmp_path, epochs=3), data)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("*.png")) == ["accuracy.png", "loss.png", "lr.png"]  # epoch 1's plots
+    first = (out / "accuracy.png").read_bytes()
+    monkeypatch.setattr(train_module, "train_one_epoch", real_epoch)
+    fit(_config(tmp_path, epochs=3, resume=True), data)
+    assert (out / "accuracy.png").read_bytes() != first  # epochs 2 and 3 drawn
+    assert drawn == [1, 2, 3]  # after every epoch (and not once more at the end)
+    assert not list(out.glob(".*partial"))  # PNGs are replaced atomically, no partial file is left
+
+
+def test_the_host_copy_of_a_split_moved_to_another_device_is_released():
+    from epicfeat.temporal.train import _release_host_features  # noqa: PLC2701 - the helper fit uses
+
+    split = _planted_split(10, seed=0)
+    moved = split.to("meta")  # stands in for the GPU copy
+    _release_host_features(split, moved)
+    assert split.features.shape == (0, DIM) and moved.features.shape[0] > 0
+    same = _planted_split(10, seed=0)
+    _release_host_features(same, same)  # a CPU run trains on the host copy itself: kept
+    assert same.features.shape[0] > 0
+
+
+def test_an_epoch_reads_nothing_back_from_the_device_per_step(monkeypatch):
+    """On a GPU every read of a tensor's value by the host (item, tolist, int(t), bool(t), ...) waits for the GPU.
+    The epoch's loop may read twice in all (the CutMix seed at its start, the mean losses at its end), however many
+    steps it has. Counted on the CPU by wrapping those Tensor methods; SGD because CPU AdamW reads its step count."""
+    from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
+    from epicfeat.temporal.train import train_one_epoch
+
+    reads = []
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or
+                            _o(self, *a, **k))
+
+    def epoch_reads(segments: int) -> list[str]:
+        split = _planted_split(segments, seed=3)
+        model = create_temporal_model(TemporalModelArgs(input_dim=DIM, hidden=4, n_verbs=N_VERBS, n_nouns=N_NOUNS))
+        model.compute_dtype = torch.bfloat16
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        reads.clear()
+        train_one_epoch(model, optimizer, split, frames=4, batch_size=10, micro_batch_size=5,
+                        schedule=LRSchedule(peak=0.1, warmup_steps=2, total_steps=20), step=0, label_smoothing=0.1,
+                        cutmix_alpha=1.0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        return list(reads)
+
+    assert epoch_reads(20) == epoch_reads(80) == ["__int__", "tolist"]  # 2 steps or 8 steps: the same 2 reads

@@ -91,7 +91,7 @@ class Checkpoint:
                 weights, seed = "random", int(random_seed.group(1))
             elif recorded in ("imagenet1k_v1", "imagenet1k_v2"):
                 weights = recorded
-            elif recorded.startswith("file:") and "backbone" in self.extra:
+            elif recorded.startswith(("file:", "sha-")) and "backbone" in self.extra:
                 weights = str(self.path)  # a finetune checkpoint: its own fine-tuned backbone
             else:
                 raise WeightsError(
@@ -209,6 +209,10 @@ def check_feature_set(checkpoint: Checkpoint, identity: Any) -> None:
         k for k in set(wanted) | set(checkpoint.feature_set)
         if _canonical(wanted.get(k)) != _canonical(checkpoint.feature_set.get(k))
     )
+    # Weights are paired by content: the same weights_sha under another name (random-seed0 re-extracted from a
+    # file holding those weights, named sha-...) gives the same numbers. (finetune, issue 15)
+    if differing == ["weights"] and wanted.get("weights_sha"):
+        return
     raise CheckpointError(
         f"checkpoint {checkpoint.path} was trained on feature set '{checkpoint.feature_set_key}' but the features "
         f"given are from feature set '{wanted_key}' (they differ in: {', '.join(differing)}). Pick the cache folder "

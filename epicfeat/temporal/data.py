@@ -17,7 +17,11 @@ frame-count arithmetic: feature sets sampled at 10 rows/s from 59.94 or 50 fps v
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import pickle
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
@@ -125,11 +129,13 @@ class PackedSplit:
         bins = torch.arange(frames, device=device).unsqueeze(0)  # (1, T)
         if train:
             draw_device = generator.device if generator is not None else device
-            uniform = torch.rand((len(segments), frames), generator=generator, dtype=torch.float64,
-                                 device=draw_device).to(device)  # (B, T) in [0, 1)
-            # Bin k spans [k * count / T, (k + 1) * count / T); float64 keeps the floor exact at bin edges.
-            offsets = torch.floor((bins + uniform) * counts / frames).long()  # (B, T)
-            offsets = torch.minimum(offsets, counts - 1)  # guards the (k + 1) * count / T edge against rounding
+            uniform = torch.rand((len(segments), frames), generator=generator, device=draw_device).to(device)  # (B, T)
+            # Bin k spans [k * count / T, (k + 1) * count / T): a uniform position there is (k * count + v) / T
+            # with v ~ U[0, count), and its row floor((k * count + v) / T) equals floor((k * count + j) / T) for
+            # the integer j = floor(v) (T is an integer). So one integer per bin, exact integer arithmetic, no
+            # float64 (slow on GPUs, a threaded kernel on CPUs). The minimum guards float32 rounding of v to count.
+            within = torch.minimum((uniform * counts).long(), counts - 1)  # (B, T) j in [0, count)
+            offsets = (bins * counts + within) // frames  # (B, T)
         else:
             # Centre of bin k is (k + 0.5) * count / T; integer arithmetic makes it exact.
             offsets = ((2 * bins + 1) * counts) // (2 * frames)  # (B, T)
@@ -276,6 +282,92 @@ def pack_split(
     )
 
 
+#: Bump when the layout of a cached pack changes: older caches are then rebuilt, never misread.
+PACK_CACHE_VERSION = 1
+_PACK_LABEL_COLUMNS = ("verb_class", "noun_class")
+
+
+def cached_pack_split(
+    store: FeatureStore,
+    segments: pd.DataFrame,
+    name: str,
+    *,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> PackedSplit:
+    """``pack_split``, kept on disk: a later run on the same feature set and segments loads it in seconds.
+
+    Packing EPIC's train split reads every video's Zarr chunks (minutes); 16- and 32-frame runs and every resume
+    need the very same pack. It is saved under ``cache_dir`` (default: ``<cache>/.packed/<feature set key>/``,
+    beside the feature set; a dot-folder, so no tool takes it for a feature set) as ``<name>-<digest>/`` holding
+    ``features.npy`` (float16, memory-mapped on load, so a GPU upload reads it straight from the page cache) and
+    ``index.pt`` (row ranges, labels, ids, summary). The digest covers the segments (ids, videos, times, labels)
+    and the stored attributes of every video they need (rows, provenance, checksums), so a re-extracted or newly
+    completed video, or another annotation file, gives another digest and a fresh pack. Written to a temporary
+    folder and renamed: a killed run leaves no half-written pack.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else _default_pack_dir(store)
+    target = folder / f"{name}-{_pack_digest(store, segments)}"
+    if (target / "index.pt").is_file():
+        try:
+            return _load_pack(target)
+        except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError):
+            shutil.rmtree(target, ignore_errors=True)  # unreadable (disk trouble, a foreign file): pack again
+    split = pack_split(store, segments, progress=progress)
+    try:
+        _save_pack(split, target)
+    except OSError:
+        pass  # a read-only or full disk costs the next run a re-pack, never this run
+    return split
+
+
+def _default_pack_dir(store: Any) -> Path:
+    path = Path(getattr(store, "path"))
+    return path.parent / ".packed" / path.name
+
+
+def _pack_digest(store: Any, segments: pd.DataFrame) -> str:
+    columns = [c for c in (*_REQUIRED_COLUMNS, *_PACK_LABEL_COLUMNS) if c in segments.columns]
+    table = segments[columns].to_csv(index=False).encode()
+    complete = set(store.complete_videos())
+    needed = sorted({str(v) for v in segments["video_id"]})
+    attrs = {v: (store.video_attrs(v) if v in complete else None) for v in needed}
+    content = json.dumps({"version": PACK_CACHE_VERSION, "identity": _identity_dict(store), "videos": attrs},
+                         sort_keys=True, default=str).encode()
+    return hashlib.sha256(table + b"\0" + content).hexdigest()[:16]
+
+
+def _save_pack(split: PackedSplit, target: Path) -> None:
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        np.save(partial / "features.npy", split.features.numpy())
+        index = {
+            "row_start": split.row_start, "row_count": split.row_count,
+            "verb_labels": split.verb_labels, "noun_labels": split.noun_labels,
+            "narration_ids": list(split.narration_ids), "participant_ids": list(split.participant_ids),
+            "video_ids": list(split.video_ids), "summary": dict(split.summary),
+            "feature_set": json.dumps(split.feature_set), "missing_video_ids": list(split.missing_video_ids),
+        }
+        torch.save(index, partial / "index.pt")
+        os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _load_pack(target: Path) -> PackedSplit:
+    index = torch.load(target / "index.pt", weights_only=True)
+    # Copy-on-write mapping: pages load on demand (a GPU upload streams them), and the tensor is writable.
+    features = torch.from_numpy(np.load(target / "features.npy", mmap_mode="c"))  # (R, D) float16
+    return PackedSplit(
+        features=features, row_start=index["row_start"], row_count=index["row_count"],
+        verb_labels=index["verb_labels"], noun_labels=index["noun_labels"],
+        narration_ids=index["narration_ids"], participant_ids=index["participant_ids"], video_ids=index["video_ids"],
+        summary={**index["summary"], "loaded_from_cache": 1}, feature_set=json.loads(index["feature_set"]),
+        missing_video_ids=tuple(index["missing_video_ids"]),
+    )
+
+
 def feature_stats(
     split: PackedSplit, *, chunk_rows: int = 16384, min_std: float = 1e-3
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +441,17 @@ def _rows_of_segments(
     nearest = np.where(np.abs(pts[right] - midpoint) < np.abs(midpoint - pts[left]), right, left)
     lo[between], hi[between] = nearest, nearest + 1
     return lo.astype(np.int64), hi.astype(np.int64), int(between.sum()), int(past_end.sum())
+
+
+def rows_of_segments(pts: np.ndarray, start_sec: np.ndarray, stop_sec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row range [lo, hi) of each segment of one video by stage two's join (for ``finetune``'s clip times).
+
+    The same rule ``pack_split`` applies: rows with start_sec <= pts < stop_sec, else the row nearest the midpoint,
+    else the last row; so a clip decoded at ``pts[lo:hi]`` sees exactly the frames stage two's rows came from.
+    """
+    lo, hi, _, _ = _rows_of_segments(np.asarray(pts, np.float64), np.asarray(start_sec, np.float64),
+                                     np.asarray(stop_sec, np.float64))
+    return lo, hi
 
 
 def _needed_rows(n_rows: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

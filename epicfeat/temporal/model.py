@@ -8,10 +8,16 @@ The standardisation lives in the model (two registered buffers saved in its stat
 random-weight backbones have means around 13 and maxima around 140, which saturate LSTM gates: whoever evaluates,
 predicts with or exports a trained model must apply exactly the scaling it was trained with, and a checkpoint that
 carries it cannot get that wrong.
+
+Precision. ``compute_dtype`` (float32 by default; not saved, set by whoever runs the model) is the dtype the LSTM
+computes in: its fp32 weights and its input are cast explicitly inside the forward, with autocast switched off
+around it, so bf16 means bf16 on every device (CUDA autocast would run the LSTM in fp16). Standardisation, pooling
+and the heads stay in float32. See ``epicfeat.temporal.precision``.
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +73,7 @@ class TemporalModel(nn.Module):
         self.dropout = nn.Dropout(args.dropout)
         self.verb_head = nn.Linear(width, args.n_verbs)
         self.noun_head = nn.Linear(width, args.n_nouns)
+        self.compute_dtype = torch.float32  # the LSTM's dtype (module docstring); an attribute, not state
 
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -81,10 +88,25 @@ class TemporalModel(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, D), any float dtype -> (verb_logits (B, Cv), noun_logits (B, Cn))."""
         x = (features.float() - self.feature_mean) / self.feature_std  # (B, T, D) float32, standardised
-        outputs, _ = self.lstm(x)  # (B, T, 2H): [forward_t, backward_t] at every step
+        outputs = self._run_lstm(x).float()  # (B, T, 2H): [forward_t, backward_t] at every step
         pooled = self._pool(outputs)  # (B, 2H)
         pooled = self.dropout(pooled)
         return self.verb_head(pooled), self.noun_head(pooled)  # (B, Cv), (B, Cn)
+
+    def _run_lstm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) float32 -> LSTM outputs (B, T, 2H) computed in ``compute_dtype``."""
+        if self.compute_dtype == torch.float32:
+            outputs, _ = self.lstm(x)  # (B, T, 2H); a caller's autocast, if any, applies as before
+            return outputs
+        # Cast copies of the fp32 weights (gradients flow back to them) and the input; autocast off, or CUDA's
+        # would recast the RNN to float16.
+        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            # cuDNN copies the cast weights into its flat buffer (one 17 M-element copy per forward); its warning
+            # about non-contiguous RNN weights says only that.
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            weights = {name: p.to(self.compute_dtype) for name, p in self.lstm.named_parameters()}
+            outputs, _ = torch.func.functional_call(self.lstm, weights, (x.to(self.compute_dtype),))
+        return outputs  # (B, T, 2H) compute_dtype
 
     def _pool(self, outputs: torch.Tensor) -> torch.Tensor:
         pooling = self.args.pooling

@@ -19,9 +19,18 @@ round((1 - lam) * T) consecutive steps at a random start, and a random partner f
 sequence is replaced by its partner's rows at the same steps. The verb and noun losses are then mixed by the span's
 actual share of the sequence, span / T:  (1 - span/T) * CE(own labels) + span/T * CE(partner's labels).
 
-Resuming. ``last.pt`` holds the optimiser, the schedule's step and every RNG state (torch CPU and CUDA, numpy,
-Python and the sampling generator that shuffles, samples rows and draws CutMix), so ``resume=True`` continues where
-the run stopped; on the deterministic CPU path the result is bit-identical to an uninterrupted run.
+Resuming. ``last.pt`` holds the optimiser, the schedule's step, fp16's loss scale and every RNG state (torch CPU
+and CUDA, numpy, Python and the sampling generator that shuffles, samples rows and draws CutMix), so
+``resume=True`` continues where the run stopped; on the deterministic CPU path the result is bit-identical to an
+uninterrupted run.
+
+Precision (``epicfeat.temporal.precision``): the LSTM computes in the precision the run names, by explicit casts
+(never CUDA autocast, which runs RNNs in fp16); ``auto`` is resolved once and recorded in config.yaml and the
+checkpoints, and validation and ``epicfeat evaluate`` compute in it too.
+
+On a GPU the epoch is a device-side loop: the packed splits are uploaded once (their host copies then freed),
+the sampling generator lives on the GPU, and one epoch reads nothing back until its mean losses (see
+``train_one_epoch``). Packed splits are cached on disk per feature set and segments (``cached_pack_split``).
 """
 from __future__ import annotations
 
@@ -52,8 +61,9 @@ from epicfeat.temporal.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from epicfeat.temporal.data import PackedSplit, feature_stats, pack_split
+from epicfeat.temporal.data import PackedSplit, cached_pack_split, feature_stats, pack_split
 from epicfeat.temporal.model import TemporalModel, create_temporal_model
+from epicfeat.temporal.precision import COMPUTE_DTYPES, grad_scaler, resolve_temporal_precision, supported_precision
 
 
 class TrainError(EpicfeatError):
@@ -100,7 +110,7 @@ def train_temporal(config: TrainTemporalConfig, *, stop_after_epoch: int | None 
     ``stop_after_epoch`` ends this call after that epoch as if the job had been killed there (for tests and
     time-boxed jobs); run again with ``resume=True`` to continue on the same schedule.
     """
-    return fit(config, load_training_data(config), stop_after_epoch=stop_after_epoch)
+    return fit(config, load_training_data(config), stop_after_epoch=stop_after_epoch, release_host_copy=True)
 
 
 def load_training_data(config: TrainTemporalConfig) -> TrainingData:
@@ -111,7 +121,7 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
         raise TrainError("no annotations given: pass --annotations DIR (the folder holding EPIC_100_*.csv)")
     annotations = EpicAnnotations(config.annotations, train_file=config.train_file)
     store = open_feature_set(config.cache, config.feature_set)
-    train = pack_split(store, annotations.segments(config.train_splits), progress=config.progress)
+    train = _pack(store, annotations.segments(config.train_splits), config.train_splits, config)
     if len(train) == 0:
         raise TrainError(
             f"none of the {config.train_splits} segments has features in feature set {store.path}: extract their "
@@ -119,7 +129,7 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
         )
     validation = None
     if config.train_splits == "train":
-        validation = pack_split(store, annotations.segments("validation"), progress=config.progress)
+        validation = _pack(store, annotations.segments("validation"), "validation", config)
         if len(validation) == 0:
             raise TrainError(
                 f"no validation segment has features in feature set {store.path}: extract them "
@@ -136,6 +146,13 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
         tail_nouns=annotations.tail_nouns,
         unseen_participants=annotations.unseen_participants("validation") if validation is not None else None,
     )
+
+
+def _pack(store, segments, name: str, config: TrainTemporalConfig) -> PackedSplit:
+    """The packed split, from the on-disk pack cache when ``config.pack_cache`` (16f, 32f and resumes share it)."""
+    if config.pack_cache:
+        return cached_pack_split(store, segments, name, progress=config.progress)
+    return pack_split(store, segments, progress=config.progress)
 
 
 def open_feature_set(cache: Path, feature_set: str | None):
@@ -166,39 +183,62 @@ def open_feature_set(cache: Path, feature_set: str | None):
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: int | None = None) -> TrainResult:
-    """Train (or resume) a temporal model on ``data``; writes everything into ``config.out``."""
+def fit(
+    config: TrainTemporalConfig,
+    data: TrainingData,
+    *,
+    stop_after_epoch: int | None = None,
+    release_host_copy: bool = False,
+) -> TrainResult:
+    """Train (or resume) a temporal model on ``data``; writes everything into ``config.out``.
+
+    ``release_host_copy``: once a split is on the GPU, drop its host features (``data``'s splits then hold an
+    empty (0, D) tensor): the caller hands the data over, and the host RAM (15 GB for EPIC's train split) is free.
+    """
     started = time.perf_counter()
     out = Path(config.out)
     best_path, last_path, csv_path = out / "best.pt", out / "last.pt", out / "metrics.csv"
     _check_out_folder(config, last_path)
     config = dataclasses.replace(config, feature_set=data.feature_set_key)  # the resolved config names the set
-    # What is saved describes the run, not this invocation: `--config out/config.yaml` re-creates it from scratch.
-    run_config = config_to_dict(dataclasses.replace(config, resume=False))
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     console = _console(config.progress)
     notes: list[str] = []
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and config.precision == "bf16" else None
-    autocast_dtype = _supported_autocast(device, autocast_dtype, notes)
+    # The precision is resolved once (auto -> bf16 / fp32) and recorded: validation and `evaluate` use it too.
+    precision = supported_precision(resolve_temporal_precision(config.precision, device), device, notes)
+    config = dataclasses.replace(config, precision=precision)
+    # What is saved describes the run, not this invocation: `--config out/config.yaml` re-creates it from scratch.
+    run_config = config_to_dict(dataclasses.replace(config, resume=False))
 
     with _determinism(config.deterministic):
         # --- seeds: model init and dropout draw from torch's global RNGs; shuffling, row sampling and CutMix
         # from `generator`, so the data order does not depend on how many dropout masks were drawn.
         _seed_everything(config.seed)
-        generator = torch.Generator().manual_seed(config.seed)
-
-        # --- model, standardised with the training split's statistics
         train_split, val_split = data.train, data.validation
         _check_labels(train_split, "train", data)
         if val_split is not None:
             _check_labels(val_split, "validation", data)
-        feature_mean, feature_std = feature_stats(train_split)
+
+        # --- data onto the device once: an epoch is then index_select on device memory, no loader to wait on
+        train_on_device = _to_device(train_split, device, notes)
+        val_on_device = _to_device(val_split, device, notes) if val_split is not None else None
+        if release_host_copy:
+            for host, moved in ((train_split, train_on_device), (val_split, val_on_device)):
+                _release_host_features(host, moved)
+        # The sampling generator lives with the data: the epoch's order, rows and CutMix are drawn there.
+        generator = torch.Generator(device=train_on_device.device).manual_seed(config.seed)
+
+        # --- model, standardised with the training split's statistics (computed where the split is)
+        feature_mean, feature_std = feature_stats(train_on_device)
         model_args = config.model_args(
             input_dim=train_split.features.shape[1], n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes)
         )
         model = create_temporal_model(model_args, feature_mean, feature_std).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        model.compute_dtype = COMPUTE_DTYPES[precision]
+        # Fused AdamW: one kernel for all 17 M parameters on a GPU instead of a loop of small ones.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                      fused=device.type == "cuda")
+        scaler = grad_scaler(precision, device)  # fp16 only; a no-op otherwise
 
         # --- batches and the learning-rate schedule (per optimiser step)
         batch_size = min(config.batch_size, len(train_split))
@@ -233,17 +273,15 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
                 )
             model.load_state_dict(checkpoint.model_state)
             optimizer.load_state_dict(state["optimizer"])
+            if scaler.is_enabled() and "grad_scaler" in state:
+                scaler.load_state_dict(state["grad_scaler"])
             step = state["scheduler"]["step"]
             history = [dict(row) for row in checkpoint.history]
             first_epoch = checkpoint.epoch + 1
             stopping.load(state)
-            restore_rng_state(state["rng"], generator)
+            _restore_rng(state["rng"], generator, last_path)
             console.print(f"resuming {last_path} after epoch {checkpoint.epoch} (step {step})")
         save_config(dataclasses.replace(config, resume=False), out / "config.yaml")
-
-        # --- data onto the device once: an epoch is then index_select on device memory, no loader to wait on
-        train_on_device = _to_device(train_split, device, notes)
-        val_on_device = _to_device(val_split, device, notes) if val_split is not None else None
         unseen = _unseen_mask(val_split, data.unseen_participants) if val_split is not None else None
         for name, split in (("train", train_split), ("validation", val_split)):
             if split is not None and split.summary.get("missing_video_dropped"):
@@ -260,6 +298,7 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
         # Scalars are written only after an epoch's last.pt, so a resumed run never logs an epoch twice.
         tensorboard = SummaryWriter(str(out / "tensorboard"))
         progress = _EpochProgress(console, enabled=config.progress)
+        plots = None
         try:
             for epoch in range(first_epoch, config.epochs + 1):
                 if stopping.stopped_early:
@@ -272,14 +311,14 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
                         frames=config.frames, batch_size=batch_size, micro_batch_size=micro_batch_size,
                         schedule=schedule, step=step, label_smoothing=config.label_smoothing,
                         cutmix_alpha=config.cutmix_alpha, generator=generator, device=device,
-                        autocast_dtype=autocast_dtype, on_batch=advance,
+                        on_batch=advance, scaler=scaler,
                     )
                 train_seconds = time.perf_counter() - epoch_started
                 row: dict[str, float] = {"epoch": epoch, "step": step, "lr": schedule(step - 1), **train_stats}
                 if val_on_device is not None:
                     val_stats, _, _ = evaluate(
                         model, val_on_device, frames=config.frames, batch_size=config.eval_batch_size,
-                        device=device, autocast_dtype=autocast_dtype, label_smoothing=config.label_smoothing,
+                        device=device, label_smoothing=config.label_smoothing,
                         tail_verbs=data.tail_verbs, tail_nouns=data.tail_nouns, unseen=unseen,
                     )
                     row.update(val_stats)
@@ -303,8 +342,11 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
                     "rng": capture_rng_state(generator),
                     **stopping.state(),
                 }
+                if scaler.is_enabled():
+                    training_state["grad_scaler"] = scaler.state_dict()
                 save_checkpoint(last_path, **checkpoint_fields, training_state=training_state)
                 _write_csv(csv_path, history)
+                plots = _plot(history, out, schedule, step, steps_per_epoch)  # every epoch: a killed job keeps them
                 _log_tensorboard(tensorboard, row, schedule, first_step, step)
                 progress.report(row, stopping)
                 if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -312,13 +354,8 @@ def fit(config: TrainTemporalConfig, data: TrainingData, *, stop_after_epoch: in
         finally:
             tensorboard.close()
     _write_csv(csv_path, history)  # also when a resumed run had nothing left to do (killed before its CSV write)
-
-    from epicfeat.temporal.plots import plot_training
-
-    steps = np.arange(step)
-    plots = plot_training(
-        history, out, lr_curve=(steps / steps_per_epoch, [schedule(int(s)) for s in steps]), title=out.name
-    )
+    if plots is None:  # a resumed run that had no epoch left: draw what its history holds
+        plots = _plot(history, out, schedule, step, steps_per_epoch)
     best_row = next((row for row in history if row["epoch"] == stopping.best_epoch), history[-1] if history else {})
     result = TrainResult(
         out=out,
@@ -359,45 +396,60 @@ def train_one_epoch(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``split`` in a random order; returns the mean losses and the optimiser step count after it.
 
     Each optimiser step sees ``batch_size`` segments, run as micro-batches whose gradients accumulate (each
     micro-batch's loss is weighted by its share of the step, so the gradient is the batch mean).
 
-    Rows are sampled on the CPU from ``generator`` (so the data order is the same on every device) and read from
-    ``device_split`` (the same split moved to ``device`` once; default ``split``): only (B, T) row indices cross
-    to the GPU, asynchronously from pinned memory, so the GPU never waits on the host between steps.
+    A device-side loop: the epoch's order, every segment's sampled rows, CutMix starts and partners are drawn from
+    ``generator`` on the device it lives on (the data's device: ``device_split``, the same split moved there once;
+    default ``split``), and features and labels are gathered there, so nothing crosses from the host and nothing
+    waits for the GPU between steps. The CutMix spans of the whole epoch come from one host draw at its start
+    (torch has no seeded Beta sampler), and the losses are read back once, at its end. ``scaler`` (fp16) scales
+    the loss; its overflow check is the one per-step sync, and only fp16 has it.
     """
     device_split = split if device_split is None else device_split
+    draw = generator.device  # where random numbers come from: the CPU, or the GPU holding the data
     model.train()
-    order = torch.randperm(len(split), generator=generator)  # (S,) the epoch's segment order
+    order = torch.randperm(len(split), generator=generator, device=draw)  # (S,) the epoch's segment order
+    full, rest = divmod(len(split), batch_size)
+    micro_batches = full * math.ceil(batch_size / micro_batch_size) + math.ceil(rest / micro_batch_size)
+    spans = draw_cutmix_spans(micro_batches, frames, cutmix_alpha, generator)  # (M,) or None
     loss_sums = torch.zeros(3, device=device)  # (3,) segment-weighted sums: total, verb, noun
-    for begin in range(0, len(order), batch_size):
-        batch = order[begin : begin + batch_size]  # (B,)
+    micro_index = 0
+    for batch in order.split(batch_size):  # (B,) each
         for group in optimizer.param_groups:
             group["lr"] = schedule(step)
         optimizer.zero_grad(set_to_none=True)
         for micro in batch.split(micro_batch_size):  # (b,) each
-            rows = split.sample_rows(micro, frames, train=True, generator=generator)  # (b, T) CPU
-            rows = _to(rows, device_split.device).reshape(-1)  # (b * T,)
-            features = device_split.features.index_select(0, rows)  # (b * T, D) float16
+            segments = micro.to(device_split.device)  # no-op when the generator lives with the data
+            rows = device_split.sample_rows(segments, frames, train=True, generator=generator)  # (b, T)
+            span = spans[micro_index] if spans is not None else None
+            micro_index += 1
+            mix = sample_time_cutmix(len(micro), frames, cutmix_alpha, generator, span=span)
+            if mix is not None:
+                # CutMix on the row indices: pasting the partner's rows of the span before the one gather equals
+                # pasting its features after it, without two more (b, T, D) copies.
+                rows = apply_time_cutmix(rows.unsqueeze(-1), mix).squeeze(-1)  # (b, T)
+            features = device_split.features.index_select(0, rows.reshape(-1))  # (b * T, D) float16
             features = _to(features.reshape(len(micro), frames, -1), device)  # (b, T, D)
-            segments = _to(micro, device_split.device)  # (b,)
             verbs = _to(device_split.verb_labels.index_select(0, segments), device)  # (b,)
             nouns = _to(device_split.noun_labels.index_select(0, segments), device)  # (b,)
-            mix = sample_time_cutmix(len(micro), frames, cutmix_alpha, generator)
-            if mix is not None:
-                mix = dataclasses.replace(mix, partner=_to(mix.partner, device))
-                features = apply_time_cutmix(features, mix)  # (b, T, D)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
             verb_loss = mixed_cross_entropy(verb_logits.float(), verbs, mix, label_smoothing)
             noun_loss = mixed_cross_entropy(noun_logits.float(), nouns, mix, label_smoothing)
             loss = verb_loss + noun_loss
-            (loss * (len(micro) / len(batch))).backward()
+            weighted = loss * (len(micro) / len(batch))
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
             loss_sums += torch.stack([loss, verb_loss, noun_loss]).detach() * len(micro)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
+            scaler.update()
+        else:
+            optimizer.step()
         step += 1
         if on_batch is not None:
             on_batch(len(batch))
@@ -524,39 +576,60 @@ class LRSchedule:
 
 @dataclass(frozen=True)
 class TimeCutMix:
-    """One batch's time-span CutMix: steps [start, start + span) of sequence i come from sequence partner[i]."""
+    """One batch's time-span CutMix: steps [start, start + span) of sequence i come from sequence partner[i].
+
+    ``start`` and ``span`` are ints or 0-d int64 tensors on the batch's device (a training step never reads them
+    back to the host); a span of 0 mixes nothing.
+    """
 
     partner: torch.Tensor  # (B,) int64, a permutation of the batch
-    start: int
-    span: int
+    start: int | torch.Tensor
+    span: int | torch.Tensor
     frames: int
 
     @property
-    def fraction(self) -> float:
+    def fraction(self) -> float | torch.Tensor:
         """Share of each mixed sequence that comes from its partner: the weight of the partner's labels."""
         return self.span / self.frames
 
 
-def sample_time_cutmix(batch: int, frames: int, alpha: float, generator: torch.Generator) -> TimeCutMix | None:
-    """Draw lam ~ Beta(alpha, alpha) and a span of round((1 - lam) * T) steps; None when nothing is mixed."""
+def draw_cutmix_spans(count: int, frames: int, alpha: float, generator: torch.Generator) -> torch.Tensor | None:
+    """``count`` CutMix spans round((1 - lam) * T), lam ~ Beta(alpha, alpha): (count,) int64 on the generator's
+    device, from one host draw (None when alpha is 0: no CutMix).
+
+    torch has no seeded Beta sampler; a numpy Generator seeded from ``generator`` keeps one RNG stream to save.
+    Rounding is half-to-even, like Python's round.
+    """
+    if alpha <= 0:
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    lam = np.random.default_rng(seed).beta(alpha, alpha, size=count)  # (count,)
+    return torch.from_numpy(np.rint((1.0 - lam) * frames).astype(np.int64)).to(generator.device)
+
+
+def sample_time_cutmix(
+    batch: int, frames: int, alpha: float, generator: torch.Generator, *, span: torch.Tensor | None = None
+) -> TimeCutMix | None:
+    """A batch's CutMix: ``span`` (default: one drawn by ``draw_cutmix_spans``), a start uniform in
+    [0, T - span] and a random partner per sequence, all on the generator's device; None without CutMix."""
     if alpha <= 0 or batch < 2:
         return None
-    # torch has no seeded Beta sampler; a numpy Generator seeded from `generator` keeps one RNG stream to save.
-    lam = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator))).beta(alpha, alpha)
-    span = int(round((1.0 - lam) * frames))
-    start = int(torch.randint(0, frames - span + 1, (1,), generator=generator))
-    partner = torch.randperm(batch, generator=generator)  # (B,)
-    if span == 0:
-        return None
+    device = generator.device
+    if span is None:
+        span = draw_cutmix_spans(1, frames, alpha, generator)[0]  # () int64
+    uniform = torch.rand((), generator=generator, device=device)  # ()
+    start = torch.minimum((uniform * (frames - span + 1)).long(), frames - span)  # () in [0, T - span]
+    partner = torch.randperm(batch, generator=generator, device=device)  # (B,)
     return TimeCutMix(partner=partner, start=start, span=span, frames=frames)
 
 
 def apply_time_cutmix(features: torch.Tensor, mix: TimeCutMix) -> torch.Tensor:
     """features (B, T, D) -> (B, T, D) with each sequence's span replaced by its partner's rows at those steps."""
-    mixed = features.clone()  # (B, T, D)
-    span = slice(mix.start, mix.start + mix.span)
-    mixed[:, span] = features[mix.partner.to(features.device), span]  # (B, span, D)
-    return mixed
+    steps = torch.arange(features.shape[1], device=features.device)  # (T,)
+    start = torch.as_tensor(mix.start, device=features.device)
+    inside = (steps >= start) & (steps < start + torch.as_tensor(mix.span, device=features.device))  # (T,)
+    partners = features.index_select(0, mix.partner.to(features.device))  # (B, T, D)
+    return torch.where(inside[None, :, None], partners, features)  # (B, T, D)
 
 
 def mixed_cross_entropy(
@@ -628,7 +701,7 @@ def _check_out_folder(config: TrainTemporalConfig, last_path: Path) -> None:
 
 #: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
 _RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "cache", "device", "precision", "progress",
-                                "eval_batch_size"})
+                                "eval_batch_size", "pack_cache"})
 
 
 def _check_resume_config(saved: dict[str, Any], config: TrainTemporalConfig, path: Path) -> None:
@@ -667,6 +740,22 @@ def _to_device(split: PackedSplit, device: torch.device, notes: list[str]) -> Pa
         return split
 
 
+def _release_host_features(host: PackedSplit | None, moved: PackedSplit | None) -> None:
+    """Free ``host``'s feature rows when ``moved`` is a copy of it on another device (nothing else reads them)."""
+    if host is not None and moved is not None and moved is not host and moved.device != host.device:
+        host.features = host.features.new_empty((0, host.features.shape[1]))  # (0, D)
+
+
+def _restore_rng(state: dict[str, Any], generator: torch.Generator, path: Path) -> None:
+    try:
+        restore_rng_state(state, generator)
+    except RuntimeError as err:  # a CPU generator's state does not fit a CUDA generator, and back
+        raise TrainError(
+            f"--resume: {path} was trained with its data on another kind of device than {generator.device} "
+            f"({str(err).splitlines()[0]}); resume on the same kind of device (--device), or start a new run"
+        ) from err
+
+
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a tensor; CPU -> GPU copies go through pinned memory without blocking the host (no sync per step)."""
     if tensor.device == device:
@@ -692,6 +781,16 @@ def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(path, buffer.getvalue())
+
+
+def _plot(history: list[dict[str, float]], out: Path, schedule: LRSchedule, step: int,
+          steps_per_epoch: int) -> list[Path]:
+    """loss.png, accuracy.png and lr.png of the history so far (the lr curve: every optimiser step up to ``step``)."""
+    from epicfeat.temporal.plots import plot_training
+
+    steps = range(step)
+    lr_curve = ([s / steps_per_epoch for s in steps], [schedule(s) for s in steps])
+    return plot_training(history, out, lr_curve=lr_curve, title=out.name)
 
 
 def _log_tensorboard(writer, row: dict[str, float], schedule: LRSchedule, first_step: int, step: int) -> None:

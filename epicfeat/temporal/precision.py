@@ -1,0 +1,58 @@
+"""The precision stage two computes in: what ``precision: fp32 | bf16 | fp16 | auto`` means, on every device.
+
+The BiLSTM is where the time goes, and autocast cannot be trusted with it: on CUDA, autocast's RNN cast is
+hard-coded to float16, so ``autocast(dtype=torch.bfloat16)`` trains a cuDNN LSTM in fp16, without loss scaling
+(its output gradients at initialisation, median ~1e-5, lie below fp16's smallest normal number 6.1e-5). So the
+model casts explicitly instead (``TemporalModel.compute_dtype``): the LSTM's weights and input are cast to the
+compute dtype inside the forward (fp32 master weights stay with the optimiser, gradients flow back through the
+cast), with autocast switched off around it. The same code runs on the CPU and on a GPU, so what a GPU run
+computes in can be checked on a CPU.
+
+    fp32   everything in float32 (on a GPU, TF32 matmuls where torch allows them)
+    bf16   the LSTM in bfloat16; standardisation, pooling, heads and losses in float32
+    fp16   the LSTM in float16, with a GradScaler (loss scaling) so small gradients survive
+    auto   bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), fp32 elsewhere
+
+Training, its validation and ``epicfeat evaluate`` all use the precision recorded in the run's config.
+"""
+from __future__ import annotations
+
+import torch
+
+from epicfeat.devices import resolve_precision
+
+#: Compute dtype of the LSTM per precision name.
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_temporal_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``; fp32 / bf16 / fp16 are kept."""
+    resolved = resolve_precision(precision, device)
+    if resolved not in COMPUTE_DTYPES:
+        raise ValueError(f"precision must be one of auto, {', '.join(COMPUTE_DTYPES)}; got {precision!r}")
+    return resolved
+
+
+def supported_precision(precision: str, device: torch.device, notes: list[str]) -> str:
+    """``precision`` if an LSTM trains with explicit casts to it on ``device``, else ``fp32`` with a note why.
+
+    cuDNN runs bf16 LSTMs only from version 9.13 on, and some CPU builds lack half-precision LSTM kernels; a tiny
+    forward/backward finds out before the run instead of failing in its first step.
+    """
+    dtype = COMPUTE_DTYPES[precision]
+    if dtype == torch.float32:
+        return precision
+    try:
+        probe = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True).to(device)
+        weights = {name: p.to(dtype) for name, p in probe.named_parameters()}
+        outputs, _ = torch.func.functional_call(probe, weights, (torch.ones(2, 3, 8, device=device, dtype=dtype),))
+        outputs.float().sum().backward()  # (2, 3, 16)
+        return precision
+    except RuntimeError as err:
+        notes.append(f"{precision} LSTMs do not run on {device} ({str(err).splitlines()[0]}); training in fp32")
+        return "fp32"
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (small gradients would flush to zero without it); a disabled no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
