@@ -51,7 +51,8 @@ def make_checkpoint(path: Path, frames: int, preprocess: Preprocess, precision: 
     args = TemporalModelArgs(n_verbs=97, n_nouns=300)
     torch.manual_seed(0)
     model = create_temporal_model(args)
-    return save_checkpoint(path, model=model, model_args=args, config={"frames": frames},
+    # The stage-two run trained in the same precision (train-temporal's auto matches extract's), so its head does too.
+    return save_checkpoint(path, model=model, model_args=args, config={"frames": frames, "precision": precision},
                            verb_classes=[f"verb{i}" for i in range(97)], noun_classes=[f"noun{i}" for i in range(300)],
                            feature_set=identity.to_dict(), feature_set_key=identity.key(), epoch=1, metrics={},
                            history=[])

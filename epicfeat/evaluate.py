@@ -279,14 +279,10 @@ def _frames(checkpoint) -> int:
 
 
 def _precision(config: ScoringConfig, checkpoint) -> str:
-    """The precision a member is scored in: given, or the one its training validated in (its recorded config).
+    """The precision a member is scored in: given, or the one its training validated in (its recorded config)."""
+    from epicfeat.temporal.precision import recorded_precision
 
-    Runs record the resolved value (fp32 / bf16 / fp16); a config saying ``auto`` (none of ours) reads as fp32.
-    """
-    if config.precision != "checkpoint":
-        return config.precision
-    recorded = str(checkpoint.config.get("precision", "fp32"))
-    return recorded if recorded in ("fp32", "bf16", "fp16") else "fp32"
+    return recorded_precision(checkpoint) if config.precision == "checkpoint" else config.precision
 
 
 def _member_names(paths: list[Path]) -> list[str]:

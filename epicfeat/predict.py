@@ -46,6 +46,7 @@ from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_fr
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 from epicfeat.temporal.data import PTS_TOLERANCE, PackedSplit
+from epicfeat.temporal.precision import COMPUTE_DTYPES, recorded_precision
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TIMELINE_SUFFIXES = (".csv", ".jsonl")
@@ -631,9 +632,10 @@ def predict(config: PredictConfig) -> PredictResult:
         precision=precision, feature_dtype=feature_set.get("dtype", "float16"),
         channels_last=config.channels_last, compile=config.compile,
     )
-    # The head runs in fp32, as evaluate runs it: one small LSTM call per `stride` backbone frames is a small
-    # share of the work, and fp32 keeps the timeline's scores equal to evaluate's.
+    # The head's LSTM runs in the precision its training validated in, as evaluate runs it, so the timeline's
+    # scores equal evaluate's (and a bf16 run's head is cheaper per prediction too).
     head = checkpoint.create_model(device)
+    head.compute_dtype = COMPUTE_DTYPES[recorded_precision(checkpoint)]
     fps = feature_set.get("fps")
     fps = None if fps is None else float(fps) / (config.skip_frames + 1)
     if config.skip_frames and fps is None:

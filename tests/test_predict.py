@@ -200,11 +200,13 @@ def _timestamp(seconds: float) -> str:
     return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
 
 
-def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluate(synthetic_dataset, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluate(synthetic_dataset, tmp_path,
+                                                                                  precision):
     """extract + evaluate on segments [window_start, window_end) of predict's windows give predict's scores.
 
     A 1.5 s window at 10 fps holds 15 rows and T=8 bin centres ((2k + 1) * 15 // 16) read rows 0, 2, ..., 14: not the
-    last 8 rows, so the test tells the two samplings apart."""
+    last 8 rows, so the test tells the two samplings apart. A run trained in bf16 is scored in bf16 by both."""
     import pickle
     import shutil
 
@@ -227,7 +229,8 @@ def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluat
     torch.manual_seed(1)
     model = create_temporal_model(args, stored.mean(0), stored.std(0)).eval()
     checkpoint = save_checkpoint(
-        tmp_path / "best.pt", model=model, model_args=args, config={"frames": T}, verb_classes=verbs,
+        tmp_path / "best.pt", model=model, model_args=args, config={"frames": T, "precision": precision},
+        verb_classes=verbs,
         noun_classes=nouns, feature_set=store.identity.to_dict(), feature_set_key=store.identity.key(), epoch=1,
         metrics={}, history=[],
     )

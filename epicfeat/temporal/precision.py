@@ -33,6 +33,13 @@ def resolve_temporal_precision(precision: str, device: torch.device) -> str:
     return resolved
 
 
+def recorded_precision(checkpoint) -> str:
+    """The precision a checkpoint's run trained and validated in (its recorded config); what evaluate and predict
+    run its LSTM in. Runs record the resolved value; a config saying ``auto`` (none of ours) reads as fp32."""
+    recorded = str(checkpoint.config.get("precision", "fp32"))
+    return recorded if recorded in COMPUTE_DTYPES else "fp32"
+
+
 def supported_precision(precision: str, device: torch.device, notes: list[str]) -> str:
     """``precision`` if an LSTM trains with explicit casts to it on ``device``, else ``fp32`` with a note why.
 
