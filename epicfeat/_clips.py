@@ -35,16 +35,12 @@ def derive_seed(*numbers: int) -> int:
 def sample_row_offsets(count: int, frames: int, *, train: bool, generator: torch.Generator | None) -> np.ndarray:
     """T positions in a segment's ``count`` stored rows, TSN-binned exactly like ``PackedSplit.sample_rows``.
 
-    T equal bins over the rows; a uniformly random row per bin in training (from ``generator``, the same float32
-    draw and integer arithmetic as stage two: row floor((k * count + j) / T), j = floor(u * count)), the bin
-    centre in evaluation. With fewer rows than bins, neighbouring bins share a row. A test holds the two equal.
+    One segment through stage two's own rule (``epicfeat.temporal.data.bin_offsets``): the same bins, and in
+    training the same draws from ``generator``. A test holds the two equal.
     """
-    bins = np.arange(frames)  # (T,)
-    if train:
-        uniform = torch.rand(frames, generator=generator)  # (T,) float32 in [0, 1), as sample_rows draws
-        within = np.minimum((uniform * count).long().numpy(), count - 1)  # (T,) j in [0, count)
-        return (bins * count + within) // frames  # (T,)
-    return ((2 * bins + 1) * count) // (2 * frames)  # (T,) integer bin centres, as in sample_rows
+    from epicfeat.temporal.data import bin_offsets
+
+    return bin_offsets(torch.tensor([count]), frames, train=train, generator=generator)[0].numpy()  # (1, T) -> (T,)
 
 
 @dataclass(frozen=True)

@@ -135,13 +135,6 @@ def topk_accuracy(scores, labels, ks: Sequence[int] = (1, 5)) -> dict[int, float
     return {int(k): _percent(rank < k) for k in ks}
 
 
-def _ranked_topk(ranked_ids: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
-    """Top-k accuracy (percent) from ids already in rank order, e.g. action ids from ``action_scores``."""
-    matches = ranked_ids == labels[:, None]  # (N, K): at most one True per row (ids are unique per segment)
-    return {int(k): _percent(matches[:, :k].any(axis=1)) for k in ks}
-
-
-# ----------------------------------------------------------------------------------------------- actions
 def _candidate_pairs(n_verbs: int, n_nouns: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Matrix positions (verb_rank, noun_rank) with (verb_rank + 1) * (noun_rank + 1) <= top_n + 1.
 

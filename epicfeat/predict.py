@@ -45,7 +45,7 @@ from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_frames
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
-from epicfeat.temporal.data import PTS_TOLERANCE, PackedSplit
+from epicfeat.temporal.data import PTS_TOLERANCE, bin_offsets
 from epicfeat.temporal.precision import COMPUTE_DTYPES, recorded_precision
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -192,15 +192,10 @@ def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_class
 def evaluation_offsets(rows: int, frames: int) -> tuple[int, ...]:
     """Positions (0..rows-1) of the T rows ``evaluate`` reads from a segment of ``rows`` rows: bin centres.
 
-    Asks ``PackedSplit.sample_rows`` itself (a one-segment split with no features), so this cannot drift from how
+    Stage two's own rule (``bin_offsets``, what ``PackedSplit.sample_rows`` uses), so this cannot drift from how
     evaluation and training's validation sample segments.
     """
-    one_segment = PackedSplit(
-        features=torch.empty(0, 1), row_start=torch.zeros(1, dtype=torch.int64),
-        row_count=torch.tensor([rows], dtype=torch.int64), verb_labels=None, noun_labels=None,
-        narration_ids=["window"], participant_ids=[""], video_ids=[""],
-    )
-    offsets = one_segment.sample_rows(torch.zeros(1, dtype=torch.int64), frames, train=False)  # (1, T)
+    offsets = bin_offsets(torch.tensor([rows]), frames, train=False)  # (1, T)
     return tuple(int(o) for o in offsets[0])
 
 

@@ -144,12 +144,7 @@ def test_resume_after_sigkill_is_bit_identical(videos, reference, tmp_path):
     assert len(FeatureStore.open(killed_store).complete_videos()) < len(VIDEO_IDS), "the kill came too late"
     resumed = subprocess.run(command, capture_output=True, text=True, env=CHILD_ENV)
     assert resumed.returncode == 0, resumed.stderr
-    got = read_all(killed_store)
-    assert sorted(got) == sorted(expected)
-    for video_id, (features, pts, frames) in expected.items():
-        np.testing.assert_array_equal(got[video_id][0], features)
-        np.testing.assert_array_equal(got[video_id][1], pts)
-        np.testing.assert_array_equal(got[video_id][2], frames)
+    _assert_equal_to_reference(killed_store, expected)
     assert FeatureStore.open(killed_store).partial_videos() == []
 
 

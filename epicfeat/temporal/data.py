@@ -120,26 +120,9 @@ class PackedSplit:
         inside each bin (from ``generator``, which may live on the CPU or on the split's device); evaluation takes
         each bin's centre. With fewer rows than bins, neighbouring bins land on the same row, so rows repeat.
         """
-        if frames < 1:
-            raise ValueError(f"frames must be >= 1, got {frames}")
-        device = self.row_count.device
-        segments = torch.as_tensor(segments, dtype=torch.int64, device=device)
-        counts = self.row_count[segments].unsqueeze(1)  # (B, 1)
+        segments = torch.as_tensor(segments, dtype=torch.int64, device=self.row_count.device)
         starts = self.row_start[segments].unsqueeze(1)  # (B, 1)
-        bins = torch.arange(frames, device=device).unsqueeze(0)  # (1, T)
-        if train:
-            draw_device = generator.device if generator is not None else device
-            uniform = torch.rand((len(segments), frames), generator=generator, device=draw_device).to(device)  # (B, T)
-            # Bin k spans [k * count / T, (k + 1) * count / T): a uniform position there is (k * count + v) / T
-            # with v ~ U[0, count), and its row floor((k * count + v) / T) equals floor((k * count + j) / T) for
-            # the integer j = floor(v) (T is an integer). So one integer per bin, exact integer arithmetic, no
-            # float64 (slow on GPUs, a threaded kernel on CPUs). The minimum guards float32 rounding of v to count.
-            within = torch.minimum((uniform * counts).long(), counts - 1)  # (B, T) j in [0, count)
-            offsets = (bins * counts + within) // frames  # (B, T)
-        else:
-            # Centre of bin k is (k + 0.5) * count / T; integer arithmetic makes it exact.
-            offsets = ((2 * bins + 1) * counts) // (2 * frames)  # (B, T)
-        return starts + offsets  # (B, T)
+        return starts + bin_offsets(self.row_count[segments], frames, train=train, generator=generator)  # (B, T)
 
     def gather(
         self,
@@ -415,6 +398,32 @@ def _check_columns(segments: pd.DataFrame) -> None:
     if absent:
         raise PackError(f"segments table lacks columns {absent} (has {list(segments.columns)}). "
                         "Read it with epicfeat.data.annotations (EpicAnnotations.segments or read_segments).")
+
+
+def bin_offsets(counts: torch.Tensor, frames: int, *, train: bool,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, T) int64 positions in [0, count) of the T rows read from each segment of ``counts`` (B,) rows.
+
+    The rows [0, count) are cut into T equal bins: training draws one position uniformly inside each bin (from
+    ``generator``, on the CPU or on the counts' device), evaluation takes each bin's centre. The one TSN rule of
+    stage two, which finetune's clips and predict's windows follow too.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    device = counts.device
+    counts = counts.unsqueeze(1)  # (B, 1)
+    bins = torch.arange(frames, device=device).unsqueeze(0)  # (1, T)
+    if not train:
+        # Centre of bin k is (k + 0.5) * count / T; integer arithmetic makes it exact.
+        return ((2 * bins + 1) * counts) // (2 * frames)  # (B, T)
+    draw_device = generator.device if generator is not None else device
+    uniform = torch.rand((len(counts), frames), generator=generator, device=draw_device).to(device)  # (B, T)
+    # Bin k spans [k * count / T, (k + 1) * count / T): a uniform position there is (k * count + v) / T with
+    # v ~ U[0, count), and its row floor((k * count + v) / T) equals floor((k * count + j) / T) for the integer
+    # j = floor(v) (T is an integer). So one integer per bin, exact integer arithmetic, no float64 (slow on GPUs,
+    # a threaded kernel on CPUs). The minimum guards float32 rounding of v to count.
+    within = torch.minimum((uniform * counts).long(), counts - 1)  # (B, T) j in [0, count)
+    return (bins * counts + within) // frames  # (B, T)
 
 
 def _rows_of_segments(
