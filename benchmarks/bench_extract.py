@@ -1,7 +1,7 @@
 """Stage-one speed and memory benchmark: is `epicfeat extract` as fast as its slowest stage, in constant memory?
 
-Generates EPIC-like H.264 videos (textured scene, head-camera pan, moving objects, sensor grain) with PyAV/libx264
-into a work folder that is reused between runs, then measures in one run, on this machine's CPU:
+Generates H.264 test videos with ``epicfeat.data.synthetic`` (through ``benchmarks/common.py``, as every benchmark
+does) into a work folder that is reused between runs, then measures in one run, on this machine's CPU:
 
   1. decode only: bare PyAV decode of every frame (no conversion), codec threads AUTO and 1;
   2. decode + preprocess: ``iter_frames`` with the default preprocessing (resize 256, centre crop 224) at fps=None
@@ -62,33 +62,37 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+from common import (  # first: the checkout on sys.path
+    add_gpu,
+    add_workdir,
+    median_seconds,
+    new_parser,
+    synthetic_video,
+    table,
+    verdict,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from epicfeat.backbone import create_backbone
+from epicfeat.devices import resolve_device, resolve_precision
 
-from epicfeat.backbone import create_backbone  # noqa: E402
-from epicfeat.devices import resolve_device, resolve_precision  # noqa: E402
-from epicfeat.extract import (  # noqa: E402
+# Extract's per-batch model step and its decode producer, measured alone: exactly the code that `extract` runs, so
+# the stage numbers cannot drift from what the pipeline does.
+from epicfeat.extract import (
+    DECODE_PREFETCH_BATCHES,
+    DecodePool,
     ExtractConfig,
+    FramesDecoded,
+    ModelRunner,
+    decode_workers_for,
     extract_features,
     feature_set_identity,
+    prepare_model,
     preprocess_of,
     run_local,
     select_videos,
 )
-from epicfeat.frames import iter_frames  # noqa: E402
-from epicfeat.store import FeatureStore  # noqa: E402
-
-# Extract's per-batch model step and its decode producer, measured alone: exactly the code that `extract` runs, so
-# the stage numbers cannot drift from what the pipeline does.
-from epicfeat.extract import (  # noqa: E402
-    DECODE_PREFETCH_BATCHES,
-    DecodePool,
-    FramesDecoded,
-    ModelRunner,
-    decode_workers_for,
-    prepare_model,
-)
+from epicfeat.frames import iter_frames
+from epicfeat.store import FeatureStore
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,14 +139,10 @@ QUICK = Settings(clip_640_s=6.4, clip_1080_s=3.2,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller settings (a CPU run of about 3-4 minutes)")
-    parser.add_argument("--gpu", action="store_true",
-                        help="run the GPU section (model variants, end to end on CUDA) instead of sections 3-6")
-    parser.add_argument("--gpu-device", default="cuda",
-                        help="device of the GPU section (default: cuda; 'cpu' only to smoke-test the code path)")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help="generated videos live here and are reused by later runs (default: %(default)s)")
+    add_gpu(parser, "run the GPU section (model variants, end to end on CUDA) instead of sections 3-6")
+    add_workdir(parser, "the generated videos", default=DEFAULT_WORKDIR)
     parser.add_argument("--out", type=Path, default=None, help="also save every number as JSON to this file")
     parser.add_argument("--skip-memory", action="store_true", help="skip section 6 (peak memory)")
     parser.add_argument("--thread-variants", action="store_true",
@@ -167,8 +167,6 @@ class VideoSpec:
     height: int
     rate: Fraction  # exact frame rate
     seconds: float
-    preset: str = "veryfast"  # x264 preset (B-frames, CABAC: decoding cost like camera footage)
-    crf: int = 20  # ~1.7 Mbit/s at 640x360, ~10 Mbit/s at 1080p60 with this content
     seed: int = 0
 
     @property
@@ -179,104 +177,19 @@ class VideoSpec:
         return f"{self.width}x{self.height}@{float(self.rate):.2f}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "rate": str(self.rate), "generator": 1}
-
-
-def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
-    """Random values on a grid of ``cell``-pixel cells, bilinearly upsampled: (height, width) float32 in ~[-1, 1]."""
-    grid = torch.from_numpy(rng.uniform(-1, 1, (1, 1, height // cell + 2, width // cell + 2)).astype(np.float32))
-    image = torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-    return image[0, 0].numpy()  # (height, width)
-
-
-def _blocks(rng: np.random.Generator, height: int, width: int, cell: int) -> np.ndarray:
-    """Random values on ``cell``-pixel blocks with hard edges: (height, width) float32 in [-1, 1]."""
-    grid = rng.uniform(-1, 1, (height // cell + 1, width // cell + 1)).astype(np.float32)
-    return np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)[:height, :width]  # (height, width)
-
-
-class _Scene:
-    """A kitchen-like textured canvas seen by a moving head camera, with moving objects and sensor grain.
-
-    Frames are built directly in yuv420p (what x264 encodes), so generation costs a few slices and adds per frame.
-    """
-
-    def __init__(self, spec: VideoSpec):
-        self.spec = spec
-        rng = np.random.default_rng(spec.seed)
-        w, h = spec.width, spec.height
-        self.margin_x, self.margin_y = (w // 8) & ~1, (h // 8) & ~1  # pan range, even for chroma alignment
-        ch, cw = h + 2 * self.margin_y, w + 2 * self.margin_x
-        scale = h / 360  # texture sizes follow the resolution, like the same scene filmed at another size
-        luma = (0.35 * _smooth_noise(rng, ch, cw, max(2, int(60 * scale)))  # surfaces and shadows
-                + 0.25 * _blocks(rng, ch, cw, max(2, int(16 * scale)))  # hard edges: tiles, cupboards, clutter
-                + 0.20 * _smooth_noise(rng, ch, cw, max(2, int(6 * scale)))  # objects
-                + 0.20 * _smooth_noise(rng, ch, cw, 2))  # fine texture (wood grain, food, sensor detail)
-        self.y = np.clip(128 + 90 * luma, 16, 235).astype(np.int16)  # (ch, cw)
-        self.u = np.clip(128 + 30 * _smooth_noise(rng, ch // 2, cw // 2, max(2, int(20 * scale))), 16, 240)
-        self.v = np.clip(128 + 30 * _smooth_noise(rng, ch // 2, cw // 2, max(2, int(20 * scale))), 16, 240)
-        self.u, self.v = self.u.astype(np.uint8), self.v.astype(np.uint8)  # (ch/2, cw/2)
-        # Objects (hands, utensils): textured patches moving on their own paths.
-        self.objects = []
-        for _ in range(3):
-            size = (int(h * rng.uniform(0.15, 0.3)) & ~1, int(w * rng.uniform(0.1, 0.2)) & ~1)
-            patch = np.clip(128 + 100 * _smooth_noise(rng, *size, max(2, int(4 * scale))), 16, 235).astype(np.int16)
-            colour = rng.integers(60, 200, 2)
-            path = rng.uniform(0.2, 1.0, 2), rng.uniform(0, 2 * np.pi, 2)  # (speeds Hz, phases)
-            self.objects.append((patch, colour, path))
-        self.grain = rng.normal(0, 2.5, (5, h, w)).astype(np.int16)  # (5, h, w) cycled sensor noise
-        self.pan = rng.uniform(0.1, 0.5, 4), rng.uniform(0, 2 * np.pi, 4)  # head motion: speeds (Hz), phases
-
-    def frame(self, index: int) -> np.ndarray:
-        """Frame ``index`` as a yuv420p array (h * 3/2, w) uint8."""
-        w, h = self.spec.width, self.spec.height
-        t = index / float(self.spec.rate)
-        speeds, phases = self.pan
-        wave = np.sin(2 * np.pi * speeds * np.array([1, 3, 1, 3]) * t + phases)  # slow sway + faster bob, x and y
-        dx, dy = 0.7 * wave[0] + 0.3 * wave[1], 0.7 * wave[2] + 0.3 * wave[3]  # in [-1, 1]
-        x0 = int(self.margin_x * (1 + 0.95 * dx)) & ~1
-        y0 = int(self.margin_y * (1 + 0.95 * dy)) & ~1
-        y = self.y[y0:y0 + h, x0:x0 + w] + self.grain[index % len(self.grain)]  # (h, w) int16
-        y += int(4 * np.sin(2 * np.pi * 0.7 * t))  # lighting flicker
-        u = self.u[y0 // 2:y0 // 2 + h // 2, x0 // 2:x0 // 2 + w // 2].copy()  # (h/2, w/2)
-        v = self.v[y0 // 2:y0 // 2 + h // 2, x0 // 2:x0 // 2 + w // 2].copy()
-        for patch, colour, (obj_speeds, obj_phases) in self.objects:
-            ph, pw = patch.shape
-            top = int((h - ph) * (0.5 + 0.5 * np.sin(2 * np.pi * obj_speeds[0] * t + obj_phases[0]))) & ~1
-            left = int((w - pw) * (0.5 + 0.5 * np.sin(2 * np.pi * obj_speeds[1] * t + obj_phases[1]))) & ~1
-            y[top:top + ph, left:left + pw] = patch
-            u[top // 2:(top + ph) // 2, left // 2:(left + pw) // 2] = colour[0]
-            v[top // 2:(top + ph) // 2, left // 2:(left + pw) // 2] = colour[1]
-        planes = [np.clip(y, 0, 255).astype(np.uint8), u.reshape(h // 4, w), v.reshape(h // 4, w)]
-        return np.concatenate(planes)  # (h * 3/2, w): Y, then U and V (each h/4 rows of w)
+        return {**asdict(self), "rate": str(self.rate)}
 
 
 def ensure_video(videos_root: Path, spec: VideoSpec) -> Path:
-    """The video for ``spec`` under ``videos_root`` (EPIC layout), generated unless an identical one exists."""
-    participant = spec.video_id.split("_")[0]
-    path = videos_root / participant / f"{spec.video_id}.MP4"
-    sidecar = path.with_suffix(".json")
-    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == spec.to_dict():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial.mp4")
+    """The video for ``spec`` under ``videos_root`` (EPIC layout), made by epicfeat.data.synthetic unless an
+    identical one is there."""
+    path = videos_root / spec.video_id.split("_")[0] / f"{spec.video_id}.MP4"
     started = time.perf_counter()
-    print(f"  generating {path.name}: {spec.label()}, {spec.seconds:g} s ({spec.frames} frames), "
-          f"x264 {spec.preset} crf {spec.crf} ...", end="", flush=True)
-    scene = _Scene(spec)
-    with av.open(str(partial), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=spec.rate)
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.codec_context.gop_size = round(spec.rate)  # a keyframe a second, like camera footage
-        stream.options = {"preset": spec.preset, "crf": str(spec.crf)}
-        for index in range(spec.frames):
-            frame = av.VideoFrame.from_ndarray(scene.frame(index), format="yuv420p")
-            frame.pts = index  # in 1/rate units (the codec's time base)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush delayed B-frames
-    os.replace(partial, path)
-    sidecar.write_text(json.dumps(spec.to_dict()))  # written last: marks the file complete
-    print(f" {time.perf_counter() - started:.0f} s")
+    synthetic_video(path, seconds=spec.seconds, width=spec.width, height=spec.height, fps=str(spec.rate),
+                    seed=spec.seed)
+    if time.perf_counter() - started > 1:
+        print(f"  generated {path.name}: {spec.label()}, {spec.seconds:g} s ({spec.frames} frames) in "
+              f"{time.perf_counter() - started:.0f} s")
     return path
 
 
@@ -369,17 +282,6 @@ def measure_decoding(files: dict[str, Path], settings: Settings) -> dict[str, di
             "repeats": settings.decode_repeats,
         }
     return results
-
-
-def _timed_batches(step, batches: int) -> float:
-    """Median seconds of one call of ``step`` over ``batches`` calls (after one untimed warm-up call)."""
-    step()
-    times = []
-    for _ in range(batches):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 class CpuModel:
@@ -732,7 +634,7 @@ def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 
     runner = ModelRunner(prepare_model(create_backbone("random"), config, device), preprocess_of(config), config,
                          device)
     images = rng.integers(0, 256, (config.batch_size, config.crop, config.crop, 3), dtype=np.uint8)
-    seconds = _timed_batches(lambda: extract_step(runner, images), iterations)
+    seconds, _ = median_seconds(lambda: extract_step(runner, images), iterations, warm_up=True)
     results["extract_step_b64"] = {"rows_per_s": config.batch_size / seconds}
     print(f"  extract step (batch 64, bf16, channels_last, incl. copies): "
           f"{results['extract_step_b64']['rows_per_s']:,.0f} frames/s", flush=True)
@@ -743,21 +645,8 @@ def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 
 # ==================================================================================================================
 # report
 # ==================================================================================================================
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(c) for c in row] for row in [headers, *rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join("  " + line for line in lines)
-
-
 def _signed(value: float) -> str:
     return "-" if value != value else f"{value:+.1f}"  # NaN: not measured
-
-
-def verdict(value: float, target: float, *, at_least: bool = True) -> str:
-    passed = value >= target if at_least else value <= target
-    return "PASS" if passed else "FAIL"
 
 
 def print_decoding(decoding: dict, cores: int) -> None:
@@ -867,22 +756,6 @@ print(json.dumps({"done": len(summary.done), "by_others": len(summary.by_others)
 REHEARSAL_RATES = (NTSC, Fraction(50), Fraction(30))
 
 
-def _write_tiny_video(path: Path, rate: Fraction, seconds: float, seed: int) -> None:
-    """A 96x54 H.264 clip of noise and a moving square: decodes and runs through a 56-px ResNet50 in milliseconds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = 96, 54, "yuv420p"
-        for i in range(round(seconds * rate)):
-            image = rng.integers(0, 60, (54, 96, 3), dtype=np.uint8)
-            image[15:35, (i * 3) % 76 : (i * 3) % 76 + 20] = (250, 40 + seed % 200, 40)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def make_rehearsal_videos(root: Path, good: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``good`` short clips at 59.94 / 50 / 30 fps (0.6-1.4 s) and three broken files: (good ids, broken ids)."""
     rng = np.random.default_rng(seed)
@@ -890,7 +763,9 @@ def make_rehearsal_videos(root: Path, good: int, seed: int = 0) -> tuple[list[st
     for i, video_id in enumerate(ids):
         path = root / video_id.split("_")[0] / f"{video_id}.MP4"
         if not path.exists():
-            _write_tiny_video(path, REHEARSAL_RATES[i % 3], float(rng.uniform(0.6, 1.4)), seed=i)
+            # 96x54: decodes and runs through a 56-px ResNet50 in milliseconds
+            synthetic_video(path, seconds=float(rng.uniform(0.6, 1.4)), width=96, height=54,
+                            fps=str(REHEARSAL_RATES[i % 3]), seed=i)
     broken = ["P29_001", "P29_002", "P29_003"]
     (root / "P29").mkdir(parents=True, exist_ok=True)
     (root / "P29" / "P29_001.MP4").write_bytes(b"")
@@ -1096,7 +971,7 @@ def run_cpu_sections(args, settings: Settings, files: dict[str, Path], specs: di
          f"{model['extract_step_spare_threads_rows_per_s']:.1f}"]]))
 
     print("\n[4] end to end (CPU, fresh cache each run) ...", flush=True)
-    config = ExtractConfig(weights="random", device="cpu")  # defaults: fps 10, 256/224, precision auto (fp32 on CPU), decode workers -1
+    config = ExtractConfig(weights="random", device="cpu")  # defaults: fps 10, 256/224, auto precision, decode workers -1
     e2e = measure_end_to_end(files, settings, args.workdir, config, cpu_model,
                              spare_threads=model["spare_threads"] if args.thread_variants else None)
     real = e2e.pop("extract_features")
@@ -1107,7 +982,7 @@ def run_cpu_sections(args, settings: Settings, files: dict[str, Path], specs: di
         rows.append([name, f"{r['videos']} x {specs[r['file']].seconds:g} s", r["rows"], r["torch_threads"],
                      f"{r['seconds_total']:.1f}", f"{r['seconds_to_first_batch']:.1f}", f"{r['rows_per_s_total']:.1f}",
                      window, f"{r['steady_rows_per_s']:.1f}"])
-    print(f"      random weights, fps=10, resize 256 / crop 224, batch 64, precision auto (fp32 on CPU), channels_last, decode workers "
+    print(f"      random weights, fps=10, resize 256 / crop 224, batch 64, precision auto ({model['precision']}), channels_last, decode workers "
           f"{_default_decode_workers()} (default), one run each; the video ids are links to one file;\n"
           "      steady = rows/s from the first model batch (after the workers' start-up) until the last rows that "
           "cannot have been\n      decoded ahead yet (prefetch); '(all)': run too short for that, the rest of the "
@@ -1156,14 +1031,14 @@ def run_cpu_sections(args, settings: Settings, files: dict[str, Path], specs: di
     print("\n[6] peak memory: extract_features on a 1-minute vs a 10-minute video, each in a fresh subprocess",
           flush=True)
     memory_specs = {
-        "1 min": VideoSpec("P02_01", 640, 360, Fraction(30), 60, preset="ultrafast", seed=4),
-        "10 min": VideoSpec("P02_02", 640, 360, Fraction(30), 600, preset="ultrafast", seed=4),
+        "1 min": VideoSpec("P02_01", 640, 360, Fraction(30), 60, seed=4),
+        "10 min": VideoSpec("P02_02", 640, 360, Fraction(30), 600, seed=4),
     }
     for spec in memory_specs.values():
         ensure_video(videos_root, spec)
     memory = measure_memory(videos_root, memory_specs, args.workdir, settings)
     report["memory"] = memory
-    print(f"      640x360 at 30 fps (x264 ultrafast, to keep generation short), fps={settings.memory_fps:g}, "
+    print(f"      640x360 at 30 fps (epicfeat.data.synthetic), fps={settings.memory_fps:g}, "
           f"resize {settings.memory_resize} / crop {settings.memory_crop} (small: the CPU model is slow; batches and "
           "buffers do not depend on video length),\n      default decode workers, OMP_NUM_THREADS=1 (speed only); "
           "peak resident memory (VmHWM) in MiB per process;\n      children: the decode worker and multiprocessing's "

@@ -12,8 +12,9 @@ set (no stage-two training: a fresh seed-recipe BiLSTM is all a speed measuremen
   --gpu (needs CUDA, under 5 minutes): T=16 and T=32 at 224 px crops (resize 256), bf16 autocast, global batch 32,
   two epochs each, the second one timed: clips/s, peak GPU memory, share of time the GPU waited on decoding, and
   the time of a full EPIC-100 epoch (67,217 clips) projected from that timed slice, side by side with the seed's
-  figures on an A100 (10 min per epoch, 28-32 GB). ``--gpu-device cpu`` is a dry run of that code. The synthetic videos are 640x360: decoding 1080p
-  originals costs several times more per frame (see FIELD_NOTES), so use downscaled copies for real runs.
+  figures on an A100 (10 min per epoch, 28-32 GB). ``--gpu-device cpu`` is a dry run of that code. The synthetic
+  videos are 640x360: decoding 1080p originals costs several times more per frame (see FIELD_NOTES), so use
+  downscaled copies for real runs.
 
     python benchmarks/bench_finetune.py                    # CPU, about 1-2 minutes on 2 cores
     python benchmarks/bench_finetune.py --gpu --skip-cpu   # the GPU section only
@@ -21,58 +22,55 @@ set (no stage-two training: a fresh seed-recipe BiLSTM is all a speed measuremen
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+# First: importing common puts the checkout on sys.path, before any epicfeat import.
+from common import (add_gpu, add_workdir, gpu_device, machine_line, new_parser, synthetic_dataset, synthetic_video,
+                    work_folder)
+
+import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from epicfeat.extract import ExtractConfig, extract_features  # noqa: E402
-from epicfeat.data.annotations import EpicAnnotations  # noqa: E402
-from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset  # noqa: E402
-from epicfeat.finetune import FinetuneConfig, finetune, load_start, _load_data  # noqa: E402
-from epicfeat.store import FeatureStore  # noqa: E402
-from epicfeat.temporal.checkpoint import save_checkpoint  # noqa: E402
-from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model  # noqa: E402
+from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.data.synthetic import SyntheticSpec
+from epicfeat.extract import ExtractConfig, extract_features
+from epicfeat.finetune import FinetuneConfig, finetune, load_start
+from epicfeat.frames import Preprocess
+from epicfeat.store import FeatureStore
+from epicfeat.temporal.checkpoint import save_checkpoint
+from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 EPIC100_TRAIN_CLIPS = 67_217
 SEED_A100 = "seed on an A100: 10 min/epoch, 28-32 GB"  # what the seed reported, to read the numbers against
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = new_parser(__doc__)
     parser.add_argument("--videos-per-split", type=int, default=2, help="synthetic train videos (default: %(default)s)")
     parser.add_argument("--segments-per-video", type=int, default=6, help="segments per video (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=8, help="CPU: T frames per clip (default: %(default)s)")
-    parser.add_argument("--crop", type=int, default=112, help="CPU: crop side; resize is crop * 8 / 7 (default: %(default)s)")
+    parser.add_argument("--crop", type=int, default=112,
+                        help="CPU: crop side; resize is crop * 8 / 7 (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="CPU: clips per optimiser step (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1, help="CPU: decode processes (default: %(default)s)")
-    parser.add_argument("--gpu", action="store_true", help="add the GPU section (needs CUDA)")
-    parser.add_argument("--gpu-device", default="cuda", help="device of the GPU section (cpu: a dry run of its code)")
+    add_gpu(parser, "add the GPU section (needs CUDA)")
     parser.add_argument("--gpu-videos", type=int, default=6, help="GPU: synthetic train videos (default: %(default)s)")
     parser.add_argument("--gpu-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="GPU: decode processes (default: cores - 2 = %(default)s)")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
     parser.add_argument("--long-segment", action="store_true",
                         help="add: T=16 frames of one 60 s segment (640x360), one seek per bin vs one front-to-back pass")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep datasets here (default: a temp folder)")
+    add_workdir(parser, "the datasets")
     return parser.parse_args(argv)
 
 
-def make_dataset(root: Path, *, videos: int, segments: int, width: int, height: int):
-    spec = SyntheticSpec(seen_participants=1, train_videos_per_participant=videos, validation_videos_per_participant=1,
+def dataset_spec(*, videos: int, segments: int, width: int, height: int) -> SyntheticSpec:
+    return SyntheticSpec(seen_participants=1, train_videos_per_participant=videos, validation_videos_per_participant=1,
                          test_videos_per_participant=1, unseen_videos=1, segments_per_video=(segments, segments),
                          segment_seconds=(0.8, 2.4), width=width, height=height)
-    started = time.perf_counter()
-    dataset = generate_synthetic_dataset(root, seed=0, spec=spec)
-    return dataset, time.perf_counter() - started
 
 
 def make_checkpoint(path: Path, dataset, cache: Path, *, resize: int, crop: int, device: str) -> Path:
@@ -94,7 +92,10 @@ def make_checkpoint(path: Path, dataset, cache: Path, *, resize: int, crop: int,
 
 def decode_only(config: FinetuneConfig, workers: int) -> float:
     """Clips/s of the training DataLoader alone (PyAV decode + resize in worker processes, no model)."""
-    data = _load_data(config, load_start(config), [])
+    # finetune's own clip dataset, so the decoding timed is finetune's.
+    from epicfeat.finetune import load_clip_data
+
+    data = load_clip_data(config, load_start(config), [])
     loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, num_workers=workers, shuffle=True)
     started, clips = time.perf_counter(), 0
     for batch in loader:
@@ -103,6 +104,7 @@ def decode_only(config: FinetuneConfig, workers: int) -> float:
 
 
 def run(config: FinetuneConfig) -> dict:
+    shutil.rmtree(config.out, ignore_errors=True)  # a fresh run, not a resume of an earlier benchmark's
     result = finetune(config)
     row = result.history[-1]  # the last epoch: warm-up (first iterations, cuDNN autotuning) is in the earlier ones
     len_train = result.pack_summary["train"]["segments"]
@@ -117,54 +119,34 @@ def run(config: FinetuneConfig) -> dict:
     }
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_finetune_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores, threads {torch.get_num_threads()}")
-    try:
-        if not args.skip_cpu:
-            dataset, seconds = make_dataset(workdir / "cpu_data", videos=args.videos_per_split,
-                                            segments=args.segments_per_video, width=192, height=108)
-            resize = args.crop * 8 // 7
-            checkpoint = make_checkpoint(workdir / "cpu_start.pt", dataset, workdir / "cpu_cache", resize=resize,
-                                         crop=args.crop, device="cpu")
-            config = FinetuneConfig(
-                checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, out=workdir / "cpu_run",
-                cache=workdir / "cpu_cache",
-                train_splits="train+validation", frames=args.frames, epochs=2, batch_size=args.batch_size,
-                micro_batch_size=args.batch_size, num_workers=args.workers, device="cpu", progress=False,
-            )
-            shutil.rmtree(config.out, ignore_errors=True)
-            decode = decode_only(config, args.workers)
-            print(f"\nCPU, synthetic 192x108 videos (generated in {seconds:.0f} s), T={args.frames}, "
-                  f"{args.crop}px crops, batch {args.batch_size}, trainable stages 2, {args.workers} decode worker(s)")
-            print(f"  decode only:  {decode:8.1f} clips/s  ({decode * args.frames:.0f} frames/s)")
-            stats = run(config)
-            print(f"  training:     {stats['clips_per_s']:8.2f} clips/s  ({stats['frames_per_s']:.1f} frames/s, "
-                  f"{stats['clips']} clips in {stats['epoch_seconds']:.1f} s, second epoch)")
-            print(f"  waiting on decoding: {100 * stats['data_wait_share']:.1f} % of the epoch")
-        if args.long_segment:
-            long_segment_section(workdir)
-        if args.gpu:
-            gpu_section(args, workdir)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+def cpu_section(args, workdir: Path) -> None:
+    spec = dataset_spec(videos=args.videos_per_split, segments=args.segments_per_video, width=192, height=108)
+    dataset, seconds = synthetic_dataset(workdir / "cpu_data", spec)
+    resize = args.crop * 8 // 7
+    checkpoint = make_checkpoint(workdir / "cpu_start.pt", dataset, workdir / "cpu_cache", resize=resize,
+                                 crop=args.crop, device="cpu")
+    config = FinetuneConfig(
+        checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, out=workdir / "cpu_run",
+        cache=workdir / "cpu_cache", train_splits="train+validation", frames=args.frames, epochs=2,
+        batch_size=args.batch_size, micro_batch_size=args.batch_size, num_workers=args.workers, device="cpu",
+        progress=False,
+    )
+    decode = decode_only(config, args.workers)
+    print(f"\nCPU, synthetic 192x108 videos (generated in {seconds:.0f} s), T={args.frames}, "
+          f"{args.crop}px crops, batch {args.batch_size}, trainable stages 2, {args.workers} decode worker(s)")
+    print(f"  decode only:  {decode:8.1f} clips/s  ({decode * args.frames:.0f} frames/s)")
+    stats = run(config)
+    print(f"  training:     {stats['clips_per_s']:8.2f} clips/s  ({stats['frames_per_s']:.1f} frames/s, "
+          f"{stats['clips']} clips in {stats['epoch_seconds']:.1f} s, second epoch)")
+    print(f"  waiting on decoding: {100 * stats['data_wait_share']:.1f} % of the epoch")
 
 
 def long_segment_section(workdir: Path, seconds: float = 60.0, frames: int = 16) -> None:
     """Decode time of one clip of a long segment: times cut into runs (a seek each) vs one pass through it all."""
-    import numpy as np
-
+    # finetune's clip decoder lives in a package-private module (epicfeat._clips); no public name offers it.
     from epicfeat._clips import SEEK_GAP_SECONDS, decode_clip
-    from epicfeat.frames import Preprocess
 
-    spec = SyntheticSpec(seen_participants=1, train_videos_per_participant=1, validation_videos_per_participant=1,
-                         test_videos_per_participant=1, unseen_videos=1, segments_per_video=(1, 1),
-                         segment_seconds=(seconds, seconds), width=640, height=360, frame_rates=("60000/1001",))
-    dataset = generate_synthetic_dataset(workdir / "long_data", seed=0, spec=spec)
-    video = sorted(dataset.videos.rglob("*.MP4"))[0]
+    video = synthetic_video(workdir / "long_640x360.mp4", seconds=seconds + 0.4)  # 640x360 at 59.94 fps
     times = (np.arange(frames) + 0.5) * (seconds - 1.0) / frames  # bin centres over the segment
     decode = Preprocess(resize=256, crop=224)
     timings = {}
@@ -181,34 +163,45 @@ def long_segment_section(workdir: Path, seconds: float = 60.0, frames: int = 16)
     assert images.shape == (frames, 224, 224, 3)
 
 
-def gpu_section(args: argparse.Namespace, workdir: Path) -> None:
-    device = torch.device(args.gpu_device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--gpu: PyTorch sees no CUDA GPU here")
+def gpu_section(args, workdir: Path) -> None:
+    device = gpu_device(args.gpu_device)
+    if device is None:
+        return
     dry = device.type == "cpu"  # a dry run of this section's code on a CPU: tiny settings
     width, height = (192, 108) if dry else (640, 360)
-    dataset, seconds = make_dataset(workdir / "gpu_data", videos=2 if dry else args.gpu_videos,
-                                    segments=4 if dry else 24, width=width, height=height)
+    spec = dataset_spec(videos=2 if dry else args.gpu_videos, segments=4 if dry else 24, width=width, height=height)
+    dataset, seconds = synthetic_dataset(workdir / "gpu_data", spec)
     resize, crop = (72, 64) if dry else (256, 224)
+    batch, workers = (4, 0) if dry else (32, args.gpu_workers)
     checkpoint = make_checkpoint(workdir / "gpu_start.pt", dataset, workdir / "gpu_cache", resize=resize, crop=crop,
                                  device=str(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     print(f"\nGPU section on {name}: synthetic {width}x{height} videos (generated in {seconds:.0f} s), "
-          f"{resize}/{crop}, bf16, global batch {4 if dry else 32}, trainable stages 2, "
-          f"{0 if dry else args.gpu_workers} decode workers")
+          f"{resize}/{crop}, bf16, global batch {batch}, trainable stages 2, {workers} decode workers")
     for frames in (16, 32):
         config = FinetuneConfig(
             checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, cache=workdir / "gpu_cache",
             out=workdir / f"gpu_run_T{frames}", train_splits="train+validation", frames=frames, epochs=2,
-            batch_size=4 if dry else 32, micro_batch_size=4 if dry else 32, num_workers=0 if dry else args.gpu_workers,
-            device=str(device), precision="bf16", progress=False,
+            batch_size=batch, micro_batch_size=batch, num_workers=workers, device=str(device), precision="bf16",
+            progress=False,
         )
-        shutil.rmtree(config.out, ignore_errors=True)
         stats = run(config)
         epoch_minutes = EPIC100_TRAIN_CLIPS / stats["clips_per_s"] / 60
-        print(f"  T={frames}: {stats['clips_per_s']:8.1f} clips/s, peak GPU memory {stats['peak_gpu_memory_gb']:.1f} GiB, "
-              f"waiting on decoding {100 * stats['data_wait_share']:.0f} % of the epoch; a full EPIC-100 epoch "
+        print(f"  T={frames}: {stats['clips_per_s']:8.1f} clips/s, peak GPU memory {stats['peak_gpu_memory_gb']:.1f} "
+              f"GiB, waiting on decoding {100 * stats['data_wait_share']:.0f} % of the epoch; a full EPIC-100 epoch "
               f"({EPIC100_TRAIN_CLIPS:,} clips) projected at {epoch_minutes:.1f} min  [{SEED_A100}]")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    print(machine_line())
+    with work_folder(args.workdir, "bench_finetune_") as workdir:
+        if not args.skip_cpu:
+            cpu_section(args, workdir)
+        if args.long_segment:
+            long_segment_section(workdir)
+        if args.gpu:
+            gpu_section(args, workdir)
 
 
 if __name__ == "__main__":

@@ -17,21 +17,23 @@ ResNet50 at the given crop (random weights cost exactly what ImageNet weights co
 
 The goal is a ratio of at least 0.9: the capture thread, the window, the head and the timeline cost at most a
 tenth of the backbone. The measurements alternate ``--repeats`` times and the medians are shown, so that load from
-other processes on a shared machine hits all sides alike. Check the CPU's bf16 support before quoting a number
-(``grep -o -E 'amx_bf16|avx512_bf16' /proc/cpuinfo``).
+other processes on a shared machine hits all sides alike. The first line says the CPU and whether it has native
+bf16: quote a number with it.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
+
+# First: importing common puts the checkout on sys.path, before any epicfeat import.
+from common import add_gpu, machine_line, new_parser, synthetic_dataset
 
 import numpy as np
 import torch
 
 from epicfeat.backbone import create_backbone
-from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from epicfeat.data.synthetic import SyntheticSpec
 from epicfeat.devices import resolve_device
 from epicfeat.frames import Preprocess, iter_frames, probe_video
 from epicfeat.predict import FrameEncoder, PredictConfig, predict
@@ -40,6 +42,28 @@ from epicfeat.temporal.checkpoint import save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 CAMERA = "testsrc2=size=640x360:rate=30,realtime"
+CAMERA_FPS = 30.0
+
+
+def parse_args(argv=None):
+    parser = new_parser(__doc__)
+    parser.add_argument("--frames", type=int, nargs="+", default=[16, 32], help="window lengths T")
+    parser.add_argument("--stride", type=int, default=4, help="sampled frames between predictions")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement, per repeat")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating measurements (medians shown)")
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--file-batch-size", type=int, default=8, help="the feature set's (extract) batch size")
+    parser.add_argument("--device", default="cpu")
+    add_gpu(parser, "--device cuda (benchmarks/gpu_bench.sh's section; the camera's 30 frames/s then bound the live "
+                    "side, the file side shows the backbone's rate)", dry_run=False)
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
+                        help="backbone autocast, recorded in the feature set (extract's default on CPU with bf16)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--skip-file", action="store_true", help="only the live measurement")
+    args = parser.parse_args(argv)
+    if args.gpu:
+        args.device = "cuda"
+    return args
 
 
 def make_checkpoint(path: Path, frames: int, preprocess: Preprocess, precision: str, fps: float,
@@ -69,63 +93,62 @@ def backbone_rate(encoder: FrameEncoder, images: np.ndarray, batch_size: int, se
     return done / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, nargs="+", default=[16, 32], help="window lengths T")
-    parser.add_argument("--stride", type=int, default=4, help="sampled frames between predictions")
-    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement, per repeat")
-    parser.add_argument("--repeats", type=int, default=1, help="alternating measurements (medians shown)")
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--file-batch-size", type=int, default=8, help="the feature set's (extract) batch size")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--gpu", action="store_true", help="--device cuda (benchmarks/gpu_bench.sh's section; the "
-                        "camera's 30 frames/s then bound the live side, the file side shows the backbone's rate)")
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
-                        help="backbone autocast, recorded in the feature set (extract's default on CPU with bf16)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--skip-file", action="store_true", help="only the live measurement")
-    args = parser.parse_args()
-    if args.gpu:
-        args.device = "cuda"
+def one_round(args, encoder: FrameEncoder, images: np.ndarray, video: Path, live_checkpoint: Path,
+              file_checkpoint: Path) -> tuple[float, ...]:
+    """(backbone b1, live f/s, dropped per camera second, latency ms, backbone bN, file f/s): one alternation."""
+    alone_1 = backbone_rate(encoder, images, 1, args.seconds / 2)
+    live = predict(PredictConfig(source=CAMERA, camera_format="lavfi", checkpoint=live_checkpoint,
+                                 stride=args.stride, max_seconds=args.seconds, device=args.device, progress=False))
+    dropped = live.frames_dropped / args.seconds  # per second of camera
+    if args.skip_file:
+        alone_n = file_fps = float("nan")
+    else:
+        alone_n = backbone_rate(encoder, images, args.file_batch_size, args.seconds / 2)
+        file_fps = predict(PredictConfig(source=str(video), checkpoint=file_checkpoint, stride=args.stride,
+                                         max_seconds=args.seconds * 3, device=args.device,
+                                         progress=False)).frames_per_second
+    return alone_1, live.frames_per_second, dropped, live.latency_ms(0.5), alone_n, file_fps
+
+
+def print_header(args, device: torch.device, video: Path) -> None:
+    print(f"device {device} {args.precision}, {torch.get_num_threads()} threads, crop {args.crop}, stride "
+          f"{args.stride}, torch {torch.__version__}; camera lavfi {CAMERA} sampled at 30 fps; file "
+          f"{video.name} at 10 fps, batch {args.file_batch_size}")
+    print(f"{'T':>3} {'resnet50 b1':>12} {'live f/s':>9} {'ratio':>6} {'dropped':>8} {'latency ms':>11} "
+          f"{'resnet50 bN':>12} {'file f/s':>9} {'ratio':>6}")
+
+
+def print_row(frames: int, rounds: list[tuple[float, ...]]) -> None:
+    """One line per T, as soon as it is measured (a run cut short by a time limit keeps the lines so far)."""
+    alone_1, live_fps, dropped, latency, alone_n, file_fps = np.median(np.array(rounds), axis=0)  # (6,)
+    print(f"{frames:>3} {alone_1:>12.2f} {live_fps:>9.2f} {live_fps / min(alone_1, CAMERA_FPS):>6.2f} "
+          f"{dropped:>6.1f}/s {latency:>11.0f} {alone_n:>12.2f} {file_fps:>9.2f} {file_fps / alone_n:>6.2f}",
+          flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(machine_line())
     device = resolve_device(args.device)
     preprocess = Preprocess(resize=args.crop * 8 // 7, crop=args.crop)  # 256 / 224, as in extract
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dataset = generate_synthetic_dataset(tmp / "synthetic", seed=0, spec=SyntheticSpec.tiny())
+        dataset, _ = synthetic_dataset(tmp / "synthetic", SyntheticSpec.tiny())
         video = max(sorted(Path(dataset.videos).rglob("*.MP4")), key=lambda p: probe_video(p).duration)
         images = np.concatenate([b.images for b in iter_frames(video, fps=10.0, preprocess=preprocess)])
         images = images[:64]  # (n, crop, crop, 3)
         encoder = FrameEncoder(create_backbone("random", seed=0), preprocess, device, precision=args.precision,
                                feature_dtype="float16", channels_last=True, compile=False)
-        print(f"device {device} {args.precision}, {torch.get_num_threads()} threads, crop {args.crop}, stride "
-              f"{args.stride}, torch {torch.__version__}; camera lavfi {CAMERA} sampled at 30 fps; file "
-              f"{video.name} at 10 fps, batch {args.file_batch_size}")
-        print(f"{'T':>3} {'resnet50 b1':>12} {'live f/s':>9} {'ratio':>6} {'dropped':>8} {'latency ms':>11} "
-              f"{'resnet50 bN':>12} {'file f/s':>9} {'ratio':>6}")
+        print_header(args, device, video)
         for frames in args.frames:
-            live_checkpoint = make_checkpoint(tmp / f"live{frames}.pt", frames, preprocess, args.precision, 30.0, 1)
+            live_checkpoint = make_checkpoint(tmp / f"live{frames}.pt", frames, preprocess, args.precision,
+                                              CAMERA_FPS, 1)
             file_checkpoint = make_checkpoint(tmp / f"file{frames}.pt", frames, preprocess, args.precision, 10.0,
                                               args.file_batch_size)
-            rounds = []
-            for _ in range(args.repeats):
-                alone_1 = backbone_rate(encoder, images, 1, args.seconds / 2)
-                live = predict(PredictConfig(source=CAMERA, camera_format="lavfi", checkpoint=live_checkpoint,
-                                             stride=args.stride, max_seconds=args.seconds, device=args.device,
-                                             progress=False))
-                dropped = live.frames_dropped / args.seconds  # per second of camera
-                if args.skip_file:
-                    alone_n = file_fps = float("nan")
-                else:
-                    alone_n = backbone_rate(encoder, images, args.file_batch_size, args.seconds / 2)
-                    file_fps = predict(PredictConfig(source=str(video), checkpoint=file_checkpoint,
-                                                     stride=args.stride, max_seconds=args.seconds * 3,
-                                                     device=args.device, progress=False)).frames_per_second
-                rounds.append((alone_1, live.frames_per_second, dropped, live.latency_ms(0.5), alone_n, file_fps))
-            alone_1, live_fps, dropped, latency, alone_n, file_fps = np.median(np.array(rounds), axis=0)  # (6,)
-            print(f"{frames:>3} {alone_1:>12.2f} {live_fps:>9.2f} {live_fps / min(alone_1, 30.0):>6.2f} {dropped:>6.1f}/s "
-                  f"{latency:>11.0f} {alone_n:>12.2f} {file_fps:>9.2f} {file_fps / alone_n:>6.2f}")
+            print_row(frames, [one_round(args, encoder, images, video, live_checkpoint, file_checkpoint)
+                               for _ in range(args.repeats)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU benchmark for a lent GPU machine: every GPU section, each bounded by a timeout, results as JSON.
-# A lent machine has about 15 minutes in all: the four sections are bounded to 3 + 3 + 3 + 1.5 minutes.
+# A lent machine has about 15 minutes in all: the five sections are bounded to 3 + 3 + 3 + 1 + 1.5 minutes.
 #   bash benchmarks/gpu_bench.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, then bench_out/)
 # Needs the package installed (pip install -e .) and a CUDA GPU. Sections that are not built yet are skipped.
 set -uo pipefail
@@ -24,6 +24,8 @@ run extract 180 python benchmarks/bench_extract.py --quick --gpu --skip-memory -
 run temporal 180 python benchmarks/bench_temporal.py --only-loop --loop-segments 0 --gpu
 # finetune: its GPU section only (T=16 / T=32 clips/s, projected EPIC epoch, peak memory, decode wait).
 run finetune 180 python benchmarks/bench_finetune.py --gpu --skip-cpu
+# Validation metrics on the device (numpy on the host vs torch on the GPU; the test counts host synchronisations).
+run metrics 60 bash -c "python benchmarks/bench_metrics.py --gpu && python -m pytest -q tests/test_metrics_torch.py -k cuda"
 for bench in predict; do  # the GPU sections of later stages, when their benchmarks exist
     if [ -f "benchmarks/bench_$bench.py" ]; then
         run "$bench" 90 python "benchmarks/bench_$bench.py" --gpu

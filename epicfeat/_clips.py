@@ -109,6 +109,7 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"ClipDataset: {len(segments)} segments but row times for {len(rows.start)}")
         self.video_paths = video_paths
         self.video_ids = segments["video_id"].astype(str).tolist()
+        self.participants = segments["participant_id"].astype(str).tolist()  # unseen-participant metrics
         self.rows = rows
         self.verbs = segments["verb_class"].to_numpy(np.int64)
         self.nouns = segments["noun_class"].to_numpy(np.int64)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
 from epicfeat.errors import EpicfeatError
+from epicfeat.files import atomic_write_text
 
 C = TypeVar("C")
 
@@ -96,33 +96,6 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of key: value, got {type(data).__name__}")
     return data
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it onto ``path``.
-
-    A crash or an exception at any moment leaves the previous file (or none), never half of a new one. Every file
-    epicfeat writes for a user (configs, checkpoints, results, submissions) goes through here.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """``atomic_write`` for UTF-8 text."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _check_keys(cls: type, values: Mapping[str, Any], source: str) -> Mapping[str, Any]:

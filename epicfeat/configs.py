@@ -186,6 +186,11 @@ class ScoringConfig:
     annotations: Path | None = option(None, "Folder with EPIC_100_*.csv.")
     cache: Path = option(Path("cache"), "Folder of feature sets.")
     feature_set: str | None = option(None, "Key under cache (or path); None: the checkpoints' own feature set.")
+    pack_cache: bool = option(
+        True,
+        "Read the packed split from <cache>/.packed/<feature set>/ (written by train-temporal or an earlier "
+        "evaluate) instead of re-reading Zarr; packed and kept there when absent."
+    )
     batch_size: int = option(500, "Segments per forward pass.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["checkpoint", "fp32", "bf16", "fp16"] = option(

@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from epicfeat.config import atomic_write_text, save_config
+from epicfeat.config import save_config
 from epicfeat.configs import DemoConfig
+from epicfeat.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,7 @@ class DemoResult:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run every stage of the pipeline on synthetic data (see the module docstring); returns where everything is."""
-    from epicfeat.data.annotations import EpicAnnotations
     from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-    from epicfeat.data.videos import find_videos
-    from epicfeat.evaluate import EvaluateConfig, SubmitConfig, evaluate, submit
-    from epicfeat.extract import ExtractConfig, extract_features, print_summary
-    from epicfeat.temporal.train import TrainTemporalConfig, train_temporal
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,66 +57,32 @@ def run_demo(config: DemoConfig) -> DemoResult:
     with say("generate", "1/6 generate the synthetic EPIC-100 dataset"):
         spec = SyntheticSpec.tiny() if config.dataset == "tiny" else SyntheticSpec()
         dataset = generate_synthetic_dataset(out / "data", seed=config.seed, spec=spec)
-
     with say("extract", "2/6 extract ResNet50 features of every video (random weights)"):
-        summary = extract_features(ExtractConfig(
-            split="all", videos=dataset.videos, annotations=dataset.annotations, cache=out / "cache",
-            weights="random", seed=config.seed, fps=config.fps, resize=config.resize, crop=config.crop,
-            precision=config.precision, device=config.device, progress=config.progress,
-        ))
-        if config.progress:
-            print_summary(summary)
-        if not summary.ok:
-            from epicfeat.errors import EpicfeatError
-
-            raise EpicfeatError(f"feature extraction failed for some videos (see above); the demo stops here. "
-                                f"Re-run `epicfeat demo` to retry them; finished videos are kept in {summary.store}.")
-
+        feature_set = _extract(config, dataset, out / "cache")
     checkpoints: dict[int, Path] = {}
     for frames in config.frames:
-        with say("train", f"3/6 train the {frames}-frame temporal model" + (" (single-frame baseline)" if frames == 1 else "")):
-            run = out / "runs" / f"temporal_{frames}f"
-            result = train_temporal(TrainTemporalConfig(
-                annotations=dataset.annotations, cache=out / "cache", feature_set=summary.store.name, out=run,
-                resume=(run / "last.pt").is_file(), frames=frames, hidden=config.hidden, epochs=config.epochs,
-                batch_size=config.batch_size, micro_batch_size=config.batch_size, lr=config.lr,
-                warmup_epochs=config.warmup_epochs, patience=0, seed=config.seed, device=config.device,
-                progress=config.progress,
-            ))
-            checkpoints[frames] = result.best_checkpoint
+        baseline = " (single-frame baseline)" if frames == 1 else ""
+        with say("train", f"3/6 train the {frames}-frame temporal model{baseline}"):
+            checkpoints[frames] = _train(config, dataset, feature_set, frames, out / "runs" / f"temporal_{frames}f")
 
     ensemble = [checkpoints[f] for f in config.frames if f > 1]
     evaluations = {f"{f}-frame": [checkpoints[f]] for f in config.frames}
     if len(ensemble) > 1:
         evaluations["ensemble " + "+".join(f"{f}f" for f in config.frames if f > 1)] = ensemble
-    common = dict(annotations=dataset.annotations, cache=out / "cache", feature_set=summary.store.name,
+    common = dict(annotations=dataset.annotations, cache=feature_set.parent, feature_set=feature_set.name,
                   device=config.device)
-    metrics: dict[str, dict[str, float]] = {}
     with say("evaluate", "4/6 evaluate every model and the ensemble on validation"):
-        for name, paths in evaluations.items():
-            evaluation = out / "runs" / "evaluate" / name.replace(" ", "_").replace("+", "_")
-            metrics[name] = evaluate(EvaluateConfig(checkpoints=tuple(paths), out=evaluation, progress=False,
-                                                    **common)).metrics
-
+        metrics, evaluation = _evaluate_all(evaluations, out / "runs" / "evaluate", common)
     with say("submit", "5/6 write the test-split submission of the ensemble"):
+        from epicfeat.evaluate import SubmitConfig, submit
+
         submission = submit(SubmitConfig(checkpoints=tuple(ensemble or checkpoints.values()),
                                           out=out / "runs" / "submit", progress=config.progress, **common))
-
+    deploy = out / "runs" / "deploy"
     with say("deploy", "6/6 predict over a validation video and export to ONNX"):
-        from epicfeat.export import ExportConfig, export
-        from epicfeat.predict import PredictConfig, predict
+        predicted, exported = _deploy(config, dataset, checkpoints[max(config.frames)], deploy)
 
-        longest = checkpoints[max(config.frames)]
-        video_id = EpicAnnotations(dataset.annotations).segments("validation")["video_id"].iloc[0]
-        deploy = out / "runs" / "deploy"
-        predicted = predict(PredictConfig(
-            source=str(find_videos(dataset.videos, [video_id]).found[video_id]), checkpoint=longest, seed=config.seed,
-            timeline=deploy / f"{video_id}_timeline.csv", video_out=deploy / f"{video_id}_annotated.mp4",
-            device=config.device, progress=False,
-        ))
-        exported = export(ExportConfig(checkpoint=longest, format="onnx", out=deploy / "onnx", seed=config.seed))
-
-    result = DemoResult(out=out, dataset=dataset.root, feature_set=summary.store, checkpoints=checkpoints,
+    result = DemoResult(out=out, dataset=dataset.root, feature_set=feature_set, checkpoints=checkpoints,
                         evaluation=evaluation, submission=submission.submission_zip, metrics=metrics, seconds=seconds,
                         deploy=deploy, predict_fps=predicted.frames_per_second,
                         onnx_max_abs_diff={check.model: check.max_abs_diff for check in exported.checks})
@@ -128,6 +90,67 @@ def run_demo(config: DemoConfig) -> DemoResult:
     if config.progress:
         print_demo_summary(result)
     return result
+
+
+def _extract(config: DemoConfig, dataset, cache: Path) -> Path:
+    """Stage one on every synthetic video; the feature set's folder. Stops the demo if any video failed."""
+    from epicfeat.errors import EpicfeatError
+    from epicfeat.extract import ExtractConfig, extract_features, print_summary
+
+    summary = extract_features(ExtractConfig(
+        split="all", videos=dataset.videos, annotations=dataset.annotations, cache=cache,
+        weights="random", seed=config.seed, fps=config.fps, resize=config.resize, crop=config.crop,
+        precision=config.precision, device=config.device, progress=config.progress,
+    ))
+    if config.progress:
+        print_summary(summary)
+    if not summary.ok:
+        raise EpicfeatError(f"feature extraction failed for some videos (see above); the demo stops here. "
+                            f"Re-run `epicfeat demo` to retry them; finished videos are kept in {summary.store}.")
+    return summary.store
+
+
+def _train(config: DemoConfig, dataset, feature_set: Path, frames: int, run: Path) -> Path:
+    """One temporal model on ``frames`` rows per segment (resumed when a killed demo left its run); best.pt."""
+    from epicfeat.temporal.train import TrainTemporalConfig, train_temporal
+
+    result = train_temporal(TrainTemporalConfig(
+        annotations=dataset.annotations, cache=feature_set.parent, feature_set=feature_set.name, out=run,
+        resume=(run / "last.pt").is_file(), frames=frames, hidden=config.hidden, epochs=config.epochs,
+        batch_size=config.batch_size, micro_batch_size=config.batch_size, lr=config.lr,
+        warmup_epochs=config.warmup_epochs, patience=0, seed=config.seed, device=config.device,
+        progress=config.progress,
+    ))
+    return result.best_checkpoint
+
+
+def _evaluate_all(evaluations: dict[str, list[Path]], out: Path, common: dict) -> tuple[dict, Path]:
+    """Validation metrics of every model (name -> checkpoints) and the folder of the last evaluation."""
+    from epicfeat.evaluate import EvaluateConfig, evaluate
+
+    metrics: dict[str, dict[str, float]] = {}
+    for name, paths in evaluations.items():
+        folder = out / name.replace(" ", "_").replace("+", "_")
+        metrics[name] = evaluate(EvaluateConfig(checkpoints=tuple(paths), out=folder, progress=False,
+                                                **common)).metrics
+    return metrics, folder
+
+
+def _deploy(config: DemoConfig, dataset, checkpoint: Path, deploy: Path):
+    """predict over the first validation video (timeline + annotated MP4) and the ONNX export of ``checkpoint``."""
+    from epicfeat.data.annotations import EpicAnnotations
+    from epicfeat.data.videos import find_videos
+    from epicfeat.export import ExportConfig, export
+    from epicfeat.predict import PredictConfig, predict
+
+    video_id = EpicAnnotations(dataset.annotations).segments("validation")["video_id"].iloc[0]
+    predicted = predict(PredictConfig(
+        source=str(find_videos(dataset.videos, [video_id]).found[video_id]), checkpoint=checkpoint, seed=config.seed,
+        timeline=deploy / f"{video_id}_timeline.csv", video_out=deploy / f"{video_id}_annotated.mp4",
+        device=config.device, progress=False,
+    ))
+    exported = export(ExportConfig(checkpoint=checkpoint, format="onnx", out=deploy / "onnx", seed=config.seed))
+    return predicted, exported
 
 
 def write_results(result: DemoResult, path: Path) -> Path:

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from epicfeat.config import atomic_write_text, save_config
+from epicfeat.config import save_config
 from epicfeat.configs import EvaluateConfig, ScoringConfig, SubmitConfig
 from epicfeat.errors import EpicfeatError
+from epicfeat.files import atomic_write_text
 
 # The metrics the summary table shows (all are in metrics.json), in the leaderboard's order.
 TABLE_METRICS = (
@@ -101,8 +102,7 @@ class SubmitResult:
 # --------------------------------------------------------------------------------------------- entry points
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """``epicfeat evaluate``: official EPIC-100 metrics of one checkpoint or an ensemble on a labelled split."""
-    from epicfeat.metrics import epic_metrics
-    from epicfeat.submission import log_softmax_rows, write_results_pickle
+    from epicfeat.submission import write_results_pickle
 
     annotations = _annotations(config)
     members = _load_members(config, annotations)
@@ -114,13 +114,43 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
             f"({_listed(scores.missing_video_ids)}). Extract them with the feature set's settings (epicfeat extract "
             f"--split {config.split} ...), or pass --allow-missing to score the rest (metrics then cover a subset)."
         )
-    packed = scores.packed
-    verb_labels, noun_labels = packed.verb_labels.numpy(), packed.noun_labels.numpy()  # (N,), (N,)
-    unseen = None
-    if config.split == "validation":
-        participants = annotations.unseen_participants("validation")
-        if participants is not None:
-            unseen = np.isin(np.asarray(packed.participant_ids), list(participants))  # (N,) bool
+    verb_labels, noun_labels = scores.packed.verb_labels.numpy(), scores.packed.noun_labels.numpy()  # (N,), (N,)
+    metrics_of = _official_metrics(annotations, verb_labels, noun_labels, _unseen_mask(config.split, annotations,
+                                                                                       scores.packed))
+    member_metrics = {name: metrics_of(verb, noun) for name, verb, noun in scores.members}
+    combined = metrics_of(scores.verb, scores.noun)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    results_pickle = write_results_pickle(out / f"results_{config.split}.pkl", scores.verb, scores.noun,
+                                          scores.narration_ids)
+    rows = dict(member_metrics) if len(members) == 1 else {**member_metrics, "ensemble": combined}
+    metrics_json, metrics_table = _write_metric_files(config, members, scores, member_metrics, combined, rows)
+    per_class_csv, plot = _class_diagnostics(scores, annotations, verb_labels, noun_labels, out, config.top_confused)
+    result = EvaluateResult(
+        out=out, metrics=combined, member_metrics=member_metrics, results_pickle=results_pickle,
+        metrics_json=metrics_json, metrics_table=metrics_table, per_class_csv=per_class_csv, plot=plot,
+        segments=len(scores.narration_ids), dropped=scores.dropped,
+    )
+    if config.progress:
+        _print_table(rows, title=f"{config.split} ({len(scores.narration_ids)} segments, official EPIC-100 metrics, %)")
+        print(f"wrote {metrics_json}, {metrics_table}, {results_pickle}, {per_class_csv}, {plot}")
+    return result
+
+
+def _unseen_mask(split: str, annotations, packed) -> np.ndarray | None:
+    """(N,) bool: segments of participants absent from training (validation only; None when unknown)."""
+    participants = annotations.unseen_participants("validation") if split == "validation" else None
+    if participants is None:
+        return None
+    return np.isin(np.asarray(packed.participant_ids), list(participants))
+
+
+def _official_metrics(annotations, verb_labels: np.ndarray, noun_labels: np.ndarray, unseen: np.ndarray | None):
+    """A function (verb, noun) -> the official metrics of those scores, with the split's tail and unseen subsets."""
+    from epicfeat.metrics import epic_metrics
+    from epicfeat.submission import log_softmax_rows
 
     def metrics_of(verb: np.ndarray, noun: np.ndarray) -> dict[str, float]:
         # Scored as written: the results pickle holds log_softmax_rows of the same arrays, bit for bit, so these
@@ -130,14 +160,12 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
                               tail_nouns=annotations.tail_nouns, unseen=unseen)
         return {name: float(value) for name, value in values.items()}
 
-    member_metrics = {name: metrics_of(verb, noun) for name, verb, noun in scores.members}
-    combined = metrics_of(scores.verb, scores.noun)
+    return metrics_of
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    results_pickle = write_results_pickle(out / f"results_{config.split}.pkl", scores.verb, scores.noun,
-                                          scores.narration_ids)
+
+def _write_metric_files(config: EvaluateConfig, members, scores: Scores, member_metrics, combined,
+                        rows: dict[str, dict[str, float]]) -> tuple[Path, Path]:
+    """metrics.json (every metric of every member and of the combination) and metrics.md (the summary table)."""
     report = {
         "split": config.split,
         "segments": len(scores.narration_ids),
@@ -151,24 +179,10 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         ],
         "metrics": _json_safe(combined),
     }
-    metrics_json = out / "metrics.json"
+    metrics_json, metrics_table = Path(config.out) / "metrics.json", Path(config.out) / "metrics.md"
     atomic_write_text(metrics_json, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    rows = {name: metrics for name, metrics in member_metrics.items()}
-    if len(members) > 1:
-        rows["ensemble"] = combined
-    metrics_table = out / "metrics.md"
     atomic_write_text(metrics_table, _markdown_table(rows, title=f"{config.split}: {len(scores.narration_ids)} segments"))
-
-    per_class_csv, plot = _class_diagnostics(scores, annotations, verb_labels, noun_labels, out, config.top_confused)
-    result = EvaluateResult(
-        out=out, metrics=combined, member_metrics=member_metrics, results_pickle=results_pickle,
-        metrics_json=metrics_json, metrics_table=metrics_table, per_class_csv=per_class_csv, plot=plot,
-        segments=len(scores.narration_ids), dropped=scores.dropped,
-    )
-    if config.progress:
-        _print_table(rows, title=f"{config.split} ({len(scores.narration_ids)} segments, official EPIC-100 metrics, %)")
-        print(f"wrote {metrics_json}, {metrics_table}, {results_pickle}, {per_class_csv}, {plot}")
-    return result
+    return metrics_json, metrics_table
 
 
 def submit(config: SubmitConfig) -> SubmitResult:
@@ -236,19 +250,19 @@ def _load_members(config: ScoringConfig, annotations) -> list[tuple[Path, Any]]:
 
 
 def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, split: str) -> Scores:
+    from epicfeat.devices import resolve_device
     from epicfeat.submission import ensemble
     from epicfeat.temporal.checkpoint import check_feature_set
-    from epicfeat.temporal.data import pack_split
-    from epicfeat.devices import resolve_device
     from epicfeat.temporal.precision import COMPUTE_DTYPES
-    from epicfeat.temporal.train import open_feature_set, score_split
+    from epicfeat.store import open_feature_set
+    from epicfeat.temporal.train import score_split
 
     first = members[0][1]
     store = open_feature_set(Path(config.cache), config.feature_set or first.feature_set_key)
     for _, ckpt in members:
         check_feature_set(ckpt, store.identity)  # so an ensemble's members all read the same features
     segments = annotations.segments(split)
-    packed = pack_split(store, segments, progress=config.progress)
+    packed = _pack(config, store, segments, split)
     if len(packed) == 0:
         raise ScoringError(
             f"none of the {len(segments)} {split} segments has features in feature set {store.path}: extract their "
@@ -272,6 +286,16 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
         split_segments=len(segments), dropped=len(segments) - len(packed),
         missing_video_ids=tuple(packed.missing_video_ids), packed=packed,
     )
+
+
+def _pack(config: ScoringConfig, store, segments, split: str):
+    """The packed split; with ``pack_cache`` from the pack cache that train-temporal fills (the same name and
+    digest for the same split, feature set and segments), so evaluating does not re-read Zarr."""
+    from epicfeat.temporal.data import cached_pack_split, pack_split
+
+    if config.pack_cache:
+        return cached_pack_split(store, segments, split, progress=config.progress)
+    return pack_split(store, segments, progress=config.progress)
 
 
 def _frames(checkpoint) -> int:

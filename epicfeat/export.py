@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from epicfeat.config import atomic_write_text, save_config
+from epicfeat.config import save_config
 from epicfeat.configs import ExportConfig
 from epicfeat.errors import EpicfeatError
+from epicfeat.files import atomic_write_text
 from epicfeat.frames import Preprocess
-from epicfeat.predict import FrameEncoder, window_length
+from epicfeat.predict import FrameEncoder
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 
 # Max |reference - exported| logit difference accepted. The head alone is exact to float32 rounding (~1e-6). The
@@ -164,7 +165,7 @@ class _Models:
 def build_models(config: ExportConfig) -> _Models:
     """The checkpoint's head and backbone (matching its feature set) and seeded check inputs."""
     checkpoint = load_checkpoint(config.checkpoint)
-    window = window_length(checkpoint)
+    window = checkpoint.window
     preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()
     backbone = checkpoint.create_backbone(config.weights, seed=config.seed).eval()

@@ -8,8 +8,8 @@ which feature set, which are already done), then an executor carries it out, in 
 
     decode processes (DecodePool, PyAV)  ──►  model batches (span videos)  ──►  writer thread
     a shared work queue: each free worker     normalise, autocast, ResNet50      Zarr, checksums, commit
-    takes the next video; batches come as     (pinned buffers and a CUDA          as soon as a video's
-    shared-memory tensors                     stream on a GPU)                    last row is written
+    takes the next video; batches come        (pinned buffers and a CUDA          as soon as a video's
+    through shared-memory slots               stream on a GPU)                    last row is written
 
 Every batch given to the model has exactly ``batch_size`` rows (the last rows of a video are padded with zero
 images and run as soon as the video has been decoded), so a frame's features do not depend on which other
@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
-import importlib
 import os
 import queue
 import threading
@@ -361,7 +360,8 @@ class VideoStarted:
 @dataclass
 class FramesDecoded:
     video_id: str
-    batch: FrameBatch  # images may be a torch tensor in shared memory (from a decode process)
+    batch: FrameBatch  # from a decode process, images travel in its shared-memory slot (images None, slot set)
+    slot: int | None = None
 
 
 @dataclass
@@ -435,27 +435,67 @@ def decode_workers_for(requested: int, n_jobs: int) -> int:
     return max(0, min((os.cpu_count() or 1) - 1, n_jobs, 8))
 
 
-def _decode_process(conn, credits, fps, preprocess, batch_size, threads) -> None:
-    """A decode worker: takes videos from its pipe until None, sends their items back (frames as shared tensors).
+class _SharedSlots:
+    """A decode worker's ring of shared-memory buffers, each holding one batch of images for the parent.
 
-    torch (seconds to import) is only needed to hand batches over as shared-memory tensors, so it is imported on a
-    thread while the first video is opened and decoded.
+    The images of a batch are written into the next slot instead of being pickled through the pipe, and the parent
+    copies them out as the batch arrives. There are as many slots as batches a worker may have decoded ahead
+    (``DECODE_PREFETCH_BATCHES``, counted by its semaphore), and batches are taken in order, so a slot is never
+    written while the parent still reads it. Plain ``multiprocessing.shared_memory`` rather than torch's shared
+    tensors: a decode process then never imports torch (2 s of a core and 200 MB per process at start-up, on the
+    cores the model is loading on).
     """
-    torch_import = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
-    torch_import.start()
+
+    def __init__(self, shape: tuple[int, ...], names: list[str] | None = None):
+        from multiprocessing import shared_memory
+
+        self.shape = shape  # (batch_size, crop, crop, 3)
+        size = int(np.prod(shape))
+        if names is None:  # the parent makes the slots; the worker attaches to them by name
+            self._blocks = [shared_memory.SharedMemory(create=True, size=size) for _ in range(DECODE_PREFETCH_BATCHES)]
+        else:
+            self._blocks = [shared_memory.SharedMemory(name=name) for name in names]
+        self.names = [block.name for block in self._blocks]
+        self._views = [np.ndarray(shape, np.uint8, buffer=block.buf) for block in self._blocks]
+        self._next = 0
+
+    def put(self, images: np.ndarray) -> int:
+        """Write a batch's images into the next slot; returns its number."""
+        slot = self._next
+        self._next = (slot + 1) % len(self._views)
+        self._views[slot][: len(images)] = images
+        return slot
+
+    def take(self, slot: int, rows: int) -> np.ndarray:
+        """A copy of the first ``rows`` images of ``slot`` (the slot is free again afterwards)."""
+        return self._views[slot][:rows].copy()  # (rows, crop, crop, 3)
+
+    def close(self, *, unlink: bool) -> None:
+        self._views = []
+        for block in self._blocks:
+            block.close()
+            if unlink:
+                try:
+                    block.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+def _decode_process(conn, credits, slot_names, fps, preprocess, batch_size, threads) -> None:
+    """A decode worker: takes videos from its pipe until None, sends their items back (images through its slots)."""
+    slots = _SharedSlots((batch_size, preprocess.crop, preprocess.crop, 3), slot_names)
     try:
         while (job := conn.recv()) is not None:
             for item in decode_video_items(job, fps, preprocess, batch_size, threads):
                 if isinstance(item, FramesDecoded):
                     credits.acquire()  # at most DECODE_PREFETCH_BATCHES batches wait for the model
-                    torch_import.join()
-                    import torch
-
-                    # A tensor is pickled as a handle to shared memory: the parent maps it, nothing is copied.
-                    item.batch.images = torch.from_numpy(item.batch.images)
+                    item.slot = slots.put(item.batch.images)
+                    item.batch.images = None
                 conn.send(item)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the parent is gone or stopping us
+    finally:
+        slots.close(unlink=False)
 
 
 @dataclass
@@ -463,6 +503,7 @@ class _Worker:
     process: object
     conn: object
     credits: object
+    slots: _SharedSlots
     assigned: collections.deque  # (job, attempt), the first being decoded
 
 
@@ -479,21 +520,21 @@ class DecodePool:
     def __init__(self, workers: int, fps: float | None, preprocess: Preprocess, batch_size: int, threads: int):
         import multiprocessing
 
-        # The standard library's context, so the pool starts before this process imports torch (torch registers
-        # its shared-memory pickling with the same ForkingPickler the pipes use).
         self._context = multiprocessing.get_context("spawn")
         self._args = (fps, preprocess, batch_size, threads)
+        self._image_shape = (batch_size, preprocess.crop, preprocess.crop, 3)
         self._workers = [self._spawn() for _ in range(workers)]
         self._retry: collections.deque = collections.deque()  # (job, attempt) to hand out before new ones
 
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe(duplex=True)
         credits = self._context.Semaphore(DECODE_PREFETCH_BATCHES)
-        process = self._context.Process(target=_decode_process, args=(child, credits, *self._args), daemon=True,
-                                        name="epicfeat-decode")
+        slots = _SharedSlots(self._image_shape)
+        process = self._context.Process(target=_decode_process, args=(child, credits, slots.names, *self._args),
+                                        daemon=True, name="epicfeat-decode")
         process.start()
         child.close()
-        return _Worker(process, parent, credits, collections.deque())
+        return _Worker(process, parent, credits, slots, collections.deque())
 
     def worker_pid(self, video_id: str) -> int | None:
         """The pid of the process decoding ``video_id`` now (for tests and diagnostics)."""
@@ -540,8 +581,10 @@ class DecodePool:
             yield from self._replace_dead(worker)
             return
         if isinstance(item, FramesDecoded):
+            item.batch.images = worker.slots.take(item.slot, len(item.batch))
+            item.slot = None
             yield item
-            worker.credits.release()
+            worker.credits.release()  # handled: the worker may decode one more batch ahead
         else:
             if isinstance(item, (VideoDecoded, VideoFailed)):
                 worker.assigned.popleft()
@@ -551,6 +594,7 @@ class DecodePool:
         worker.process.join(timeout=5)
         code = worker.process.exitcode
         worker.conn.close()
+        worker.slots.close(unlink=True)
         index = self._workers.index(worker)
         if worker.assigned:
             (job, attempt), *waiting = list(worker.assigned)
@@ -577,6 +621,7 @@ class DecodePool:
                 worker.process.terminate()
                 worker.process.join(timeout=5)
             worker.conn.close()
+            worker.slots.close(unlink=True)
         self._workers = []
 
 
@@ -834,6 +879,48 @@ class _ClaimKeeper(threading.Thread):
             claim.release()
 
 
+class _ClaimedJobs:
+    """Hands out the videos no other writer holds, each claimed for this process first (``next``: None when none
+    are left). Videos held, completed or failed by other writers meanwhile are kept aside in ``elsewhere``."""
+
+    def __init__(self, jobs, store: FeatureStore, claims: _ClaimKeeper, writer: _WriterThread, config: ExtractConfig,
+                 on_result: Callable[[VideoResult], None] | None):
+        self.store, self.claims, self.writer, self.config, self.on_result = store, claims, writer, config, on_result
+        self._queue = collections.deque(jobs)
+        self.elsewhere: list[VideoResult] = []
+        self._started_at = time.time()
+
+    def next(self) -> VideoJob | None:
+        while self._queue:
+            job = self._queue.popleft()
+            if self.claims.claim(job.video_id) is None:
+                owner = self.store.claim_owner(job.video_id, lease_s=self.config.claim_lease_s) or "?"
+                self.elsewhere.append(VideoResult(job.video_id, False, path=str(job.path), elsewhere=True,
+                                                  claimant=owner, reason="held by another writer"))
+                continue
+            result = self._decided_elsewhere(job)
+            if result is not None:
+                self.claims.release(job.video_id)
+                self.elsewhere.append(result)
+                if self.on_result:
+                    self.on_result(result)
+                continue
+            self.writer.paths[job.video_id] = str(job.path)
+            return job
+        return None
+
+    def _decided_elsewhere(self, job: VideoJob) -> VideoResult | None:
+        if self.store.is_complete(job.video_id):  # another writer committed it after we planned
+            attrs = self.store.video_attrs(job.video_id)
+            return VideoResult(job.video_id, True, rows=int(attrs.get("rows", 0)),
+                               duration=float(attrs.get("duration") or 0.0), path=str(job.path), elsewhere=True)
+        record = self.store.failure_recorded_since(job.video_id, self._started_at)
+        if record is not None:  # another writer sharing the cache failed it during this run: once is enough
+            return VideoResult(job.video_id, False, reason=record.get("reason", ""), path=str(job.path),
+                               elsewhere=True)
+        return None
+
+
 def run_local(
     jobs: list[VideoJob] | tuple[VideoJob, ...],
     store: FeatureStore,
@@ -861,44 +948,12 @@ def run_local(
     claims = _ClaimKeeper(store, config.claim_lease_s)
     writer = _WriterThread(store, config, claims, on_rows=on_rows, on_result=on_result)
     batcher = RowBatcher(runner, writer)
-    results_elsewhere: list[VideoResult] = []
-    queue_of_jobs = collections.deque(jobs)
-    started_at = time.time()
-
-    def next_job() -> VideoJob | None:
-        """The next video no other writer holds, claimed for this process (None: none left)."""
-        while queue_of_jobs:
-            job = queue_of_jobs.popleft()
-            claim = claims.claim(job.video_id)
-            if claim is None:
-                owner = store.claim_owner(job.video_id, lease_s=config.claim_lease_s) or "?"
-                results_elsewhere.append(VideoResult(job.video_id, False, path=str(job.path), elsewhere=True,
-                                                     claimant=owner, reason="held by another writer"))
-                continue
-            result = None
-            if store.is_complete(job.video_id):  # another writer committed it after we planned
-                attrs = store.video_attrs(job.video_id)
-                result = VideoResult(job.video_id, True, rows=int(attrs.get("rows", 0)),
-                                     duration=float(attrs.get("duration") or 0.0), path=str(job.path), elsewhere=True)
-            elif (record := store.failure_recorded_since(job.video_id, started_at)) is not None:
-                # another writer sharing the cache failed it during this run: once is enough (no second record)
-                result = VideoResult(job.video_id, False, reason=record.get("reason", ""), path=str(job.path),
-                                     elsewhere=True)
-            if result is not None:
-                claims.release(job.video_id)
-                results_elsewhere.append(result)
-                if on_result:
-                    on_result(result)
-                continue
-            writer.paths[job.video_id] = str(job.path)
-            return job
-        return None
-
+    queue_of_jobs = _ClaimedJobs(jobs, store, claims, writer, config, on_result)
+    workers = decode_workers_for(config.decode_workers, len(jobs))
     own_pool = None
-    if pool is None and decode_workers_for(config.decode_workers, len(jobs)):
-        pool = own_pool = DecodePool(decode_workers_for(config.decode_workers, len(jobs)), config.fps, preprocess,
-                                     config.batch_size, config.decode_threads)
-    events = pool.events(next_job) if pool is not None else _inline_events(next_job, config)
+    if pool is None and workers:
+        pool = own_pool = DecodePool(workers, config.fps, preprocess, config.batch_size, config.decode_threads)
+    events = pool.events(queue_of_jobs.next) if pool is not None else _inline_events(queue_of_jobs.next, config)
     claims.start()
     writer.start()
     started = time.perf_counter()
@@ -917,7 +972,7 @@ def run_local(
             claims.stop()
             if own_pool is not None:
                 own_pool.close()
-    return writer.results + results_elsewhere
+    return writer.results + queue_of_jobs.elsewhere
 
 
 def _route(item: object, batcher: RowBatcher, writer: _WriterThread) -> None:

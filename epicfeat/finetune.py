@@ -2,21 +2,28 @@
 
 Read it top to bottom:
 
-    finetune(config)                          the one function `epicfeat finetune` calls
+    finetune(config)                          the one function `epicfeat finetune` calls; on the run scaffold
+                                              of ``epicfeat.training`` (run folder, resume, epoch log), as
+                                              train-temporal
       load_start(config)                      the train-temporal checkpoint, the backbone its feature set used
                                               (refused when the weights' hash differs) and that feature set
-      clip datasets                           segments -> their stored rows' times -> T frames decoded with PyAV
-      epoch 0                                 the starting model, scored by evaluate_clips like every epoch:
-                                              the baseline, and best.pt until an epoch beats it
-      for each epoch:
-        train_one_epoch(...)                  augment each clip (one parameter draw for all T frames), CutMix
+      _prepare(...)                           ClipModel, AdamW with a backbone and a head learning rate, and
+        load_clip_data(...)                   segments -> their stored rows' times -> T frames decoded with PyAV
+      _resume(...)                            last.pt: config check, TrainingState.restore, both state dicts
+      _score_start(...)                       epoch 0: the starting model, scored by evaluate_clips like every
+                                              epoch: the baseline, and best.pt until an epoch beats it
+      _train_epochs(...)                      for each epoch left (TrainingState.remaining_epochs):
+        _run_epoch(...)
+          train_one_epoch(...)                augment each clip (one parameter draw for all T frames), CutMix
                                               (one box for all T frames, drawn per global step), backbone +
                                               BiLSTM forward/backward, gradient accumulation, warm-up + cosine
-                                              per step, AdamW with a backbone and a head learning rate
-        follow_feature_drift(...)             the temporal model's input mean/std follow the backbone
-        evaluate_clips(...)                   bin-centre frames, extract's resize + centre crop, official metrics
-        best.pt / last.pt, metrics.csv, TensorBoard, early stopping on validation action top-1 (as train-temporal)
-      judge(...)                              the summary line: did fine-tuning help, and by how much
+                                              per step
+          follow_feature_drift(...)           the temporal model's input mean/std follow the backbone
+          evaluate_clips(...)                 bin-centre frames, extract's resize + centre crop, official metrics
+        EpochLog.end_epoch(...)               early stopping on validation action top-1, best.pt / last.pt,
+                                              metrics.csv, plots, TensorBoard, the epoch line (rank 0 writes)
+      _result(...)                            the FinetuneResult, its summary table and
+        judge(...)                            the summary line: did fine-tuning help, and by how much
 
 The same frames as stage two. A clip's T times are the pts of the rows stage two sampled for that segment
 (``segment_rows``: the feature set's stored pts, joined to segments by stage two's rule, binned like
@@ -68,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -96,31 +104,17 @@ from epicfeat.configs import FinetuneConfig
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess
+from epicfeat.store import open_feature_set
 from epicfeat.temporal.checkpoint import (
     Checkpoint,
-    capture_rng_state,
     check_feature_set,
     feature_set_key_of,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
 from epicfeat.temporal.model import TemporalModel
-from epicfeat.temporal.train import (
-    LRSchedule,
-    TrainResult,
-    _console,
-    _determinism,
-    EarlyStopping,
-    _EpochProgress,
-    _log_tensorboard,
-    _seed_everything,
-    _supported_autocast,
-    _write_csv,
-    open_feature_set,
-    print_summary,
-)
-
+from epicfeat.training import (EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState, TrainResult,
+                               make_console, print_summary, reproducible)
 
 class FinetuneError(EpicfeatError):
     """A fine-tuning run that cannot start or continue as asked; the message says what to do."""
@@ -222,6 +216,12 @@ def load_start(config: FinetuneConfig) -> Start:
 
 
 # ------------------------------------------------------------------------------------------ entry point
+#: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
+RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "videos", "checkpoint", "weights", "device",
+                               "precision", "progress", "eval_batch_size", "num_workers", "decode_threads",
+                               "cache", "feature_set"})
+
+
 def finetune(config: FinetuneConfig, *, stop_after_epoch: int | None = None) -> FinetuneResult:
     """``epicfeat finetune``: fine-tune backbone + temporal model on decoded clips; writes into ``config.out``.
 
@@ -237,225 +237,250 @@ def finetune(config: FinetuneConfig, *, stop_after_epoch: int | None = None) -> 
             dist.destroy_process_group()
 
 
-def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_after_epoch: int | None) -> FinetuneResult:
-    out = Path(config.out)
-    best_path, last_path, csv_path = out / "best.pt", out / "last.pt", out / "metrics.csv"
-    if config.resume and not last_path.is_file():
-        raise FinetuneError(f"--resume: {last_path} does not exist; start the run without --resume (or fix --out)")
-    if not config.resume and last_path.is_file():
-        raise FinetuneError(
-            f"{out} already holds a run ({last_path.name}); pass --resume to continue it, or choose a new --out"
+@dataclass
+class _Run:
+    """One finetune run's own parts: the model on its backbone, the clip data and loaders, where it stands."""
+
+    config: FinetuneConfig
+    start: Start
+    device: torch.device
+    rank: int
+    world: int
+    autocast_dtype: torch.dtype | None
+    model: ClipModel
+    ddp_model: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    data: ClipData
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    stats_loader: torch.utils.data.DataLoader
+    augment: ClipAugment
+    state: TrainingState
+    backbone_trains: bool
+    problems: dict[str, str] = dataclasses.field(default_factory=dict)  # video id -> why its clips were skipped
+    start_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the starting model, on validation
+    drift: dict[str, torch.Tensor] | None = None  # restandardize: stored stats + the reference measurement
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def evaluate(self) -> dict[str, float]:
+        """The model's loss and official metrics on the validation clips (every process gets the same)."""
+        return evaluate_clips(
+            self.model, self.val_loader, self.data.validation, preprocess=self.start.preprocess, device=self.device,
+            world=self.world, autocast_dtype=self.autocast_dtype, label_smoothing=self.config.label_smoothing,
+            tail_verbs=self.data.tail_verbs, tail_nouns=self.data.tail_nouns,
+            unseen_participants=self.data.unseen_participants, problems=self.problems,
         )
+
+    def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's feature mean and std on the statistics clips (see the module docstring)."""
+        return measure_feature_stats(self.model.backbone, self.stats_loader, preprocess=self.start.preprocess,
+                                     device=self.device, world=self.world, autocast_dtype=self.autocast_dtype)
+
+
+def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_after_epoch: int | None) -> FinetuneResult:
+    """One process's part of the run (see the module docstring's call tree)."""
+    folder = RunFolder(config.out, error=FinetuneError, resumable=RESUMABLE_CHANGES)
+    folder.check_start(config.resume)
     if config.batch_size % world:
         raise FinetuneError(f"--batch-size {config.batch_size} must be a multiple of the {world} processes")
-    is_main = rank == 0
-    console = _console(config.progress and is_main)
+    console = make_console(config.progress and rank == 0)
     notes: list[str] = []
     device = _device(config, world)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and config.precision == "bf16" else None
     autocast_dtype = _supported_autocast(device, autocast_dtype, notes)
-
     start = load_start(config)
     frames = config.frames or int(start.checkpoint.config.get("frames", 16))
     config = dataclasses.replace(config, frames=frames)  # the saved config names T
-    run_config = config_to_dict(dataclasses.replace(config, resume=False))
 
-    with _determinism(config.deterministic):
-        _seed_everything(config.seed)  # dropout draws from torch's global RNG (same seed on every rank)
-
-        # --- model: the stage-two model on top of its own backbone, then the trainable parts
-        temporal = start.checkpoint.create_model()
-        model = ClipModel(start.backbone, temporal, trainable_stages=config.trainable_stages,
-                          activation_checkpointing=config.activation_checkpointing).to(device)
-        if device.type == "cuda":
-            model.backbone.to(memory_format=torch.channels_last)
-        backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
-        groups = [{"params": list(model.temporal.parameters()), "name": "head", "lr": config.lr}]
-        if backbone_params:
-            groups.append({"params": backbone_params, "name": "backbone", "lr": config.backbone_lr})
-        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-        # --- data: segments whose video exists; decoded on the fly in worker processes
-        data = _load_data(config, start, notes)
-        local_batch = config.batch_size // world
-        sampler = torch.utils.data.DistributedSampler(
-            data.train, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=False
-        )
-        loader = torch.utils.data.DataLoader(
-            data.train, batch_size=local_batch, sampler=sampler, num_workers=config.num_workers,
-            pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-        )
-        steps_per_epoch = len(loader)
-        schedule = LRSchedule(peak=config.lr, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-                              total_steps=config.epochs * steps_per_epoch, min_lr=config.min_lr)
-        augment = ClipAugment(start.preprocess, scale=config.crop_scale, hflip=config.hflip,
-                              color_jitter=config.color_jitter, grayscale=config.grayscale)
-
-        # --- resume: weights, optimiser, step, history, early-stopping state, RNG
-        step, history, first_epoch = 0, [], 1
-        stopping = EarlyStopping(patience=config.patience, validated=data.validation is not None)
-        start_metrics: dict[str, float] = {}
-        drift: dict[str, torch.Tensor] | None = None  # restandardize: stored stats + the reference measurement
-        rng_generator = torch.Generator()  # capture_rng_state wants one; the data order needs none (seeded per epoch)
+    # Dropout draws from torch's global RNG (same seed on every rank).
+    with reproducible(config.seed, deterministic=config.deterministic):
+        run = _prepare(config, start, device, rank, world, autocast_dtype, notes)
         if config.resume:
-            saved = load_checkpoint(last_path)
-            _check_resume_config(saved.config, run_config, last_path)
-            state = saved.training_state
-            if state["scheduler"]["total_steps"] != schedule.total_steps:
-                raise FinetuneError(
-                    f"--resume: {last_path} was trained with {state['scheduler']['total_steps']} optimiser steps "
-                    f"in all, this data gives {schedule.total_steps}: the videos or annotations changed. Resume "
-                    "with the same data, or start a new run in another --out"
-                )
-            model.temporal.load_state_dict(saved.model_state)
-            model.backbone.load_state_dict(saved.extra["backbone"])
-            optimizer.load_state_dict(state["optimizer"])
-            step = state["scheduler"]["step"]
-            history = [dict(row) for row in saved.history]
-            first_epoch = saved.epoch + 1
-            stopping.load(state)
-            start_metrics = dict(saved.extra.get("finetune", {}).get("start_metrics", {}))
-            drift = saved.extra.get("finetune", {}).get("drift")
-            restore_rng_state(state["rng"], rng_generator)
-            console.print(f"resuming {last_path} after epoch {saved.epoch} (step {step})")
-        if is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(dataclasses.replace(config, resume=False), out / "config.yaml")
+            _resume(run, folder, console)
+        if run.is_main:
+            folder.out.mkdir(parents=True, exist_ok=True)
+            save_config(dataclasses.replace(config, resume=False), folder.out / "config.yaml")
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
-
-        ddp_model = model
-        if world > 1:
-            ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        problems: dict[str, str] = {}  # video id -> why its clips were skipped (the first error seen)
-        val_loader = _eval_loader(data.validation, config, rank, world, device) if data.validation is not None else None
-        evaluate = lambda: evaluate_clips(  # noqa: E731
-            model, val_loader, data.validation, preprocess=start.preprocess, device=device, world=world,
-            autocast_dtype=autocast_dtype, label_smoothing=config.label_smoothing, tail_verbs=data.tail_verbs,
-            tail_nouns=data.tail_nouns, unseen_participants=data.unseen_participants, problems=problems,
-        )
-        stats_loader = _eval_loader(data.stats, config, rank, world, device)
-        measure = lambda: measure_feature_stats(  # noqa: E731
-            model.backbone, stats_loader, preprocess=start.preprocess, device=device, world=world,
-            autocast_dtype=autocast_dtype,
-        )
-        if config.restandardize and backbone_params and drift is None:
-            reference_mean, reference_std = measure()  # the start backbone, on the frames every epoch re-measures
-            drift = {"stored_mean": model.temporal.feature_mean.detach().cpu().clone(),
-                     "stored_std": model.temporal.feature_std.detach().cpu().clone(),
-                     "reference_mean": reference_mean, "reference_std": reference_std}
-        if val_loader is not None and config.eval_start and not config.resume:
-            # Epoch 0: the starting model, scored by the code that scores every epoch. It is best.pt until an
-            # epoch beats it, so fine-tuning can never leave a best.pt worse than its start.
-            start_metrics = evaluate()
-            stopping.update(0, start_metrics)
-            if is_main:
-                save_finetune_checkpoint(best_path, model=model, start=start, config=run_config, epoch=0,
-                                         metrics=start_metrics, history=[], start_metrics=start_metrics, drift=drift)
-            console.print(
-                f"start (epoch 0): val verb {start_metrics['all_verb_accuracy_at_1']:.1f} noun "
-                f"{start_metrics['all_noun_accuracy_at_1']:.1f} action {start_metrics['all_action_accuracy_at_1']:.1f}"
-            )
-
-        tensorboard = None
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tensorboard = SummaryWriter(str(out / "tensorboard"))
-        progress = _EpochProgress(console, enabled=config.progress and is_main)
-        skipped = {"train": 0, "validation": 0}
-        reported: set[str] = set()  # videos whose decoding problem was already printed
-        try:
-            for epoch in range(first_epoch, config.epochs + 1):
-                if stopping.stopped_early:
-                    break
-                epoch_started = time.perf_counter()
-                first_step = step
-                sampler.set_epoch(epoch)
-                data.train.set_epoch(epoch)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                with progress.epoch(epoch, config.epochs, len(data.train)) as advance:
-                    train_stats, step = train_one_epoch(
-                        ddp_model, model, optimizer, loader, augment=augment, schedule=schedule, step=step,
-                        backbone_lr_ratio=config.backbone_lr / config.lr, micro_batch_size=config.micro_batch_size,
-                        label_smoothing=config.label_smoothing, cutmix_alpha=config.cutmix_alpha,
-                        seed=config.seed, device=device, rank=rank, world=world,
-                        autocast_dtype=autocast_dtype, on_batch=lambda n: advance(n * world), problems=problems,
-                    )
-                train_seconds = time.perf_counter() - epoch_started
-                if drift is not None:  # the head's input scaling follows the backbone (see the module docstring)
-                    follow_feature_drift(model.temporal, drift, *measure())
-                lr = schedule(step - 1)  # the lr of the epoch's last step
-                row: dict[str, float] = {"epoch": epoch, "step": step, "lr": lr,
-                                         "backbone_lr": lr * config.backbone_lr / config.lr, **train_stats}
-                if val_loader is not None:
-                    row.update(evaluate())
-                    skipped["validation"] = int(row["val_skipped"])
-                row["train_segments_per_s"] = len(data.train) / train_seconds
-                if device.type == "cuda":
-                    row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                row["epoch_seconds"] = time.perf_counter() - epoch_started
-                history.append(row)
-
-                improved = stopping.update(epoch, row)  # every rank has the same metrics: all stop together
-                if is_main:
-                    fields = dict(model=model, start=start, config=run_config, epoch=epoch, metrics=row,
-                                  history=history, start_metrics=start_metrics, drift=drift)
-                    if improved:
-                        save_finetune_checkpoint(best_path, **fields)
-                    training_state = {
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": {"step": step, **dataclasses.asdict(schedule)},
-                        "rng": capture_rng_state(rng_generator),
-                        **stopping.state(),
-                    }
-                    save_finetune_checkpoint(last_path, **fields, training_state=training_state)
-                    _write_csv(csv_path, history)
-                    _log_tensorboard(tensorboard, row, schedule, first_step, step)
-                    progress.report(row, stopping, details=_epoch_details(row))
-                for video_id in sorted(set(problems) - reported):
-                    console.print(f"[yellow]skipped:[/] clips of {problems[video_id]}")
-                reported = set(problems)
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    break
-        finally:
-            if tensorboard is not None:
-                tensorboard.close()
+        if config.restandardize and run.backbone_trains and run.drift is None:
+            run.drift = _reference_drift(run)
+        if run.val_loader is not None and config.eval_start and not config.resume:
+            _score_start(run, folder, console)
+        plots = _train_epochs(run, folder, console, stop_after_epoch)
     if world > 1:
         dist.barrier()  # rank 0's files are complete before any process returns
-    skipped["train"] = int(sum(row.get("train_skipped", 0) for row in history))  # resumed epochs included
-    if problems:
-        notes.append(f"{len(problems)} video(s) could not be decoded, their clips were skipped"
-                     f"{' (this process saw these)' if world > 1 else ''}: {'; '.join(problems.values())}")
+    return _result(run, folder, plots, notes, time.perf_counter() - started, console)
 
-    plots: list[Path] = []
-    if is_main and history:
-        from epicfeat.temporal.plots import plot_training
 
-        _write_csv(csv_path, history)
-        steps = np.arange(step)
-        plots = plot_training(history, out, lr_curve=(steps / steps_per_epoch, [schedule(int(s)) for s in steps]),
-                              title=f"finetune {out.name}")
-    if stopping.best_epoch == 0 and start_metrics:
-        best_row = {"epoch": 0, **start_metrics}  # no epoch beat the start: best.pt is the starting model
+def _prepare(config: FinetuneConfig, start: Start, device: torch.device, rank: int, world: int,
+             autocast_dtype: torch.dtype | None, notes: list[str]) -> _Run:
+    """The stage-two model on its own backbone, AdamW with a head and a backbone lr, the clip loaders, the schedule."""
+    temporal = start.checkpoint.create_model()
+    model = ClipModel(start.backbone, temporal, trainable_stages=config.trainable_stages,
+                      activation_checkpointing=config.activation_checkpointing).to(device)
+    if device.type == "cuda":
+        model.backbone.to(memory_format=torch.channels_last)
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": list(model.temporal.parameters()), "name": "head", "lr": config.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "name": "backbone", "lr": config.backbone_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+    # --- data: segments whose video exists; decoded on the fly in worker processes
+    data = load_clip_data(config, start, notes)
+    sampler = torch.utils.data.DistributedSampler(
+        data.train, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=False
+    )
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_size=config.batch_size // world, sampler=sampler, num_workers=config.num_workers,
+        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+    )
+    schedule = LRSchedule.per_step(lr=config.lr, min_lr=config.min_lr, warmup_epochs=config.warmup_epochs,
+                                   epochs=config.epochs, steps_per_epoch=len(loader))
+    stopping = EarlyStopping(patience=config.patience, validated=data.validation is not None)
+    # capture_rng_state wants a generator; the data order needs none (seeded per epoch)
+    state = TrainingState(optimizer, schedule, stopping, torch.Generator())
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Run(
+        config=config, start=start, device=device, rank=rank, world=world, autocast_dtype=autocast_dtype,
+        model=model, ddp_model=ddp_model, data=data, sampler=sampler, loader=loader,
+        val_loader=_eval_loader(data.validation, config, rank, world, device) if data.validation is not None else None,
+        stats_loader=_eval_loader(data.stats, config, rank, world, device),
+        augment=ClipAugment(start.preprocess, scale=config.crop_scale, hflip=config.hflip,
+                            color_jitter=config.color_jitter, grayscale=config.grayscale),
+        state=state, backbone_trains=bool(backbone_params),
+    )
+
+
+def _resume(run: _Run, folder: RunFolder, console) -> None:
+    """Weights (head and backbone), optimiser, step, history, early stopping, RNG, the start's metrics and drift."""
+    saved = load_checkpoint(folder.last)
+    folder.check_resume_config(saved.config, config_to_dict(dataclasses.replace(run.config, resume=False)))
+    run.state.restore(saved, folder, console=console, data_changed=": the videos or annotations changed")
+    run.model.temporal.load_state_dict(saved.model_state)
+    run.model.backbone.load_state_dict(saved.extra["backbone"])
+    run.start_metrics = dict(saved.extra.get("finetune", {}).get("start_metrics", {}))
+    run.drift = saved.extra.get("finetune", {}).get("drift")
+
+
+def _reference_drift(run: _Run) -> dict[str, torch.Tensor]:
+    """The stored statistics and the start backbone's, measured on the frames every epoch re-measures."""
+    reference_mean, reference_std = run.measure()
+    return {"stored_mean": run.model.temporal.feature_mean.detach().cpu().clone(),
+            "stored_std": run.model.temporal.feature_std.detach().cpu().clone(),
+            "reference_mean": reference_mean, "reference_std": reference_std}
+
+
+def _score_start(run: _Run, folder: RunFolder, console) -> None:
+    """Epoch 0: the starting model, scored by the code that scores every epoch. It is best.pt until an epoch
+    beats it, so fine-tuning can never leave a best.pt worse than its start."""
+    run.start_metrics = run.evaluate()
+    run.state.stopping.update(0, run.start_metrics)
+    if run.is_main:
+        _save(run, folder.best, epoch=0, metrics=run.start_metrics, history=[])
+    metrics = run.start_metrics
+    console.print(
+        f"start (epoch 0): val verb {metrics['all_verb_accuracy_at_1']:.1f} noun "
+        f"{metrics['all_noun_accuracy_at_1']:.1f} action {metrics['all_action_accuracy_at_1']:.1f}"
+    )
+
+
+def _save(run: _Run, path: Path, *, epoch: int, metrics: dict[str, float], history: list[dict[str, float]],
+          training_state: dict[str, Any] | None = None) -> Path:
+    """This run's checkpoint at ``path`` (what the epoch log calls for best.pt and last.pt)."""
+    # What is saved describes the run, not this invocation: `--config out/config.yaml` re-creates it from scratch.
+    return save_finetune_checkpoint(
+        path, model=run.model, start=run.start, config=config_to_dict(dataclasses.replace(run.config, resume=False)),
+        epoch=epoch, metrics=metrics, history=history, start_metrics=run.start_metrics,
+        training_state=training_state, drift=run.drift,
+    )
+
+
+def _train_epochs(run: _Run, folder: RunFolder, console, stop_after_epoch: int | None) -> list[Path]:
+    """The epochs still to run, each closed by the epoch log (checkpoints, CSV, plots, TensorBoard); the plots."""
+    save = functools.partial(_save, run)
+    reported: set[str] = set()  # videos whose decoding problem was already printed
+    with EpochLog(folder, console, progress=run.config.progress, steps_per_epoch=len(run.loader),
+                  title=f"finetune {folder.out.name}", writes=run.is_main) as log:
+        for epoch in run.state.remaining_epochs(run.config.epochs, stop_after_epoch):
+            first_step = run.state.step
+            row = _run_epoch(run, epoch, log)
+            log.end_epoch(row, run.state, save, first_step, details=_epoch_details(row))
+            for video_id in sorted(set(run.problems) - reported):
+                console.print(f"[yellow]skipped:[/] clips of {run.problems[video_id]}")
+            reported = set(run.problems)
+    return log.finish(run.state)
+
+
+def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
+    """Train one epoch, let the head's input scaling follow the backbone, validate: the epoch's metrics row."""
+    config, state, device = run.config, run.state, run.device
+    epoch_started = time.perf_counter()
+    run.sampler.set_epoch(epoch)
+    run.data.train.set_epoch(epoch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with log.progress_bar(epoch, config.epochs, len(run.data.train)) as advance:
+        train_stats, state.step = train_one_epoch(
+            run.ddp_model, run.model, state.optimizer, run.loader, augment=run.augment, schedule=state.schedule,
+            step=state.step, backbone_lr_ratio=config.backbone_lr / config.lr,
+            micro_batch_size=config.micro_batch_size, label_smoothing=config.label_smoothing,
+            cutmix_alpha=config.cutmix_alpha, seed=config.seed, device=device, rank=run.rank, world=run.world,
+            autocast_dtype=run.autocast_dtype, on_batch=_GlobalAdvance(advance, run.world), problems=run.problems,
+        )
+    train_seconds = time.perf_counter() - epoch_started
+    if run.drift is not None:  # the head's input scaling follows the backbone (see the module docstring)
+        follow_feature_drift(run.model.temporal, run.drift, *run.measure())
+    lr = state.schedule(state.step - 1)  # the lr of the epoch's last step
+    row: dict[str, float] = {"epoch": epoch, "step": state.step, "lr": lr,
+                             "backbone_lr": lr * config.backbone_lr / config.lr, **train_stats}
+    if run.val_loader is not None:
+        row.update(run.evaluate())
+    row["train_segments_per_s"] = len(run.data.train) / train_seconds
+    if device.type == "cuda":
+        row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row["epoch_seconds"] = time.perf_counter() - epoch_started
+    return row
+
+
+class _GlobalAdvance:
+    """The progress bar counts the global batch: each process's n clips stand for n x world."""
+
+    def __init__(self, advance: Callable[[int], None], world: int):
+        self.advance, self.world = advance, world
+
+    def __call__(self, n: int) -> None:
+        self.advance(n * self.world)
+
+
+def _result(run: _Run, folder: RunFolder, plots: list[Path], notes: list[str], seconds: float,
+            console) -> FinetuneResult:
+    """The run's result, its summary table and the one-line verdict."""
+    history, stopping = run.state.history, run.state.stopping
+    skipped = {"train": int(sum(row.get("train_skipped", 0) for row in history)),  # resumed epochs included
+               "validation": int(history[-1]["val_skipped"]) if history and "val_skipped" in history[-1] else 0}
+    if run.problems:
+        notes.append(f"{len(run.problems)} video(s) could not be decoded, their clips were skipped"
+                     f"{' (this process saw these)' if run.world > 1 else ''}: {'; '.join(run.problems.values())}")
+    if stopping.best_epoch == 0 and run.start_metrics:
+        best_row = {"epoch": 0, **run.start_metrics}  # no epoch beat the start: best.pt is the starting model
     else:
-        best_row = next((r for r in history if r["epoch"] == stopping.best_epoch), history[-1] if history else {})
-    gain, verdict = judge(start_metrics, stopping.best_epoch, best_row)
+        best_row = run.state.best_row()
+    gain, verdict = judge(run.start_metrics, stopping.best_epoch, best_row)
     if verdict:
         notes.append(verdict)
-    result = FinetuneResult(
-        out=out, best_checkpoint=best_path, last_checkpoint=last_path, metrics_csv=csv_path, plots=tuple(plots),
-        tensorboard=out / "tensorboard", best_epoch=stopping.best_epoch, best_metrics=dict(best_row),
-        epochs_completed=len(history), stopped_early=stopping.stopped_early, history=tuple(history),
-        pack_summary=data.summary, seconds=time.perf_counter() - started, notes=tuple(notes),
-        start_metrics=start_metrics, skipped=skipped, gain=gain, verdict=verdict,
+    result = FinetuneResult.of_run(
+        folder, run.state, plots=plots, best_metrics=best_row, pack_summary=run.data.summary, seconds=seconds,
+        notes=notes, start_metrics=run.start_metrics, skipped=skipped, gain=gain, verdict=verdict,
     )
-    if config.progress and is_main:
+    if run.config.progress and run.is_main:
         print_summary(result, console=console, title="epicfeat finetune")
-    if verdict and is_main:
+    if verdict and run.is_main:
         print(verdict, file=sys.stderr)  # the run's result in one line, with or without --progress (job logs)
     return result
 
@@ -516,79 +541,143 @@ def train_one_epoch(
     skipped, data_wait = 0, 0.0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     iterator = iter(loader)
-    for step_in_epoch in range(len(loader)):
+    for _ in range(len(loader)):
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so the wait below is time the GPU sits idle for data
         waited = time.perf_counter()
         batch = next(iterator)
         data_wait += time.perf_counter() - waited
-        for group in optimizer.param_groups:
-            lr = schedule(step)
-            group["lr"] = lr * backbone_lr_ratio if group.get("name") == "backbone" else lr
+        _set_lr(optimizer, schedule(step), backbone_lr_ratio)
         optimizer.zero_grad(set_to_none=True)
-        valid_all = batch["valid"]  # (b,) bool
-        skipped += int((~valid_all).sum())
+        skipped += int((~batch["valid"]).sum())
         _collect(problems, batch["error"])
-        # Skipped clips still run (a black clip of the right shape, weight 0), so every DDP process runs the
-        # same backward passes and the all-reduce never waits on a process that had nothing to compute.
-        crop = augment.preprocess.crop
-        pixels = torch.stack([
-            augment.pixels(clip.to(device, non_blocking=True), int(s)) if ok else
-            torch.zeros(clip.shape[0], 3, crop, crop, dtype=torch.uint8, device=device)
-            for clip, s, ok in zip(batch["clip"], batch["aug_seed"], valid_all)
-        ])  # (b, T, 3, crop, crop) uint8
-        verbs, nouns = batch["verb"].to(device), batch["noun"].to(device)  # (b,)
-        partner_verbs, partner_nouns, fraction = verbs, nouns, 0.0
-        mix = None
-        if cutmix_alpha > 0:
-            # One draw per global step over the global batch: N processes paste what one process would.
-            positions = global_positions(len(valid_all), rank, world).to(device)  # (b,)
-            global_valid, global_verbs, global_nouns = (
-                _gather_global(t.to(device), world) for t in (valid_all.to(torch.uint8), verbs, nouns)
-            )  # (B,) each
-            mix = sample_step_cutmix(global_valid.bool().cpu(), crop, crop, cutmix_alpha, derive_seed(seed, step))
-        if mix is not None:
-            y0, y1, x0, x1 = mix.box
-            boxes = _gather_global(pixels[..., y0:y1, x0:x1].contiguous(), world)  # (B, T, 3, h, w) uint8
-            partner = mix.partner.to(device)[positions]  # (b,) global positions of each clip's partner
-            pixels[..., y0:y1, x0:x1] = boxes[partner]
-            partner_verbs, partner_nouns, fraction = global_verbs[partner], global_nouns[partner], mix.fraction
-        micro_starts = range(0, len(valid_all), micro_batch_size)
-        for micro_index, begin in enumerate(micro_starts):
-            part = slice(begin, begin + micro_batch_size)
-            last_micro = micro_index == len(micro_starts) - 1
-            clips = normalize_clips(pixels[part].permute(0, 1, 3, 4, 2), augment.preprocess)  # (b', T, 3, crop, crop)
-            keep = valid_all[part].nonzero().squeeze(1).to(device)  # (v,) positions of decodable clips
-            sync = contextlib.nullcontext() if (last_micro or world == 1) else ddp_model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    verb_logits, noun_logits = ddp_model(clips)  # (b', Cv), (b', Cn)
-                verb_logits, noun_logits = verb_logits.float()[keep], noun_logits.float()[keep]  # (v, C)
-                if len(keep):
-                    verb_loss = _mixed_loss(verb_logits, verbs[part][keep], partner_verbs[part][keep], fraction,
-                                            label_smoothing)
-                    noun_loss = _mixed_loss(noun_logits, nouns[part][keep], partner_nouns[part][keep], fraction,
-                                            label_smoothing)
-                    loss = (verb_loss + noun_loss) * len(keep)  # a sum over clips: normalised after the step
-                    sums += torch.stack([loss.detach(), verb_loss.detach() * len(keep), noun_loss.detach() * len(keep),
-                                         torch.tensor(float(len(keep)), device=device)]).double()
-                else:
-                    loss = (verb_logits.sum() + noun_logits.sum()) * 0.0  # keeps the graph (and DDP) in step
-                loss.backward()
-        count = valid_all.sum().to(torch.float64)
-        if world > 1:
-            count = count.to(device)
-            dist.all_reduce(count)
-        count = float(count)
-        if count > 0:
-            scale = world / count  # DDP averaged over `world`; we want the mean over every valid clip
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            optimizer.step()
+        clips = _step_clips(batch, augment, device, cutmix_alpha=cutmix_alpha, seed=seed, step=step, rank=rank,
+                            world=world)
+        _backward_step(ddp_model, clips, sums, micro_batch_size=micro_batch_size, label_smoothing=label_smoothing,
+                       device=device, world=world, autocast_dtype=autocast_dtype)
+        _mean_gradient_step(optimizer, params, clips.valid, device, world)
         step += 1
         if on_batch is not None:
-            on_batch(len(valid_all))
+            on_batch(len(clips.valid))
+    return _epoch_means(sums, skipped, data_wait, device, world), step
+
+
+@dataclass
+class _StepClips:
+    """One optimiser step's clips on this process: augmented (and CutMix-pasted) pixels and the labels to mix."""
+
+    pixels: torch.Tensor  # (b, T, 3, crop, crop) uint8
+    valid: torch.Tensor  # (b,) bool: decodable clips (the others weigh 0)
+    verbs: torch.Tensor  # (b,)
+    nouns: torch.Tensor  # (b,)
+    partner_verbs: torch.Tensor  # (b,) the CutMix partners' labels (the own ones without CutMix)
+    partner_nouns: torch.Tensor
+    fraction: float  # the partner's share of each clip (0.0 without CutMix)
+    preprocess: Preprocess
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float, backbone_lr_ratio: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * backbone_lr_ratio if group.get("name") == "backbone" else lr
+
+
+def _step_clips(batch: dict, augment: ClipAugment, device: torch.device, *, cutmix_alpha: float, seed: int,
+                step: int, rank: int, world: int) -> _StepClips:
+    """Augment each clip (one parameter draw for all T frames), then CutMix drawn over the global batch."""
+    valid_all = batch["valid"]  # (b,) bool
+    # Skipped clips still run (a black clip of the right shape, weight 0), so every DDP process runs the
+    # same backward passes and the all-reduce never waits on a process that had nothing to compute.
+    crop = augment.preprocess.crop
+    pixels = torch.stack([
+        augment.pixels(clip.to(device, non_blocking=True), int(s)) if ok else
+        torch.zeros(clip.shape[0], 3, crop, crop, dtype=torch.uint8, device=device)
+        for clip, s, ok in zip(batch["clip"], batch["aug_seed"], valid_all)
+    ])  # (b, T, 3, crop, crop) uint8
+    verbs, nouns = batch["verb"].to(device), batch["noun"].to(device)  # (b,)
+    clips = _StepClips(pixels=pixels, valid=valid_all, verbs=verbs, nouns=nouns, partner_verbs=verbs,
+                       partner_nouns=nouns, fraction=0.0, preprocess=augment.preprocess)
+    if cutmix_alpha > 0:
+        _paste_cutmix(clips, cutmix_alpha, derive_seed(seed, step), device, rank, world)
+    return clips
+
+
+def _paste_cutmix(clips: _StepClips, alpha: float, seed: int, device: torch.device, rank: int, world: int) -> None:
+    """One draw per global step over the global batch: N processes paste what one process would."""
+    positions = global_positions(len(clips.valid), rank, world).to(device)  # (b,)
+    global_valid, global_verbs, global_nouns = (
+        _gather_global(t.to(device), world) for t in (clips.valid.to(torch.uint8), clips.verbs, clips.nouns)
+    )  # (B,) each
+    crop = clips.preprocess.crop
+    mix = sample_step_cutmix(global_valid.bool().cpu(), crop, crop, alpha, seed)
+    if mix is None:
+        return
+    y0, y1, x0, x1 = mix.box
+    boxes = _gather_global(clips.pixels[..., y0:y1, x0:x1].contiguous(), world)  # (B, T, 3, h, w) uint8
+    partner = mix.partner.to(device)[positions]  # (b,) global positions of each clip's partner
+    clips.pixels[..., y0:y1, x0:x1] = boxes[partner]
+    clips.partner_verbs, clips.partner_nouns, clips.fraction = global_verbs[partner], global_nouns[partner], mix.fraction
+
+
+def _backward_step(ddp_model: nn.Module, clips: _StepClips, sums: torch.Tensor, *, micro_batch_size: int,
+                   label_smoothing: float, device: torch.device, world: int,
+                   autocast_dtype: torch.dtype | None) -> None:
+    """Forward and backward the step's clips as micro-batches of summed losses; adds to the epoch's (4,) float64
+    ``sums`` (total, verb and noun losses over the valid clips, and their count)."""
+    micro_starts = range(0, len(clips.valid), micro_batch_size)
+    for micro_index, begin in enumerate(micro_starts):
+        part = slice(begin, begin + micro_batch_size)
+        last_micro = micro_index == len(micro_starts) - 1
+        inputs = normalize_clips(clips.pixels[part].permute(0, 1, 3, 4, 2), clips.preprocess)  # (b', T, 3, crop, crop)
+        keep = clips.valid[part].nonzero().squeeze(1).to(device)  # (v,) positions of decodable clips
+        # DDP all-reduces the gradients at the step's last micro-batch only.
+        sync = contextlib.nullcontext() if (last_micro or world == 1) else ddp_model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                verb_logits, noun_logits = ddp_model(inputs)  # (b', Cv), (b', Cn)
+            verb_logits, noun_logits = verb_logits.float()[keep], noun_logits.float()[keep]  # (v, C)
+            loss, micro_sums = _micro_loss(clips, part, keep, verb_logits, noun_logits, label_smoothing, device)
+            loss.backward()
+        if micro_sums is not None:
+            sums += micro_sums
+
+
+def _micro_loss(clips: _StepClips, part: slice, keep: torch.Tensor, verb_logits: torch.Tensor,
+                noun_logits: torch.Tensor, label_smoothing: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the micro-batch's summed loss to backpropagate, its (4,) float64 sums: total, verb, noun, valid clips;
+    None when no clip of it was decodable)."""
+    if not len(keep):
+        return (verb_logits.sum() + noun_logits.sum()) * 0.0, None  # keeps the graph (and DDP) in step
+    verb_loss = _mixed_loss(verb_logits, clips.verbs[part][keep], clips.partner_verbs[part][keep], clips.fraction,
+                            label_smoothing)
+    noun_loss = _mixed_loss(noun_logits, clips.nouns[part][keep], clips.partner_nouns[part][keep], clips.fraction,
+                            label_smoothing)
+    loss = (verb_loss + noun_loss) * len(keep)  # a sum over clips: normalised after the step
+    sums = torch.stack([loss.detach(), verb_loss.detach() * len(keep), noun_loss.detach() * len(keep),
+                        torch.tensor(float(len(keep)), device=device)]).double()
+    return loss, sums
+
+
+def _mean_gradient_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], valid: torch.Tensor,
+                        device: torch.device, world: int) -> None:
+    """Scale the summed gradients to the mean over every valid clip of the global batch, then step (none valid:
+    no step, the weights stay)."""
+    count = valid.sum().to(torch.float64)
+    if world > 1:
+        count = count.to(device)
+        dist.all_reduce(count)
+    count = float(count)
+    if count > 0:
+        scale = world / count  # DDP averaged over `world`; we want the mean over every valid clip
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        optimizer.step()
+
+
+def _epoch_means(sums: torch.Tensor, skipped: int, data_wait: float, device: torch.device,
+                 world: int) -> dict[str, float]:
+    """The epoch's mean losses over every process's valid clips, the skipped clips and the mean data wait."""
     totals = sums.clone()
     skipped_t = torch.tensor([float(skipped), data_wait], dtype=torch.float64, device=device)
     if world > 1:
@@ -600,7 +689,7 @@ def train_one_epoch(
         "train_loss": float(totals[0]) / n, "train_verb_loss": float(totals[1]) / n,
         "train_noun_loss": float(totals[2]) / n, "train_skipped": float(skipped_t[0]),
         "data_wait_seconds": float(skipped_t[1]) / world,
-    }, step
+    }
 
 
 @torch.inference_mode()
@@ -627,6 +716,30 @@ def evaluate_clips(
     """
     from epicfeat.metrics import epic_metrics
 
+    index, verb_np, noun_np = _gathered_logits(model, loader, preprocess=preprocess, device=device, world=world,
+                                               autocast_dtype=autocast_dtype, problems=problems)
+    if len(index) == 0:
+        raise FinetuneError("no validation clip could be decoded; check --videos (see the skipped-clip notes)")
+    verb_labels, noun_labels = dataset.verbs[index], dataset.nouns[index]
+    verb_loss, noun_loss = (
+        F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=label_smoothing).item()
+        for logits, labels in ((verb_np, verb_labels), (noun_np, noun_labels))
+    )
+    unseen = None
+    if unseen_participants is not None:
+        unseen = np.array([dataset.participants[i] in unseen_participants for i in index], dtype=bool)
+    metrics = epic_metrics(verb_np, noun_np, verb_labels, noun_labels, tail_verbs=tail_verbs, tail_nouns=tail_nouns,
+                           unseen=unseen)
+    stats = {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss,
+             "val_skipped": float(len(dataset) - len(index))}
+    return {**stats, **{name: float(value) for name, value in metrics.items()}}
+
+
+def _gathered_logits(model: ClipModel, loader: torch.utils.data.DataLoader, *, preprocess: Preprocess,
+                     device: torch.device, world: int, autocast_dtype: torch.dtype | None,
+                     problems: dict[str, str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment indices (S',), verb logits (S', Cv), noun logits (S', Cn)) of every decodable clip of every
+    process, in segment order whatever the sharding."""
     model.eval()
     indices, verb_logits, noun_logits = [], [], []
     for batch in loader:
@@ -648,24 +761,9 @@ def evaluate_clips(
         dist.all_gather_object(parts, local)
     index = np.concatenate([p[0] for p in parts])
     order = np.argsort(index, kind="stable")  # segment order, whatever the sharding
-    index = index[order]
     verb_np = np.concatenate([p[1] for p in parts])[order]  # (S', Cv)
     noun_np = np.concatenate([p[2] for p in parts])[order]  # (S', Cn)
-    if len(index) == 0:
-        raise FinetuneError("no validation clip could be decoded; check --videos (see the skipped-clip notes)")
-    verb_labels, noun_labels = dataset.verbs[index], dataset.nouns[index]
-    verb_loss, noun_loss = (
-        F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=label_smoothing).item()
-        for logits, labels in ((verb_np, verb_labels), (noun_np, noun_labels))
-    )
-    unseen = None
-    if unseen_participants is not None:
-        unseen = np.array([dataset.participants[i] in unseen_participants for i in index], dtype=bool)
-    metrics = epic_metrics(verb_np, noun_np, verb_labels, noun_labels, tail_verbs=tail_verbs, tail_nouns=tail_nouns,
-                           unseen=unseen)
-    stats = {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss,
-             "val_skipped": float(len(dataset) - len(index))}
-    return {**stats, **{name: float(value) for name, value in metrics.items()}}
+    return index[order], verb_np, noun_np
 
 
 # ------------------------------------------------------------------------------- features that move together
@@ -780,7 +878,9 @@ def save_finetune_checkpoint(
 
 # ----------------------------------------------------------------------------------------------- helpers
 @dataclass
-class _Data:
+class ClipData:
+    """A run's clip datasets (segments whose videos exist and are in the feature set) and what was dropped."""
+
     train: ClipDataset
     validation: ClipDataset | None
     stats: torch.utils.data.Subset  # the train segments the features' drift is measured on (restandardize)
@@ -790,7 +890,7 @@ class _Data:
     unseen_participants: frozenset[str] | None
 
 
-def _load_data(config: FinetuneConfig, start: Start, notes: list[str]) -> _Data:
+def load_clip_data(config: FinetuneConfig, start: Start, notes: list[str]) -> ClipData:
     """Annotations -> clip datasets over the segments whose videos exist (the others are dropped and counted)."""
     from epicfeat.data.annotations import EpicAnnotations
     from epicfeat.data.videos import find_videos
@@ -830,7 +930,6 @@ def _load_data(config: FinetuneConfig, start: Start, notes: list[str]) -> _Data:
         dataset = ClipDataset(segments, paths, rows=rows, frames=config.frames,
                               decode=train_decode if name == "train" else p, train=name == "train", seed=config.seed,
                               decode_threads=threads)
-        dataset.participants = segments["participant_id"].astype(str).tolist()
         datasets[name] = dataset
         if name == "train":
             # The frames the drift of the features is measured on: evaluation's (bin centres, centre crop).
@@ -842,7 +941,7 @@ def _load_data(config: FinetuneConfig, start: Start, notes: list[str]) -> _Data:
             )
         summary[name] = {"segments": len(segments), "missing_video_dropped": int((~found).sum()),
                          "missing_videos": len(lookup.missing), "not_in_feature_set_dropped": not_stored}
-    return _Data(
+    return ClipData(
         train=datasets["train"], validation=datasets.get("validation"), stats=stats, summary=summary,
         tail_verbs=annotations.tail_verbs, tail_nouns=annotations.tail_nouns,
         unseen_participants=annotations.unseen_participants("validation") if "validation" in datasets else None,
@@ -924,6 +1023,25 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # a decode process needs no intra-op threads (FFmpeg has its own)
 
 
+def _supported_autocast(device: torch.device, dtype: torch.dtype | None, notes: list[str]) -> torch.dtype | None:
+    """``dtype`` if the clip model trains under autocast with it here, else None (fp32) with a note saying why.
+
+    cuDNN runs bf16 LSTMs only from version 9.13 on; older builds fall back to a kernel without bf16 and fail.
+    A tiny forward/backward finds out before the run instead of crashing in its first step.
+    """
+    if dtype is None:
+        return None
+    try:
+        probe = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True).to(device)
+        with torch.autocast(device.type, dtype=dtype):
+            outputs, _ = probe(torch.ones(2, 3, 8, device=device))  # (2, 3, 16)
+        outputs.float().sum().backward()
+        return dtype
+    except RuntimeError as err:
+        notes.append(f"{dtype} autocast LSTMs do not run here ({str(err).splitlines()[0]}); training in fp32")
+        return None
+
+
 def _init_distributed(config: FinetuneConfig) -> tuple[int, int, bool]:
     """(rank, world size, whether we created the process group) from torchrun's environment variables."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -942,20 +1060,6 @@ def _device(config: FinetuneConfig, world: int) -> torch.device:
     if world > 1 and config.device != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
     return resolve_device(config.device)
-
-
-#: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
-_RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "videos", "checkpoint", "weights", "device",
-                                "precision", "progress", "eval_batch_size", "num_workers", "decode_threads",
-                                "cache", "feature_set"})
-
-
-def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise FinetuneError(f"--resume: the config differs from the one {path} was trained with ({details}); resume "
-                            "with the run's own settings (its config.yaml), or start a new run in another --out")
 
 
 def _epoch_details(row: dict[str, float]) -> list[str]:

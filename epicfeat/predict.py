@@ -118,14 +118,6 @@ class PredictResult:
 
 
 # ------------------------------------------------------------------------------------------------ model setup
-def window_length(checkpoint: Checkpoint) -> int:
-    """T: rows per training segment (train-temporal's ``frames``)."""
-    frames = checkpoint.config.get("frames")
-    if not isinstance(frames, int) or frames < 1:
-        raise PredictError(f"checkpoint {checkpoint.path} does not record its window length (config 'frames')")
-    return frames
-
-
 class FrameEncoder:
     """uint8 crops (N, crop, crop, 3) -> features (N, 2048) in the feature set's stored dtype, on the device.
 
@@ -614,10 +606,63 @@ def predict(config: PredictConfig) -> PredictResult:
 
     _check(config)
     checkpoint = load_checkpoint(config.checkpoint)
-    feature_set = checkpoint.feature_set
-    frames = window_length(checkpoint)
     device = resolve_device(config.device)
     notes: list[str] = []
+    encoder, head = _create_models(config, checkpoint, device, notes)
+    fps = _sampled_fps(config, checkpoint.feature_set, notes)
+    camera = _camera_device(str(config.source), config.camera_format)
+    batch_size = _batch_size(config, checkpoint.feature_set, live=camera is not None, notes=notes)
+    if camera is None and not Path(config.source).exists():
+        raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
+    # Before the camera opens: its frames would otherwise pile up (and be dropped) during the one-off costs.
+    _warm_up(encoder, head, batch_size, checkpoint.window)
+    keep_source = config.video_out is not None
+    capture = None
+    if camera is None:
+        batches = _file_batches(config.source, fps, encoder.preprocess, batch_size, keep_source=keep_source)
+    else:
+        capture = LiveCapture(*camera, fps, encoder.preprocess, capacity=batch_size, max_seconds=config.max_seconds,
+                              keep_source=keep_source)
+        batches = capture.batches(batch_size)
+
+    result = PredictResult(predictions=[], frames=0, seconds=0.0, window=checkpoint.window, stride=config.stride,
+                           fps_sampled=fps, window_seconds=config.window_seconds, live=capture is not None,
+                           notes=notes)
+    meta = {"source": str(config.source), "checkpoint": str(config.checkpoint),
+            "feature_set": checkpoint.feature_set_key, "window": checkpoint.window,
+            "window_seconds": config.window_seconds, "stride": config.stride, "fps_sampled": fps}
+    outputs = _Outputs(config, checkpoint, meta, encoder.preprocess, fps)
+    window = SegmentWindow(config.window_seconds, checkpoint.window, fps)
+    # A file's short last batch is padded, as extract pads it; a camera's batches are whatever is waiting, run
+    # as they are (padding would cost a full batch of compute for every frame when the model keeps up).
+    pad_to = None if capture is not None else batch_size
+    started = time.perf_counter()
+    try:
+        _stream(config, batches, encoder, head, checkpoint, window, outputs, result, device, started, pad_to)
+    except KeyboardInterrupt:  # a live camera stops with Ctrl-C: keep what was predicted
+        notes.append("interrupted: outputs cover the frames processed so far")
+    except Exception as err:  # after the first frame, nothing done may be lost
+        if result.frames == 0:
+            raise
+        result.error = _stopped_message(result, window, err)
+    finally:
+        if capture is not None:
+            capture.close()
+            result.frames_dropped = capture.dropped
+        result.seconds = time.perf_counter() - started
+        if config.progress:
+            print(file=sys.stderr)
+        outputs.close(result.summary())
+    if not result.predictions and result.error is None:
+        notes.append(f"no prediction: the stream ({result.frames} frames at {fps or 'every'} fps) is shorter than "
+                     f"the {config.window_seconds:g} s window")
+    return result
+
+
+def _create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.device,
+                   notes: list[str]) -> tuple["FrameEncoder", torch.nn.Module]:
+    """The frame encoder (the feature set's backbone and preprocessing) and the head, ready on ``device``."""
+    feature_set = checkpoint.feature_set
     precision = config.precision or feature_set.get("precision", "fp32")
     if precision != feature_set.get("precision", "fp32"):
         notes.append(f"backbone precision {precision} differs from the feature set's "
@@ -631,6 +676,11 @@ def predict(config: PredictConfig) -> PredictResult:
     # scores equal evaluate's (and a bf16 run's head is cheaper per prediction too).
     head = checkpoint.create_model(device)
     head.compute_dtype = COMPUTE_DTYPES[recorded_precision(checkpoint)]
+    return encoder, head
+
+
+def _sampled_fps(config: PredictConfig, feature_set: dict, notes: list[str]) -> float | None:
+    """Frames per second the head sees: the feature set's rate, lowered by --skip-frames (None: every frame)."""
     fps = feature_set.get("fps")
     fps = None if fps is None else float(fps) / (config.skip_frames + 1)
     if config.skip_frames and fps is None:
@@ -638,57 +688,15 @@ def predict(config: PredictConfig) -> PredictResult:
     if fps is not None and config.window_seconds * fps < 1 - PTS_TOLERANCE:
         raise PredictError(f"--window-seconds {config.window_seconds} holds no frame at {fps:g} sampled frames/s: "
                            f"give at least {1 / fps:g} s")
+    return fps
 
-    camera = _camera_device(str(config.source), config.camera_format)
-    batch_size = _batch_size(config, feature_set, live=camera is not None, notes=notes)
-    if camera is None and not Path(config.source).exists():
-        raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
-    # Before the camera opens: its frames would otherwise pile up (and be dropped) during the one-off costs.
-    _warm_up(encoder, head, batch_size, frames)
-    capture = None
-    if camera is None:
-        batches = _file_batches(config.source, fps, encoder.preprocess, batch_size,
-                                keep_source=config.video_out is not None)
-    else:
-        capture = LiveCapture(*camera, fps, encoder.preprocess, capacity=batch_size, max_seconds=config.max_seconds,
-                              keep_source=config.video_out is not None)
-        batches = capture.batches(batch_size)
 
-    result = PredictResult(predictions=[], frames=0, seconds=0.0, window=frames, stride=config.stride,
-                           fps_sampled=fps, window_seconds=config.window_seconds, live=capture is not None,
-                           notes=notes)
-    meta = {"source": str(config.source), "checkpoint": str(config.checkpoint),
-            "feature_set": checkpoint.feature_set_key, "window": frames, "window_seconds": config.window_seconds,
-            "stride": config.stride, "fps_sampled": fps}
-    outputs = _Outputs(config, checkpoint, meta, encoder.preprocess, fps)
-    window = SegmentWindow(config.window_seconds, frames, fps)
-    started = time.perf_counter()
-    # A file's short last batch is padded, as extract pads it; a camera's batches are whatever is waiting, run
-    # as they are (padding would cost a full batch of compute for every frame when the model keeps up).
-    pad_to = None if capture is not None else batch_size
-    try:
-        _stream(config, batches, encoder, head, checkpoint, window, outputs, result, device, started, pad_to)
-    except KeyboardInterrupt:  # a live camera stops with Ctrl-C: keep what was predicted
-        notes.append("interrupted: outputs cover the frames processed so far")
-    except Exception as err:  # after the first frame, nothing done may be lost
-        if result.frames == 0:
-            raise
-        where = f"t={window.rows[-1].pts:.2f} s" if window.rows else "the start"
-        reason = str(err) if isinstance(err, EpicfeatError) else f"{type(err).__name__}: {err}"
-        result.error = (f"stopped after {result.frames} frames (at {where}); outputs cover them and "
-                        f"{len(result.predictions)} predictions: {reason}")
-    finally:
-        if capture is not None:
-            capture.close()
-            result.frames_dropped = capture.dropped
-        result.seconds = time.perf_counter() - started
-        if config.progress:
-            print(file=sys.stderr)
-        outputs.close(result.summary())
-    if not result.predictions and result.error is None:
-        notes.append(f"no prediction: the stream ({result.frames} frames at {fps or 'every'} fps) is shorter than "
-                     f"the {config.window_seconds:g} s window")
-    return result
+def _stopped_message(result: PredictResult, window: "SegmentWindow", err: Exception) -> str:
+    """Why and where a stream stopped after its first frame (the outputs keep everything before)."""
+    where = f"t={window.rows[-1].pts:.2f} s" if window.rows else "the start"
+    reason = str(err) if isinstance(err, EpicfeatError) else f"{type(err).__name__}: {err}"
+    return (f"stopped after {result.frames} frames (at {where}); outputs cover them and "
+            f"{len(result.predictions)} predictions: {reason}")
 
 
 def _stream(config: PredictConfig, batches: Iterator[SourceBatch], encoder: FrameEncoder, head: torch.nn.Module,

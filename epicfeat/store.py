@@ -63,8 +63,8 @@ import numpy as np
 import zarr
 
 from epicfeat import __version__
-from epicfeat.config import atomic_write_text
 from epicfeat.errors import EpicfeatError
+from epicfeat.files import atomic_write_text
 
 #: Rows per chunk of ``features``: 256 x 2048 float16 = 1 MiB, the documented sweet spot for Zarr chunks.
 FEATURE_CHUNK_ROWS = 256
@@ -817,6 +817,33 @@ class VideoWriter:
 
 
 # ------------------------------------------------------------------------------------------------- export
+def open_feature_set(cache: str | os.PathLike, key: str | None = None, *, option: str = "--feature-set") -> FeatureStore:
+    """The one feature set a command works on: ``key`` (a key under ``cache`` or a folder), or the only one there.
+
+    ``option`` is the flag that names a set in the calling command, so the error says what to type.
+    """
+    cache = Path(cache)
+    if key is not None:
+        folder = Path(key) if (Path(key) / _MARKER).is_file() else cache / key
+        if not (folder / _MARKER).is_file():
+            available = [s.path.name for s in FeatureStore.list_sets(cache)]
+            raise StoreError(
+                f"feature set '{key}' not found (neither a feature set folder nor a key under {cache}); "
+                f"available under {cache}: {', '.join(available) or 'none'}"
+            )
+        return FeatureStore.open(folder)
+    sets = FeatureStore.list_sets(cache)
+    if not sets:
+        raise StoreError(f"no feature set under {cache}: run `epicfeat extract` first, or pass --cache / {option}")
+    if len(sets) > 1:
+        # Never mix or guess: features from two sets (other weights, fps or crop) are different inputs.
+        raise StoreError(
+            f"{cache} holds {len(sets)} feature sets ({', '.join(s.path.name for s in sets)}); "
+            f"choose one with {option} KEY"
+        )
+    return sets[0]
+
+
 def export_hdf5(store: FeatureStore, out_path: str | os.PathLike) -> Path:
     """Copy every complete video into one HDF5 file, chunk by chunk (constant memory); returns its path.
 

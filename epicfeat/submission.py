@@ -33,8 +33,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from epicfeat.config import atomic_write
 from epicfeat.errors import EpicfeatError
+from epicfeat.files import atomic_write
 
 __all__ = [
     "CHALLENGE",

@@ -110,3 +110,12 @@ def test_export_needs_a_set_when_there_are_several(cache, tmp_path):
     result = run("export", "--cache", str(cache), "--out", str(out), "--set", str(other.path), "--format", "csv")
     # --format is a choice now: the CLI refuses the value itself (a usage error, exit 2) and names the valid one
     assert result.exit_code == 2 and "'csv' is not one of 'hdf5'" in result.output
+
+
+def test_an_unknown_set_is_named_with_the_sets_there(cache):
+    """info / verify / export resolve --set with the same function as train-temporal (store.open_feature_set)."""
+    for command in ("info", "verify"):
+        result = run(command, "--cache", str(cache), "--set", "nope")
+        assert isinstance(result.exception, EpicfeatError), result.output
+        assert "feature set 'nope' not found" in str(result.exception)
+        assert f"available under {cache}: " in str(result.exception)

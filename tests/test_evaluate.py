@@ -17,7 +17,8 @@ from epicfeat.metrics import epic_metrics
 from epicfeat.submission import SubmissionError, log_softmax_rows
 from epicfeat.temporal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from epicfeat.temporal.data import pack_split
-from epicfeat.temporal.train import TrainTemporalConfig, open_feature_set, score_split, train_temporal
+from epicfeat.store import open_feature_set
+from epicfeat.temporal.train import TrainTemporalConfig, score_split, train_temporal
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -255,3 +256,34 @@ def test_evaluate_scores_in_the_precision_training_validated_in(trained, tmp_pat
     result = evaluate(_config(EvaluateConfig, trained, tmp_path / "ev", checkpoints=(checkpoints[1],)))
     for name in ("all_verb_accuracy_at_1", "all_noun_accuracy_at_5", "all_action_accuracy_at_1"):
         assert result.metrics[name] == pytest.approx(best.metrics[name], abs=1e-9), name  # training's validation
+
+
+def test_a_second_evaluate_reads_the_pack_cache_not_zarr_and_scores_identically(trained, tmp_path, monkeypatch):
+    from epicfeat.errors import EpicfeatError
+    from epicfeat.store import FeatureStore
+
+    cache = tmp_path / "cache"
+    shutil.copytree(trained[1], cache)
+    shutil.rmtree(cache / ".packed")  # what train-temporal left there: the first evaluate packs from Zarr itself
+    first = evaluate(_config(EvaluateConfig, trained, tmp_path / "first", cache=cache))
+    packs = sorted(p.name.split("-")[0] for p in (cache / ".packed").glob("*/*") if (p / "index.pt").is_file())
+    assert packs == ["validation"]
+
+    # Now the Zarr feature arrays cannot be read: their chunk files are gone and every store read is counted.
+    chunk_files = [f for f in cache.glob("*/videos/*/features/c/**/*") if f.is_file()]
+    assert chunk_files
+    for chunk in chunk_files:
+        chunk.unlink()
+    reads = []
+    original_read = FeatureStore.read
+    monkeypatch.setattr(FeatureStore, "read",
+                        lambda self, video_id: reads.append(video_id) or original_read(self, video_id))
+    second = evaluate(_config(EvaluateConfig, trained, tmp_path / "second", cache=cache))
+    assert reads == []
+    assert repr(second.metrics) == repr(first.metrics)  # repr: NaN (no tail class in the tiny set) equals itself
+    assert (tmp_path / "second/metrics.json").read_text() == (tmp_path / "first/metrics.json").read_text()
+    assert second.results_pickle.read_bytes() == first.results_pickle.read_bytes()
+    # Without the cache the same evaluate reads every video again and, its chunks gone, gets unusable scores.
+    with pytest.raises(EpicfeatError, match="NaN or infinite"):
+        evaluate(_config(EvaluateConfig, trained, tmp_path / "third", cache=cache, pack_cache=False))
+    assert len(reads) == len(set(EpicAnnotations(trained[0].annotations).segments("validation")["video_id"]))

@@ -279,19 +279,30 @@ def test_quota_exceeded_is_a_clear_error(videos, tmp_path, monkeypatch):
 
 
 def _kill_decoder(pool, video_id, *, times):
-    """An on_rows callback that SIGKILLs the decode process of ``video_id`` (up to ``times`` times)."""
+    """SIGKILL the decode process of ``video_id`` (up to ``times`` times), each time as its first batch arrives.
+
+    The pool's events are wrapped rather than the writer's rows watched: at its first batch the worker is
+    certainly still on that video (it may decode only DECODE_PREFETCH_BATCHES ahead), whereas by the time the
+    writer thread has stored some rows a fast worker may have finished it.
+    """
     import os
 
+    from epicfeat.extract import FramesDecoded
+
     kills = []
+    events = pool.events
 
-    def on_rows(seen_id, rows, last_pts):
-        if seen_id == video_id and len(kills) < times:
-            pid = pool.worker_pid(video_id)
-            if pid is not None and pid not in kills:
-                kills.append(pid)
-                os.kill(pid, signal.SIGKILL)
+    def killing_events(next_job):
+        for item in events(next_job):
+            if isinstance(item, FramesDecoded) and item.video_id == video_id and len(kills) < times:
+                pid = pool.worker_pid(video_id)
+                if pid is not None and pid not in kills:
+                    kills.append(pid)
+                    os.kill(pid, signal.SIGKILL)
+            yield item
 
-    return on_rows, kills
+    pool.events = killing_events
+    return None, kills
 
 
 @pytest.mark.parametrize("times", [1, 2])

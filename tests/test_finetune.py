@@ -30,7 +30,7 @@ from epicfeat.finetune import (
     ClipModel,
     FinetuneConfig,
     FinetuneError,
-    _load_data,
+    load_clip_data,
     finetune,
     follow_feature_drift,
     load_start,
@@ -40,7 +40,7 @@ from epicfeat.frames import Preprocess
 from epicfeat.store import FeatureStore
 from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
 from epicfeat.temporal.data import PackedSplit, pack_split
-from epicfeat.temporal.train import TrainTemporalConfig, evaluate, load_training_data, train_temporal
+from epicfeat.temporal.train import TrainTemporalConfig, load_training_data, score_split, train_temporal
 
 FRAMES = 4
 RESIZE, CROP = 72, 64  # tiny frames: a ResNet50 step on 64x64 clips takes well under a second on one core
@@ -223,17 +223,18 @@ def test_decoded_clips_reproduce_the_stage_two_model_on_stored_features(syntheti
     checkpoint = load_checkpoint(checkpoint_path)
     data = load_training_data(TrainTemporalConfig(annotations=synthetic_dataset.annotations, cache=root / "cache",
                                                   progress=False))
-    _, stored_verbs, stored_nouns = evaluate(checkpoint.create_model(), data.validation, frames=FRAMES,
-                                             batch_size=100, device=torch.device("cpu"))
-    clips = _load_data(config, start, []).validation
+    with torch.no_grad():
+        stored_verbs, stored_nouns = score_split(checkpoint.create_model(), data.validation, frames=FRAMES,
+                                                 batch_size=100, device=torch.device("cpu"))  # (S, Cv), (S, Cn)
+    clips = load_clip_data(config, start, []).validation
     batch = torch.utils.data.default_collate([clips[i] for i in range(len(clips))])
     assert batch["valid"].all()
     model = ClipModel(start.backbone, checkpoint.create_model(), trainable_stages=2).eval()
     with torch.no_grad():
         verbs, nouns = model(normalize_clips(batch["clip"], start.preprocess))  # (S, Cv), (S, Cn)
     # Stored features are float16: the logits agree to its rounding.
-    np.testing.assert_allclose(verbs.numpy(), stored_verbs, atol=2e-3)
-    np.testing.assert_allclose(nouns.numpy(), stored_nouns, atol=2e-3)
+    np.testing.assert_allclose(verbs.numpy(), stored_verbs.numpy(), atol=2e-3)
+    np.testing.assert_allclose(nouns.numpy(), stored_nouns.numpy(), atol=2e-3)
 
 
 def test_activation_checkpointing_gives_the_same_gradients(stage_two):

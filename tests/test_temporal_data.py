@@ -261,6 +261,20 @@ def test_feature_stats_match_numpy():
     assert std[5].item() == pytest.approx(1e-3) and mean[5].item() == 7.0
 
 
+def test_feature_stats_are_the_float64_values_rounded_once_even_with_a_large_offset():
+    # Mean 1000, spread 0.5 (float16 steps of 0.5 there): a naive float64 sum of squares would still be exact here,
+    # a float32 one would cancel to nonsense. The result is the exact statistics rounded to float32 (within 1 ulp).
+    rng = np.random.default_rng(5)
+    values = (1000 + rng.integers(-2, 3, (3000, 64)) * 0.5).astype(np.float16)  # exactly representable rows
+    split = PackedSplit(features=torch.from_numpy(values), row_start=torch.tensor([0]), row_count=torch.tensor([3000]),
+                        verb_labels=None, noun_labels=None, narration_ids=["a"], participant_ids=["P01"],
+                        video_ids=["P01_01"])
+    mean, std = feature_stats(split, chunk_rows=512)  # the first 512 rows' mean is the shift, not the mean
+    exact = values.astype(np.float64)
+    np.testing.assert_array_max_ulp(mean.numpy(), exact.mean(axis=0).astype(np.float32), maxulp=1)
+    np.testing.assert_array_max_ulp(std.numpy(), exact.std(axis=0).astype(np.float32), maxulp=1)
+
+
 # --- the real FeatureStore (once epicfeat.store exists) ---------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from epicfeat.store import StoreError
 from epicfeat.temporal.checkpoint import CheckpointError, load_checkpoint
 from epicfeat.temporal.data import PackedSplit
 from epicfeat.temporal.train import (
@@ -335,11 +336,11 @@ def test_cli_trains_on_a_feature_set_and_refuses_to_mix_sets(tmp_path):
 
     # A second feature set in the same cache: the run must be told which one, never mix or guess.
     other = _write_feature_set(tmp_path / "cache", "imagenet1k_v2", videos, rng)
-    with pytest.raises(TrainError, match="holds 2 feature sets.*--feature-set"):
+    with pytest.raises(StoreError, match="holds 2 feature sets.*--feature-set"):
         cli_train_temporal(out=tmp_path / "run2", **common)
     with pytest.raises(CheckpointError, match=f"trained on feature set '{identity.key()}'.*'{other.key()}'"):
         cli_train_temporal(out=tmp_path / "run", feature_set=other.key(), resume=True, **common)
-    with pytest.raises(TrainError, match="feature set 'nope' not found"):
+    with pytest.raises(StoreError, match="feature set 'nope' not found"):
         cli_train_temporal(out=tmp_path / "run3", feature_set="nope", **common)
 
 

@@ -68,18 +68,11 @@ def _verify(cfg: CacheConfig) -> None:
 
 def _export(cfg: CacheExportConfig) -> None:
     from epicfeat.errors import EpicfeatError
-    from epicfeat.store import export_hdf5
+    from epicfeat.store import export_hdf5, open_feature_set
 
     if cfg.out is None:
         raise EpicfeatError("no output file given: pass --out FILE, e.g. --out features.h5")
-    stores = _stores(cfg)
-    if not stores:
-        raise EpicfeatError(f"no feature sets under {cfg.cache}: create one with `epicfeat extract`, or point "
-                            "--cache at the folder that holds them")
-    if len(stores) > 1:
-        keys = ", ".join(s.path.name for s in stores)
-        raise EpicfeatError(f"{cfg.cache} holds {len(stores)} feature sets ({keys}); choose one with --set KEY")
-    store = stores[0]
+    store = open_feature_set(cfg.cache, cfg.feature_set, option="--set")
     path = export_hdf5(store, cfg.out)
     typer.echo(f"wrote {len(store.complete_videos())} videos of {store.path.name} to {path} "
                f"({_human_bytes(path.stat().st_size)})")
@@ -87,12 +80,11 @@ def _export(cfg: CacheExportConfig) -> None:
 
 def _stores(cfg: CacheConfig) -> list:
     """The feature set named by --set, or every set under --cache."""
-    from epicfeat.store import FeatureStore
+    from epicfeat.store import FeatureStore, open_feature_set
 
     if cfg.feature_set is None:
         return FeatureStore.list_sets(cfg.cache)
-    folder = Path(cfg.feature_set)
-    return [FeatureStore.open(folder if (folder / "featureset.json").is_file() else cfg.cache / cfg.feature_set)]
+    return [open_feature_set(cfg.cache, cfg.feature_set, option="--set")]
 
 
 def _human_bytes(n: float) -> str:

@@ -40,6 +40,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,8 +49,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from epicfeat.config import atomic_write_text
 from epicfeat.errors import EpicfeatError
+from epicfeat.files import atomic_write_text
 
 __all__ = [
     "NOUN_LOOKS",
@@ -58,6 +59,7 @@ __all__ = [
     "SyntheticSpec",
     "VERB_PAIRS",
     "generate_synthetic_dataset",
+    "write_synthetic_video",
 ]
 
 GENERATOR_VERSION = 1  # bump whenever the output for a given spec + seed changes, so old folders are regenerated
@@ -664,3 +666,27 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0,
     atomic_write_text(root / MARKER_FILE, json.dumps(marker, indent=2) + "\n")  # last: the dataset is complete
     (root / IN_PROGRESS_FILE).unlink()
     return dataset
+
+
+def write_synthetic_video(path: str | Path, *, seconds: float, width: int = 640, height: int = 360,
+                          fps: str = "60000/1001", seed: int = 0, crf: int = 20) -> Path:
+    """One H.264 video in the dataset's look, ``round(seconds * fps)`` frames long, without annotations.
+
+    For benchmarks and tests that need a video of a given size, rate and length: the segments (one object at a
+    time growing, moving or fading, 1-2 s each) are planned as for a train video of ``generate_synthetic_dataset``.
+    The same arguments give the same bytes. Written under a temporary name and renamed, so a killed run never
+    leaves half a video at ``path``.
+    """
+    if not seconds > 0:
+        raise SyntheticDatasetError(f"write_synthetic_video: seconds must be > 0, got {seconds!r}.")
+    path = Path(path)
+    count = math.ceil(seconds / 1.1)  # a segment and the gap after it last at least 1.1 s: the segments fill it
+    spec = SyntheticSpec(seen_participants=1, train_videos_per_participant=1, validation_videos_per_participant=0,
+                         test_videos_per_participant=0, unseen_videos=1, segments_per_video=(count, count),
+                         segment_seconds=(1.0, 2.0), width=width, height=height, frame_rates=(fps,), crf=crf)
+    planned = _plan(spec, seed)[0]  # P01_01, the train video; its segments may run past the cut below
+    video = dataclasses.replace(planned, frames=round(seconds * Fraction(fps)))
+    partial = path.with_name(f".{path.name}.partial")
+    _encode_video(partial, video, spec, seed)
+    os.replace(partial, path)
+    return path

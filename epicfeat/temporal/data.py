@@ -179,79 +179,27 @@ def pack_split(
     into a numpy memmap file in ``memmap_dir`` (default: the system temp folder) instead; the API is the same.
     """
     _check_columns(segments)
-    complete = set(store.complete_videos())
-    video_ids = segments["video_id"].astype(str).to_numpy()
-    start_sec = segments["start_sec"].to_numpy(dtype=np.float64)
-    stop_sec = segments["stop_sec"].to_numpy(dtype=np.float64)
-
-    # Pass 1: per video, which rows each segment owns (timestamps only; feature rows are read in pass 2).
-    local_lo = np.zeros(len(segments), dtype=np.int64)  # first row in the video
-    local_hi = np.zeros(len(segments), dtype=np.int64)  # one past the last row in the video
-    keep = np.zeros(len(segments), dtype=bool)
-    counters = {"empty_clamped": 0, "past_end_clamped": 0}
-    plans: list[_VideoPlan] = []
-    missing: list[str] = []
-    feature_dim = None
-    for video_id, positions in pd.Series(np.arange(len(segments))).groupby(video_ids, sort=True):
-        positions = positions.to_numpy()
-        video = store.read(video_id) if video_id in complete else None
-        pts = np.asarray(video.pts, dtype=np.float64) if video is not None else np.empty(0)
-        if len(pts) == 0:
-            missing.append(str(video_id))
-            continue
-        backwards = np.flatnonzero(np.diff(pts) < 0)
-        if len(backwards):
-            raise PackError(f"feature set {getattr(store, 'path', store)}: video {video_id} has stored row "
-                            f"timestamps (pts) that go backwards at row {backwards[0] + 1}, so segments cannot be "
-                            f"joined to its rows. Extract it again into a new cache folder "
-                            f"(epicfeat extract --video-ids {video_id}).")
-        dim = int(video.features.shape[1])
-        if feature_dim is not None and dim != feature_dim:
-            raise PackError(f"feature set {getattr(store, 'path', store)}: video {video_id} has {dim}-d rows but "
-                            f"earlier videos have {feature_dim}-d rows. Re-extract it into one feature set.")
-        feature_dim = dim
-        lo, hi, n_empty, n_past = _rows_of_segments(pts, start_sec[positions], stop_sec[positions])
-        counters["empty_clamped"] += n_empty
-        counters["past_end_clamped"] += n_past
-        local_lo[positions], local_hi[positions], keep[positions] = lo, hi, True
-        plans.append(_VideoPlan(video_id=str(video_id), video=video, needed=_needed_rows(len(pts), lo, hi),
-                                positions=positions))
-
-    # Where each video's needed rows land in the packed array.
-    offset = 0
-    row_start = np.zeros(len(segments), dtype=np.int64)
-    for plan in plans:
-        packed_position = np.cumsum(plan.needed) - 1  # (rows_in_video,) index among the video's needed rows
-        row_start[plan.positions] = offset + packed_position[local_lo[plan.positions]]
-        plan.offset = offset
-        offset += int(plan.needed.sum())
-    total_rows, feature_dim = offset, feature_dim or _identity_dim(store)
-
-    # Pass 2: copy the needed rows, block by block, into one contiguous array. Videos fill disjoint slices of
-    # `out`, so a few threads read them at once (Zarr decompression and the copies overlap).
-    out, memmapped = _allocate(total_rows, feature_dim, max_memory_bytes, memmap_dir)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        copies = [pool.submit(_copy_needed_rows, plan, out) for plan in plans]
-        for copy in _progress(as_completed(copies), progress, total=len(copies), description="Packing features"):
-            copy.result()  # re-raises a failed read here
-    features = torch.from_numpy(out)  # (R, D) float16, shares memory with `out` (RAM or memmap)
-
+    join = _join_rows(store, segments)
+    row_start, total_rows = _place_videos(join.plans, join.lo, len(segments))
+    out, memmapped = _allocate(total_rows, join.feature_dim or _identity_dim(store), max_memory_bytes, memmap_dir)
+    _copy_videos(join.plans, out, progress)
+    keep = join.keep
     kept = segments.loc[keep] if not keep.all() else segments
-    row_count = (local_hi - local_lo)[keep]
+    row_count = (join.hi - join.lo)[keep]
     labelled = "verb_class" in segments.columns and "noun_class" in segments.columns
     summary = {
         "segments": int(keep.sum()),
         "rows": int(total_rows),
         "segment_rows": int(row_count.sum()),  # > rows when overlapping segments share rows
-        "videos": len(plans),
-        **counters,
+        "videos": len(join.plans),
+        **join.counters,
         "missing_video_dropped": int((~keep).sum()),
-        "missing_videos": len(missing),
+        "missing_videos": len(join.missing),
         "packed_bytes": int(out.nbytes),
         "memmapped": int(memmapped),
     }
     return PackedSplit(
-        features=features,
+        features=torch.from_numpy(out),  # (R, D) float16, shares memory with `out` (RAM or memmap)
         row_start=torch.from_numpy(row_start[keep]),
         row_count=torch.from_numpy(row_count),
         verb_labels=torch.tensor(kept["verb_class"].to_numpy(dtype=np.int64)) if labelled else None,
@@ -261,8 +209,81 @@ def pack_split(
         video_ids=kept["video_id"].astype(str).tolist(),
         summary=summary,
         feature_set=_identity_dict(store),
-        missing_video_ids=tuple(missing),
+        missing_video_ids=tuple(join.missing),
     )
+
+
+@dataclass(eq=False)
+class _RowJoin:
+    """Pass 1 of ``pack_split``: each segment's row range [lo, hi) in its video, and what to copy per video."""
+
+    lo: np.ndarray  # (S,) int64 first row in the video
+    hi: np.ndarray  # (S,) int64 one past the last row in the video
+    keep: np.ndarray  # (S,) bool: the segment's video is in the store
+    plans: list[_VideoPlan] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # videos not (completely) in the store, or without rows
+    counters: dict[str, int] = field(default_factory=lambda: {"empty_clamped": 0, "past_end_clamped": 0})
+    feature_dim: int | None = None
+
+
+def _join_rows(store: FeatureStore, segments: pd.DataFrame) -> _RowJoin:
+    """Pass 1: per video, which rows each segment owns (timestamps only; feature rows are read in pass 2)."""
+    complete = set(store.complete_videos())
+    video_ids = segments["video_id"].astype(str).to_numpy()
+    start_sec = segments["start_sec"].to_numpy(dtype=np.float64)
+    stop_sec = segments["stop_sec"].to_numpy(dtype=np.float64)
+    n = len(segments)
+    join = _RowJoin(lo=np.zeros(n, dtype=np.int64), hi=np.zeros(n, dtype=np.int64), keep=np.zeros(n, dtype=bool))
+    for video_id, positions in pd.Series(np.arange(n)).groupby(video_ids, sort=True):
+        positions = positions.to_numpy()
+        video = store.read(video_id) if video_id in complete else None
+        pts = np.asarray(video.pts, dtype=np.float64) if video is not None else np.empty(0)
+        if len(pts) == 0:
+            join.missing.append(str(video_id))
+            continue
+        _check_video(store, video_id, pts, int(video.features.shape[1]), join.feature_dim)
+        join.feature_dim = int(video.features.shape[1])
+        lo, hi, n_empty, n_past = _rows_of_segments(pts, start_sec[positions], stop_sec[positions])
+        join.counters["empty_clamped"] += n_empty
+        join.counters["past_end_clamped"] += n_past
+        join.lo[positions], join.hi[positions], join.keep[positions] = lo, hi, True
+        join.plans.append(_VideoPlan(video_id=str(video_id), video=video, needed=_needed_rows(len(pts), lo, hi),
+                                     positions=positions))
+    return join
+
+
+def _check_video(store: FeatureStore, video_id: str, pts: np.ndarray, dim: int, feature_dim: int | None) -> None:
+    """Refuse a video whose rows cannot be joined (pts going backwards) or packed (another feature width)."""
+    backwards = np.flatnonzero(np.diff(pts) < 0)
+    if len(backwards):
+        raise PackError(f"feature set {getattr(store, 'path', store)}: video {video_id} has stored row "
+                        f"timestamps (pts) that go backwards at row {backwards[0] + 1}, so segments cannot be "
+                        f"joined to its rows. Extract it again into a new cache folder "
+                        f"(epicfeat extract --video-ids {video_id}).")
+    if feature_dim is not None and dim != feature_dim:
+        raise PackError(f"feature set {getattr(store, 'path', store)}: video {video_id} has {dim}-d rows but "
+                        f"earlier videos have {feature_dim}-d rows. Re-extract it into one feature set.")
+
+
+def _copy_videos(plans: list[_VideoPlan], out: np.ndarray, progress: bool) -> None:
+    """Pass 2: copy the needed rows, block by block, into one contiguous array. Videos fill disjoint slices of
+    ``out``, so a few threads read them at once (Zarr decompression and the copies overlap)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        copies = [pool.submit(_copy_needed_rows, plan, out) for plan in plans]
+        for copy in _progress(as_completed(copies), progress, total=len(copies), description="Packing features"):
+            copy.result()  # re-raises a failed read here
+
+
+def _place_videos(plans: list[_VideoPlan], local_lo: np.ndarray, n_segments: int) -> tuple[np.ndarray, int]:
+    """Where each video's needed rows land in the packed array: (row_start (S,), total rows); sets plan.offset."""
+    offset = 0
+    row_start = np.zeros(n_segments, dtype=np.int64)
+    for plan in plans:
+        packed_position = np.cumsum(plan.needed) - 1  # (rows_in_video,) index among the video's needed rows
+        row_start[plan.positions] = offset + packed_position[local_lo[plan.positions]]
+        plan.offset = offset
+        offset += int(plan.needed.sum())
+    return row_start, offset
 
 
 #: Bump when the layout of a cached pack changes: older caches are then rebuilt, never misread.
@@ -352,33 +373,31 @@ def _load_pack(target: Path) -> PackedSplit:
 
 
 def feature_stats(
-    split: PackedSplit, *, chunk_rows: int = 16384, min_std: float = 1e-3
+    split: PackedSplit, *, chunk_rows: int = 8192, min_std: float = 1e-3
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and standard deviation of the packed rows: two (D,) float32 CPU tensors.
 
-    Each packed row counts once. Computed in float64 chunks (float16 sums would overflow and round) and merged
-    with Chan's formula; the std is the population std, clamped to at least ``min_std`` so that standardising a
-    constant dimension (a dead ReLU channel) divides by a sane number.
+    Each packed row counts once. Computed where the rows are (the GPU when the split was moved there), in float64
+    (float16 sums would overflow and round): every row minus a per-dimension shift (the first rows' mean, so the
+    sum of squares does not cancel), summed chunk by chunk with matrix products, which run 3x faster than
+    ``var_mean``'s column-wise kernel on a CPU. The std is the population std, clamped to at least ``min_std`` so
+    that standardising a constant dimension (a dead ReLU channel) divides by a sane number.
     """
     features = split.features
-    dim = features.shape[1]
-    count = 0
-    mean = torch.zeros(dim, dtype=torch.float64, device=features.device)
-    sum_sq_dev = torch.zeros(dim, dtype=torch.float64, device=features.device)  # sum of squared deviations
-    for begin in range(0, features.shape[0], chunk_rows):
-        chunk = features[begin:begin + chunk_rows].to(torch.float64)  # (n, D)
-        n = chunk.shape[0]
-        chunk_var, chunk_mean = torch.var_mean(chunk, dim=0, correction=0)  # (D,), (D,)
-        chunk_sum_sq_dev = chunk_var * n
-        delta = chunk_mean - mean
-        total = count + n
-        mean = mean + delta * (n / total)
-        sum_sq_dev = sum_sq_dev + chunk_sum_sq_dev + delta**2 * (count * n / total)
-        count = total
-    if count == 0:
+    if features.shape[0] == 0:
         raise PackError("cannot compute feature statistics of an empty split (no rows were packed)")
-    std = torch.sqrt(sum_sq_dev / count).clamp(min=min_std)
-    return mean.float().cpu(), std.float().cpu()
+    shift = features[:chunk_rows].to(torch.float64).mean(dim=0)  # (D,)
+    sums = torch.zeros(2, features.shape[1], dtype=torch.float64, device=features.device)  # (2, D): x, x**2
+    for begin in range(0, features.shape[0], chunk_rows):
+        centred = features[begin:begin + chunk_rows].to(torch.float64) - shift  # (n, D)
+        ones = centred.new_ones(1, centred.shape[0])  # (1, n)
+        sums[0] += (ones @ centred)[0]
+        sums[1] += (ones @ centred.square_())[0]
+    count = features.shape[0]
+    mean_offset = sums[0] / count  # (D,) mean - shift
+    variance = (sums[1] / count - mean_offset**2).clamp(min=0)
+    std = torch.sqrt(variance).clamp(min=min_std)
+    return (shift + mean_offset).float().cpu(), std.float().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------

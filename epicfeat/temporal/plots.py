@@ -36,10 +36,16 @@ def plot_training(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    epochs = [row["epoch"] for row in history]
-    written: list[Path] = []
     suffix = f" — {title}" if title else ""
+    written = [_save(_loss_figure(history, suffix), out_dir / "loss.png")]
+    if _has(history, "all_action_accuracy_at_1"):
+        written.append(_save(_accuracy_figure(history, suffix), out_dir / "accuracy.png"))
+    written.append(_save(_lr_figure(history, lr_curve, suffix), out_dir / "lr.png"))
+    return written
 
+
+def _loss_figure(history: Sequence[Mapping[str, float]], suffix: str):
+    epochs = [row["epoch"] for row in history]
     fig, ax = _figure((7, 4.5))
     ax.plot(epochs, [row["train_loss"] for row in history], marker="o", ms=3, label="train (CutMix, smoothed)")
     if _has(history, "val_loss"):
@@ -47,24 +53,35 @@ def plot_training(
     ax.set(xlabel="epoch", ylabel="loss (verb + noun cross-entropy)", title=f"Loss{suffix}")
     ax.grid(alpha=0.3)
     ax.legend()
-    written.append(_save(fig, out_dir / "loss.png"))
+    return fig
 
-    if _has(history, "all_action_accuracy_at_1"):
-        fig, ax = _figure((7, 4.5))
-        for task, colour in _ACCURACY_CURVES:
-            for k, style in ((1, "-"), (5, "--")):
-                name = f"all_{task}_accuracy_at_{k}"
-                if _has(history, name):
-                    values = [row.get(name, math.nan) for row in history]
-                    ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{task} top-{k}")
-        best = max(history, key=lambda row: row.get("all_action_accuracy_at_1", -1.0))
-        ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"best epoch {best['epoch']}")
-        ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Validation accuracy{suffix}")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(ncol=2, fontsize="small")
-        written.append(_save(fig, out_dir / "accuracy.png"))
 
+def _accuracy_figure(history: Sequence[Mapping[str, float]], suffix: str):
+    """Validation top-1 (solid) and top-5 (dashed) per task, and the best epoch by action top-1."""
+    epochs = [row["epoch"] for row in history]
+    fig, ax = _figure((7, 4.5))
+    for task, colour in _ACCURACY_CURVES:
+        for k, style in ((1, "-"), (5, "--")):
+            name = f"all_{task}_accuracy_at_{k}"
+            if _has(history, name):
+                values = [row.get(name, math.nan) for row in history]
+                ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{task} top-{k}")
+    best = max(history, key=_action_top1)
+    ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"best epoch {best['epoch']}")
+    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Validation accuracy{suffix}")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize="small")
+    return fig
+
+
+def _action_top1(row: Mapping[str, float]) -> float:
+    return row.get("all_action_accuracy_at_1", -1.0)
+
+
+def _lr_figure(history: Sequence[Mapping[str, float]], lr_curve: tuple[Sequence[float], Sequence[float]] | None,
+               suffix: str):
+    """The lr of every optimiser step (thinned to ``_MAX_LR_POINTS``), or of every epoch without ``lr_curve``."""
     fig, ax = _figure((7, 3.5))
     if lr_curve is not None:
         every = max(1, -(-len(lr_curve[0]) // _MAX_LR_POINTS))  # keep every n-th step, and the last one
@@ -74,13 +91,12 @@ def plot_training(
         ax.plot([lr_curve[0][i] for i in keep], [lr_curve[1][i] for i in keep], lw=1.2)
         ax.set_xlabel("epoch (per optimiser step)")
     else:
-        ax.plot(epochs, [row["lr"] for row in history], marker="o", ms=3)
+        ax.plot([row["epoch"] for row in history], [row["lr"] for row in history], marker="o", ms=3)
         ax.set_xlabel("epoch")
     ax.set(ylabel="learning rate", title=f"Learning rate (warm-up, then cosine){suffix}")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out_dir / "lr.png"))
-    return written
+    return fig
 
 
 def _has(history: Sequence[Mapping[str, float]], name: str) -> bool:

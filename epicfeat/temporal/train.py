@@ -4,14 +4,19 @@ Read it top to bottom:
 
     train_temporal(config)                  the one function `epicfeat train-temporal` calls
       load_training_data(config)            annotations + feature set -> packed train / validation splits
-      fit(config, data)                     the training run:
-        feature_stats(train)                standardisation statistics, stored inside the model
-        for each epoch:
-          train_one_epoch(...)              shuffle, TSN-sample T rows per segment, time-span CutMix, AdamW with
+      fit(config, data)                     the training run, on the run scaffold of ``epicfeat.training``:
+        RunFolder.check_start               --resume needs last.pt; a new run refuses a folder holding one
+        _prepare(...)                       splits onto the device, feature_stats(train) (standardisation stored
+                                            inside the model), AdamW, batches, LRSchedule (warm-up + cosine)
+        _resume(...)                        last.pt: feature set and config checks, TrainingState.restore
+        _train_epochs(...)                  for each epoch left (TrainingState.remaining_epochs):
+          _run_epoch(...)
+            train_one_epoch(...)            shuffle, TSN-sample T rows per segment, time-span CutMix, AdamW with
                                             gradient accumulation, LR set per optimiser step (warm-up + cosine)
-          evaluate(...)                     bin-centre rows, loss and the official EPIC-100 metrics
-          best.pt / last.pt, metrics.csv, TensorBoard scalars, early stopping on validation action top-1
-        plots (loss, accuracy, lr) and a summary table
+            evaluate(...)                   bin-centre rows, loss and the official EPIC-100 metrics
+          EpochLog.end_epoch(...)           early stopping on validation action top-1, best.pt / last.pt,
+                                            metrics.csv, plots (loss, accuracy, lr), TensorBoard, the epoch line
+        TrainResult.of_run, print_summary   the result and the summary table
 
 Feature-space CutMix. CutMix pastes a rectangle of one image into another and mixes the labels by area. Cached
 features have no pixels, so we paste a *time span*: for a batch, draw lam ~ Beta(alpha, alpha), a span of
@@ -34,37 +39,32 @@ the sampling generator lives on the GPU, and one epoch reads nothing back until 
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import io
+import functools
 import math
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from epicfeat.config import atomic_write_text, config_to_dict, save_config
+from epicfeat.config import config_to_dict, save_config
 from epicfeat.configs import TrainTemporalConfig
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError
-from epicfeat.temporal.checkpoint import (
-    capture_rng_state,
-    check_feature_set,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from epicfeat.metrics import epic_metrics
+from epicfeat.metrics_torch import epic_metrics_torch
+from epicfeat.store import open_feature_set
+from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint, save_checkpoint
 from epicfeat.temporal.data import PackedSplit, cached_pack_split, feature_stats, pack_split
-from epicfeat.temporal.model import TemporalModel, create_temporal_model
+from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.precision import COMPUTE_DTYPES, grad_scaler, resolve_temporal_precision, supported_precision
-
+# EarlyStopping, LRSchedule, TrainResult and print_summary live in the run scaffold and stay importable from here.
+from epicfeat.training import (EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState, TrainResult,
+                               make_console, print_summary, reproducible)
 
 class TrainError(EpicfeatError):
     """A training run that cannot start or continue as asked; the message says what to do."""
@@ -83,24 +83,6 @@ class TrainingData:
     tail_verbs: frozenset[int] | None = None  # official tail classes (None: no tail metrics)
     tail_nouns: frozenset[int] | None = None
     unseen_participants: frozenset[str] | None = None  # validation participants absent from train
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    out: Path
-    best_checkpoint: Path
-    last_checkpoint: Path
-    metrics_csv: Path
-    plots: tuple[Path, ...]
-    tensorboard: Path
-    best_epoch: int
-    best_metrics: dict[str, float]
-    epochs_completed: int
-    stopped_early: bool
-    history: tuple[dict[str, float], ...]
-    pack_summary: dict[str, dict[str, int]]  # split -> PackedSplit.summary (clamped / dropped counts)
-    seconds: float
-    notes: tuple[str, ...] = ()  # things the user should know (batch capped, videos missing, ...)
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -155,34 +137,30 @@ def _pack(store, segments, name: str, config: TrainTemporalConfig) -> PackedSpli
     return pack_split(store, segments, progress=config.progress)
 
 
-def open_feature_set(cache: Path, feature_set: str | None):
-    """The one feature set a run trains on: ``feature_set`` (a key under ``cache`` or a path), or the only one."""
-    from epicfeat.store import FeatureStore
-
-    if feature_set is not None:
-        path = Path(feature_set)
-        if not path.is_dir():
-            path = Path(cache) / feature_set
-        if not path.is_dir():
-            available = [s.path.name for s in FeatureStore.list_sets(cache)] if Path(cache).is_dir() else []
-            raise TrainError(
-                f"feature set '{feature_set}' not found (neither a folder nor a key under {cache}); "
-                f"available under {cache}: {', '.join(available) or 'none'}"
-            )
-        return FeatureStore.open(path)
-    sets = FeatureStore.list_sets(cache) if Path(cache).is_dir() else []
-    if not sets:
-        raise TrainError(f"no feature set under {cache}: run `epicfeat extract` first, or pass --cache / --feature-set")
-    if len(sets) > 1:
-        # Never mix or guess: features from two sets (other weights, fps or crop) are different inputs.
-        raise TrainError(
-            f"{cache} holds {len(sets)} feature sets ({', '.join(s.path.name for s in sets)}); a run trains on one: "
-            "choose it with --feature-set KEY"
-        )
-    return sets[0]
-
-
 # ----------------------------------------------------------------------------------------------- the run
+#: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
+RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "cache", "device", "precision", "progress",
+                               "eval_batch_size", "pack_cache"})
+
+
+@dataclass
+class _Run:
+    """One train-temporal run's own parts: its splits (and their copies where it trains), model and batches."""
+
+    config: TrainTemporalConfig
+    data: TrainingData
+    device: torch.device
+    train_on_device: PackedSplit
+    val_on_device: PackedSplit | None
+    model: TemporalModel
+    model_args: TemporalModelArgs
+    batch_size: int
+    micro_batch_size: int
+    steps_per_epoch: int
+    state: TrainingState
+    unseen: np.ndarray | None  # (S_val,) bool: validation segments of participants absent from train
+
+
 def fit(
     config: TrainTemporalConfig,
     data: TrainingData,
@@ -196,186 +174,152 @@ def fit(
     empty (0, D) tensor): the caller hands the data over, and the host RAM (15 GB for EPIC's train split) is free.
     """
     started = time.perf_counter()
-    out = Path(config.out)
-    best_path, last_path, csv_path = out / "best.pt", out / "last.pt", out / "metrics.csv"
-    _check_out_folder(config, last_path)
+    folder = RunFolder(config.out, error=TrainError, resumable=RESUMABLE_CHANGES)
+    folder.check_start(config.resume)
     config = dataclasses.replace(config, feature_set=data.feature_set_key)  # the resolved config names the set
-    out.mkdir(parents=True, exist_ok=True)
+    folder.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    console = _console(config.progress)
+    console = make_console(config.progress)
     notes: list[str] = []
     # The precision is resolved once (auto -> bf16 / fp32) and recorded: validation and `evaluate` use it too.
     precision = supported_precision(resolve_temporal_precision(config.precision, device), device, notes)
     config = dataclasses.replace(config, precision=precision)
-    # What is saved describes the run, not this invocation: `--config out/config.yaml` re-creates it from scratch.
-    run_config = config_to_dict(dataclasses.replace(config, resume=False))
 
-    with _determinism(config.deterministic):
-        # --- seeds: model init and dropout draw from torch's global RNGs; shuffling, row sampling and CutMix
-        # from `generator`, so the data order does not depend on how many dropout masks were drawn.
-        _seed_everything(config.seed)
-        train_split, val_split = data.train, data.validation
-        _check_labels(train_split, "train", data)
-        if val_split is not None:
-            _check_labels(val_split, "validation", data)
-
-        # --- data onto the device once: an epoch is then index_select on device memory, no loader to wait on
-        train_on_device = _to_device(train_split, device, notes)
-        val_on_device = _to_device(val_split, device, notes) if val_split is not None else None
-        if release_host_copy:
-            for host, moved in ((train_split, train_on_device), (val_split, val_on_device)):
-                _release_host_features(host, moved)
-        # The sampling generator lives with the data: the epoch's order, rows and CutMix are drawn there.
-        generator = torch.Generator(device=train_on_device.device).manual_seed(config.seed)
-
-        # --- model, standardised with the training split's statistics (computed where the split is)
-        feature_mean, feature_std = feature_stats(train_on_device)
-        model_args = config.model_args(
-            input_dim=train_split.features.shape[1], n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes)
-        )
-        model = create_temporal_model(model_args, feature_mean, feature_std).to(device)
-        model.compute_dtype = COMPUTE_DTYPES[precision]
-        # Fused AdamW: one kernel for all 17 M parameters on a GPU instead of a loop of small ones.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                      fused=device.type == "cuda")
-        scaler = grad_scaler(precision, device)  # fp16 only; a no-op otherwise
-
-        # --- batches and the learning-rate schedule (per optimiser step)
-        batch_size = min(config.batch_size, len(train_split))
-        if batch_size < config.batch_size:
-            notes.append(
-                f"effective batch {config.batch_size} exceeds the {len(train_split)} training segments: every "
-                f"optimiser step uses the whole set ({batch_size}); small sets need a smaller --batch-size or more epochs"
-            )
-        micro_batch_size = min(config.micro_batch_size, batch_size)
-        steps_per_epoch = math.ceil(len(train_split) / batch_size)
-        schedule = LRSchedule(
-            peak=config.lr,
-            warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-            total_steps=config.epochs * steps_per_epoch,
-            min_lr=config.min_lr,
-        )
-
-        # --- resume: weights, optimiser, schedule step, history, early-stopping counters and every RNG
-        step, history, first_epoch = 0, [], 1
-        stopping = EarlyStopping(patience=config.patience, validated=val_split is not None)
+    # Seeds: model init and dropout draw from torch's global RNGs; shuffling, row sampling and CutMix from the
+    # run's sampling generator, so the data order does not depend on how many dropout masks were drawn.
+    with reproducible(config.seed, deterministic=config.deterministic):
+        run = _prepare(config, data, device, notes, release_host_copy)
         if config.resume:
-            checkpoint = load_checkpoint(last_path)
-            check_feature_set(checkpoint, data.feature_set)
-            _check_resume_config(checkpoint.config, config, last_path)
-            state = checkpoint.training_state
-            if state["scheduler"]["total_steps"] != schedule.total_steps:
-                raise TrainError(
-                    f"--resume: {last_path} was trained with {state['scheduler']['total_steps']} optimiser steps in "
-                    f"all, this data gives {schedule.total_steps} ({len(train_split)} train segments): the packed train "
-                    "split changed (videos added to or missing from the feature set?). Resume with the same data, "
-                    "or start a new run in another --out"
-                )
-            model.load_state_dict(checkpoint.model_state)
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler.is_enabled() and "grad_scaler" in state:
-                scaler.load_state_dict(state["grad_scaler"])
-            step = state["scheduler"]["step"]
-            history = [dict(row) for row in checkpoint.history]
-            first_epoch = checkpoint.epoch + 1
-            stopping.load(state)
-            _restore_rng(state["rng"], generator, last_path)
-            console.print(f"resuming {last_path} after epoch {checkpoint.epoch} (step {step})")
-        save_config(dataclasses.replace(config, resume=False), out / "config.yaml")
-        unseen = _unseen_mask(val_split, data.unseen_participants) if val_split is not None else None
-        for name, split in (("train", train_split), ("validation", val_split)):
-            if split is not None and split.summary.get("missing_video_dropped"):
-                notes.append(
-                    f"{split.summary['missing_video_dropped']} {name} segments dropped: "
-                    f"{split.summary.get('missing_videos', '?')} of their videos are not in the feature set "
-                    "(run epicfeat extract for them)"
-                )
+            _resume(run, folder, console)
+        save_config(dataclasses.replace(config, resume=False), folder.out / "config.yaml")
+        notes.extend(_dropped_notes(data))
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
-
-        from torch.utils.tensorboard import SummaryWriter
-
-        # Scalars are written only after an epoch's last.pt, so a resumed run never logs an epoch twice.
-        tensorboard = SummaryWriter(str(out / "tensorboard"))
-        progress = _EpochProgress(console, enabled=config.progress)
-        plots = None
-        try:
-            for epoch in range(first_epoch, config.epochs + 1):
-                if stopping.stopped_early:
-                    break
-                epoch_started = time.perf_counter()
-                first_step = step
-                with progress.epoch(epoch, config.epochs, len(train_split)) as advance:
-                    train_stats, step = train_one_epoch(
-                        model, optimizer, train_split, device_split=train_on_device,
-                        frames=config.frames, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                        schedule=schedule, step=step, label_smoothing=config.label_smoothing,
-                        cutmix_alpha=config.cutmix_alpha, generator=generator, device=device,
-                        on_batch=advance, scaler=scaler,
-                    )
-                train_seconds = time.perf_counter() - epoch_started
-                row: dict[str, float] = {"epoch": epoch, "step": step, "lr": schedule(step - 1), **train_stats}
-                if val_on_device is not None:
-                    val_stats, _, _ = evaluate(
-                        model, val_on_device, frames=config.frames, batch_size=config.eval_batch_size,
-                        device=device, label_smoothing=config.label_smoothing,
-                        tail_verbs=data.tail_verbs, tail_nouns=data.tail_nouns, unseen=unseen,
-                    )
-                    row.update(val_stats)
-                row["train_segments_per_s"] = len(train_split) / train_seconds
-                row["epoch_seconds"] = time.perf_counter() - epoch_started
-                history.append(row)
-
-                improved = stopping.update(epoch, row)
-
-                checkpoint_fields = dict(
-                    model=model, model_args=model_args, config=run_config,
-                    verb_classes=data.verb_classes, noun_classes=data.noun_classes,
-                    feature_set=data.feature_set, feature_set_key=data.feature_set_key,
-                    epoch=epoch, metrics=row, history=history,
-                )
-                if improved:
-                    save_checkpoint(best_path, **checkpoint_fields)
-                training_state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": {"step": step, **dataclasses.asdict(schedule)},
-                    "rng": capture_rng_state(generator),
-                    **stopping.state(),
-                }
-                if scaler.is_enabled():
-                    training_state["grad_scaler"] = scaler.state_dict()
-                save_checkpoint(last_path, **checkpoint_fields, training_state=training_state)
-                _write_csv(csv_path, history)
-                plots = _plot(history, out, schedule, step, steps_per_epoch)  # every epoch: a killed job keeps them
-                _log_tensorboard(tensorboard, row, schedule, first_step, step)
-                progress.report(row, stopping)
-                if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                    break
-        finally:
-            tensorboard.close()
-    _write_csv(csv_path, history)  # also when a resumed run had nothing left to do (killed before its CSV write)
-    if plots is None:  # a resumed run that had no epoch left: draw what its history holds
-        plots = _plot(history, out, schedule, step, steps_per_epoch)
-    best_row = next((row for row in history if row["epoch"] == stopping.best_epoch), history[-1] if history else {})
-    result = TrainResult(
-        out=out,
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
-        metrics_csv=csv_path,
-        plots=tuple(plots),
-        tensorboard=out / "tensorboard",
-        best_epoch=stopping.best_epoch,
-        best_metrics=dict(best_row),
-        epochs_completed=len(history),
-        stopped_early=stopping.stopped_early,
-        history=tuple(history),
-        pack_summary={name: dict(s.summary) for name, s in (("train", train_split), ("validation", val_split)) if s is not None},
-        seconds=time.perf_counter() - started,
-        notes=tuple(notes),
-    )
+        plots = _train_epochs(run, folder, console, stop_after_epoch)
+    pack_summary = {name: dict(s.summary) for name, s in (("train", data.train), ("validation", data.validation))
+                    if s is not None}
+    result = TrainResult.of_run(folder, run.state, plots=plots, best_metrics=run.state.best_row(),
+                                pack_summary=pack_summary, seconds=time.perf_counter() - started, notes=notes)
     if config.progress:
         print_summary(result, console=console)
     return result
+
+
+def _prepare(config: TrainTemporalConfig, data: TrainingData, device: torch.device, notes: list[str],
+             release_host_copy: bool) -> _Run:
+    """The splits on the device, the standardised model, AdamW, the batches and the per-step schedule."""
+    _check_labels(data.train, "train", data)
+    if data.validation is not None:
+        _check_labels(data.validation, "validation", data)
+    # --- data onto the device once: an epoch is then index_select on device memory, no loader to wait on
+    train_on_device = _to_device(data.train, device, notes)
+    val_on_device = _to_device(data.validation, device, notes) if data.validation is not None else None
+    if release_host_copy:
+        for host, moved in ((data.train, train_on_device), (data.validation, val_on_device)):
+            _release_host_features(host, moved)
+    # The sampling generator lives with the data: the epoch's order, rows and CutMix are drawn there.
+    generator = torch.Generator(device=train_on_device.device).manual_seed(config.seed)
+
+    # --- model, standardised with the training split's statistics (computed where the split is)
+    feature_mean, feature_std = feature_stats(train_on_device)
+    model_args = config.model_args(
+        input_dim=data.train.features.shape[1], n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes)
+    )
+    model = create_temporal_model(model_args, feature_mean, feature_std).to(device)
+    model.compute_dtype = COMPUTE_DTYPES[config.precision]
+    # Fused AdamW: one kernel for all 17 M parameters on a GPU instead of a loop of small ones.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    batch_size, micro_batch_size = _batch_sizes(config, len(data.train), notes)
+    steps_per_epoch = math.ceil(len(data.train) / batch_size)
+    schedule = LRSchedule.per_step(lr=config.lr, min_lr=config.min_lr, warmup_epochs=config.warmup_epochs,
+                                   epochs=config.epochs, steps_per_epoch=steps_per_epoch)
+    stopping = EarlyStopping(patience=config.patience, validated=data.validation is not None)
+    state = TrainingState(optimizer, schedule, stopping, generator,
+                          scaler=grad_scaler(config.precision, device))  # fp16 only; a no-op otherwise
+    unseen = _unseen_mask(data.validation, data.unseen_participants) if data.validation is not None else None
+    return _Run(config=config, data=data, device=device, train_on_device=train_on_device,
+                val_on_device=val_on_device, model=model, model_args=model_args, batch_size=batch_size,
+                micro_batch_size=micro_batch_size, steps_per_epoch=steps_per_epoch, state=state, unseen=unseen)
+
+
+def _batch_sizes(config: TrainTemporalConfig, segments: int, notes: list[str]) -> tuple[int, int]:
+    """(segments per optimiser step, per micro-batch): the configured ones, capped by the training set."""
+    batch_size = min(config.batch_size, segments)
+    if batch_size < config.batch_size:
+        notes.append(
+            f"effective batch {config.batch_size} exceeds the {segments} training segments: every "
+            f"optimiser step uses the whole set ({batch_size}); small sets need a smaller --batch-size or more epochs"
+        )
+    return batch_size, min(config.micro_batch_size, batch_size)
+
+
+def _resume(run: _Run, folder: RunFolder, console) -> None:
+    """Weights, optimiser, schedule step, history, early-stopping counters and every RNG from last.pt."""
+    checkpoint = load_checkpoint(folder.last)
+    check_feature_set(checkpoint, run.data.feature_set)
+    folder.check_resume_config(checkpoint.config, config_to_dict(run.config))
+    run.state.restore(checkpoint, folder, console=console, data_changed=(
+        f" ({len(run.data.train)} train segments): the packed train split changed (videos added to or missing from "
+        "the feature set?)"
+    ))
+    run.model.load_state_dict(checkpoint.model_state)
+
+
+def _dropped_notes(data: TrainingData) -> list[str]:
+    notes = []
+    for name, split in (("train", data.train), ("validation", data.validation)):
+        if split is not None and split.summary.get("missing_video_dropped"):
+            notes.append(
+                f"{split.summary['missing_video_dropped']} {name} segments dropped: "
+                f"{split.summary.get('missing_videos', '?')} of their videos are not in the feature set "
+                "(run epicfeat extract for them)"
+            )
+    return notes
+
+
+def _train_epochs(run: _Run, folder: RunFolder, console, stop_after_epoch: int | None) -> list[Path]:
+    """The epochs still to run, each closed by the epoch log (checkpoints, CSV, plots, TensorBoard); the plots."""
+    config, data = run.config, run.data
+    # What is saved describes the run, not this invocation: `--config out/config.yaml` re-creates it from scratch.
+    save = functools.partial(
+        save_checkpoint, model=run.model, model_args=run.model_args,
+        config=config_to_dict(dataclasses.replace(config, resume=False)), verb_classes=data.verb_classes,
+        noun_classes=data.noun_classes, feature_set=data.feature_set, feature_set_key=data.feature_set_key,
+    )
+    with EpochLog(folder, console, progress=config.progress, steps_per_epoch=run.steps_per_epoch,
+                  title=folder.out.name) as log:
+        for epoch in run.state.remaining_epochs(config.epochs, stop_after_epoch):
+            first_step = run.state.step
+            row = _run_epoch(run, epoch, log)
+            log.end_epoch(row, run.state, save, first_step)
+    return log.finish(run.state)
+
+
+def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
+    """Train one epoch, validate: the epoch's metrics row."""
+    config, state = run.config, run.state
+    epoch_started = time.perf_counter()
+    with log.progress_bar(epoch, config.epochs, len(run.data.train)) as advance:
+        train_stats, state.step = train_one_epoch(
+            run.model, state.optimizer, run.data.train, device_split=run.train_on_device,
+            frames=config.frames, batch_size=run.batch_size, micro_batch_size=run.micro_batch_size,
+            schedule=state.schedule, step=state.step, label_smoothing=config.label_smoothing,
+            cutmix_alpha=config.cutmix_alpha, generator=state.generator, device=run.device,
+            on_batch=advance, scaler=state.scaler,
+        )
+    train_seconds = time.perf_counter() - epoch_started
+    row: dict[str, float] = {"epoch": epoch, "step": state.step, "lr": state.schedule(state.step - 1), **train_stats}
+    if run.val_on_device is not None:
+        val_stats = evaluate(
+            run.model, run.val_on_device, frames=config.frames, batch_size=config.eval_batch_size,
+            device=run.device, label_smoothing=config.label_smoothing,
+            tail_verbs=run.data.tail_verbs, tail_nouns=run.data.tail_nouns, unseen=run.unseen,
+        )
+        row.update(val_stats)
+    row["train_segments_per_s"] = len(run.data.train) / train_seconds
+    row["epoch_seconds"] = time.perf_counter() - epoch_started
+    return row
 
 
 # ---------------------------------------------------------------------------------------- one epoch / eval
@@ -388,7 +332,7 @@ def train_one_epoch(
     frames: int,
     batch_size: int,
     micro_batch_size: int,
-    schedule: "LRSchedule",
+    schedule: LRSchedule,
     step: int,
     label_smoothing: float,
     cutmix_alpha: float,
@@ -411,9 +355,8 @@ def train_one_epoch(
     the loss; its overflow check is the one per-step sync, and only fp16 has it.
     """
     device_split = split if device_split is None else device_split
-    draw = generator.device  # where random numbers come from: the CPU, or the GPU holding the data
     model.train()
-    order = torch.randperm(len(split), generator=generator, device=draw)  # (S,) the epoch's segment order
+    order = torch.randperm(len(split), generator=generator, device=generator.device)  # (S,) the epoch's order
     full, rest = divmod(len(split), batch_size)
     micro_batches = full * math.ceil(batch_size / micro_batch_size) + math.ceil(rest / micro_batch_size)
     spans = draw_cutmix_spans(micro_batches, frames, cutmix_alpha, generator)  # (M,) or None
@@ -424,37 +367,61 @@ def train_one_epoch(
             group["lr"] = schedule(step)
         optimizer.zero_grad(set_to_none=True)
         for micro in batch.split(micro_batch_size):  # (b,) each
-            segments = micro.to(device_split.device)  # no-op when the generator lives with the data
-            rows = device_split.sample_rows(segments, frames, train=True, generator=generator)  # (b, T)
-            span = spans[micro_index] if spans is not None else None
+            mix_span = spans[micro_index] if spans is not None else None
             micro_index += 1
-            mix = sample_time_cutmix(len(micro), frames, cutmix_alpha, generator, span=span)
-            if mix is not None:
-                # CutMix on the row indices: pasting the partner's rows of the span before the one gather equals
-                # pasting its features after it, without two more (b, T, D) copies.
-                rows = apply_time_cutmix(rows.unsqueeze(-1), mix).squeeze(-1)  # (b, T)
-            features = device_split.features.index_select(0, rows.reshape(-1))  # (b * T, D) float16
-            features = _to(features.reshape(len(micro), frames, -1), device)  # (b, T, D)
-            verbs = _to(device_split.verb_labels.index_select(0, segments), device)  # (b,)
-            nouns = _to(device_split.noun_labels.index_select(0, segments), device)  # (b,)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
-            verb_loss = mixed_cross_entropy(verb_logits.float(), verbs, mix, label_smoothing)
-            noun_loss = mixed_cross_entropy(noun_logits.float(), nouns, mix, label_smoothing)
-            loss = verb_loss + noun_loss
+            loss, verb_loss, noun_loss = _micro_batch_losses(
+                model, device_split, micro, frames, generator=generator, device=device, span=mix_span,
+                cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, autocast_dtype=autocast_dtype,
+            )
             weighted = loss * (len(micro) / len(batch))
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
             loss_sums += torch.stack([loss, verb_loss, noun_loss]).detach() * len(micro)
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
-            scaler.update()
-        else:
-            optimizer.step()
+        _optimizer_step(optimizer, scaler)
         step += 1
         if on_batch is not None:
             on_batch(len(batch))
     total, verb, noun = (loss_sums / len(split)).tolist()  # the epoch's one device sync
     return {"train_loss": total, "train_verb_loss": verb, "train_noun_loss": noun}, step
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _micro_batch_losses(
+    model: TemporalModel,
+    split: PackedSplit,
+    micro: torch.Tensor,
+    frames: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device,
+    span: torch.Tensor | None,
+    cutmix_alpha: float,
+    label_smoothing: float,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-batch of segment ids (b,): sampled rows, CutMix, gather, forward; (total, verb, noun) losses."""
+    segments = micro.to(split.device)  # no-op when the generator lives with the data
+    rows = split.sample_rows(segments, frames, train=True, generator=generator)  # (b, T)
+    mix = sample_time_cutmix(len(micro), frames, cutmix_alpha, generator, span=span)
+    if mix is not None:
+        # CutMix on the row indices: pasting the partner's rows of the span before the one gather equals
+        # pasting its features after it, without two more (b, T, D) copies.
+        rows = apply_time_cutmix(rows.unsqueeze(-1), mix).squeeze(-1)  # (b, T)
+    features = split.features.index_select(0, rows.reshape(-1))  # (b * T, D) float16
+    features = _to(features.reshape(len(micro), frames, -1), device)  # (b, T, D)
+    verbs = _to(split.verb_labels.index_select(0, segments), device)  # (b,)
+    nouns = _to(split.noun_labels.index_select(0, segments), device)  # (b,)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
+    verb_loss = mixed_cross_entropy(verb_logits.float(), verbs, mix, label_smoothing)
+    noun_loss = mixed_cross_entropy(noun_logits.float(), nouns, mix, label_smoothing)
+    return verb_loss + noun_loss, verb_loss, noun_loss
 
 
 @torch.inference_mode()
@@ -485,95 +452,36 @@ def evaluate(
     model: TemporalModel,
     split: PackedSplit,
     *,
-    frames: int,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
     label_smoothing: float = 0.0,
     tail_verbs: frozenset[int] | None = None,
     tail_nouns: frozenset[int] | None = None,
     unseen: np.ndarray | None = None,
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Score every segment at its bin-centre rows: (loss + official EPIC-100 metrics, verb logits, noun logits).
+    **scoring: Any,
+) -> dict[str, float]:
+    """Score every segment at its bin-centre rows: the loss and the official EPIC-100 metrics.
 
+    ``scoring`` is what ``score_split`` takes: ``frames``, ``batch_size``, ``device`` (and ``autocast_dtype``).
     The loss uses the training criterion (same label smoothing, no CutMix) so the two loss curves compare.
     Metric names are the official ones (``all_action_accuracy_at_1``, ``tail_*``, ``unseen_*``), in percent.
     """
-    from epicfeat.metrics import epic_metrics
-
-    verb_logits_all, noun_logits_all = score_split(
-        model, split, frames=frames, batch_size=batch_size, device=device, autocast_dtype=autocast_dtype
-    )  # (S, Cv), (S, Cn)
+    verb_logits, noun_logits = score_split(model, split, **scoring)  # (S, Cv), (S, Cn)
+    device = verb_logits.device
     verb_labels, noun_labels = split.verb_labels.to(device), split.noun_labels.to(device)
-    verb_loss = F.cross_entropy(verb_logits_all, verb_labels, label_smoothing=label_smoothing).item()
-    noun_loss = F.cross_entropy(noun_logits_all, noun_labels, label_smoothing=label_smoothing).item()
-    verb_np, noun_np = verb_logits_all.cpu().numpy(), noun_logits_all.cpu().numpy()
-    metrics = epic_metrics(
-        verb_np, noun_np, split.verb_labels.cpu().numpy(), split.noun_labels.cpu().numpy(),
-        tail_verbs=tail_verbs, tail_nouns=tail_nouns, unseen=unseen,
-    )
-    stats = {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss}
-    return {**stats, **{name: float(value) for name, value in metrics.items()}}, verb_np, noun_np
+    losses = torch.stack([F.cross_entropy(verb_logits, verb_labels, label_smoothing=label_smoothing),
+                          F.cross_entropy(noun_logits, noun_labels, label_smoothing=label_smoothing)]).tolist()
+    subsets = dict(tail_verbs=tail_verbs, tail_nouns=tail_nouns, unseen=unseen)
+    if device.type == "cuda":
+        # Ranked where the logits are (two host syncs), rather than copied out and ranked on the host while the GPU
+        # waits. On a CPU the numpy path is faster (0.33 vs 0.46 s for 9,668 segments, benchmarks/bench_metrics.py).
+        metrics = epic_metrics_torch(verb_logits, noun_logits, verb_labels, noun_labels, **subsets)
+    else:
+        metrics = epic_metrics(verb_logits.numpy(), noun_logits.numpy(), verb_labels.numpy(), noun_labels.numpy(),
+                               **subsets)
+    stats = {"val_loss": losses[0] + losses[1], "val_verb_loss": losses[0], "val_noun_loss": losses[1]}
+    return {**stats, **{name: float(value) for name, value in metrics.items()}}
 
 
-# ----------------------------------------------------------------------------- schedule and time-span CutMix
-@dataclass
-class EarlyStopping:
-    """The best epoch by validation action top-1, and the stop after ``patience`` epochs without a better one.
-
-    Without validation (``train+validation`` runs) every epoch is the newest best and nothing stops early.
-    ``state()`` goes into last.pt's training_state and ``load()`` takes it back, so a resumed run decides the same.
-    """
-
-    patience: int  # 0: never stop early
-    validated: bool
-    best_epoch: int = 0
-    best_score: float = -math.inf
-    epochs_without_improvement: int = 0
-    stopped_early: bool = False
-
-    def update(self, epoch: int, row: dict[str, float]) -> bool:
-        """Record epoch ``epoch``'s metrics row; True when it is the new best."""
-        score = row["all_action_accuracy_at_1"] if self.validated else float(epoch)
-        improved = score > self.best_score
-        if improved:
-            self.best_epoch, self.best_score, self.epochs_without_improvement = epoch, score, 0
-        else:
-            self.epochs_without_improvement += 1
-        self.stopped_early = self.validated and self.patience > 0 and self.epochs_without_improvement >= self.patience
-        return improved
-
-    def state(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "best_score": self.best_score,
-                "epochs_without_improvement": self.epochs_without_improvement, "stopped_early": self.stopped_early}
-
-    def load(self, state: dict[str, Any]) -> None:
-        for name in ("best_epoch", "best_score", "epochs_without_improvement", "stopped_early"):
-            setattr(self, name, state[name])
-
-
-@dataclass(frozen=True)
-class LRSchedule:
-    """Learning rate of optimiser step ``step`` (0-based): linear warm-up to ``peak``, then cosine to ``min_lr``.
-
-    warm-up:  lr(s) = peak * (s + 1) / warmup_steps                       for s < warmup_steps
-    cosine:   lr(s) = min_lr + (peak - min_lr) * (1 + cos(pi * p)) / 2,   p = (s - warmup_steps) / (total - warmup)
-    The first step already moves (peak / warmup_steps, not 0), and the last step's lr is small but not zero.
-    """
-
-    peak: float
-    warmup_steps: int
-    total_steps: int
-    min_lr: float = 0.0
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.peak * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-        progress = min(progress, 1.0)
-        return self.min_lr + (self.peak - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
+# ------------------------------------------------------------------------------------------ time-span CutMix
 @dataclass(frozen=True)
 class TimeCutMix:
     """One batch's time-span CutMix: steps [start, start + span) of sequence i come from sequence partner[i].
@@ -645,76 +553,6 @@ def mixed_cross_entropy(
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _supported_autocast(device: torch.device, dtype: torch.dtype | None, notes: list[str]) -> torch.dtype | None:
-    """``dtype`` if an LSTM trains under autocast with it here, else None (fp32) with a note saying why.
-
-    cuDNN runs bf16 LSTMs only from version 9.13 on; older builds fall back to a kernel without bf16 and fail.
-    A tiny forward/backward finds out before the run instead of crashing in its first step.
-    """
-    if dtype is None:
-        return None
-    try:
-        probe = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True).to(device)
-        with torch.autocast(device.type, dtype=dtype):
-            outputs, _ = probe(torch.ones(2, 3, 8, device=device))  # (2, 3, 16)
-        outputs.float().sum().backward()
-        return dtype
-    except RuntimeError as err:
-        notes.append(f"{dtype} autocast LSTMs do not run here ({str(err).splitlines()[0]}); training in fp32")
-        return None
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-@contextlib.contextmanager
-def _determinism(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels for the duration of the run; the process's previous settings come back after."""
-    if not enabled:
-        yield
-        return
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-                torch.backends.cudnn.deterministic)
-    # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first cuBLAS call.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[1], previous[2]
-
-
-def _check_out_folder(config: TrainTemporalConfig, last_path: Path) -> None:
-    if config.resume and not last_path.is_file():
-        raise TrainError(f"--resume: {last_path} does not exist; start the run without --resume (or fix --out)")
-    if not config.resume and last_path.is_file():
-        raise TrainError(
-            f"{config.out} already holds a run ({last_path.name}); pass --resume to continue it, or choose a new --out"
-        )
-
-
-#: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
-_RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "cache", "device", "precision", "progress",
-                                "eval_batch_size", "pack_cache"})
-
-
-def _check_resume_config(saved: dict[str, Any], config: TrainTemporalConfig, path: Path) -> None:
-    current = config_to_dict(config)
-    changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise TrainError(
-            f"--resume: the config differs from the one {path} was trained with ({details}); resume with the "
-            f"run's own settings (its config.yaml), or start a new run in another --out"
-        )
-
-
 def _check_labels(split: PackedSplit, name: str, data: TrainingData) -> None:
     if split.verb_labels is None or split.noun_labels is None:
         raise TrainError(f"the {name} split has no labels; train on labelled splits (train, validation)")
@@ -746,16 +584,6 @@ def _release_host_features(host: PackedSplit | None, moved: PackedSplit | None) 
         host.features = host.features.new_empty((0, host.features.shape[1]))  # (0, D)
 
 
-def _restore_rng(state: dict[str, Any], generator: torch.Generator, path: Path) -> None:
-    try:
-        restore_rng_state(state, generator)
-    except RuntimeError as err:  # a CPU generator's state does not fit a CUDA generator, and back
-        raise TrainError(
-            f"--resume: {path} was trained with its data on another kind of device than {generator.device} "
-            f"({str(err).splitlines()[0]}); resume on the same kind of device (--device), or start a new run"
-        ) from err
-
-
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move a tensor; CPU -> GPU copies go through pinned memory without blocking the host (no sync per step)."""
     if tensor.device == device:
@@ -769,132 +597,3 @@ def _unseen_mask(split: PackedSplit, unseen_participants: frozenset[str] | None)
     if unseen_participants is None:
         return None
     return np.array([p in unseen_participants for p in split.participant_ids], dtype=bool)  # (S,)
-
-
-def _write_csv(path: Path, history: list[dict[str, float]]) -> None:
-    """metrics.csv rewritten whole (atomically) from the history, so a resumed run never duplicates a row."""
-    columns: list[str] = []
-    for row in history:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _plot(history: list[dict[str, float]], out: Path, schedule: LRSchedule, step: int,
-          steps_per_epoch: int) -> list[Path]:
-    """loss.png, accuracy.png and lr.png of the history so far (the lr curve: every optimiser step up to ``step``)."""
-    from epicfeat.temporal.plots import plot_training
-
-    steps = range(step)
-    lr_curve = ([s / steps_per_epoch for s in steps], [schedule(s) for s in steps])
-    return plot_training(history, out, lr_curve=lr_curve, title=out.name)
-
-
-def _log_tensorboard(writer, row: dict[str, float], schedule: LRSchedule, first_step: int, step: int) -> None:
-    """The lr of every optimiser step of the epoch (x = step), and the epoch's losses / metrics (x = epoch)."""
-    epoch = int(row["epoch"])
-    for s in range(first_step, step):
-        writer.add_scalar("lr", schedule(s), s)
-    for name, value in row.items():
-        if name in ("epoch", "step", "lr"):
-            continue
-        group = "loss" if name.endswith("loss") else "speed" if name.endswith(("_per_s", "seconds")) else "accuracy"
-        writer.add_scalar(f"{group}/{name}", value, epoch)
-    writer.flush()
-
-
-def _console(enabled: bool):
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=not enabled)
-
-
-class _EpochProgress:
-    """One rich progress bar per epoch (segments, segments/s, ETA) and one result line after it."""
-
-    def __init__(self, console, *, enabled: bool):
-        self.console, self.enabled = console, enabled
-
-    @contextlib.contextmanager
-    def epoch(self, epoch: int, epochs: int, segments: int) -> Iterator[Callable[[int], None]]:
-        if not self.enabled:
-            yield lambda n: None
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn(f"[bold]epoch {epoch}/{epochs}[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("segments  {task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        started = time.perf_counter()
-        task = bar.add_task("train", total=segments, rate="")
-        with bar:
-            def advance(n: int) -> None:
-                done = bar.tasks[0].completed + n
-                rate = done / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, advance=n, rate=f"{rate:,.0f}/s")
-
-            yield advance
-
-    def report(self, row: dict[str, float], stopping: EarlyStopping, details: list[str] | None = None) -> None:
-        """One line per epoch: losses and top-1 accuracies, then ``details`` (default: lr, speed, epoch time)."""
-        if not self.enabled:
-            return
-        parts = [f"epoch {int(row['epoch'])}", f"train loss {row['train_loss']:.3f}"]
-        if "val_loss" in row:
-            parts += [
-                f"val loss {row['val_loss']:.3f}",
-                f"verb {row['all_verb_accuracy_at_1']:.1f}",
-                f"noun {row['all_noun_accuracy_at_1']:.1f}",
-                f"action {row['all_action_accuracy_at_1']:.1f}",
-            ]
-        if details is None:
-            details = [f"lr {row['lr']:.2e}", f"{row['train_segments_per_s']:,.0f} seg/s", f"{row['epoch_seconds']:.1f} s"]
-        marker = " [green]*best*[/]" if stopping.best_epoch == int(row["epoch"]) else ""
-        self.console.print("  ".join(parts + details) + marker, soft_wrap=True)
-        if stopping.stopped_early:
-            self.console.print(f"early stop: no better validation action top-1 for {stopping.patience} epochs")
-
-
-def print_summary(result: TrainResult, *, console=None, title: str = "epicfeat train-temporal") -> None:
-    """The end-of-run table: best epoch and its metrics, clamped / dropped segments, where everything went."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    table = Table(title=title, show_header=False)
-    table.add_row("epochs completed", f"{result.epochs_completed}" + (" (early stop)" if result.stopped_early else ""))
-    table.add_row("best epoch", str(result.best_epoch))
-    for name, value in result.best_metrics.items():
-        if name.startswith(("all_", "tail_", "unseen_")) or name in ("train_loss", "val_loss"):
-            table.add_row(f"  {name}", f"{value:.2f}" if "accuracy" in name else f"{value:.4f}")
-    for split, summary in result.pack_summary.items():
-        table.add_row(
-            f"{split} segments",
-            f"{summary.get('segments', 0):,} ({summary.get('empty_clamped', 0)} empty clamped, "
-            f"{summary.get('past_end_clamped', 0)} past-end clamped, "
-            f"{summary.get('missing_video_dropped', 0)} dropped: video missing)",
-        )
-    speeds = [row["train_segments_per_s"] for row in result.history if "train_segments_per_s" in row]
-    if speeds:
-        table.add_row("training speed", f"{np.median(speeds):,.0f} segments/s (median epoch)")
-    table.add_row("time", f"{result.seconds:.1f} s")
-    table.add_row("best checkpoint", str(result.best_checkpoint))
-    table.add_row("last checkpoint", str(result.last_checkpoint))
-    table.add_row("metrics", str(result.metrics_csv))
-    table.add_row("plots", ", ".join(str(p) for p in result.plots))
-    table.add_row("tensorboard", f"tensorboard --logdir {result.tensorboard}")
-    console.print(table)
-    for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
