@@ -229,10 +229,11 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
     jobs, missing = select_videos(config)
     pool = None
     if not config.scheduler:
-        # Start the decode processes first: they import PyAV and open their first videos while the model loads.
+        # Start the decode processes first: they import PyAV and decode the first video while the model loads.
         workers = decode_workers_for(config.decode_workers, len(jobs))
-        if workers:
+        if workers and jobs:
             pool = DecodePool(workers, config.fps, preprocess_of(config), config.batch_size, config.decode_threads)
+            pool.start_early(jobs[0])  # its first frames decode while the model loads
     try:
         return _extract(config, jobs, missing, pool, started)
     finally:
@@ -512,9 +513,9 @@ class DecodePool:
 
     Each worker holds at most two videos (the one it decodes and the next), so no worker sets the pace and the
     run has no long tail of statically assigned videos. Workers are spawned (not forked: the parent runs zarr's
-    event-loop thread and an OpenMP pool) as soon as the pool is made, so they start while the model loads. A
-    worker that dies (a decoder crash, the OOM killer) costs its video one retry on a fresh worker; a second death
-    fails that video, never the run.
+    event-loop thread and an OpenMP pool) as soon as the pool is made, and ``start_early`` hands one the first video
+    before it can be claimed, so decoding starts while the model loads. A worker that dies (a decoder crash, the
+    OOM killer) costs its video one retry on a fresh worker; a second death fails that video, never the run.
     """
 
     def __init__(self, workers: int, fps: float | None, preprocess: Preprocess, batch_size: int, threads: int):
@@ -525,6 +526,7 @@ class DecodePool:
         self._image_shape = (batch_size, preprocess.crop, preprocess.crop, 3)
         self._workers = [self._spawn() for _ in range(workers)]
         self._retry: collections.deque = collections.deque()  # (job, attempt) to hand out before new ones
+        self._early: VideoJob | None = None  # handed out by start_early, not yet claimed
 
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe(duplex=True)
@@ -543,8 +545,22 @@ class DecodePool:
                 return worker.process.pid
         return None
 
+    def start_early(self, job: VideoJob) -> None:
+        """Decode ``job`` now, before it is claimed: the claim needs the feature set, whose key needs the model's
+        weights hash, so without this the first frame would wait seconds for the model to load.
+
+        ``events`` keeps the work when the first job its ``next_job`` hands out is this video (the normal case: the
+        first video of a new run). Otherwise (it is complete, or another writer holds it) that worker is restarted
+        and its few batches are dropped: a worker decodes at most DECODE_PREFETCH_BATCHES ahead of ``events``.
+        """
+        worker = self._workers[0]
+        worker.assigned.append((job, 0))
+        worker.conn.send(job)
+        self._early = job
+
     def events(self, next_job: Callable[[], VideoJob | None]) -> Iterator[object]:
         """Decode items of every job ``next_job`` hands out (None: no more), as the workers produce them."""
+        next_job = self._claimed_early_job(next_job)
         exhausted = False
         while True:
             for worker in self._workers:
@@ -571,6 +587,33 @@ class DecodePool:
                 elif worker.process.sentinel in ready or not worker.process.is_alive():
                     yield from self._replace_dead(worker)
 
+    def _claimed_early_job(self, next_job: Callable[[], VideoJob | None]) -> Callable[[], VideoJob | None]:
+        """``next_job`` for ``events``, settling ``start_early``'s job against the first job handed out."""
+        early, self._early = self._early, None
+        if early is None:
+            return next_job
+        first = next_job()
+        if first is not None and first.video_id == early.video_id:
+            return next_job  # claimed by this process: worker 0 goes on with it
+        self._restart(self._workers[0])
+        handed_out = [first]
+
+        def first_then_next_job() -> VideoJob | None:
+            return handed_out.pop() if handed_out else next_job()
+
+        return first_then_next_job
+
+    def _restart(self, worker: _Worker) -> None:
+        """Stop ``worker`` whatever it is doing (its jobs are dropped) and put a fresh process in its place."""
+        worker.process.terminate()
+        self._discard(worker)
+        self._workers[self._workers.index(worker)] = self._spawn()
+
+    def _discard(self, worker: _Worker) -> None:
+        worker.process.join(timeout=5)
+        worker.conn.close()
+        worker.slots.close(unlink=True)
+
     def _receive(self, worker: _Worker) -> Iterator[object]:
         try:
             item = worker.conn.recv()
@@ -591,10 +634,8 @@ class DecodePool:
             yield item
 
     def _replace_dead(self, worker: _Worker) -> Iterator[object]:
-        worker.process.join(timeout=5)
+        self._discard(worker)
         code = worker.process.exitcode
-        worker.conn.close()
-        worker.slots.close(unlink=True)
         index = self._workers.index(worker)
         if worker.assigned:
             (job, attempt), *waiting = list(worker.assigned)
@@ -610,6 +651,8 @@ class DecodePool:
         self._workers[index] = self._spawn()
 
     def close(self) -> None:
+        if self._early is not None:  # never claimed (nothing to do, or an error first): it may be blocked mid-video
+            self._workers[0].process.terminate()
         for worker in self._workers:
             try:
                 worker.conn.send(None)
