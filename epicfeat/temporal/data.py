@@ -124,16 +124,12 @@ class PackedSplit:
         starts = self.row_start[segments].unsqueeze(1)  # (B, 1)
         return starts + bin_offsets(self.row_count[segments], frames, train=train, generator=generator)  # (B, T)
 
-    def gather(
-        self,
-        segments: torch.Tensor,
-        frames: int,
-        *,
-        train: bool,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Features of ``frames`` sampled rows per segment, (B, T, D) float16, by one ``index_select``."""
-        rows = self.sample_rows(segments, frames, train=train, generator=generator)  # (B, T)
+    def gather(self, segments: torch.Tensor, frames: int, **sampling: Any) -> torch.Tensor:
+        """Features of ``frames`` sampled rows per segment, (B, T, D) float16, by one ``index_select``.
+
+        ``sampling`` is what ``sample_rows`` takes: ``train`` (required) and ``generator``.
+        """
+        rows = self.sample_rows(segments, frames, **sampling)  # (B, T)
         picked = self.features.index_select(0, rows.reshape(-1))  # (B * T, D)
         return picked.reshape(rows.shape[0], rows.shape[1], self.features.shape[1])  # (B, T, D)
 
