@@ -34,7 +34,8 @@ end-to-end extract frames/s on the 1080p and 640x360 files with decode_workers =
                                                          # extract processes on one cache, 3 SIGKILLs, a rerun;
                                                          # peak memory for 30 vs 120 videos (1-3 minutes)
     python benchmarks/bench_extract.py --quick --vs-straight  # extract CLI vs a straight decode -> ResNet50 loop,
-                                                              # start-up included, 1 and 3 videos (about 5 minutes)
+                                                              # start-up included, 1 and 3 videos, with and without
+                                                              # --no-fold-bn (about 7 minutes)
 
 The GPU section also prints the share of the pipeline's time the GPU is busy (CUDA events around each batch's copy
 in, model and copy out).
@@ -72,7 +73,7 @@ from common import (  # first: the checkout on sys.path
     verdict,
 )
 
-from epicfeat.backbone import create_backbone
+from epicfeat.backbone import create_backbone, fold_batch_norms
 from epicfeat.devices import resolve_device, resolve_precision
 
 # Extract's per-batch model step and its decode producer, measured alone: exactly the code that `extract` runs, so
@@ -294,21 +295,30 @@ class CpuModel:
         self.device = torch.device("cpu")
         self.preprocess = preprocess_of(self.config)
         self.model = prepare_model(create_backbone("random"), self.config, self.device)
+        # torchvision's modules as they are (--no-fold-bn), to show what folding the batch norms saves
+        self.unfolded = prepare_model(create_backbone("random"), replace(self.config, fold_bn=False), self.device)
         self.runner = ModelRunner(self.model, preprocess_of(self.config), self.config, self.device)
         shape = (self.config.batch_size, self.config.crop, self.config.crop, 3)
         self.images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)  # (64, 224, 224, 3)
         pixels = self.preprocess.normalize(self.images)  # (64, 3, 224, 224)
         self.pixels = pixels.contiguous(memory_format=torch.channels_last)
-        self.steps = {"extract_step": self.extract_step, "forward_only": self.forward_only}
+        self.steps = {"extract_step": self.extract_step, "forward_only": self.forward_only,
+                      "forward_unfolded": self.forward_unfolded}
 
     def extract_step(self) -> None:
         extract_step(self.runner, self.images)
 
-    @torch.inference_mode()
     def forward_only(self) -> None:
+        self._forward(self.model)
+
+    def forward_unfolded(self) -> None:
+        self._forward(self.unfolded)
+
+    @torch.inference_mode()
+    def _forward(self, model) -> None:
         dtype = _AUTOCAST_DTYPES.get(self.config.precision)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            self.model(self.pixels)
+            model(self.pixels)
 
     def seconds(self, step: str, threads: int) -> float:
         """One timed batch of ``step`` with ``threads`` torch threads (restored afterwards)."""
@@ -328,6 +338,7 @@ def measure_model_cpu(model: CpuModel, settings: Settings) -> dict:
     default_threads = torch.get_num_threads()
     spare_threads = max(1, default_threads - _default_decode_workers())  # cores not taken by decode workers
     variants = {"extract_step": ("extract_step", default_threads), "forward_only": ("forward_only", default_threads),
+                "forward_unfolded": ("forward_unfolded", default_threads),
                 "extract_step_spare_threads": ("extract_step", spare_threads)}
     for step, threads in variants.values():  # warm up (oneDNN picks its kernels per thread count)
         model.seconds(step, threads)
@@ -591,7 +602,8 @@ def measure_memory(videos_root: Path, specs: dict[str, VideoSpec], workdir: Path
 
 # ---------------------------------------------------------------------------------------------------- GPU
 def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 20) -> dict:
-    """ResNet50 forward rows/s at ``batch``: fp32, bf16, bf16+channels_last, bf16+channels_last+compile."""
+    """ResNet50 forward rows/s at ``batch``: fp32, bf16, bf16+channels_last, then with batch norms folded (what
+    extract runs), and with torch.compile."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -599,11 +611,13 @@ def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 
     results = {}
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)).to(device)  # (B,3,224,224)
-    variants = {"fp32": (None, False, False), "bf16": (torch.bfloat16, False, False),
-                "bf16+channels_last": (torch.bfloat16, True, False),
-                "bf16+channels_last+compile": (torch.bfloat16, True, True)}
-    for name, (dtype, channels_last, compiled) in variants.items():
-        model = create_backbone("random").to(device).eval()
+    variants = {"fp32": (None, False, False, False), "bf16": (torch.bfloat16, False, False, False),
+                "bf16+channels_last": (torch.bfloat16, True, False, False),
+                "bf16+channels_last+fold_bn": (torch.bfloat16, True, True, False),
+                "bf16+channels_last+fold_bn+compile": (torch.bfloat16, True, True, True)}
+    for name, (dtype, channels_last, fold, compiled) in variants.items():
+        model = create_backbone("random").eval()
+        model = (fold_batch_norms(model) if fold else model).to(device)
         inputs = pixels
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -701,32 +715,49 @@ def _timed_command(command: list[str]) -> float:
 
 def measure_vs_straight_loop(files: dict[str, Path], workdir: Path, precision: str, many: int = 3) -> dict:
     """``epicfeat extract`` (the CLI, fresh cache) against a straight iter_frames -> ResNet50 loop in a fresh
-    process, both timed from launch to exit, on one short video and on ``many`` of them; interleaved, twice."""
+    process, all timed from launch to exit, on one short video and on ``many`` of them; interleaved, twice.
+
+    extract runs twice: as it is (batch norms folded) and with ``--no-fold-bn``, torchvision's modules as the
+    straight loop runs them, so the second ratio is the pipeline's own cost against the same model.
+    """
     label = "640x360@59.94"
+    variants = {"straight": None, "extract": [], "extract_unfolded": ["--no-fold-bn"]}
     results = {}
     for count in (1, many):
         root = workdir / "straight_videos" / f"{count}"
         ids = link_copies(files[label], root, count)
         paths = [str(next(root.rglob(f"{video_id}.*"))) for video_id in ids]
-        times = {"straight": [], "extract": []}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         rows = 0
         for _ in range(2):
-            times["straight"].append(_timed_command([sys.executable, "-c", _STRAIGHT_LOOP, precision, *paths]))
-            cache = Path(tempfile.mkdtemp(prefix="cache-", dir=workdir))
-            times["extract"].append(_timed_command([
-                sys.executable, "-m", "epicfeat", "extract", "--videos", str(root), "--video-ids", ",".join(ids),
-                "--cache", str(cache), "--weights", "random", "--precision", precision, "--no-progress"]))
-            store = next(cache.glob("*/featureset.json")).parent
-            rows = sum(FeatureStore.open(store).video_attrs(v).get("rows", 0) for v in ids)
-            shutil.rmtree(cache, ignore_errors=True)
+            for name, flags in variants.items():
+                if flags is None:
+                    times[name].append(_timed_command([sys.executable, "-c", _STRAIGHT_LOOP, precision, *paths]))
+                else:
+                    seconds, rows = _timed_extract(root, ids, workdir, precision, flags)
+                    times[name].append(seconds)
         results[count] = {name: rows / statistics.mean(t) for name, t in times.items()}
         results[count]["rows"] = rows
-        ratio = results[count]["extract"] / results[count]["straight"]
-        results[count]["ratio"] = ratio
+        ratio = results[count]["ratio"] = results[count]["extract"] / results[count]["straight"]
+        same_model = results[count]["ratio_unfolded"] = results[count]["extract_unfolded"] / results[count]["straight"]
         print(f"  {count} x {files[label].name} ({rows} rows, {precision}): straight loop "
               f"{results[count]['straight']:.1f} rows/s, epicfeat extract {results[count]['extract']:.1f} rows/s, "
-              f"ratio {ratio:.2f} {verdict(ratio, 1.0)}", flush=True)
+              f"ratio {ratio:.2f} {verdict(ratio, 1.0)}; with --no-fold-bn (the straight loop's model) "
+              f"{results[count]['extract_unfolded']:.1f} rows/s, ratio {same_model:.2f}", flush=True)
     return results
+
+
+def _timed_extract(root: Path, ids: list[str], workdir: Path, precision: str, flags: list[str]) -> tuple[float, int]:
+    """(seconds from launch to exit, rows written) of one `epicfeat extract` of ``ids`` into a fresh cache."""
+    cache = Path(tempfile.mkdtemp(prefix="cache-", dir=workdir))
+    try:
+        seconds = _timed_command([
+            sys.executable, "-m", "epicfeat", "extract", "--videos", str(root), "--video-ids", ",".join(ids),
+            "--cache", str(cache), "--weights", "random", "--precision", precision, "--no-progress", *flags])
+        store = next(cache.glob("*/featureset.json")).parent
+        return seconds, sum(FeatureStore.open(store).video_attrs(v).get("rows", 0) for v in ids)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 # ==================================================================================================================
 # Scale rehearsal: many writers on one cache, kills, a rerun
@@ -967,8 +998,12 @@ def run_cpu_sections(args, settings: Settings, files: dict[str, Path], specs: di
         ["extract step (ModelRunner: normalise + model + fp16 out)", model["torch_threads"],
          f"{model['extract_step_rows_per_s']:.1f}"],
         ["forward only (pre-normalised tensors)", model["torch_threads"], f"{model['forward_only_rows_per_s']:.1f}"],
+        ["forward only, batch norms not folded (--no-fold-bn)", model["torch_threads"],
+         f"{model['forward_unfolded_rows_per_s']:.1f}"],
         ["extract step, threads = cores - default decode workers", model["spare_threads"],
          f"{model['extract_step_spare_threads_rows_per_s']:.1f}"]]))
+    print(f"      folded / unfolded batch norms, forward only: "
+          f"{model['forward_only_rows_per_s'] / model['forward_unfolded_rows_per_s']:.2f}x")
 
     print("\n[4] end to end (CPU, fresh cache each run) ...", flush=True)
     config = ExtractConfig(weights="random", device="cpu")  # defaults: fps 10, 256/224, auto precision, decode workers -1

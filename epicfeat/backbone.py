@@ -9,6 +9,7 @@ holding the same tensors gives the same feature set.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import ResNet50_Weights
 
 from epicfeat.errors import EpicfeatError
@@ -57,6 +59,36 @@ class ResNet50Features(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
+
+
+def fold_batch_norms(model: ResNet50Features) -> ResNet50Features:
+    """An inference copy of ``model`` with every batch norm folded into the convolution before it.
+
+    In eval mode a batch norm is a per-channel affine map, so it folds into its convolution's weights and bias:
+    one pass over each activation map instead of two. On a 2-core AMX CPU a 64-frame batch took 1.33 s instead of
+    1.79 s in bf16 and 3.23 s instead of 4.27 s in fp32 (``benchmarks/bench_extract.py``). The features equal the
+    unfolded ones up to rounding (relative 5e-7 in fp32, 6e-3 in bf16), so whether they were folded is part of a
+    feature set's identity (``fold_bn``). ``model`` itself is left as it is; the copy keeps its weights' name and
+    hash (the identity of the weights, not of the folded tensors).
+    """
+    if model.training:
+        raise ValueError("fold_batch_norms needs a model in eval mode: training batch norms use batch statistics")
+    folded = copy.deepcopy(model)
+    for block, conv_name, norm_name in _conv_norm_pairs(folded):
+        setattr(block, conv_name, fuse_conv_bn_eval(getattr(block, conv_name), getattr(block, norm_name)))
+        setattr(block, norm_name, nn.Identity())
+    return folded
+
+
+def _conv_norm_pairs(model: ResNet50Features) -> list[tuple[nn.Module, str, str]]:
+    """(module, conv attribute, batch norm attribute) of every convolution followed by a batch norm."""
+    pairs = [(model, "conv1", "bn1")]
+    for layer in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in layer:  # torchvision Bottleneck: conv1/bn1, conv2/bn2, conv3/bn3, optional downsample
+            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))  # Sequential(conv 1x1, batch norm)
+    return pairs
 
 
 def weights_identity(model: nn.Module) -> str:

@@ -63,6 +63,11 @@ class ExtractConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     channels_last: bool = option(True, "Channels-last memory layout for the backbone (faster convolutions).")
     compile: bool = option(False, "torch.compile the backbone (GPU; pays off on long runs).")
+    fold_bn: bool = option(
+        True,
+        "Fold each batch norm into the convolution before it (ResNet50 1.3x faster; the features equal torchvision's "
+        "unfolded modules up to rounding). Part of the feature set; predict and export follow the set's choice."
+    )
     scheduler: str | None = option(
         None,
         "Dask scheduler address to join; \"local\" starts a LocalCluster; \"slurm\" submits --workers SLURM jobs "

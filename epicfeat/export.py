@@ -168,7 +168,7 @@ def build_models(config: ExportConfig) -> _Models:
     window = checkpoint.window
     preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()
-    backbone = checkpoint.create_backbone(config.weights, seed=config.seed).eval()
+    backbone = checkpoint.create_inference_backbone(config.weights, seed=config.seed)  # as extract ran it
     generator = torch.Generator().manual_seed(config.seed_inputs)
     # Random features spread like the training features (the head's own statistics), so the check exercises the
     # standardised range the model works in, not a corner of it.

@@ -144,11 +144,12 @@ def numeric_settings(config: ExtractConfig, device: torch.device) -> dict:
         "precision": resolve_precision(config.precision, device),
         "decoder": decoder_version(),
         "device": device_description(device),
-        # "fp32" on a GPU is real fp32: TF32 is switched off for it (_prepare_model); bf16/fp16 do not use TF32.
+        # "fp32" on a GPU is real fp32: TF32 is switched off for it (prepare_model); bf16/fp16 do not use TF32.
         "tf32": False,
         "batch_size": config.batch_size,
         "channels_last": config.channels_last,
         "compile": config.compile,
+        "fold_bn": config.fold_bn,
     }
 
 
@@ -679,7 +680,12 @@ def _inline_events(next_job: Callable[[], VideoJob | None], config: ExtractConfi
 def prepare_model(backbone: torch.nn.Module, config: ExtractConfig, device: torch.device) -> torch.nn.Module:
     import torch
 
-    model = backbone.to(device).eval()
+    from epicfeat.backbone import fold_batch_norms
+
+    model = backbone.eval()
+    if config.fold_bn:
+        model = fold_batch_norms(model)  # one pass per activation map instead of two
+    model = model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest kernels once
         # "fp32" means fp32: on a GPU convolutions and matmuls would otherwise run in TF32 (other numbers).

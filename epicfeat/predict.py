@@ -667,10 +667,10 @@ def _create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.
     if precision != feature_set.get("precision", "fp32"):
         notes.append(f"backbone precision {precision} differs from the feature set's "
                      f"{feature_set.get('precision')}: features differ slightly from the training features")
+    backbone = checkpoint.create_inference_backbone(config.weights, seed=config.seed)  # as extract ran it
     encoder = FrameEncoder(
-        checkpoint.create_backbone(config.weights, seed=config.seed), Preprocess.from_identity(feature_set), device,
-        precision=precision, feature_dtype=feature_set.get("dtype", "float16"),
-        channels_last=config.channels_last, compile=config.compile,
+        backbone, Preprocess.from_identity(feature_set), device, precision=precision,
+        feature_dtype=feature_set.get("dtype", "float16"), channels_last=config.channels_last, compile=config.compile,
     )
     # The head's LSTM runs in the precision its training validated in, as evaluate runs it, so the timeline's
     # scores equal evaluate's (and a bf16 run's head is cheaper per prediction too).

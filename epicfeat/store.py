@@ -179,6 +179,7 @@ class FeatureSetIdentity:
     batch_size: int | None = None  # rows per model batch: kernels are chosen per batch shape
     channels_last: bool | None = None  # memory layout of the backbone: another convolution path
     compile: bool | None = None  # torch.compile fuses ops: other rounding
+    fold_bn: bool | None = None  # batch norms folded into the convolutions: other rounding
 
     def __post_init__(self):
         # Normalise so that identities read back from JSON compare (and hash) equal to the ones built in code.
@@ -227,7 +228,7 @@ class FeatureSetIdentity:
 
 
 #: Identity fields added after the first feature sets were written; None means "not recorded".
-NUMERIC_SETTINGS = ("decoder", "device", "tf32", "batch_size", "channels_last", "compile")
+NUMERIC_SETTINGS = ("decoder", "device", "tf32", "batch_size", "channels_last", "compile", "fold_bn")
 
 
 @dataclass

@@ -4,7 +4,8 @@ import urllib.error
 import pytest
 import torch
 
-from epicfeat.backbone import FEATURE_DIM, ResNet50Features, WeightsError, create_backbone, weights_identity
+from epicfeat.backbone import (FEATURE_DIM, ResNet50Features, WeightsError, create_backbone, fold_batch_norms,
+                               weights_identity)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,33 @@ def test_output_is_2048_features_per_image_at_any_input_size(random_seed0):
         for size in (112, 224):
             assert random_seed0(torch.zeros(1, 3, size, size)).shape == (1, FEATURE_DIM)
         assert random_seed0(torch.zeros(2, 3, 64, 64)).shape == (2, 2048)
+
+
+def test_folded_batch_norms_give_the_same_features_and_leave_the_model_alone(images):
+    """Every batch norm folds into its convolution: none is left, and the features are the unfolded ones up to
+    fp32 rounding, with batch norm statistics far from the random init's (mean 0, var 1, weight 1, bias 0)."""
+    model = create_backbone("random", seed=0)
+    generator = torch.Generator().manual_seed(1)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        channels = norm.num_features
+        norm.running_mean.copy_(torch.randn(channels, generator=generator) * 0.5)  # (C,)
+        norm.running_var.copy_(torch.rand(channels, generator=generator) * 2 + 0.1)
+        norm.weight.data.copy_(torch.rand(channels, generator=generator) + 0.5)
+        norm.bias.data.copy_(torch.randn(channels, generator=generator) * 0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batch_norms(model)
+
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 53  # the original keeps its 53
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert (folded.weights_name, folded.weights_sha) == (model.weights_name, model.weights_sha)
+    with torch.inference_mode():
+        expected, got = model(images), folded(images)  # (2, 2048) each
+    assert got.shape == (2, FEATURE_DIM)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert not torch.equal(got, expected)  # really another computation, not the same modules
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(create_backbone("random", seed=0).train())
 
 
 def test_state_dict_file_round_trip(random_seed0, images, tmp_path):

@@ -176,11 +176,12 @@ def test_time_real_loop_runs_train_one_epoch_and_evaluate(capsys):
                                frames=4, batch_size=4, micro_batch_size=2, seed=0, warmup_segments=2, repeats=1)
     assert (result["precision"], result["segments"], result["val_segments"], result["steps"]) == ("fp32", 6, 3, 2)
     assert result["model_share"] == pytest.approx(result["model_step"] * 2 / result["epoch"])
+    assert 0 < result["loop_own_work"] < result["epoch"]  # the same loop around a near-empty model
     assert np.isfinite(result["train_loss"]) and 0 <= result["val_action"] <= 100
     bt.print_real_loop([result, {**result, "precision": "bf16"}], "CPU")
     out = capsys.readouterr().out
     assert "fp32: 6 train / 3 val segments, 2 steps" in out and "bf16 vs fp32: epoch speed-up" in out
-    assert "target >= 0.95 on the CPU (" in out
+    assert "target >= 0.95 on the CPU (" in out and "the loop's own work (train_one_epoch, near-empty model)" in out
 
 
 def test_epic_size_splits_lay_out_every_video_and_repeat_the_train_segments(synthetic_dataset):

@@ -21,12 +21,12 @@ VERBS, NOUNS = ("take", "put", "open"), ("cup", "knife", "tap", "plate")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _checkpoint(path, precision):
+def _checkpoint(path, precision, fold_bn=None):
     """A tiny attention-pooling head on a random-seed0 backbone feature set, with non-trivial feature statistics."""
     backbone = create_backbone("random", seed=0)
     identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=10.0,
                                   resize=64, crop=CROP, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                  precision=precision)
+                                  precision=precision, fold_bn=fold_bn)
     args = TemporalModelArgs(hidden=8, layers=2, pooling="attention", n_verbs=len(VERBS), n_nouns=len(NOUNS))
     torch.manual_seed(0)
     # Random-weight features at this crop sit around 0..3 with spread ~0.5: standardise them like training would.
@@ -122,6 +122,22 @@ def test_a_bf16_feature_set_exports_a_bf16_full_model_that_equals_predict(bf16_c
     assert meta["preprocessing"]["precision"] == "bf16" and meta["inputs"]["full_model"]["precision"] == "fp32"
     print_summary(onnx)
     assert "computes in fp32 where the feature set (and predict) use bf16" in capsys.readouterr().out
+
+
+def test_the_exported_backbone_folds_its_batch_norms_when_the_feature_set_was_extracted_so(checkpoint, tmp_path):
+    """extract folds batch norms by default (fold_bn in the identity): export's backbone is then folded too, so its
+    features are the cached ones; a set extracted with --no-fold-bn (or before fold_bn existed) keeps them."""
+    from epicfeat.export import build_models
+
+    def norms(path) -> int:
+        backbone = build_models(ExportConfig(checkpoint=path, out=tmp_path)).backbone
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+
+    folded = _checkpoint(tmp_path / "folded.pt", "fp32", fold_bn=True)
+    assert (norms(folded), norms(_checkpoint(tmp_path / "unfolded.pt", "fp32", fold_bn=False)), norms(checkpoint)) \
+        == (0, 53, 53)
+    result = export(ExportConfig(checkpoint=folded, format="onnx", out=tmp_path / "onnx"))
+    assert all(c.max_abs_diff <= c.tolerance and c.matches_predict for c in result.checks)
 
 
 def test_coreml_export_converts_with_the_declared_interface(checkpoint, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from epicfeat.backbone import create_backbone
+from epicfeat.backbone import create_backbone, fold_batch_norms
 from epicfeat.extract import ExtractConfig, extract_features, preprocess_of
 from epicfeat.frames import iter_frames
 from epicfeat.store import FeatureStore
@@ -96,7 +96,7 @@ def test_rows_match_the_decoded_stream_and_a_direct_model_call(videos, reference
     assert attrs["preprocess"]["interpolation"] == "swscale_bilinear" and attrs["decoder"].startswith("pyav-")
     assert [r.video_id for r in summary.done] and summary.rows == sum(len(v[1]) for v in rows.values())
     cfg = config(videos, Path("unused"))
-    backbone = create_backbone("random", seed=0).eval()
+    backbone = fold_batch_norms(create_backbone("random", seed=0).eval())  # as extract runs it (fold_bn)
     for video_id, path in [("P01_01", videos / "P01/P01_01.MP4"), ("P02_01", videos / "P02/videos/P02_01.mp4")]:
         batches = list(iter_frames(path, fps=10.0, preprocess=preprocess_of(cfg), batch_size=1000))
         pts = np.concatenate([b.pts for b in batches])
@@ -442,11 +442,13 @@ def test_identity_keys_what_changes_the_numbers_and_nothing_else(videos, tmp_pat
     base = feature_set_identity(config(videos, tmp_path), backbone, cpu)
     assert base.decoder == f"pyav-{av.__version__}-libavcodec-{'.'.join(map(str, av.library_versions['libavcodec']))}"
     assert base.device == f"cpu-{torch.backends.cpu.get_cpu_capability()}" and base.tf32 is False
-    assert (base.batch_size, base.channels_last, base.compile, base.precision) == (8, True, False, "bf16")
+    assert (base.batch_size, base.channels_last, base.compile, base.precision, base.fold_bn) == (8, True, False, "bf16",
+                                                                                                True)
     keys = {base.key()}
-    for change in ({"batch_size": 5}, {"channels_last": False}, {"compile": True}, {"precision": "fp32"}):
+    changes = ({"batch_size": 5}, {"channels_last": False}, {"compile": True}, {"precision": "fp32"}, {"fold_bn": False})
+    for change in changes:
         keys.add(feature_set_identity(config(videos, tmp_path, **change), backbone, cpu).key())
-    assert len(keys) == 5
+    assert len(keys) == 1 + len(changes)
     for same in ({"decode_workers": 2}, {"decode_threads": 1}, {"scheduler": "local"}, {"claim_lease_s": 5.0}):
         assert feature_set_identity(config(videos, tmp_path, **same), backbone, cpu) == base
 

@@ -118,6 +118,15 @@ class Checkpoint:
             )
         return backbone
 
+    def create_inference_backbone(self, weights: str | None = None, *, seed: int | None = None):
+        """``create_backbone`` in eval mode, as ``extract`` ran it for the feature set: its batch norms folded into
+        the convolutions when the set was extracted so (``fold_bn``), so predict's and export's features are the
+        cached ones. Not for training (finetune): folded batch norms no longer learn."""
+        from epicfeat.backbone import fold_batch_norms
+
+        backbone = self.create_backbone(weights, seed=seed).eval()
+        return fold_batch_norms(backbone) if self.feature_set.get("fold_bn") else backbone
+
 
 def save_checkpoint(
     path: str | os.PathLike,
