@@ -496,7 +496,7 @@ def print_real_loop(results: list[dict], where: str) -> None:
             f"{r['segments'] / r['epoch']:,.0f} seg/s; train loss {r['train_loss']:.3f}")
         row("    model share of the epoch", f"{r['model_share']:.3f}",
             f"target >= 0.95 on the CPU ({verdict(r['model_share'], 0.95)})" if where == "CPU" else "")
-        row("    the loop's own work (train_one_epoch, near-empty model)", f"{r['loop_own_work']:.3f} s",
+        row("    the loop alone (near-empty model)", f"{r['loop_own_work']:.3f} s",
             f"{r['loop_own_work'] / r['epoch']:.1%} of the epoch (1 - share: {1 - r['model_share']:.1%})")
         row("    validation (evaluate, official metrics)", f"{r['validate']:.2f} s",
             f"{r['val_segments'] / r['validate']:,.0f} seg/s")

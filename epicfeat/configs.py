@@ -56,7 +56,7 @@ class ExtractConfig:
         "Backbone compute precision; auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else "
         "fp32. Features are stored as float16 either way; the resolved value is part of the feature set."
     )
-    # how to run it (does not change the features)
+    # how to run it (batch size, channels_last, compile and fold_bn can move a float16 by one step: all four are keyed)
     batch_size: int = option(64, "Frames per model batch.")
     decode_workers: int = option(-1, "DataLoader decode processes; -1: one per spare core (0: decode in this process).")
     decode_threads: int = option(0, "Codec threads per decoder (0: let FFmpeg choose).")

@@ -181,7 +181,7 @@ def test_time_real_loop_runs_train_one_epoch_and_evaluate(capsys):
     bt.print_real_loop([result, {**result, "precision": "bf16"}], "CPU")
     out = capsys.readouterr().out
     assert "fp32: 6 train / 3 val segments, 2 steps" in out and "bf16 vs fp32: epoch speed-up" in out
-    assert "target >= 0.95 on the CPU (" in out and "the loop's own work (train_one_epoch, near-empty model)" in out
+    assert "target >= 0.95 on the CPU (" in out and "the loop alone (near-empty model)" in out
 
 
 def test_epic_size_splits_lay_out_every_video_and_repeat_the_train_segments(synthetic_dataset):
