@@ -55,6 +55,24 @@ def test_info_prints_one_table_per_set(cache):
     assert "0 complete, 0 partial, 0 failed" in result.output
 
 
+def test_info_tells_apart_two_sets_that_differ_only_in_run_settings(tmp_path):
+    """Same weights, rate and preprocessing: only the recorded run settings (and the key's hash) differ, so info
+    prints them; a set made before they were keyed says so."""
+    settings = dict(decoder="pyav-18.1.0-libavcodec-62.28.102", device="cpu-AVX512", tf32=False, batch_size=64,
+                    channels_last=True, compile=False)
+    FeatureStore.create(tmp_path / "cache", identity(**settings, fold_bn=True))
+    FeatureStore.create(tmp_path / "cache", identity(**settings, fold_bn=False))
+    FeatureStore.create(tmp_path / "cache", identity(**{**settings, "batch_size": 1}))
+    FeatureStore.create(tmp_path / "cache", identity())
+    result = run("info", "--cache", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    common = ("decoder pyav-18.1.0-libavcodec-62.28.102, device cpu-AVX512, tf32 off, batch 64, channels_last on, "
+              "compile off, fold_bn")
+    assert f"{common} on" in result.output and f"{common} off" in result.output
+    assert "batch 1, channels_last on" in result.output  # a batch of 1 is a number, not "on"
+    assert "not recorded (a set made before they were keyed)" in result.output
+
+
 def test_info_on_an_empty_cache_says_how_to_fill_it(tmp_path):
     result = run("info", "--cache", str(tmp_path / "empty"))
     assert result.exit_code == 0 and "no feature sets" in result.output and "epicfeat extract" in result.output

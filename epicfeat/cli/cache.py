@@ -32,11 +32,26 @@ def _info(cfg: CacheConfig) -> None:
         table.add_row("rows", f"{rate}, {identity['feature_dim']}-d {identity['dtype']}")
         table.add_row("preprocessing", f"resize {identity['resize']}, crop {identity['crop']}, "
                                        f"mean {identity['mean']}, std {identity['std']}")
+        table.add_row("run settings", _run_settings(identity))
         table.add_row("videos", f"{facts['videos_complete']} complete, {facts['videos_partial']} partial, "
                                 f"{facts['videos_failed']} failed")
         table.add_row("features", f"{facts['rows']:,} rows from {facts['hours']:.2f} hours of video")
         table.add_row("on disk", _human_bytes(facts["bytes"]))
         console.print(table)
+
+
+def _run_settings(identity: dict) -> str:
+    """The recorded settings that move float16 values by a step: two sets whose other fields agree differ here."""
+    from epicfeat.store import NUMERIC_SETTINGS
+
+    labels = {"batch_size": "batch"}
+    recorded = [(name, identity.get(name)) for name in NUMERIC_SETTINGS if identity.get(name) is not None]
+    if not recorded:
+        return "not recorded (a set made before they were keyed)"
+    def shown(value) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else str(value)  # batch 1 stays 1, not "on"
+
+    return ", ".join(f"{labels.get(name, name)} {shown(value)}" for name, value in recorded)
 
 
 def _verify(cfg: CacheConfig) -> None:
