@@ -48,10 +48,11 @@ def _run_settings(identity: dict) -> str:
     recorded = [(name, identity.get(name)) for name in NUMERIC_SETTINGS if identity.get(name) is not None]
     if not recorded:
         return "not recorded (a set made before they were keyed)"
-    def shown(value) -> str:
-        return ("on" if value else "off") if isinstance(value, bool) else str(value)  # batch 1 stays 1, not "on"
+    return ", ".join(f"{labels.get(name, name)} {_shown(value)}" for name, value in recorded)
 
-    return ", ".join(f"{labels.get(name, name)} {shown(value)}" for name, value in recorded)
+
+def _shown(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)  # a batch of 1 is "1", not "on"
 
 
 def _verify(cfg: CacheConfig) -> None:
