@@ -270,7 +270,7 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
         )
     device = resolve_device(config.device)
     scored = []
-    for name, (path, ckpt) in zip(_member_names([path for path, _ in members]), members):
+    for name, (_, ckpt) in zip(_member_names([path for path, _ in members]), members):
         model = ckpt.create_model(device)
         model.compute_dtype = COMPUTE_DTYPES[_precision(config, ckpt)]
         verb, noun = score_split(model, packed, frames=_frames(ckpt), batch_size=config.batch_size, device=device)

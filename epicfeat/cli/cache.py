@@ -1,6 +1,4 @@
 """``epicfeat cache info | verify | export``: look into, check and convert the feature sets under ``--cache``."""
-from pathlib import Path
-
 import typer
 
 from epicfeat.cli._options import config_command

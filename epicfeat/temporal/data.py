@@ -322,7 +322,7 @@ def cached_pack_split(
 
 
 def _default_pack_dir(store: Any) -> Path:
-    path = Path(getattr(store, "path"))
+    path = Path(store.path)
     return path.parent / ".packed" / path.name
 
 
