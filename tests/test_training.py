@@ -1,4 +1,5 @@
-"""The run scaffold's own contract (epicfeat.training): run folder checks, training state round trip, epoch log."""
+"""The run scaffold's own contract (epicfeat.training): run folder checks, training state round trip, epoch log;
+and training's validation (epicfeat.temporal.train.evaluate): the official metrics, one copy of the logits."""
 import csv
 import math
 import random
@@ -6,10 +7,14 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from epicfeat.errors import EpicfeatError
+from epicfeat.metrics import epic_metrics
 from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint
+from epicfeat.temporal.data import PackedSplit
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
+from epicfeat.temporal.train import evaluate, score_split
 from epicfeat.training import (
     EarlyStopping,
     EpochLog,
@@ -184,6 +189,58 @@ def test_a_process_that_does_not_write_keeps_the_same_state_and_no_files(tmp_pat
         log.end_epoch(row, state, save=None, first_step=0)
     assert (state.history, state.stopping.best_epoch) == ([row], 1)
     assert log.finish(state) == [] and not folder.out.exists()
+
+
+# ------------------------------------------------------------------------------------- validation (evaluate)
+def _split(segments: int) -> PackedSplit:
+    """Random features, 3 to 8 rows per segment, random labels of 3 verbs and 2 nouns."""
+    generator = torch.Generator().manual_seed(segments)
+    counts = torch.randint(3, 9, (segments,), generator=generator)  # (S,)
+    return PackedSplit(features=torch.randn(int(counts.sum()), 6, generator=generator).half(),  # (R, 6)
+                       row_start=torch.cumsum(counts, 0) - counts, row_count=counts,
+                       verb_labels=torch.randint(0, 3, (segments,), generator=generator),
+                       noun_labels=torch.randint(0, 2, (segments,), generator=generator),
+                       narration_ids=[f"P01_01_{i}" for i in range(segments)], participant_ids=["P01"] * segments,
+                       video_ids=["P01_01"] * segments)
+
+
+def test_validation_metrics_are_the_official_metrics_of_the_scored_logits():
+    """One definition: training's validation reports ``epicfeat.metrics.epic_metrics`` (what ``epicfeat evaluate``
+    reports) of ``score_split``'s logits, and the training criterion as its loss."""
+    model, _ = _model_and_state(3)
+    split = _split(40)
+    subsets = dict(tail_verbs=frozenset({1}), tail_nouns=frozenset({0}), unseen=np.arange(40) % 3 == 0)
+    scoring = dict(frames=4, batch_size=16, device=torch.device("cpu"))
+    row = evaluate(model, split, label_smoothing=0.1, **subsets, **scoring)
+    verb_logits, noun_logits = score_split(model, split, **scoring)  # (40, 3), (40, 2)
+    expected = epic_metrics(verb_logits.numpy(), noun_logits.numpy(), split.verb_labels.numpy(),
+                            split.noun_labels.numpy(), **subsets)
+    verb_loss = F.cross_entropy(verb_logits, split.verb_labels, label_smoothing=0.1).item()
+    noun_loss = F.cross_entropy(noun_logits, split.noun_labels, label_smoothing=0.1).item()
+    assert row == {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss,
+                   **expected}
+    assert len(expected) == 12 and 0 < expected["all_action_accuracy_at_5"] < 100  # every subset, real values
+
+
+def test_validation_copies_the_logits_to_the_host_once_whatever_the_number_of_batches(monkeypatch):
+    """On a GPU each copy or read of a device tensor by the host waits for the GPU. Validation copies the logits of
+    all batches in one ``cpu()`` (the labels in one each), then reads only host tensors. Counted on the CPU by
+    wrapping those Tensor methods: 2 batches or 8, the same reads."""
+    reads = []
+    for name in ("cpu", "item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or
+                            _o(self, *a, **k))
+    model, _ = _model_and_state(3)
+
+    def validation_reads(segments: int) -> list[str]:
+        split = _split(segments)
+        reads.clear()
+        evaluate(model, split, frames=4, batch_size=10, device=torch.device("cpu"))
+        return list(reads)
+
+    # the logits, the verb and noun labels; two losses; the host arrays epic_metrics takes
+    assert validation_reads(20) == validation_reads(80) == ["cpu"] * 3 + ["item"] * 2 + ["numpy"] * 4
 
 
 # ------------------------------------------------------------------------------------------------ the walls
