@@ -92,14 +92,17 @@ class ExportResult:
 class FullModel(nn.Module):
     """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): normalise, backbone, round, head.
 
-    ``precision`` bf16 / fp16 runs the backbone under autocast exactly as ``predict``'s FrameEncoder does; the
+    ``precision`` bf16 / fp16 runs the backbone under autocast exactly as ``predict``'s FrameEncoder does, in its
+    channels-last layout: a CPU's bf16 convolution kernels depend on the layout (NCHW and channels-last features
+    differed by 0.75, logits by 8e-4, on an AMD EPYC with AVX512-BF16), so only the same layout equals predict. The
     head always runs in fp32, as in ``predict`` and ``evaluate``.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, mean, std, feature_dtype: torch.dtype,
                  precision: str = "fp32", *, window: int):
         super().__init__()
-        self.backbone, self.head, self.feature_dtype = backbone, head, feature_dtype
+        self.backbone = backbone.to(memory_format=torch.channels_last)  # as predict's FrameEncoder runs it
+        self.head, self.feature_dtype = head, feature_dtype
         self.precision = precision
         # T as a constant, not read from the input's shape: converters (coremltools) fail on traced shape
         # arithmetic, and the exported shapes are fixed anyway.
@@ -110,7 +113,7 @@ class FullModel(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = frames.flatten(0, 1)  # (B*T, 3, H, W): every frame through the backbone
-        pixels = (pixels - self.pixel_mean) * self.pixel_inv_std
+        pixels = ((pixels - self.pixel_mean) * self.pixel_inv_std).contiguous(memory_format=torch.channels_last)
         autocast = _AUTOCAST_DTYPES.get(self.precision)
         if autocast is None:
             features = self.backbone(pixels)  # (B*T, 2048)
