@@ -24,8 +24,6 @@ run extract 180 python benchmarks/bench_extract.py --quick --gpu --skip-memory -
 run temporal 180 python benchmarks/bench_temporal.py --only-loop --loop-segments 0 --gpu
 # finetune: its GPU section only (T=16 / T=32 clips/s, projected EPIC epoch, peak memory, decode wait).
 run finetune 180 python benchmarks/bench_finetune.py --gpu --skip-cpu
-# Validation metrics on the device (numpy on the host vs torch on the GPU; the test counts host synchronisations).
-run metrics 60 bash -c "python benchmarks/bench_metrics.py --gpu && python -m pytest -q tests/test_metrics_torch.py -k cuda"
 for bench in predict; do  # the GPU sections of later stages, when their benchmarks exist
     if [ -f "benchmarks/bench_$bench.py" ]; then
         run "$bench" 90 python "benchmarks/bench_$bench.py" --gpu
