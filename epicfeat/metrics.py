@@ -46,7 +46,6 @@ __all__ = [
     "ACTION_VERB_MULTIPLIER",
     "MetricsError",
     "action_scores",
-    "candidate_pairs",
     "epic_metrics",
     "most_confused",
     "per_class_accuracy",
@@ -136,7 +135,7 @@ def topk_accuracy(scores, labels, ks: Sequence[int] = (1, 5)) -> dict[int, float
     return {int(k): _percent(rank < k) for k in ks}
 
 
-def candidate_pairs(n_verbs: int, n_nouns: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+def _candidate_pairs(n_verbs: int, n_nouns: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Matrix positions (verb_rank, noun_rank) with (verb_rank + 1) * (noun_rank + 1) <= top_n + 1.
 
     Along a row of sorted probabilities the product p_v[i] * p_n[j] never increases with i or j, so a pair can
@@ -198,7 +197,7 @@ def action_scores(verb_logits, noun_logits, *, top_n: int = 100) -> tuple[np.nda
         flat = np.broadcast_to(np.arange(n_pairs), (n_segments, n_pairs))  # (N, K)
     else:
         flat = np.empty((n_segments, n_pairs), dtype=np.int64)  # (N, K) kept flat positions per segment
-        cand_verb, cand_noun = candidate_pairs(kept_verbs, kept_nouns, top_n)
+        cand_verb, cand_noun = _candidate_pairs(kept_verbs, kept_nouns, top_n)
         cand_scores = verb_probs[:, cand_verb] * noun_probs[:, cand_noun]  # (N, M), M ~ 5 * top_n
         n_cand = len(cand_verb)
         threshold = np.partition(cand_scores, n_cand - n_pairs, axis=1)[:, n_cand - n_pairs][:, None]  # (N, 1)
