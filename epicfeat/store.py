@@ -1,20 +1,18 @@
-"""Feature sets on disk: per-video Zarr v3 arrays of 2048-d features, completed atomically, checkable, exportable.
+"""Feature sets on disk: per-video Zarr v3 arrays of feature rows, completed atomically, checkable, exportable.
 
-This module is the only code that knows the layout. A feature set is one folder per combination of everything that
-changes the numbers (backbone, weights, fps, preprocessing, precision, dtype, decoder version, device, batch
-size, memory layout, compile), named by its identity's key::
+This module is the only code that knows the layout. A feature set is one folder per ``FeatureSetIdentity`` (all
+that changes the numbers: backbone, weights, preprocessing, precision, run settings), named by its key::
 
     <cache>/<identity.key()>/             a Zarr v3 group (zarr.json)
         featureset.json                   the identity and epicfeat version: written once, atomically
-        failures/<video>.<time>.<token>.json   one file per failure record (sets made before: failures.jsonl)
-        .claims/P01_02.claim              the claim of the one writer allowed to write P01_02 (O_EXCL, lease)
+        failures/<video>.<time>.<token>.json   one file per failure record
+        .claims/P01_02.claim              the claim of the one writer allowed to write P01_02 (see claims.py)
         videos/                           a Zarr v3 group; holds COMPLETE videos only
             P01_01/                       a group; attrs: source_fps, duration, source_path, width, height,
-                features  (rows, 2048)    float16, chunks of 256 rows (1 MiB) along time  rows, provenance,
+                features  (rows, dim)     float16, chunks of ~1 MiB along time          rows, provenance,
                 pts       (rows,)         float64 seconds, from the stream               checksums, complete
                 frame_index (rows,)       int64, 0-based position in presentation order
         .partial/P01_02.<host>-<pid>-<random>/        a video being written (or left by a crash)
-        .partial/P01_02.<host>-<pid>-<random>.lock    held (flock) by the live writer of that folder
         .trash/                           old copies moved aside by an overwrite, deleted right after
 
 A video is complete iff it is in ``videos/`` with ``complete: true``; partial iff a ``.partial/`` folder exists for
@@ -30,30 +28,24 @@ Why it is crash-safe and safe for many writers:
   - Missing chunks read back silently as the fill value in Zarr, so ``features`` and ``pts`` use NaN and
     ``frame_index`` uses -1 as fill value: a lost chunk shows up in ``verify`` as NaN / a bad index, not as zeros.
   - Metadata is never consolidated: there is nothing to keep in step when videos are added.
-  - Many writers (extract processes, dask workers, SLURM jobs, on NFS or Lustre too) never rely on flock: a writer
-    first claims its video (``claim``: a claim file created with O_EXCL, renewed by its owner, stale after a
-    lease), removes other partial folders of that video only while holding the claim, and commits only if the
-    claim is still its own and every chunk it wrote is on disk. A writer cut off past its lease never publishes.
-  - At commit the sha256 of every 256-row block of features (and of pts and frame_index) is stored in the
-    video's attributes; ``verify`` recomputes them, so flipped bits that still decode are caught.
+  - Every writer holds the video's claim (``claim``; extract processes, dask workers and SLURM jobs on NFS or
+    Lustre alike): so every other partial folder of that video is a leftover, removed by the claim's holder only,
+    and a commit publishes only if the claim is still its own and every chunk it wrote is on disk. A writer cut off
+    past its lease never publishes.
+  - At commit the sha256 of every chunk of features (and of all pts and frame_index) is stored in the video's
+    attributes; ``verify`` recomputes them, so flipped bits that still decode are caught.
   - Failure records are one file each (temporary name + rename), so records from many NFS clients never
     interleave; the same failure of the same file is recorded once.
-  - Writers without a claim (tests, tools) fall back to flock on their ``.lock`` file; where flock is missing,
-    such leftovers are kept rather than risk deleting a live writer's folder.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import socket
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,14 +55,15 @@ import numpy as np
 import zarr
 
 from epicfeat import __version__
+from epicfeat.claims import DEFAULT_LEASE_S, Claim, claim_owner, unique_token
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 
-#: Rows per chunk of ``features``: 256 x 2048 float16 = 1 MiB, the documented sweet spot for Zarr chunks.
-FEATURE_CHUNK_ROWS = 256
-#: Rows buffered before a write: 4 whole chunks (4 MiB), so Zarr writes them in one call (concurrently) and the
-#: per-write overhead (resizing three arrays) is paid once per 1024 rows, not per batch.
-FLUSH_ROWS = 4 * FEATURE_CHUNK_ROWS
+#: Bytes per chunk of ``features`` at most: about 1 MiB is the documented sweet spot for Zarr chunks.
+FEATURE_CHUNK_BYTES = 1 << 20
+#: Chunks buffered before a write (4 MiB), so Zarr writes them in one call (concurrently) and the per-write
+#: overhead (resizing three arrays) is paid once per 4 chunks, not per batch.
+FLUSH_CHUNKS = 4
 #: Rows per chunk of ``pts`` and ``frame_index`` (8 bytes a row: 128 KiB chunks, a few per hour of video).
 INDEX_CHUNK_ROWS = 16384
 #: Attributes the extractor gives every video (checked by ``verify``); the store adds rows, provenance, complete.
@@ -78,7 +71,6 @@ SOURCE_ATTRS = ("source_path", "source_fps", "duration", "width", "height")
 STORE_ATTRS = ("rows", "provenance", "complete")
 
 _MARKER = "featureset.json"
-_FAILURES = "failures.jsonl"
 _VIDEOS = "videos"
 _PARTIAL = ".partial"
 _TRASH = ".trash"
@@ -100,59 +92,11 @@ class CompletedElsewhereError(StoreError):
     """Another writer completed the video first: this copy is discarded and the video is complete."""
 
 
-#: Seconds after its last renewal at which a claim is stale (its writer dead or cut off) and may be taken over.
-DEFAULT_LEASE_S = 60.0
-
-
-class Claim:
-    """The right to write one video: ``.claims/<video_id>.claim``, created with O_EXCL, renewed by its owner.
-
-    Works where flock does not (NFS with ``nolock``/``local_lock``, Lustre with ``localflock``): exclusive creation
-    and rename are atomic on the server. The owner renews it (``renew``: touch) well within ``lease_s``; a claim
-    whose file was not touched for ``lease_s`` seconds is stale and another writer may take it over. Staleness uses
-    the file's mtime against this host's clock, so clocks must agree to well within ``lease_s`` (NTP does). A
-    writer commits only while ``held()``, so a writer cut off long enough to lose its claim never publishes.
-    """
-
-    def __init__(self, path: Path, video_id: str, token: str, lease_s: float):
-        self.path, self.video_id, self.token, self.lease_s = path, video_id, token, lease_s
-        self.lost = False
-
-    def __repr__(self) -> str:
-        return f"Claim({self.video_id!r}, token={self.token!r})"
-
-    def owner(self) -> str | None:
-        """The token written in the claim file now (None when there is none)."""
-        return _read_claim_token(self.path)
-
-    def held(self) -> bool:
-        """Still ours and fresh: the file holds our token and was renewed within the lease."""
-        if self.lost or self.owner() != self.token:
-            self.lost = True
-            return False
-        try:
-            age = _now_s() - self.path.stat().st_mtime
-        except OSError:
-            self.lost = True
-            return False
-        return age < self.lease_s
-
-    def renew(self) -> bool:
-        """Touch the claim file (False, and lost, when it is no longer ours)."""
-        if self.owner() != self.token:
-            self.lost = True
-            return False
-        try:
-            os.utime(self.path)
-        except OSError:
-            return False
-        return True
-
-    def release(self) -> None:
-        """Remove the claim file if it is still ours (after a commit or a recorded failure)."""
-        if self.owner() == self.token:
-            self.path.unlink(missing_ok=True)
-        self.lost = True
+def feature_chunk_rows(feature_dim: int, dtype: str | np.dtype) -> int:
+    """Rows per chunk of ``features``: the largest power of two whose chunk fits ``FEATURE_CHUNK_BYTES``
+    (2048-d float16: 256 rows, 1 MiB; 768-d float16: 512 rows, 0.75 MiB)."""
+    rows = max(1, FEATURE_CHUNK_BYTES // (int(feature_dim) * np.dtype(dtype).itemsize))
+    return 1 << (rows.bit_length() - 1)
 
 
 # ------------------------------------------------------------------------------------------------- identity
@@ -269,7 +213,7 @@ class FeatureStore:
         path = cache_dir / identity.key()
         if not path.exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            staging = cache_dir / f".{identity.key()}.{_unique_token()}.tmp"
+            staging = cache_dir / f".{identity.key()}.{unique_token()}.tmp"
             try:
                 _build_empty_set(staging, identity)
                 os.rename(staging, path)
@@ -335,76 +279,42 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------------- claims
     def claim(self, video_id: str, *, lease_s: float = DEFAULT_LEASE_S) -> Claim | None:
-        """Claim ``video_id`` for writing; None when another writer holds a fresh claim on it.
-
-        The claim file is created with O_EXCL (exactly one creator wins, on NFS too). A stale one (not renewed for
-        ``lease_s``) is first renamed aside under a unique name (one renamer wins), checked to be still stale
-        there, and deleted; then the exclusive create is tried again.
-        """
+        """Claim ``video_id`` for writing (held and renewed until released); None when a live writer holds it."""
         _check_video_id(video_id)
-        folder = self.path / _CLAIMS
-        folder.mkdir(exist_ok=True)
-        path = folder / f"{video_id}.claim"
-        token = _unique_token()
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                if not self._break_stale_claim(path, lease_s):
-                    return None
-                continue
-            try:
-                owner = {"token": token, "video_id": video_id, "time": _now(), "host": socket.gethostname(),
-                         "pid": os.getpid()}
-                os.write(fd, json.dumps(owner).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return Claim(path, video_id, token, lease_s)
-        return None
+        return Claim.take(self.path / _CLAIMS, video_id, lease_s=lease_s)
 
     def claim_owner(self, video_id: str, *, lease_s: float = DEFAULT_LEASE_S) -> str | None:
         """The token of the fresh claim on ``video_id`` (None when nobody holds one, or it is stale)."""
-        path = self.path / _CLAIMS / f"{video_id}.claim"
-        if _claim_is_stale(path, lease_s):
-            return None
-        return _read_claim_token(path)
-
-    @staticmethod
-    def _break_stale_claim(path: Path, lease_s: float) -> bool:
-        """Remove ``path`` if it is stale; True when the caller may try to create it again."""
-        if not _claim_is_stale(path, lease_s):
-            return False  # a live writer holds it
-        # Rename, then delete: of several writers breaking it at once, one rename wins and the others see it gone.
-        # If its owner renewed it between our look and our rename, that owner finds its claim gone and discards
-        # its copy at commit: rare, and safe (never two publishers), at worst a video done twice.
-        aside = path.with_name(f"{path.name}.stale.{_unique_token()}")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return True  # another writer broke it first
-        aside.unlink(missing_ok=True)
-        return True
+        return claim_owner(self.path / _CLAIMS, video_id, lease_s=lease_s)
 
     # ------------------------------------------------------------------------------------------- writing
-    def writer(self, video_id: str, *, attrs: dict, overwrite: bool = False, claim: Claim | None = None) -> "VideoWriter":
+    def writer(self, video_id: str, *, attrs: dict, claim: Claim | None = None, overwrite: bool = False) -> "VideoWriter":
         """A writer for one video (use it as a context manager); removes the video's abandoned partial folders.
 
         ``attrs`` should hold ``SOURCE_ATTRS`` (source_path, source_fps, duration, width, height); the store adds
         rows, provenance and complete. A complete video is refused unless ``overwrite=True``.
 
-        With a ``claim`` (what ``extract`` uses) every other partial folder of the video is abandoned by definition
-        (no one else may write it) and is removed; the commit refuses unless the claim is still held. Without one,
-        a partial folder is removed only when flock says its writer is gone (never where flock is missing).
+        ``claim``: the caller's claim on the video (what extract holds while it decodes); the caller releases it.
+        Without one the writer claims the video itself and releases it when closed; a video a live writer holds
+        is refused. Holding the claim, the writer removes every other partial folder of the video (no one else may
+        write it), and its commit publishes only while the claim is still held.
         """
         _check_video_id(video_id)
         if not overwrite and self.is_complete(video_id):
             raise StoreError(f"video {video_id} is already complete in feature set {self.path}; pass overwrite=True "
                              "to replace it.")
-        if claim is not None and not claim.held():
+        own_claim = claim is None
+        if own_claim:
+            claim = self.claim(video_id)
+            if claim is None:
+                raise StoreError(f"video {video_id} is being written by another writer (claim "
+                                 f"{self.claim_owner(video_id)}) in {self.path}; wait for it to finish")
+        elif claim.video_id != video_id:
+            raise StoreError(f"the claim on {claim.video_id} cannot write video {video_id}")
+        elif not claim.held():
             raise ClaimLostError(f"video {video_id}: the claim {claim.token} is no longer held in {self.path}")
-        self._remove_abandoned(video_id, claimed=claim is not None)
-        return VideoWriter(self, video_id, attrs=attrs, overwrite=overwrite, claim=claim)
+        self._remove_abandoned(video_id)
+        return VideoWriter(self, claim, attrs=attrs, overwrite=overwrite, own_claim=own_claim)
 
     # ------------------------------------------------------------------------------------------- reading
     def read(self, video_id: str) -> VideoFeatures:
@@ -429,61 +339,39 @@ class FeatureStore:
         """Write one failure record and drop the video's abandoned partial folders (failed, not partial).
 
         A failure equal to the video's latest record (same reason and path: a rerun met the same broken file) is
-        not recorded again. Each record is its own file, ``failures/<video_id>.<time>.<token>.json``, written under a temporary name and
-        renamed: records from any number of processes on any number of NFS clients cannot interleave or tear,
-        which O_APPEND does not promise over NFS (the client computes the end of file itself). ``claim`` (the
-        writer's claim on the video) is recorded, so a process waiting on that claim knows the video failed.
+        not recorded again. Each record is its own file, written under a temporary name and renamed: records from
+        any number of processes on any number of NFS clients cannot interleave or tear (O_APPEND does not promise
+        that over NFS). ``claim``, the writer's claim on the video, is recorded, so that a process waiting on it
+        knows the video failed. Without one the video is claimed for the moment; if a live writer holds it, that
+        writer's folder is left alone.
         """
-        path = None if path is None else str(path)
-        previous = self.failure_recorded_since(video_id, 0.0)
-        if previous is not None and (previous.get("reason"), previous.get("path")) == (str(reason), path):
-            # The same failure again (a rerun retried the same broken file): it is recorded once.
-            if _VIDEO_ID.match(video_id):
-                self._remove_abandoned(video_id, claimed=claim is not None)
-            return
-        now = datetime.now(timezone.utc)
-        record = {"video_id": video_id, "reason": str(reason), "path": path,
-                  "time": now.isoformat(timespec="microseconds"), "claim": None if claim is None else claim.token}
-        folder = self.path / _FAILURE_RECORDS
-        folder.mkdir(exist_ok=True)
-        safe_id = re.sub(r"[^A-Za-z0-9_.-]+", "-", video_id)[:100] or "unnamed"
-        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
-        atomic_write_text(folder / f"{safe_id}.{stamp}.{_unique_token()}.json", json.dumps(record) + "\n")
-        if _VIDEO_ID.match(video_id):
-            self._remove_abandoned(video_id, claimed=claim is not None)
+        own = self.claim(video_id) if claim is None and _VIDEO_ID.match(video_id) else None
+        holder = claim or own
+        try:
+            path = None if path is None else str(path)
+            previous = self.failure_recorded_since(video_id, 0.0)
+            if previous is None or (previous.get("reason"), previous.get("path")) != (str(reason), path):
+                now = datetime.now(timezone.utc)
+                record = {"video_id": video_id, "reason": str(reason), "path": path,
+                          "time": now.isoformat(timespec="microseconds"), "claim": holder and holder.token}
+                safe_id = re.sub(r"[^A-Za-z0-9_.-]+", "-", video_id)[:100] or "unnamed"
+                name = f"{safe_id}.{now:%Y%m%dT%H%M%S%fZ}.{unique_token()}.json"  # sorts by video, then time
+                atomic_write_text(self.path / _FAILURE_RECORDS / name, json.dumps(record) + "\n")
+            if holder is not None:
+                self._remove_abandoned(video_id)
+        finally:
+            if own is not None:
+                own.release()
 
     def failure_records(self) -> list[dict]:
-        """Every failure record, oldest first: the legacy failures.jsonl lines, then the one-file-per-record ones."""
-        records: list[dict] = []
-        log = self.path / _FAILURES
-        if log.is_file():
-            for line in log.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except ValueError:  # a torn last line from a killed process
-                    continue
-        folder = self.path / _FAILURE_RECORDS
-        for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                records.append(json.loads(file.read_text()))
-            except (OSError, ValueError):  # removed or unreadable: a record is written whole or not at all
-                continue
-        records = [r for r in records if isinstance(r, dict) and "video_id" in r]
-        return sorted(records, key=lambda r: str(r.get("time", "")))
+        """Every failure record, oldest first."""
+        return sorted(self._read_failures("*"), key=lambda r: r["time"])
 
     def failure_recorded_since(self, video_id: str, since: float) -> dict | None:
         """The latest failure record of ``video_id`` written at or after ``since`` (a Unix time), or None."""
-        folder = self.path / _FAILURE_RECORDS
-        latest = None
-        for file in sorted(folder.glob(f"{video_id}.*.json")) if folder.is_dir() else []:
-            try:
-                record = json.loads(file.read_text())
-                when = datetime.fromisoformat(record["time"]).timestamp()
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if record.get("video_id") == video_id and when >= since:
-                latest = record
-        return latest
+        records = [r for r in self._read_failures(f"{video_id}.*") if r["video_id"] == video_id]
+        recent = [r for r in records if datetime.fromisoformat(r["time"]).timestamp() >= since]
+        return max(recent, key=lambda r: r["time"], default=None)
 
     def failures(self) -> dict[str, dict]:
         """The latest failure record per video, for videos that are not complete now (a later success wins)."""
@@ -499,17 +387,10 @@ class FeatureStore:
             attrs = self._stored_attrs(video_id) or {}
             rows += int(attrs.get("rows", 0))
             seconds += float(attrs.get("duration") or 0.0)
-        return {
-            "key": self.path.name,
-            "path": str(self.path),
-            "identity": self.identity.to_dict(),
-            "videos_complete": len(complete),
-            "videos_partial": len(self.partial_videos()),
-            "videos_failed": len(self.failures()),
-            "rows": rows,
-            "hours": seconds / 3600,
-            "bytes": folder_bytes(self.path),
-        }
+        return {"key": self.path.name, "path": str(self.path), "identity": self.identity.to_dict(),
+                "videos_complete": len(complete), "videos_partial": len(self.partial_videos()),
+                "videos_failed": len(self.failures()), "rows": rows, "hours": seconds / 3600,
+                "bytes": folder_bytes(self.path)}
 
     def verify(self) -> list[str]:
         """Check every complete video (shape, row counts, timestamps, NaN/inf, attributes); [] means all fine."""
@@ -595,11 +476,11 @@ class FeatureStore:
         """Read chunk by chunk (constant memory): unreadable chunks, checksum mismatches, NaN/inf rows."""
         problems = []
         sums = checksums.get("features") or []
-        step = int(checksums.get("features_chunk_rows") or FEATURE_CHUNK_ROWS)
+        step = int(checksums.get("features_chunk_rows") or features.chunks[0])
         bad_rows, first_bad, mismatched, unreadable = 0, None, [], []
         for index, start in enumerate(range(0, features.shape[0], step)):
             try:
-                block = np.asarray(features[start : start + step])  # (<=step, 2048)
+                block = np.asarray(features[start : start + step])  # (<=step, dim)
             except Exception as err:
                 unreadable.append(f"chunk {index} (rows {start}-{start + step - 1}) cannot be read "
                                   f"({type(err).__name__}: {err})")
@@ -630,22 +511,28 @@ class FeatureStore:
         except (OSError, ValueError):
             return None
 
+    def _read_failures(self, pattern: str) -> list[dict]:
+        """The failure records whose file names match ``pattern``; each is written whole (renamed in) or not at all."""
+        records = []
+        for file in (self.path / _FAILURE_RECORDS).glob(f"{pattern}.json"):
+            try:
+                records.append(json.loads(file.read_text()))
+            except (OSError, ValueError):  # removed meanwhile, or not ours
+                continue
+        return [r for r in records if isinstance(r, dict) and {"video_id", "time"} <= r.keys()]
+
     def _partial_folders(self) -> list[tuple[str, Path]]:
         partial = self.path / _PARTIAL
         if not partial.is_dir():
             return []
         return [(p.name.rsplit(".", 1)[0], p) for p in sorted(partial.iterdir()) if p.is_dir()]
 
-    def _remove_abandoned(self, video_id: str, *, claimed: bool = False) -> None:
-        """Delete the video's partial (and trashed) folders whose writer is gone; a live writer's are kept.
-
-        ``claimed``: the caller holds the video's claim, so every existing partial folder is someone else's
-        leftover (a writer whose claim expired has lost the right to commit it). Otherwise flock decides.
-        """
+    def _remove_abandoned(self, video_id: str) -> None:
+        """Delete the video's partial and trashed folders: the caller holds its claim, so they are leftovers (a
+        writer whose claim went stale has lost the right to commit its folder)."""
         for folder_video, folder in self._partial_folders():
-            if folder_video == video_id and (claimed or _writer_is_gone(folder)):
+            if folder_video == video_id:
                 shutil.rmtree(folder, ignore_errors=True)
-                folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
         trash = self.path / _TRASH
         if trash.is_dir():
             for folder in trash.glob(f"{video_id}.*"):
@@ -655,40 +542,34 @@ class FeatureStore:
 class VideoWriter:
     """Writes one video into its own ``.partial/`` folder; ``commit`` makes it complete in one rename.
 
-    Rows are buffered until they fill ``FLUSH_ROWS`` (whole chunks), so every chunk is written once and memory
+    Rows are buffered until they fill ``FLUSH_CHUNKS`` whole chunks, so every chunk is written once and memory
     stays at a few MiB however long the video. Leaving the ``with`` block without ``commit``
-    (an exception, a kill) leaves a partial folder and no complete video.
+    (an exception, a kill) leaves a partial folder and no complete video. Made by ``FeatureStore.writer``.
     """
 
-    def __init__(self, store: FeatureStore, video_id: str, *, attrs: dict, overwrite: bool = False,
-                 claim: Claim | None = None):
-        self.store, self.video_id, self.overwrite, self.claim = store, video_id, overwrite, claim
+    def __init__(self, store: FeatureStore, claim: Claim, *, attrs: dict, overwrite: bool, own_claim: bool):
+        self.store, self.claim, self.video_id, self.overwrite = store, claim, claim.video_id, overwrite
         self.attrs = _json_safe(dict(attrs))
         self.rows = 0  # rows written to disk or waiting in the buffer
         self.committed = False
+        self._own_claim = own_claim  # taken by FeatureStore.writer: released when this writer closes
         self._closed = False
         self._dtype = np.dtype(store.identity.dtype)
         self._dim = store.identity.feature_dim
+        self.chunk_rows = feature_chunk_rows(self._dim, self._dtype)
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
         self._written = 0
         # Checksums of what was computed, taken before Zarr encodes it: verify recomputes them from what it reads.
-        self._chunk_sums: list[str] = []  # sha256 of each FEATURE_CHUNK_ROWS block of features
+        self._chunk_sums: list[str] = []  # sha256 of each chunk of features
         self._pts_sum, self._frames_sum = hashlib.sha256(), hashlib.sha256()
 
         partial_root = store.path / _PARTIAL
         partial_root.mkdir(exist_ok=True)
-        self.folder = partial_root / f"{video_id}.{_unique_token()}"
-        # The lock exists (and is held) before the folder does, so no one ever sees our folder without a live lock.
-        self._lock_path = self.folder.with_name(self.folder.name + ".lock")
-        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pass  # a file system without flock: abandoned-folder detection falls back to "any leftover is stale"
+        self.folder = partial_root / f"{self.video_id}.{unique_token()}"
         group = zarr.open_group(self.folder, mode="w-", zarr_format=3)
         self._features = group.create_array(
-            "features", shape=(0, self._dim), chunks=(FEATURE_CHUNK_ROWS, self._dim), dtype=self._dtype,
+            "features", shape=(0, self._dim), chunks=(self.chunk_rows, self._dim), dtype=self._dtype,
             fill_value=np.nan, dimension_names=("row", "feature"),
         )
         self._pts = group.create_array("pts", shape=(0,), chunks=(INDEX_CHUNK_ROWS,), dtype="float64",
@@ -717,7 +598,7 @@ class VideoWriter:
         self._pending.append((features, pts, frame_indices))
         self._pending_rows += len(pts)
         self.rows += len(pts)
-        if self._pending_rows >= FLUSH_ROWS:
+        if self._pending_rows >= FLUSH_CHUNKS * self.chunk_rows:
             self._flush(final=False)
 
     def commit(self, **extra_attrs) -> None:
@@ -732,23 +613,19 @@ class VideoWriter:
             **extra_attrs,
             "video_id": self.video_id,
             "rows": self.rows,
-            "checksums": {"algorithm": "sha256", "features_chunk_rows": FEATURE_CHUNK_ROWS,
+            "checksums": {"algorithm": "sha256", "features_chunk_rows": self.chunk_rows,
                           "features": self._chunk_sums, "pts": self._pts_sum.hexdigest(),
                           "frame_index": self._frames_sum.hexdigest()},
-            "provenance": {
-                "backbone": identity.backbone,
-                "weights": identity.weights,
-                "weights_sha": identity.weights_sha,
-                "precision": identity.precision,
-                "preprocessing": {"fps": identity.fps, "resize": identity.resize, "crop": identity.crop,
-                                  "mean": identity.mean, "std": identity.std},
-                "epicfeat_version": __version__,
-            },
+            "provenance": {"backbone": identity.backbone, "weights": identity.weights,
+                           "weights_sha": identity.weights_sha, "precision": identity.precision,
+                           "preprocessing": {"fps": identity.fps, "resize": identity.resize, "crop": identity.crop,
+                                             "mean": identity.mean, "std": identity.std},
+                           "epicfeat_version": __version__},
             "completed_at": _now(),
             "complete": True,
         }))
         _fsync_tree(self.folder)  # the rename must never publish data still only in the page cache
-        if self.claim is not None and not self.claim.held():
+        if not self.claim.held():
             self.close()
             raise ClaimLostError(f"video {self.video_id}: this writer's claim expired or was taken over before the "
                                  f"commit in {self.store.path}; its copy was not published")
@@ -757,7 +634,7 @@ class VideoWriter:
             # Move the old copy (or a damaged, never-complete one) aside: rename cannot replace a non-empty folder.
             trash = self.store.path / _TRASH
             trash.mkdir(exist_ok=True)
-            aside = trash / f"{self.video_id}.{_unique_token()}"
+            aside = trash / f"{self.video_id}.{unique_token()}"
             os.rename(target, aside)
             shutil.rmtree(aside, ignore_errors=True)
         try:
@@ -783,13 +660,14 @@ class VideoWriter:
                                      "while writing (another writer removed the folder?); not published")
 
     def close(self) -> None:
-        """Release the writer. Without a commit the partial folder stays, marked abandoned (no live lock)."""
+        """Release the writer (and the claim it took itself). Without a commit the partial folder stays, a
+        leftover that the video's next claim holder removes."""
         if self._closed:
             return
         self._closed = True
         self._pending, self._pending_rows = [], 0
-        self._lock_path.unlink(missing_ok=True)
-        os.close(self._lock_fd)  # releases the flock
+        if self._own_claim:
+            self.claim.release()
 
     def _flush(self, *, final: bool) -> None:
         if not self._pending:
@@ -798,7 +676,7 @@ class VideoWriter:
         pts = np.concatenate([p[1] for p in self._pending])  # (P,)
         frames = np.concatenate([p[2] for p in self._pending])  # (P,)
         # Write whole chunks only (the rest waits), so no chunk is ever read back and rewritten.
-        n = len(pts) if final else (len(pts) // FEATURE_CHUNK_ROWS) * FEATURE_CHUNK_ROWS
+        n = len(pts) if final else (len(pts) // self.chunk_rows) * self.chunk_rows
         start, stop = self._written, self._written + n
         self._features.resize((stop, self._dim))
         self._pts.resize((stop,))
@@ -806,8 +684,8 @@ class VideoWriter:
         self._features[start:stop] = features[:n]
         self._pts[start:stop] = pts[:n]
         self._frames[start:stop] = frames[:n]
-        for chunk in range(0, n, FEATURE_CHUNK_ROWS):  # start is a multiple of the chunk size: blocks = chunks
-            block = np.ascontiguousarray(features[chunk : chunk + FEATURE_CHUNK_ROWS])  # (<=256, dim)
+        for chunk in range(0, n, self.chunk_rows):  # start is a multiple of the chunk size: blocks = chunks
+            block = np.ascontiguousarray(features[chunk : chunk + self.chunk_rows])  # (<=chunk_rows, dim)
             self._chunk_sums.append(hashlib.sha256(block.tobytes()).hexdigest())
         self._pts_sum.update(np.ascontiguousarray(pts[:n]).tobytes())
         self._frames_sum.update(np.ascontiguousarray(frames[:n]).tobytes())
@@ -817,7 +695,7 @@ class VideoWriter:
         self._pending_rows = rest
 
 
-# ------------------------------------------------------------------------------------------------- export
+# ------------------------------------------------------------------------------------------------- lookup
 def open_feature_set(cache: str | os.PathLike, key: str | None = None, *, option: str = "--feature-set") -> FeatureStore:
     """The one feature set a command works on: ``key`` (a key under ``cache`` or a folder), or the only one there.
 
@@ -845,59 +723,6 @@ def open_feature_set(cache: str | os.PathLike, key: str | None = None, *, option
     return sets[0]
 
 
-def export_hdf5(store: FeatureStore, out_path: str | os.PathLike) -> Path:
-    """Copy every complete video into one HDF5 file, chunk by chunk (constant memory); returns its path.
-
-    Layout: ``/videos/<video_id>/{features, pts, frame_index}`` with the same dtypes and chunking along time.
-    Attributes: every scalar attribute (str, int, float, bool) as itself, any other (dicts, lists, None) as a JSON
-    string, and ``attrs_json`` holding all of them as one JSON object for an exact round trip. The root carries
-    the identity the same way (``featureset_json`` for all of it), plus ``key`` and ``epicfeat_version``.
-    The file is written under a temporary name and renamed, so ``out_path`` is never half written.
-    """
-    import h5py
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{_unique_token()}.tmp")
-    dim = store.identity.feature_dim
-    try:
-        with h5py.File(tmp, "w") as h5:
-            _h5_write_attrs(h5, store.identity.to_dict(), all_name="featureset_json")
-            h5.attrs["key"] = store.path.name
-            h5.attrs["epicfeat_version"] = __version__
-            videos = h5.create_group("videos")
-            for video_id in store.complete_videos():
-                video = store.read(video_id)
-                group = videos.create_group(video_id)
-                _h5_write_attrs(group, video.attrs, all_name="attrs_json")
-                rows = video.rows
-                features = group.create_dataset("features", shape=(rows, dim), maxshape=(None, dim),
-                                                dtype=video.features.dtype, chunks=(FEATURE_CHUNK_ROWS, dim))
-                step = FEATURE_CHUNK_ROWS * 8
-                for start in range(0, rows, step):
-                    try:
-                        block = video.features[start : start + step]  # (<=step, dim)
-                    except Exception as err:  # a truncated / garbled chunk: name it instead of a traceback
-                        raise StoreError(
-                            f"cannot export {video_id} of {store.path}: rows {start}-{start + step - 1} cannot be "
-                            f"read ({type(err).__name__}: {err}); run `epicfeat cache verify` and re-extract it"
-                        ) from None
-                    features[start : start + step] = block
-                group.create_dataset("pts", data=video.pts)
-                group.create_dataset("frame_index", data=video.frame_indices)
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
-
-
-def read_hdf5_attrs(obj) -> dict:
-    """The exact attribute dict of an exported HDF5 video group (or the identity of the file's root)."""
-    name = "featureset_json" if "featureset_json" in obj.attrs else "attrs_json"
-    return json.loads(obj.attrs[name])
-
-
 # ------------------------------------------------------------------------------------------------- helpers
 def _build_empty_set(folder: Path, identity: FeatureSetIdentity) -> None:
     root = zarr.open_group(folder, mode="w-", zarr_format=3, attributes={"epicfeat_featureset": identity.to_dict()})
@@ -906,23 +731,6 @@ def _build_empty_set(folder: Path, identity: FeatureSetIdentity) -> None:
     marker = {"format": "epicfeat feature set", "layout_version": _LAYOUT_VERSION, "key": identity.key(),
               "identity": identity.to_dict(), "epicfeat_version": __version__, "created": _now()}
     atomic_write_text(folder / _MARKER, json.dumps(marker, indent=2) + "\n")
-
-
-def _writer_is_gone(folder: Path) -> bool:
-    """True when no live process holds the folder's lock (it crashed, was killed, or gave up)."""
-    try:
-        fd = os.open(folder.with_name(folder.name + ".lock"), os.O_RDWR)
-    except FileNotFoundError:
-        return True  # writers delete their lock when they finish; a folder without one is a leftover
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False  # a live writer holds it
-    except OSError:
-        return False  # no flock on this file system: cannot tell, so keep it (claims decide for `extract`)
-    finally:
-        os.close(fd)
 
 
 def _verify_row_count(rows: int, attrs: dict, fps: float | None) -> list[str]:
@@ -938,47 +746,9 @@ def _verify_row_count(rows: int, attrs: dict, fps: float | None) -> list[str]:
     return []
 
 
-def _claim_is_stale(path: Path, lease_s: float) -> bool:
-    """Not renewed within the lease, or its owner was a process on this host that no longer exists (a rerun after
-    a kill on one machine need not wait out the lease). A missing claim counts as stale."""
-    try:
-        if _now_s() - path.stat().st_mtime >= lease_s:
-            return True
-        owner = json.loads(path.read_text())
-    except FileNotFoundError:
-        return True
-    except (OSError, ValueError):
-        return False  # being written right now: fresh
-    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname() or not owner.get("pid"):
-        return False
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError, TypeError):
-        return False  # exists (another user's) or unknowable
-    return False
-
-
-def _read_claim_token(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("token")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _now_s() -> float:
-    return datetime.now(timezone.utc).timestamp()
-
-
 def _check_video_id(video_id: str) -> None:
     if not isinstance(video_id, str) or not _VIDEO_ID.match(video_id):
         raise StoreError(f"video id {video_id!r} cannot be stored: use letters, digits, '_', '-' or '.', e.g. P01_01")
-
-
-def _unique_token() -> str:
-    host = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:32]  # no dots: ids are split at the last one
-    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _now() -> str:
@@ -996,13 +766,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return str(value)
     return value
-
-
-def _h5_write_attrs(obj, attrs: dict, *, all_name: str) -> None:
-    obj.attrs[all_name] = json.dumps(attrs)
-    for key, value in attrs.items():
-        native = isinstance(value, (str, int, float, bool)) and not (isinstance(value, float) and math.isnan(value))
-        obj.attrs[key] = value if native else json.dumps(value)
 
 
 def folder_bytes(path: Path) -> int:

@@ -82,7 +82,8 @@ def _verify(cfg: CacheConfig) -> None:
 
 def _export(cfg: CacheExportConfig) -> None:
     from epicfeat.errors import EpicfeatError
-    from epicfeat.store import export_hdf5, open_feature_set
+    from epicfeat.hdf5 import export_hdf5
+    from epicfeat.store import open_feature_set
 
     if cfg.out is None:
         raise EpicfeatError("no output file given: pass --out FILE, e.g. --out features.h5")
