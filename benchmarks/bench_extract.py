@@ -154,6 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vs-straight", action="store_true",
                         help="only: `epicfeat extract` vs a straight decode -> ResNet50 loop, start-up included, "
                              "on one short video and on three (fp32, and bf16 where the CPU has it natively)")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="GPU section: leave out the torch.compile variant (its compilation takes a minute)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one memory run
     return parser.parse_args(argv)
 
@@ -601,7 +603,7 @@ def measure_memory(videos_root: Path, specs: dict[str, VideoSpec], workdir: Path
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
-def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 20) -> dict:
+def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 20, compile: bool = True) -> dict:
     """ResNet50 forward rows/s at ``batch``: fp32, bf16, bf16+channels_last, then with batch norms folded (what
     extract runs), and with torch.compile."""
     def synchronize():
@@ -615,6 +617,8 @@ def measure_model_gpu(device: torch.device, batch: int = 256, iterations: int = 
                 "bf16+channels_last": (torch.bfloat16, True, False, False),
                 "bf16+channels_last+fold_bn": (torch.bfloat16, True, True, False),
                 "bf16+channels_last+fold_bn+compile": (torch.bfloat16, True, True, True)}
+    if not compile:
+        del variants["bf16+channels_last+fold_bn+compile"]
     for name, (dtype, channels_last, fold, compiled) in variants.items():
         model = create_backbone("random").eval()
         model = (fold_batch_norms(model) if fold else model).to(device)
@@ -1100,7 +1104,8 @@ def run_gpu_section(args, settings: Settings, files: dict[str, Path], specs: dic
         raise SystemExit("--gpu: PyTorch sees no CUDA GPU here (use --gpu-device cpu only to smoke-test the code)")
     print(f"\n[GPU] ResNet50 alone on {device} ...", flush=True)
     smoke = device.type != "cuda"  # a code-path check on CPU: tiny batches
-    gpu: dict = {"model": measure_model_gpu(device, batch=4 if smoke else 256, iterations=2 if smoke else 20)}
+    gpu: dict = {"model": measure_model_gpu(device, batch=4 if smoke else 256, iterations=2 if smoke else 20,
+                                            compile=not args.skip_compile)}
     workers = max(1, cores - 1)
     config = ExtractConfig(weights="random", device=str(device), decode_workers=workers)
     copies = dict(settings.gpu_copies)

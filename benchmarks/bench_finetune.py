@@ -22,6 +22,7 @@ set (no stage-two training: a fresh seed-recipe BiLSTM is all a speed measuremen
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--long-segment", action="store_true",
                         help="add: T=16 frames of one 60 s segment (640x360), one seek per bin vs one front-to-back pass")
     add_workdir(parser, "the datasets")
+    parser.add_argument("--out", type=Path, default=None, help="also save the GPU section's numbers as JSON here")
     return parser.parse_args(argv)
 
 
@@ -78,7 +80,8 @@ def make_checkpoint(path: Path, dataset, cache: Path, *, resize: int, crop: int,
     for split in ("train", "validation"):
         result = extract_features(ExtractConfig(
             split=split, videos=dataset.videos, annotations=dataset.annotations, cache=cache, weights="random",
-            resize=resize, crop=crop, precision="fp32", decode_workers=0, device=device, progress=False,
+            resize=resize, crop=crop, precision="fp32", decode_workers=0 if device == "cpu" else -1, device=device,
+            progress=False,
         ))
         assert result.ok, result
     identity = FeatureStore.open(result.store).identity
@@ -163,10 +166,10 @@ def long_segment_section(workdir: Path, seconds: float = 60.0, frames: int = 16)
     assert images.shape == (frames, 224, 224, 3)
 
 
-def gpu_section(args, workdir: Path) -> None:
+def gpu_section(args, workdir: Path) -> dict:
     device = gpu_device(args.gpu_device)
     if device is None:
-        return
+        return {}
     dry = device.type == "cpu"  # a dry run of this section's code on a CPU: tiny settings
     width, height = (192, 108) if dry else (640, 360)
     spec = dataset_spec(videos=2 if dry else args.gpu_videos, segments=4 if dry else 24, width=width, height=height)
@@ -178,6 +181,7 @@ def gpu_section(args, workdir: Path) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     print(f"\nGPU section on {name}: synthetic {width}x{height} videos (generated in {seconds:.0f} s), "
           f"{resize}/{crop}, bf16, global batch {batch}, trainable stages 2, {workers} decode workers")
+    results = {"device": name, "video": f"{width}x{height}", "crop": crop, "batch": batch, "workers": workers}
     for frames in (16, 32):
         config = FinetuneConfig(
             checkpoint=checkpoint, videos=dataset.videos, annotations=dataset.annotations, cache=workdir / "gpu_cache",
@@ -189,7 +193,9 @@ def gpu_section(args, workdir: Path) -> None:
         epoch_minutes = EPIC100_TRAIN_CLIPS / stats["clips_per_s"] / 60
         print(f"  T={frames}: {stats['clips_per_s']:8.1f} clips/s, peak GPU memory {stats['peak_gpu_memory_gb']:.1f} "
               f"GiB, waiting on decoding {100 * stats['data_wait_share']:.0f} % of the epoch; a full EPIC-100 epoch "
-              f"({EPIC100_TRAIN_CLIPS:,} clips) projected at {epoch_minutes:.1f} min  [{SEED_A100}]")
+              f"({EPIC100_TRAIN_CLIPS:,} clips) projected at {epoch_minutes:.1f} min  [{SEED_A100}]", flush=True)
+        results[f"T{frames}"] = {**stats, "epic_epoch_minutes": epoch_minutes}
+    return results
 
 
 def main(argv=None) -> None:
@@ -201,7 +207,10 @@ def main(argv=None) -> None:
         if args.long_segment:
             long_segment_section(workdir)
         if args.gpu:
-            gpu_section(args, workdir)
+            results = gpu_section(args, workdir)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"machine": machine_line(), **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ bf16: quote a number with it.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def parse_args(argv=None):
                         help="backbone autocast, recorded in the feature set (extract's default on CPU with bf16)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--skip-file", action="store_true", help="only the live measurement")
+    parser.add_argument("--out", type=Path, default=None, help="also save the numbers as JSON to this file")
     args = parser.parse_args(argv)
     if args.gpu:
         args.device = "cuda"
@@ -118,12 +120,15 @@ def print_header(args, device: torch.device, video: Path) -> None:
           f"{'resnet50 bN':>12} {'file f/s':>9} {'ratio':>6}")
 
 
-def print_row(frames: int, rounds: list[tuple[float, ...]]) -> None:
+def print_row(frames: int, rounds: list[tuple[float, ...]]) -> dict:
     """One line per T, as soon as it is measured (a run cut short by a time limit keeps the lines so far)."""
-    alone_1, live_fps, dropped, latency, alone_n, file_fps = np.median(np.array(rounds), axis=0)  # (6,)
+    medians = np.median(np.array(rounds), axis=0)  # (6,)
+    alone_1, live_fps, dropped, latency, alone_n, file_fps = (float(v) for v in medians)
     print(f"{frames:>3} {alone_1:>12.2f} {live_fps:>9.2f} {live_fps / min(alone_1, CAMERA_FPS):>6.2f} "
           f"{dropped:>6.1f}/s {latency:>11.0f} {alone_n:>12.2f} {file_fps:>9.2f} {file_fps / alone_n:>6.2f}",
           flush=True)
+    return {"backbone_b1_fps": alone_1, "live_fps": live_fps, "dropped_per_s": dropped, "latency_ms": latency,
+            "backbone_bN_fps": alone_n, "file_fps": file_fps}
 
 
 def main(argv=None) -> None:
@@ -142,13 +147,18 @@ def main(argv=None) -> None:
         encoder = FrameEncoder(create_backbone("random", seed=0), preprocess, device, precision=args.precision,
                                feature_dtype="float16", channels_last=True, compile=False)
         print_header(args, device, video)
+        results = {}
         for frames in args.frames:
             live_checkpoint = make_checkpoint(tmp / f"live{frames}.pt", frames, preprocess, args.precision,
                                               CAMERA_FPS, 1)
             file_checkpoint = make_checkpoint(tmp / f"file{frames}.pt", frames, preprocess, args.precision, 10.0,
                                               args.file_batch_size)
-            print_row(frames, [one_round(args, encoder, images, video, live_checkpoint, file_checkpoint)
-                               for _ in range(args.repeats)])
+            results[f"T{frames}"] = print_row(frames, [one_round(args, encoder, images, video, live_checkpoint,
+                                                                  file_checkpoint) for _ in range(args.repeats)])
+            if args.out:  # after each T: a run cut short keeps what was measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"machine": machine_line(), "device": str(device), **results},
+                                               indent=2))
 
 
 if __name__ == "__main__":

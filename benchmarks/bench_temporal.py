@@ -32,6 +32,7 @@ seconds and peak memory (goal on one H200: an epoch <= 2 s, train + validate <= 
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--e2e-segments", type=int, default=2, help="segments decoded for the end-to-end estimate")
     parser.add_argument("--e2e-batch", type=int, default=8, help="frames per ResNet50 forward+backward timing")
     add_workdir(parser, "the synthetic feature set")
-    add_gpu(parser, "also time the real loop on CUDA at EPIC-100's size (needs a GPU)", dry_run=False)
+    add_gpu(parser, "also time the real loop on CUDA at EPIC-100's size (needs a GPU)")
     parser.add_argument("--gpu-precision", choices=("bf16", "fp16", "fp32"), default="bf16",
                         help="precision of the real-loop GPU epoch (default: %(default)s)")
     parser.add_argument("--skip-cpu-model", action="store_true",
@@ -92,6 +93,7 @@ def parse_args(argv=None):
                         help="real loop: epochs (and rounds of model-alone steps) timed, fastest kept (default: 2)")
     parser.add_argument("--only-loop", action="store_true",
                         help="run only the real-loop section(s): no Zarr feature set, no loader / e2e timings")
+    parser.add_argument("--out", type=Path, default=None, help="also save the real-loop numbers as JSON to this file")
     add_seed(parser)
     return parser.parse_args(argv)
 
@@ -465,20 +467,28 @@ def epic_size_splits(annotations: EpicAnnotations, device: torch.device, seed: i
 
 
 def run_gpu_real_loop(args, device: torch.device) -> list[dict]:
-    """EPIC-100's real size on the GPU: 3.6 M rows built on the device, 67,217 / 9,668 segments at their real rows."""
-    torch.backends.cudnn.benchmark = True
+    """EPIC-100's real size on the GPU: 3.6 M rows built on the device, 67,217 / 9,668 segments at their real rows.
+    On a CPU (``--gpu-device cpu``) a dry run of the same code: 600 train / 200 validation segments, own rows only."""
     train_file = "EPIC_100_train.csv" if (args.annotations / "EPIC_100_train.csv").is_file() else TRAIN_FILE
     annotations = EpicAnnotations(args.annotations, train_file=train_file)
-    train, validation = epic_size_splits(annotations, device, args.seed)
+    if device.type == "cuda":
+        train, validation = epic_size_splits(annotations, device, args.seed)
+        where = torch.cuda.get_device_name(device)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        train = compact_split(annotations.segments("train").iloc[:600].reset_index(drop=True), generator, device)
+        validation = compact_split(annotations.segments("validation").iloc[:200].reset_index(drop=True), generator,
+                                   device)
+        where = "cpu (dry run)"
     rows = len(train.features)
-    print(f"GPU: {torch.cuda.get_device_name(device)}; {rows:,} rows ({rows * FEATURE_DIM * 2 / 1e9:.1f} GB) on the "
+    print(f"GPU: {where}; {rows:,} rows ({rows * FEATURE_DIM * 2 / 1e9:.1f} GB) on the "
           f"device; train {len(train):,} segments from {train_file}"
-          + (" (repeated to 67,217)" if train_file == TRAIN_FILE else "") + f"; validation {len(validation):,}",
-          flush=True)
+          + (" (repeated to 67,217)" if train_file == TRAIN_FILE and device.type == "cuda" else "")
+          + f"; validation {len(validation):,}", flush=True)
     return [time_real_loop(train, validation, n_verbs=len(annotations.verbs), n_nouns=len(annotations.nouns),
                            precision=args.gpu_precision, device=device, frames=args.frames,
                            batch_size=args.batch_size, micro_batch_size=args.batch_size, seed=args.seed,
-                           warmup_segments=2000, repeats=args.loop_repeats)]
+                           warmup_segments=2000 if device.type == "cuda" else 100, repeats=args.loop_repeats)]
 
 
 # --- printing -----------------------------------------------------------------------------------------------------
@@ -622,9 +632,14 @@ def main(argv=None) -> int:
             feature_set_sections(annotations, segments, workdir, args)
     if args.gpu:
         print()
-        device = gpu_device("cuda")
+        device = gpu_device(args.gpu_device)
         if device is not None:
-            print_real_loop(run_gpu_real_loop(args, device), "GPU")
+            results = run_gpu_real_loop(args, device)
+            print_real_loop(results, "GPU")
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"machine": machine_line(), "device": str(device),
+                                                "real_loop": results}, indent=2))
     return 0
 
 
