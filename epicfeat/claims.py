@@ -76,8 +76,7 @@ class Claim:
 
     def held(self) -> bool:
         """Still ours and fresh: not released, the file holds our token, and it was renewed within the lease."""
-        if self._ended.is_set() or _read_token(self.path) != self.token:
-            self._ended.set()
+        if not self._ours():
             return False
         try:
             return time.time() - self.path.stat().st_mtime < self.lease_s
@@ -87,8 +86,7 @@ class Claim:
 
     def renew(self) -> bool:
         """Touch the claim file; False (and renewing stops) once it is released or no longer ours."""
-        if self._ended.is_set() or _read_token(self.path) != self.token:
-            self._ended.set()
+        if not self._ours():
             return False
         try:
             os.utime(self.path)
@@ -107,6 +105,13 @@ class Claim:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    def _ours(self) -> bool:
+        """Not released, and the file still holds our token; once that fails, it stays so (renewing stops)."""
+        if not self._ended.is_set() and _read_token(self.path) == self.token:
+            return True
+        self._ended.set()
+        return False
 
     def _keep_renewing(self) -> None:
         while not self._ended.wait(self.lease_s / 4):

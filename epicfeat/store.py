@@ -522,10 +522,7 @@ class FeatureStore:
         return [r for r in records if isinstance(r, dict) and {"video_id", "time"} <= r.keys()]
 
     def _partial_folders(self) -> list[tuple[str, Path]]:
-        partial = self.path / _PARTIAL
-        if not partial.is_dir():
-            return []
-        return [(p.name.rsplit(".", 1)[0], p) for p in sorted(partial.iterdir()) if p.is_dir()]
+        return [(p.name.rsplit(".", 1)[0], p) for p in sorted((self.path / _PARTIAL).glob("*")) if p.is_dir()]
 
     def _remove_abandoned(self, video_id: str) -> None:
         """Delete the video's partial and trashed folders: the caller holds its claim, so they are leftovers (a
@@ -564,9 +561,7 @@ class VideoWriter:
         self._chunk_sums: list[str] = []  # sha256 of each chunk of features
         self._pts_sum, self._frames_sum = hashlib.sha256(), hashlib.sha256()
 
-        partial_root = store.path / _PARTIAL
-        partial_root.mkdir(exist_ok=True)
-        self.folder = partial_root / f"{self.video_id}.{unique_token()}"
+        self.folder = store.path / _PARTIAL / f"{self.video_id}.{unique_token()}"
         group = zarr.open_group(self.folder, mode="w-", zarr_format=3)
         self._features = group.create_array(
             "features", shape=(0, self._dim), chunks=(self.chunk_rows, self._dim), dtype=self._dtype,
