@@ -63,6 +63,11 @@ are named ``sha-<hash>`` (``epicfeat.backbone.weights_name_of_sha``) for any fil
 extracted with last.pt, best.pt or a renamed copy holding the same backbone are one feature set, and a model
 pairs with exactly the features its backbone gives.
 
+Precision (``--precision``; ``epicfeat.temporal.precision``): bf16 on a GPU is the backbone under bf16 autocast
+and the LSTM in bf16 by explicit casts (``ClipModel.compute_dtype``, as stage two: CUDA autocast alone runs an LSTM
+in fp16, without loss scaling); a CPU computes in fp32. The saved config records what the run computed in, which
+is what ``evaluate`` and ``predict`` run the checkpoint's LSTM in.
+
 Scale-out: under ``torchrun`` (WORLD_SIZE > 1) each process takes its share of every global batch through a
 DistributedSampler, gradients are averaged by DistributedDataParallel, and only rank 0 logs and writes files.
 The loss of every step is normalised by the global number of valid clips, and CutMix is drawn per global step
@@ -113,6 +118,7 @@ from epicfeat.temporal.checkpoint import (
     save_checkpoint,
 )
 from epicfeat.temporal.model import TemporalModel
+from epicfeat.temporal.precision import COMPUTE_DTYPES, supported_precision
 from epicfeat.training import (EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState, TrainResult,
                                make_console, print_summary, reproducible)
 
@@ -130,7 +136,12 @@ class FinetuneResult(TrainResult):
 
 # ------------------------------------------------------------------------------------------------- the model
 class ClipModel(nn.Module):
-    """clips (B, T, 3, H, W) -> ResNet50 per frame -> (B, T, 2048) -> the stage-two TemporalModel -> logits."""
+    """clips (B, T, 3, H, W) -> ResNet50 per frame -> (B, T, 2048) -> the stage-two TemporalModel -> logits.
+
+    ``compute_dtype`` (float32 by default; set by the run from its precision) is what it computes in: the backbone
+    under autocast to it, the LSTM by the temporal model's explicit casts (``TemporalModel.compute_dtype``: CUDA
+    autocast would run it in float16), standardisation, pooling and heads in float32.
+    """
 
     def __init__(self, backbone: ResNet50Features, temporal: TemporalModel, *, trainable_stages: int,
                  activation_checkpointing: bool = False):
@@ -143,6 +154,14 @@ class ClipModel(nn.Module):
         for stage in stages:
             stage.requires_grad_(any(stage is s for s in trainable))
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.temporal.compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype) -> None:
+        self.temporal.compute_dtype = dtype
+
     def train(self, mode: bool = True) -> ClipModel:
         super().train(mode)
         # Frozen BatchNorm statistics: running mean/var are never updated, and batches are normalised with them.
@@ -152,6 +171,14 @@ class ClipModel(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 2048) in ``compute_dtype``, under autocast to it."""
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        dtype = self.compute_dtype
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return self._backbone(images)
+
+    def _backbone(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 2048); trainable stages are recomputed in backward with activation checkpointing."""
         b = self.backbone
         if not (self.activation_checkpointing and self.training and torch.is_grad_enabled()):
@@ -174,10 +201,9 @@ class ClipModel(nn.Module):
     def forward(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, frames = clips.shape[:2]
         images = clips.reshape(batch * frames, *clips.shape[2:])  # (B * T, 3, H, W)
-        if images.is_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
         features = self.features(images)  # (B * T, 2048)
-        return self.temporal(features.reshape(batch, frames, -1))  # (B, Cv), (B, Cn)
+        with torch.autocast(images.device.type, enabled=False):  # the temporal model casts for itself
+            return self.temporal(features.reshape(batch, frames, -1))  # (B, Cv), (B, Cn)
 
 
 # ------------------------------------------------------------------------------------------------ the start
@@ -246,8 +272,7 @@ class _Run:
     device: torch.device
     rank: int
     world: int
-    autocast_dtype: torch.dtype | None
-    model: ClipModel
+    model: ClipModel  # computes in the run's precision (ClipModel.compute_dtype)
     ddp_model: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
     data: ClipData
     sampler: torch.utils.data.DistributedSampler
@@ -269,15 +294,15 @@ class _Run:
         """The model's loss and official metrics on the validation clips (every process gets the same)."""
         return evaluate_clips(
             self.model, self.val_loader, self.data.validation, preprocess=self.start.preprocess, device=self.device,
-            world=self.world, autocast_dtype=self.autocast_dtype, label_smoothing=self.config.label_smoothing,
+            world=self.world, label_smoothing=self.config.label_smoothing,
             tail_verbs=self.data.tail_verbs, tail_nouns=self.data.tail_nouns,
             unseen_participants=self.data.unseen_participants, problems=self.problems,
         )
 
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The backbone's feature mean and std on the statistics clips (see the module docstring)."""
-        return measure_feature_stats(self.model.backbone, self.stats_loader, preprocess=self.start.preprocess,
-                                     device=self.device, world=self.world, autocast_dtype=self.autocast_dtype)
+        return measure_feature_stats(self.model, self.stats_loader, preprocess=self.start.preprocess,
+                                     device=self.device, world=self.world)
 
 
 def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_after_epoch: int | None) -> FinetuneResult:
@@ -289,15 +314,14 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
     console = make_console(config.progress and rank == 0)
     notes: list[str] = []
     device = _device(config, world)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" and config.precision == "bf16" else None
-    autocast_dtype = _supported_autocast(device, autocast_dtype, notes)
     start = load_start(config)
     frames = config.frames or int(start.checkpoint.config.get("frames", 16))
-    config = dataclasses.replace(config, frames=frames)  # the saved config names T
+    # The saved config names T and the precision the run computes in: what evaluate and predict run its LSTM in.
+    config = dataclasses.replace(config, frames=frames, precision=_run_precision(config.precision, device, notes))
 
     # Dropout draws from torch's global RNG (same seed on every rank).
     with reproducible(config.seed, deterministic=config.deterministic):
-        run = _prepare(config, start, device, rank, world, autocast_dtype, notes)
+        run = _prepare(config, start, device, rank, world, notes)
         if config.resume:
             _resume(run, folder, console)
         if run.is_main:
@@ -316,11 +340,12 @@ def _run(config: FinetuneConfig, rank: int, world: int, started: float, stop_aft
 
 
 def _prepare(config: FinetuneConfig, start: Start, device: torch.device, rank: int, world: int,
-             autocast_dtype: torch.dtype | None, notes: list[str]) -> _Run:
+             notes: list[str]) -> _Run:
     """The stage-two model on its own backbone, AdamW with a head and a backbone lr, the clip loaders, the schedule."""
     temporal = start.checkpoint.create_model()
     model = ClipModel(start.backbone, temporal, trainable_stages=config.trainable_stages,
                       activation_checkpointing=config.activation_checkpointing).to(device)
+    model.compute_dtype = COMPUTE_DTYPES[config.precision]
     if device.type == "cuda":
         model.backbone.to(memory_format=torch.channels_last)
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -347,8 +372,8 @@ def _prepare(config: FinetuneConfig, start: Start, device: torch.device, rank: i
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return _Run(
-        config=config, start=start, device=device, rank=rank, world=world, autocast_dtype=autocast_dtype,
-        model=model, ddp_model=ddp_model, data=data, sampler=sampler, loader=loader,
+        config=config, start=start, device=device, rank=rank, world=world, model=model, ddp_model=ddp_model,
+        data=data, sampler=sampler, loader=loader,
         val_loader=_eval_loader(data.validation, config, rank, world, device) if data.validation is not None else None,
         stats_loader=_eval_loader(data.stats, config, rank, world, device),
         augment=ClipAugment(start.preprocess, scale=config.crop_scale, hflip=config.hflip,
@@ -431,7 +456,7 @@ def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
             step=state.step, backbone_lr_ratio=config.backbone_lr / config.lr,
             micro_batch_size=config.micro_batch_size, label_smoothing=config.label_smoothing,
             cutmix_alpha=config.cutmix_alpha, seed=config.seed, device=device, rank=run.rank, world=run.world,
-            autocast_dtype=run.autocast_dtype, on_batch=_GlobalAdvance(advance, run.world), problems=run.problems,
+            on_batch=_GlobalAdvance(advance, run.world), problems=run.problems,
         )
     train_seconds = time.perf_counter() - epoch_started
     if run.drift is not None:  # the head's input scaling follows the backbone (see the module docstring)
@@ -520,7 +545,6 @@ def train_one_epoch(
     device: torch.device,
     rank: int = 0,
     world: int = 1,
-    autocast_dtype: torch.dtype | None = None,
     on_batch: Callable[[int], None] | None = None,
     problems: dict[str, str] | None = None,
 ) -> tuple[dict[str, float], int]:
@@ -554,7 +578,7 @@ def train_one_epoch(
         clips = _step_clips(batch, augment, device, cutmix_alpha=cutmix_alpha, seed=seed, step=step, rank=rank,
                             world=world)
         _backward_step(ddp_model, clips, sums, micro_batch_size=micro_batch_size, label_smoothing=label_smoothing,
-                       device=device, world=world, autocast_dtype=autocast_dtype)
+                       device=device, world=world)
         _mean_gradient_step(optimizer, params, clips.valid, device, world)
         step += 1
         if on_batch is not None:
@@ -619,8 +643,7 @@ def _paste_cutmix(clips: _StepClips, alpha: float, seed: int, device: torch.devi
 
 
 def _backward_step(ddp_model: nn.Module, clips: _StepClips, sums: torch.Tensor, *, micro_batch_size: int,
-                   label_smoothing: float, device: torch.device, world: int,
-                   autocast_dtype: torch.dtype | None) -> None:
+                   label_smoothing: float, device: torch.device, world: int) -> None:
     """Forward and backward the step's clips as micro-batches of summed losses; adds to the epoch's (4,) float64
     ``sums`` (total, verb and noun losses over the valid clips, and their count)."""
     micro_starts = range(0, len(clips.valid), micro_batch_size)
@@ -632,8 +655,7 @@ def _backward_step(ddp_model: nn.Module, clips: _StepClips, sums: torch.Tensor, 
         # DDP all-reduces the gradients at the step's last micro-batch only.
         sync = contextlib.nullcontext() if (last_micro or world == 1) else ddp_model.no_sync()
         with sync:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                verb_logits, noun_logits = ddp_model(inputs)  # (b', Cv), (b', Cn)
+            verb_logits, noun_logits = ddp_model(inputs)  # (b', Cv), (b', Cn), in the model's compute_dtype
             verb_logits, noun_logits = verb_logits.float()[keep], noun_logits.float()[keep]  # (v, C)
             loss, micro_sums = _micro_loss(clips, part, keep, verb_logits, noun_logits, label_smoothing, device)
             loss.backward()
@@ -701,7 +723,6 @@ def evaluate_clips(
     preprocess: Preprocess,
     device: torch.device,
     world: int = 1,
-    autocast_dtype: torch.dtype | None = None,
     label_smoothing: float = 0.0,
     tail_verbs: frozenset[int] | None = None,
     tail_nouns: frozenset[int] | None = None,
@@ -717,7 +738,7 @@ def evaluate_clips(
     from epicfeat.metrics import epic_metrics
 
     index, verb_np, noun_np = _gathered_logits(model, loader, preprocess=preprocess, device=device, world=world,
-                                               autocast_dtype=autocast_dtype, problems=problems)
+                                               problems=problems)
     if len(index) == 0:
         raise FinetuneError("no validation clip could be decoded; check --videos (see the skipped-clip notes)")
     verb_labels, noun_labels = dataset.verbs[index], dataset.nouns[index]
@@ -736,7 +757,7 @@ def evaluate_clips(
 
 
 def _gathered_logits(model: ClipModel, loader: torch.utils.data.DataLoader, *, preprocess: Preprocess,
-                     device: torch.device, world: int, autocast_dtype: torch.dtype | None,
+                     device: torch.device, world: int,
                      problems: dict[str, str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(segment indices (S',), verb logits (S', Cv), noun logits (S', Cn)) of every decodable clip of every
     process, in segment order whatever the sharding."""
@@ -747,8 +768,7 @@ def _gathered_logits(model: ClipModel, loader: torch.utils.data.DataLoader, *, p
         _collect(problems, batch["error"])
         clips = normalize_clips(batch["clip"][valid].to(device), preprocess)  # (v, T, 3, crop, crop)
         if len(clips):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                verbs, nouns = model(clips)  # (v, Cv), (v, Cn)
+            verbs, nouns = model(clips)  # (v, Cv), (v, Cn)
             verb_logits.append(verbs.float().cpu())
             noun_logits.append(nouns.float().cpu())
         indices.append(batch["index"][valid])
@@ -769,21 +789,20 @@ def _gathered_logits(model: ClipModel, loader: torch.utils.data.DataLoader, *, p
 # ------------------------------------------------------------------------------- features that move together
 @torch.inference_mode()
 def measure_feature_stats(
-    backbone: nn.Module,
+    model: ClipModel,
     loader: torch.utils.data.DataLoader,
     *,
     preprocess: Preprocess,
     device: torch.device,
     world: int = 1,
-    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std (two (2048,) float64 CPU tensors) of the backbone's features on ``loader``'s frames.
 
     Sums in float64, all-reduced over processes, so every process gets the same numbers. Undecodable clips are
     left out.
     """
-    was_training = backbone.training
-    backbone.eval()
+    was_training = model.training
+    model.eval()
     sums = torch.zeros(2, FEATURE_DIM, dtype=torch.float64, device=device)  # sum, sum of squares
     count = torch.zeros(1, dtype=torch.float64, device=device)
     for batch in loader:
@@ -791,14 +810,13 @@ def measure_feature_stats(
         if not len(clips):
             continue
         images = clips.reshape(-1, *clips.shape[2:])  # (v * T, 3, crop, crop)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            features = backbone(images).double()  # (v * T, 2048)
+        features = model.features(images).double()  # (v * T, 2048)
         sums += torch.stack([features.sum(0), (features * features).sum(0)])
         count += len(features)
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(count)
-    backbone.train(was_training)
+    model.train(was_training)
     if float(count) == 0:
         raise FinetuneError("no clip of the statistics segments could be decoded; check --videos")
     mean = sums[0] / count
@@ -1023,23 +1041,10 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # a decode process needs no intra-op threads (FFmpeg has its own)
 
 
-def _supported_autocast(device: torch.device, dtype: torch.dtype | None, notes: list[str]) -> torch.dtype | None:
-    """``dtype`` if the clip model trains under autocast with it here, else None (fp32) with a note saying why.
-
-    cuDNN runs bf16 LSTMs only from version 9.13 on; older builds fall back to a kernel without bf16 and fail.
-    A tiny forward/backward finds out before the run instead of crashing in its first step.
-    """
-    if dtype is None:
-        return None
-    try:
-        probe = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True).to(device)
-        with torch.autocast(device.type, dtype=dtype):
-            outputs, _ = probe(torch.ones(2, 3, 8, device=device))  # (2, 3, 16)
-        outputs.float().sum().backward()
-        return dtype
-    except RuntimeError as err:
-        notes.append(f"{dtype} autocast LSTMs do not run here ({str(err).splitlines()[0]}); training in fp32")
-        return None
+def _run_precision(precision: str, device: torch.device, notes: list[str]) -> str:
+    """What the run computes in: ``precision`` on a GPU, fp32 on a CPU (``FinetuneConfig.precision``), and fp32
+    with a note where this build cannot train an LSTM in it (``supported_precision``)."""
+    return supported_precision(precision if device.type == "cuda" else "fp32", device, notes)
 
 
 def _init_distributed(config: FinetuneConfig) -> tuple[int, int, bool]:

@@ -255,6 +255,67 @@ def test_activation_checkpointing_gives_the_same_gradients(stage_two):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+# -------------------------------------------------------------------------------------------- precision
+def _recording_dtypes(model: ClipModel) -> list[tuple[str, bool, torch.dtype, torch.dtype]]:
+    """Every forward of the model's ResNet50 stage 4 and LSTM, as (part, training?, input dtype, computed dtype)."""
+    seen = []
+    model.backbone.layer4.register_forward_hook(
+        lambda layer, inputs, output: seen.append(("backbone", layer.training, inputs[0].dtype, output.dtype)))
+    model.temporal.lstm.register_forward_pre_hook(
+        lambda lstm, inputs: seen.append(("lstm", lstm.training, inputs[0].dtype, lstm.weight_ih_l0.dtype)))
+    model.temporal.verb_head.register_forward_pre_hook(
+        lambda head, inputs: seen.append(("head", head.training, inputs[0].dtype, head.weight.dtype)))
+    return seen
+
+
+def test_bf16_means_a_bf16_lstm_and_a_bf16_backbone_even_inside_an_fp16_autocast(stage_two):
+    """CUDA autocast runs cuDNN RNNs in float16: under bf16 finetune trained its LSTM in fp16, without loss scaling.
+    The clip model now casts as stage two does (autocast for the backbone only, explicit casts for the LSTM). A CPU
+    autocast to float16 around it stands in for CUDA's: the LSTM still computes in bfloat16, the heads in fp32."""
+    _, checkpoint_path = stage_two
+    model = ClipModel(create_backbone("random", seed=0), load_checkpoint(checkpoint_path).create_model(),
+                      trainable_stages=1).train()
+    model.compute_dtype = torch.bfloat16
+    seen = _recording_dtypes(model)
+    with torch.autocast("cpu", dtype=torch.float16):
+        verbs, nouns = model(torch.randn(2, FRAMES, 3, CROP, CROP))
+    (verbs.sum() + nouns.sum()).backward()
+    bf16 = torch.bfloat16
+    assert seen == [("backbone", True, bf16, bf16), ("lstm", True, bf16, bf16), ("head", True, torch.float32,
+                                                                                 torch.float32)]
+    assert verbs.dtype == torch.float32 and torch.isfinite(verbs).all()
+    assert model.temporal.lstm.weight_ih_l0.grad.dtype == torch.float32  # fp32 master weights
+    assert model.backbone.layer4[0].conv1.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_records_the_precision_its_lstm_computed_in(synthetic_dataset, stage_two, tmp_path, monkeypatch,
+                                                          precision):
+    """What a checkpoint records is what evaluate and predict run its LSTM in, so it must be what finetune trained
+    and validated in: on a CPU that is fp32 whatever --precision says (FinetuneConfig.precision), bf16 on a GPU
+    (tests/test_cuda.py)."""
+    import epicfeat.finetune as finetune_module
+    from epicfeat.temporal.precision import COMPUTE_DTYPES
+
+    seen = []
+
+    def recording_clip_model(*args, **kwargs):
+        model = ClipModel(*args, **kwargs)
+        seen.append(_recording_dtypes(model))
+        return model
+
+    monkeypatch.setattr(finetune_module, "ClipModel", recording_clip_model)
+    _, checkpoint_path = stage_two
+    result = finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "ft", precision=precision,
+                              eval_start=False, restandardize=False, trainable_stages=0))
+    recorded = load_checkpoint(result.last_checkpoint).config["precision"]
+    assert recorded == "fp32"  # the CPU computes in fp32
+    dtype = COMPUTE_DTYPES[recorded]
+    (calls,) = seen
+    assert {call for call in calls if call[0] == "lstm"} == {("lstm", True, dtype, dtype),
+                                                            ("lstm", False, dtype, dtype)}
+
+
 # ------------------------------------------------------------------------------------------------- runs
 def test_one_epoch_from_a_stage_two_checkpoint_changes_the_backbone(synthetic_dataset, stage_two, tmp_path):
     """Through the CLI: trains the last two stages only, keeps BN statistics, writes readable checkpoints."""
