@@ -1,7 +1,9 @@
 """Where and in which precision models run: one answer for every command."""
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -46,3 +48,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "bf16"
         return "fp32"
     return precision
+
+
+@contextlib.contextmanager
+def cuda_settings(*, tf32: bool, cudnn_benchmark: bool) -> Iterator[None]:
+    """TF32 (cuDNN convolutions and RNNs, CUDA matmuls) and cuDNN autotuning as given for the calls inside, then as
+    they were: the flags are process-wide, and one left set would change what a later model of the same process
+    computes (the demo's fp32 LSTM runs after extract in one process). Harmless without a GPU."""
+    backends = torch.backends
+    previous = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark)
+    backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = tf32, tf32, cudnn_benchmark
+    try:
+        yield
+    finally:
+        backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = previous

@@ -144,8 +144,7 @@ def numeric_settings(config: ExtractConfig, device: torch.device) -> dict:
         "precision": resolve_precision(config.precision, device),
         "decoder": decoder_version(),
         "device": device_description(device),
-        # "fp32" on a GPU is real fp32: TF32 is switched off for it (prepare_model); bf16/fp16 do not use TF32.
-        "tf32": False,
+        "tf32": TF32,
         "batch_size": config.batch_size,
         "channels_last": config.channels_last,
         "compile": config.compile,
@@ -677,6 +676,11 @@ def _inline_events(next_job: Callable[[], VideoJob | None], config: ExtractConfi
 
 
 # ------------------------------------------------------------------------------------------ the model
+#: "fp32" on a GPU is real fp32: TF32 is off around each model call (ModelRunner) and recorded in the identity;
+#: bf16 / fp16 do not use TF32.
+TF32 = False
+
+
 def prepare_model(backbone: torch.nn.Module, config: ExtractConfig, device: torch.device) -> torch.nn.Module:
     import torch
 
@@ -686,11 +690,6 @@ def prepare_model(backbone: torch.nn.Module, config: ExtractConfig, device: torc
     if config.fold_bn:
         model = fold_batch_norms(model)  # one pass per activation map instead of two
     model = model.to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one input shape for the whole run: pick the fastest kernels once
-        # "fp32" means fp32: on a GPU convolutions and matmuls would otherwise run in TF32 (other numbers).
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.compile:
@@ -773,11 +772,16 @@ class ModelRunner:
     def _model_output(self, pixels: torch.Tensor) -> torch.Tensor:
         import torch
 
+        from epicfeat.devices import cuda_settings
+
         pixels = self.preprocess.normalize(pixels)  # (B, 3, H, W) float32
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         device_type, dtype = self._autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+        # cuDNN autotuning: one input shape for the whole run, so the fastest kernels are picked once. Scoped to
+        # the call: the flags are process-wide.
+        with cuda_settings(tf32=TF32, cudnn_benchmark=True), \
+                torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             return self.model(pixels).float()  # (B, 2048)
 
     def _forward(self, pixels: torch.Tensor) -> np.ndarray:

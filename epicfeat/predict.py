@@ -41,7 +41,9 @@ import torch
 
 from epicfeat.config import save_config
 from epicfeat.configs import PredictConfig
+from epicfeat.devices import cuda_settings
 from epicfeat.errors import EpicfeatError
+from epicfeat.extract import TF32
 from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_frames
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
@@ -149,7 +151,10 @@ class FrameEncoder:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         else:
             pixels = pixels.contiguous()
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        # fp32 without TF32, as extract computes every feature set (its identity's tf32); no cuDNN autotuning,
+        # which a live source's changing batch sizes would pay again and again.
+        with cuda_settings(tf32=TF32, cudnn_benchmark=False), \
+                torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             features = self.model(pixels)  # (N, 2048)
         return features[:rows].float().to(self.feature_dtype)
 

@@ -68,7 +68,7 @@ VIDEO_IDS = ("P01_01", "P01_02", "P02_01")
 def config(videos: Path, cache: Path, **overrides) -> ExtractConfig:
     base = dict(
         video_ids=VIDEO_IDS, videos=videos, cache=cache, weights="random", seed=0, fps=10.0, resize=64, crop=56,
-        precision="bf16", batch_size=8, decode_workers=0, progress=False,
+        precision="bf16", batch_size=8, decode_workers=0, device="cpu", progress=False,
     )
     base.update(overrides)
     return ExtractConfig(**base)
@@ -177,7 +177,7 @@ def test_cli_exits_nonzero_with_summary_on_failures(videos, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "epicfeat", "extract", "--videos", str(videos), "--video-ids",
          "P01_02,P07_07", "--cache", str(tmp_path / "c"), "--weights", "random", "--resize", "64", "--crop", "56",
-         "--decode-workers", "0", "--no-progress"],
+         "--decode-workers", "0", "--device", "cpu", "--no-progress"],
         capture_output=True, text=True, env=CHILD_ENV,
     )
     assert result.returncode == 1, result.stderr
@@ -486,6 +486,37 @@ def test_native_bf16_is_read_from_cpu_flags(tmp_path, monkeypatch):
     assert devices.resolve_precision("auto", cpu) == "bf16" and devices.resolve_precision("fp32", cpu) == "fp32"
     monkeypatch.setattr(devices, "native_bf16_cpu", lambda: False)
     assert devices.resolve_precision("auto", cpu) == "fp32" and devices.resolve_precision("bf16", cpu) == "bf16"
+
+
+@pytest.fixture
+def cuda_flags_set_otherwise():
+    """TF32 on and cuDNN autotuning off (not what extract runs with), put back as they were after the test."""
+    backends = torch.backends
+    previous = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark)
+    backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = True, True, False
+    yield lambda: (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark)
+    backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = previous
+
+
+def test_tf32_is_off_in_the_model_calls_only(videos, tmp_path, monkeypatch, cuda_flags_set_otherwise):
+    """The feature set records tf32: False, and the model runs so; the flags are process-wide, so extract puts them
+    back: a later model of the same process (the demo's fp32 LSTM) computes as in a fresh process."""
+    import epicfeat.extract
+
+    flags = cuda_flags_set_otherwise
+    seen = []
+    prepare = epicfeat.extract.prepare_model
+
+    def prepare_and_record(*args, **kwargs):
+        model = prepare(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(flags()))
+        return model
+
+    monkeypatch.setattr(epicfeat.extract, "prepare_model", prepare_and_record)
+    summary = extract_features(config(videos, tmp_path / "cache", video_ids=("P01_02",)))
+    assert summary.ok and FeatureStore.open(summary.store).identity.tf32 is False
+    assert seen and set(seen) == {(False, False, True)}  # each batch: TF32 off, cuDNN autotuning on
+    assert flags() == (True, True, False)  # as they were before
 
 
 def test_auto_precision_is_resolved_into_the_identity(videos, tmp_path):
