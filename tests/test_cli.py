@@ -111,7 +111,7 @@ def tiny_features(tmp_path_factory, synthetic_dataset):
     result = epicfeat("extract", "--split", "all", "--videos", str(synthetic_dataset.videos),
                       "--annotations", str(synthetic_dataset.annotations), "--cache", str(cache),
                       "--weights", "random", "--resize", "36", "--crop", "32", "--decode-workers", "0",
-                      "--no-progress", timeout=600)
+                      "--device", "cpu", "--no-progress", timeout=600)
     assert result.returncode == 0, result.stderr
     return synthetic_dataset, cache
 
@@ -149,7 +149,7 @@ def test_ctrl_c_during_extract_says_rerun_and_exits_130(synthetic_dataset, tmp_p
     # Every frame at 224 px keeps the random ResNet50 busy for minutes: long enough to be interrupted mid-run.
     command = ["extract", "--split", "all", "--videos", str(synthetic_dataset.videos),
                "--annotations", str(synthetic_dataset.annotations), "--cache", str(cache),
-               "--weights", "random", "--fps", "60", "--decode-workers", "0", "--no-progress"]
+               "--weights", "random", "--fps", "60", "--decode-workers", "0", "--device", "cpu", "--no-progress"]
     result = interrupt_when(command, lambda: any(cache.glob("*/featureset.json")))
     assert result.returncode == 130, result.stderr
     assert "Traceback" not in result.stderr

@@ -71,7 +71,7 @@ def test_timeline_matches_direct_model_calls_on_the_same_windows(setup, tmp_path
     video, checkpoint, features, pts = setup
     timeline = tmp_path / "timeline.jsonl"
     result = predict(PredictConfig(source=str(video), checkpoint=checkpoint, stride=STRIDE, timeline=timeline,
-                                   window_seconds=T / FPS, batch_size=5, progress=False))
+                                   window_seconds=T / FPS, batch_size=5, device="cpu", progress=False))
     rows = len(features)
     ends = list(range(T - 1, rows, STRIDE))  # last row of each window
     assert result.frames == rows and len(result.predictions) == len(ends) > 10
@@ -109,7 +109,7 @@ def test_csv_timeline_annotated_video_and_skip_frames(setup, tmp_path):
     video, checkpoint, features, _ = setup
     out_video, timeline = tmp_path / "annotated.mp4", tmp_path / "timeline.csv"
     config = PredictConfig(source=str(video), checkpoint=checkpoint, stride=2, skip_frames=1, timeline=timeline,
-                           video_out=out_video, progress=False)
+                           video_out=out_video, device="cpu", progress=False)
     result = predict(config)
     assert resolve_config(PredictConfig, config_file=tmp_path / "timeline.config.yaml") == config  # beside it
     # skip_frames=1 samples at 5 fps: half the 10 fps rows (targets k/5 s are every other 10 fps target).
@@ -145,17 +145,19 @@ def test_csv_timeline_annotated_video_and_skip_frames(setup, tmp_path):
 def test_clear_errors(setup, tmp_path):
     video, checkpoint, _, _ = setup
     with pytest.raises(VideoError, match="file not found"):
-        predict(PredictConfig(source=str(tmp_path / "missing.mp4"), checkpoint=checkpoint, progress=False))
+        predict(PredictConfig(source=str(tmp_path / "missing.mp4"), checkpoint=checkpoint, device="cpu",
+                              progress=False))
     with pytest.raises(WeightsError, match="trained on features of 'random-seed0'"):
-        predict(PredictConfig(source=str(video), checkpoint=checkpoint, weights="random", seed=1, progress=False))
+        predict(PredictConfig(source=str(video), checkpoint=checkpoint, weights="random", seed=1, device="cpu",
+                              progress=False))
     with pytest.raises(PredictError, match="must end in .csv or .jsonl$"):
-        predict(PredictConfig(source=str(video), checkpoint=checkpoint, timeline=tmp_path / "t.txt"))
+        predict(PredictConfig(source=str(video), checkpoint=checkpoint, timeline=tmp_path / "t.txt", device="cpu"))
     with pytest.raises(PredictError, match="use .jsonl, JSON Lines"):
-        predict(PredictConfig(source=str(video), checkpoint=checkpoint, timeline=tmp_path / "t.json"))
+        predict(PredictConfig(source=str(video), checkpoint=checkpoint, timeline=tmp_path / "t.json", device="cpu"))
     with pytest.raises(PredictError, match="holds no frame at 10 sampled frames/s"):
-        predict(PredictConfig(source=str(video), checkpoint=checkpoint, window_seconds=0.05))
+        predict(PredictConfig(source=str(video), checkpoint=checkpoint, window_seconds=0.05, device="cpu"))
     with pytest.raises(Exception, match="does not exist"):
-        predict(PredictConfig(source=str(video), checkpoint=tmp_path / "nope.pt"))
+        predict(PredictConfig(source=str(video), checkpoint=tmp_path / "nope.pt", device="cpu"))
 
 
 def test_cli_prints_the_summary_and_documents_the_window(setup, tmp_path):
@@ -168,7 +170,7 @@ def test_cli_prints_the_summary_and_documents_the_window(setup, tmp_path):
 
     video, checkpoint, _, _ = setup
     args = ["predict", str(video), "--checkpoint", str(checkpoint), "--timeline", str(tmp_path / "t.csv"),
-            "--max-seconds", "2.0", "--window-seconds", str(T / FPS), "--no-progress"]
+            "--max-seconds", "2.0", "--window-seconds", str(T / FPS), "--device", "cpu", "--no-progress"]
     result = CliRunner().invoke(app, args, catch_exceptions=False, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "20 frames through the backbone" in result.output and "frames/s sustained" in result.output
@@ -188,10 +190,11 @@ def test_finetune_checkpoint_uses_its_own_backbone(setup, tmp_path):
     payload["backbone"] = tuned.state_dict()
     torch.save(payload, tmp_path / "ft.pt")
     result = predict(PredictConfig(source=str(video), checkpoint=tmp_path / "ft.pt", max_seconds=1.5,
-                                   window_seconds=T / FPS, progress=False))
+                                   window_seconds=T / FPS, device="cpu", progress=False))
     assert result.frames == 15 and len(result.predictions) == len(range(T - 1, 15, 4))
     with pytest.raises(WeightsError, match="hash"):  # the seed-0 backbone is not the one the head was tuned with
-        predict(PredictConfig(source=str(video), checkpoint=tmp_path / "ft.pt", weights="random", progress=False))
+        predict(PredictConfig(source=str(video), checkpoint=tmp_path / "ft.pt", weights="random", device="cpu",
+                              progress=False))
 
 
 # ------------------------------------------------------------------------------------ predict == evaluate
@@ -284,7 +287,8 @@ def test_a_truncated_file_keeps_every_prediction_made_before_the_damage(setup, t
     whole = _faststart_copy(video, tmp_path / "whole.mp4")
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
-    config = {"checkpoint": checkpoint, "window_seconds": T / FPS, "stride": 1, "batch_size": 4, "progress": False}
+    config = {"checkpoint": checkpoint, "window_seconds": T / FPS, "stride": 1, "batch_size": 4, "device": "cpu",
+              "progress": False}
     reference = predict(PredictConfig(source=str(whole), **config))
 
     # The file is valid after every line: each prediction is on disk (and parses) as soon as it is made.
@@ -318,7 +322,8 @@ def test_an_error_before_the_first_frame_is_raised_and_writes_nothing(setup, tmp
     cut = tmp_path / "cut.MP4"  # index at the end: half a file cannot even be opened
     cut.write_bytes(video.read_bytes()[: video.stat().st_size // 2])
     with pytest.raises(VideoError, match="truncated or corrupt MP4"):
-        predict(PredictConfig(source=str(cut), checkpoint=checkpoint, timeline=tmp_path / "t.csv", progress=False))
+        predict(PredictConfig(source=str(cut), checkpoint=checkpoint, timeline=tmp_path / "t.csv", device="cpu",
+                              progress=False))
     assert not (tmp_path / "t.csv").exists() and not (tmp_path / "t.config.yaml").exists()
 
 
@@ -331,7 +336,7 @@ def test_a_live_source_that_the_model_keeps_up_with_loses_no_frame(setup, tmp_pa
     _, checkpoint, _, _ = setup
     timeline = tmp_path / "live.csv"
     result = predict(PredictConfig(**CAMERA, checkpoint=checkpoint, window_seconds=T / FPS, stride=1,
-                                   max_seconds=2.0, timeline=timeline, progress=False))
+                                   max_seconds=2.0, timeline=timeline, device="cpu", progress=False))
     # 2 s of a 30 fps camera sampled at 10 fps: 20 rows, none dropped, a prediction for each from row T-1 on.
     assert result.live and result.frames == 20 and result.frames_dropped == 0 and result.error is None
     assert len(result.predictions) == len(read_timeline(timeline)) == 20 - T + 1
@@ -355,7 +360,7 @@ def test_a_live_source_builds_one_resizer_for_the_whole_stream(setup, monkeypatc
 
     monkeypatch.setattr(epicfeat.predict, "Resizer", CountingResizer)
     result = predict(PredictConfig(**CAMERA, checkpoint=checkpoint, window_seconds=T / FPS, max_seconds=1.0,
-                                   progress=False))
+                                   device="cpu", progress=False))
     assert result.frames == 10 and len(built) == 1
 
 
@@ -369,7 +374,7 @@ def test_a_model_slower_than_the_camera_drops_frames_instead_of_falling_behind(s
 
     monkeypatch.setattr(FrameEncoder, "__call__", slow)
     result = predict(PredictConfig(**CAMERA, checkpoint=checkpoint, window_seconds=T / FPS, stride=1,
-                                   max_seconds=3.0, progress=False))
+                                   max_seconds=3.0, device="cpu", progress=False))
     # 30 rows were sampled; about 4 per second got through, the rest were dropped (at most one waits at the end).
     assert 6 <= result.frames <= 16 and result.frames_dropped >= 12
     assert 28 <= result.frames + result.frames_dropped <= 30
@@ -391,7 +396,7 @@ def test_a_camera_that_disconnects_ends_the_run_keeping_what_was_done(setup, tmp
     monkeypatch.setattr(LiveCapture, "_frames", unplugged_after_45_frames)
     timeline = tmp_path / "live.jsonl"
     result = predict(PredictConfig(**CAMERA, checkpoint=checkpoint, window_seconds=T / FPS, stride=1,
-                                   timeline=timeline, progress=False))
+                                   timeline=timeline, device="cpu", progress=False))
     assert result.frames + result.frames_dropped == 15  # frames 0, 3, ..., 42
     assert "capture stopped (OSError: [Errno 5] Input/output error)" in result.error
     assert "testsrc2" in result.error and result.error.startswith(f"stopped after {result.frames} frames")
@@ -403,7 +408,7 @@ def test_a_live_annotated_video_has_the_camera_frames_at_their_own_size(setup, t
     _, checkpoint, _, _ = setup
     out_video = tmp_path / "live.mp4"
     result = predict(PredictConfig(**CAMERA, checkpoint=checkpoint, window_seconds=T / FPS, max_seconds=1.0,
-                                   video_out=out_video, progress=False))
+                                   video_out=out_video, device="cpu", progress=False))
     with av.open(str(out_video)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert result.frames == len(frames) == 10 and frames[0].shape == (360, 640, 3)
@@ -415,5 +420,5 @@ def test_an_annotated_video_without_pillow_is_a_clear_error(setup, tmp_path, mon
     video, checkpoint, _, _ = setup
     monkeypatch.setitem(sys.modules, "PIL", None)  # makes `import PIL` fail, installed or not
     with pytest.raises(PredictError, match=r"Pillow, which epicfeat depends on but this environment lacks: pip install Pillow"):
-        predict(PredictConfig(source=str(video), checkpoint=checkpoint, video_out=tmp_path / "a.mp4"))
+        predict(PredictConfig(source=str(video), checkpoint=checkpoint, video_out=tmp_path / "a.mp4", device="cpu"))
     assert not (tmp_path / "a.mp4").exists()
