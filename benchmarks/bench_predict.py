@@ -36,9 +36,9 @@ import torch
 from epicfeat.backbone import create_backbone
 from epicfeat.data.synthetic import SyntheticSpec
 from epicfeat.devices import resolve_device
+from epicfeat.extract import ExtractConfig, feature_set_identity
 from epicfeat.frames import Preprocess, iter_frames, probe_video
 from epicfeat.predict import FrameEncoder, PredictConfig, predict
-from epicfeat.store import FeatureSetIdentity
 from epicfeat.temporal.checkpoint import save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
@@ -71,9 +71,9 @@ def parse_args(argv=None):
 def make_checkpoint(path: Path, frames: int, preprocess: Preprocess, precision: str, fps: float,
                     batch_size: int) -> Path:
     backbone = create_backbone("random", seed=0)
-    identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=fps,
-                                  resize=preprocess.resize, crop=preprocess.crop, mean=preprocess.mean,
-                                  std=preprocess.std, precision=precision, batch_size=batch_size)
+    extract = ExtractConfig(weights="random", fps=fps, resize=preprocess.resize, crop=preprocess.crop,
+                            precision=precision, batch_size=batch_size)
+    identity = feature_set_identity(extract, backbone)
     args = TemporalModelArgs(n_verbs=97, n_nouns=300)
     torch.manual_seed(0)
     model = create_temporal_model(args)

@@ -51,7 +51,8 @@ from torch import nn
 from epicfeat.backbone import create_backbone
 from epicfeat.data.annotations import EpicAnnotations
 from epicfeat.frames import Preprocess, decode_frames_at
-from epicfeat.store import FeatureSetIdentity, FeatureStore
+from epicfeat.extract import ExtractConfig, feature_set_identity
+from epicfeat.store import FeatureStore
 from epicfeat.temporal.data import PackedSplit, feature_stats, pack_split
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.precision import COMPUTE_DTYPES, grad_scaler, supported_precision
@@ -576,8 +577,8 @@ def print_cpu_model(cpu: dict, loader_rate: float, n_segments: int, args) -> Non
 
 def feature_set_sections(annotations, segments, workdir: Path, args) -> None:
     """Pack a synthetic Zarr feature set; time the loader, the model alone, the combined loop, the e2e estimate."""
-    identity = FeatureSetIdentity(weights="random-seed0", weights_sha="0" * 16, fps=float(ROWS_PER_SECOND),
-                                  resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    identity = feature_set_identity(ExtractConfig(weights="random", fps=float(ROWS_PER_SECOND)),
+                                    create_backbone("random"))
     store = FeatureStore.create(workdir / "cache", identity)
     video_ids = sorted(segments["video_id"].unique())
     print(f"epicfeat stage-two benchmark: {len(segments):,} segments over {len(video_ids)} videos "
