@@ -124,7 +124,7 @@ def test_parsers_share_the_common_options():
 
     args = bench_temporal.parse_args(["--gpu", "--workdir", "w"])
     assert (args.gpu, args.workdir, args.seed, args.annotations) == (True, Path("w"), 0, common.SHARED_ANNOTATIONS)
-    assert not hasattr(args, "gpu_device")  # the temporal GPU section has no CPU dry run (14.7 GB of rows)
+    assert args.gpu_device == "cuda"  # the temporal GPU section's CPU dry run (small splits) is --gpu-device cpu
     args = bench_predict.parse_args(["--gpu"])
     assert (args.gpu, args.device) == (True, "cuda")
 
