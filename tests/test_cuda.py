@@ -10,6 +10,7 @@ finetune, a cuda device in the identity) is asserted for the device the tests ru
 """
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ from test_train_temporal import _config, _data
 import epicfeat.finetune as finetune_module
 import epicfeat.temporal.train as train_module
 from epicfeat.configs import EvaluateConfig, ExtractConfig, FinetuneConfig, PredictConfig, TrainTemporalConfig
-from epicfeat.data.annotations import EpicAnnotations
 from epicfeat.evaluate import evaluate
 from epicfeat.extract import extract_features
 from epicfeat.predict import predict
@@ -92,10 +92,10 @@ def test_extract_on_the_device_matches_the_cpu_and_leaves_the_cuda_flags_as_they
     assert (device.identity.key() != cpu.identity.key()) == CUDA  # the device is part of a feature set's identity
     on_device, on_cpu = (np.asarray(s.read(video_id).features[:], np.float32) for s in (device, cpu))  # (rows, 2048)
     assert on_device.shape == on_cpu.shape and on_cpu.shape[0] > 10
-    # fp32 on both (TF32 off): summation order differs, and a stored float16 value may then round to the
-    # neighbouring step: at most one float16 step (2^-10 relative) plus fp32 noise.
+    # fp32 on both (TF32 off), other kernels: summation order differs, and a stored float16 value may then round
+    # to the neighbouring step: one float16 step (2^-10 relative) plus fp32 noise, under 1e-3 of the largest value.
     scale = float(np.abs(on_cpu).max())
-    np.testing.assert_allclose(on_device, on_cpu, rtol=2e-3, atol=1e-4 * scale)
+    np.testing.assert_allclose(on_device, on_cpu, rtol=2e-3, atol=1e-3 * scale)
 
     bf16 = _extract(synthetic_dataset, tmp_path / "bf16", DEVICE, video_ids=(video_id,), precision="bf16")
     assert bf16.identity.precision == "bf16"
@@ -172,33 +172,43 @@ def test_a_finetune_epoch_on_the_device_trains_its_lstm_in_bf16(synthetic_datase
 
 
 # ------------------------------------------------------------------------------------- predict and evaluate
+# Both compare the device with the CPU on the same stored features: the backbone's fp32 features agree to a float16
+# step, and cuDNN's fp32 LSTM may use TF32 (torch's default for it), so scores agree to about 1e-3, checked at 1e-2.
+SCORE_TOLERANCE = 1e-2
+
+
 def test_predict_on_the_device_gives_the_cpu_timeline(synthetic_dataset, stage_two):
     _, checkpoint = stage_two
     video = min(synthetic_dataset.videos.rglob("*.MP4"))
+    every_class = max(len(load_checkpoint(checkpoint).verb_classes), len(load_checkpoint(checkpoint).noun_classes))
     runs = {device: predict(PredictConfig(source=str(video), checkpoint=checkpoint, window_seconds=1.0, stride=2,
-                                          max_seconds=4.0, device=device, progress=False))
+                                          max_seconds=4.0, top_k=every_class, device=device, progress=False))
             for device in (str(DEVICE), "cpu")}
+    assert runs[str(DEVICE)].error is None
     on_device, on_cpu = runs[str(DEVICE)].predictions, runs["cpu"].predictions
-    assert len(on_device) == len(on_cpu) > 3 and runs[str(DEVICE)].error is None
+    assert len(on_device) == len(on_cpu) > 3
     for a, b in zip(on_device, on_cpu):
         assert a.time == b.time
-        # The same stored float16 features up to one step, an fp32 head (cuDNN's LSTM may use TF32): the same
-        # probabilities to 1e-2.
-        assert dict(a.verbs).keys() == dict(b.verbs).keys()
-        for name, probability in b.verbs:
-            assert dict(a.verbs)[name] == pytest.approx(probability, abs=1e-2)
+        for got, expected in ((dict(a.verbs), dict(b.verbs)), (dict(a.nouns), dict(b.nouns))):
+            assert got.keys() == expected.keys()
+            assert all(got[name] == pytest.approx(p, abs=SCORE_TOLERANCE) for name, p in expected.items())
 
 
 def test_evaluate_computes_the_official_metrics_from_logits_on_the_device(synthetic_dataset, stage_two, tmp_path):
     root, checkpoint = stage_two
-    scored = {device: evaluate(EvaluateConfig(checkpoints=(checkpoint,), annotations=synthetic_dataset.annotations,
-                                              cache=root / "cache", out=tmp_path / device, device=device,
-                                              progress=False)).metrics
-              for device in (str(DEVICE), "cpu")}
-    on_device, on_cpu = scored[str(DEVICE)], scored["cpu"]
-    assert on_device.keys() == on_cpu.keys() and "all_action_accuracy_at_1" in on_device
-    segments = len(EpicAnnotations(synthetic_dataset.annotations).segments("validation"))
-    for key, value in on_cpu.items():
+    runs = {device: evaluate(EvaluateConfig(checkpoints=(checkpoint,), annotations=synthetic_dataset.annotations,
+                                            cache=root / "cache", out=tmp_path / device, device=device,
+                                            progress=False))
+            for device in (str(DEVICE), "cpu")}
+    on_device, on_cpu = (pickle.loads(runs[d].results_pickle.read_bytes()) for d in (str(DEVICE), "cpu"))
+    assert list(on_device["narration_id"]) == list(on_cpu["narration_id"])
+    for scores in ("verb_output", "noun_output"):  # per-segment log-probabilities
+        np.testing.assert_allclose(on_device[scores], on_cpu[scores], atol=SCORE_TOLERANCE)
+    metrics, cpu_metrics = runs[str(DEVICE)].metrics, runs["cpu"].metrics
+    assert metrics.keys() == cpu_metrics.keys() and "all_action_accuracy_at_1" in metrics
+    segments = len(on_cpu["narration_id"])
+    for key, value in cpu_metrics.items():
         if not math.isnan(value):  # an empty subset is NaN on both
-            # Logits equal up to TF32 in cuDNN's fp32 LSTM: at most one segment's top-k membership may change.
-            assert on_device[key] == pytest.approx(value, abs=100 / segments + 1e-9), key
+            # A segment whose best classes lie closer than the tolerance may rank them either way: two such
+            # segments at most.
+            assert metrics[key] == pytest.approx(value, abs=2 * 100 / segments + 1e-9), key
