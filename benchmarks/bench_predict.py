@@ -73,7 +73,8 @@ def make_checkpoint(path: Path, frames: int, preprocess: Preprocess, precision: 
     backbone = create_backbone("random", seed=0)
     identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=fps,
                                   resize=preprocess.resize, crop=preprocess.crop, mean=preprocess.mean,
-                                  std=preprocess.std, precision=precision, batch_size=batch_size)
+                                  std=preprocess.std, precision=precision, batch_size=batch_size, decoder="pyav-bench",
+                                  device="cpu", tf32=False, channels_last=False, compile=False, fold_bn=False)
     args = TemporalModelArgs(n_verbs=97, n_nouns=300)
     torch.manual_seed(0)
     model = create_temporal_model(args)

@@ -577,7 +577,9 @@ def print_cpu_model(cpu: dict, loader_rate: float, n_segments: int, args) -> Non
 def feature_set_sections(annotations, segments, workdir: Path, args) -> None:
     """Pack a synthetic Zarr feature set; time the loader, the model alone, the combined loop, the e2e estimate."""
     identity = FeatureSetIdentity(weights="random-seed0", weights_sha="0" * 16, fps=float(ROWS_PER_SECOND),
-                                  resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+                                  resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                  decoder="pyav-test", device="cpu", tf32=False, batch_size=8,
+                                  channels_last=False, compile=False, fold_bn=True)
     store = FeatureStore.create(workdir / "cache", identity)
     video_ids = sorted(segments["video_id"].unique())
     print(f"epicfeat stage-two benchmark: {len(segments):,} segments over {len(video_ids)} videos "
