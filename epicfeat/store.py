@@ -100,7 +100,7 @@ def feature_chunk_rows(feature_dim: int, dtype: str | np.dtype) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- identity
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FeatureSetIdentity:
     """Everything that changes the cached numbers. Two runs share a feature set only if all of it is equal."""
 
@@ -115,15 +115,14 @@ class FeatureSetIdentity:
     dtype: str = "float16"  # stored dtype of features
     feature_dim: int = 2048
     precision: str = "fp32"  # compute precision of the backbone (bf16 autocast changes the numbers)
-    # What else changes the numbers, recorded by `extract` (None: not recorded, a feature set made before they were
-    # keyed; such a field is left out of the hash, so older sets keep their folder name). See NUMERIC_SETTINGS.
-    decoder: str | None = None  # e.g. "pyav-18.1.0-libavcodec-62.28.102": PyAV 17 changed HD colour conversion
-    device: str | None = None  # "cpu-AVX512" / "cuda-NVIDIA H200": kernels (and bf16 emulation) differ per ISA/GPU
-    tf32: bool | None = None  # CUDA only: "fp32" convolutions in TF32
-    batch_size: int | None = None  # rows per model batch: kernels are chosen per batch shape
-    channels_last: bool | None = None  # memory layout of the backbone: another convolution path
-    compile: bool | None = None  # torch.compile fuses ops: other rounding
-    fold_bn: bool | None = None  # batch norms folded into the convolutions: other rounding
+    # The run settings that change the numbers too (NUMERIC_SETTINGS), as `extract` ran them:
+    decoder: str  # e.g. "pyav-18.1.0-libavcodec-62.28.102": PyAV 17 changed HD colour conversion
+    device: str  # "cpu-AVX512" / "cuda-NVIDIA H200": kernels (and bf16 emulation) differ per ISA/GPU
+    tf32: bool  # CUDA only: "fp32" convolutions in TF32
+    batch_size: int  # rows per model batch: kernels are chosen per batch shape
+    channels_last: bool  # memory layout of the backbone: another convolution path
+    compile: bool  # torch.compile fuses ops: other rounding
+    fold_bn: bool  # batch norms folded into the convolutions: other rounding
 
     def __post_init__(self):
         # Normalise so that identities read back from JSON compare (and hash) equal to the ones built in code.
@@ -133,6 +132,7 @@ class FeatureSetIdentity:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "feature_dim", int(self.feature_dim))
+        object.__setattr__(self, "batch_size", int(self.batch_size))
         try:
             is_float = np.dtype(self.dtype).kind == "f"
         except TypeError:
@@ -148,9 +148,8 @@ class FeatureSetIdentity:
         return f"{readable}_{self.short_hash()}"
 
     def short_hash(self) -> str:
-        """First 8 hex digits of the sha256 of the canonical JSON of all fields (unrecorded run settings left out)."""
-        fields = {k: v for k, v in self.to_dict().items() if not (k in NUMERIC_SETTINGS and v is None)}
-        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        """First 8 hex digits of the sha256 of the canonical JSON of all fields."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
     def to_dict(self) -> dict:
@@ -171,7 +170,7 @@ class FeatureSetIdentity:
             raise StoreError(f"feature-set identity {d} is incomplete: {err}") from None
 
 
-#: Identity fields added after the first feature sets were written; None means "not recorded".
+#: The identity's run settings: how `extract` ran, besides the weights and the preprocessing (`cache info` shows them).
 NUMERIC_SETTINGS = ("decoder", "device", "tf32", "batch_size", "channels_last", "compile", "fold_bn")
 
 

@@ -21,12 +21,13 @@ VERBS, NOUNS = ("take", "put", "open"), ("cup", "knife", "tap", "plate")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _checkpoint(path, precision, fold_bn=None):
+def _checkpoint(path, precision, fold_bn=False):
     """A tiny attention-pooling head on a random-seed0 backbone feature set, with non-trivial feature statistics."""
     backbone = create_backbone("random", seed=0)
     identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=10.0,
                                   resize=64, crop=CROP, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                                  precision=precision, fold_bn=fold_bn)
+                                  precision=precision, fold_bn=fold_bn, decoder="pyav-test", device="cpu", tf32=False,
+                                  batch_size=8, channels_last=False, compile=False)
     args = TemporalModelArgs(hidden=8, layers=2, pooling="attention", n_verbs=len(VERBS), n_nouns=len(NOUNS))
     torch.manual_seed(0)
     # Random-weight features at this crop sit around 0..3 with spread ~0.5: standardise them like training would.
@@ -66,7 +67,7 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
         "fps": 10.0, "sampling": "each target k / fps takes the first frame at or after it",
         "value_range": "0..255 (uint8 RGB as float32; normalisation is inside full_model)",
         "layout": "NCHW per frame: frames (1, T, 3, crop, crop)", "precision": "fp32", "feature_dtype": "float16",
-        "decoder": None,
+        "decoder": "pyav-test",
     }
     assert [c["matches_predict"] for c in meta["checks"]] == [True, True]
     assert meta["inputs"]["full_model"]["precision"] == "fp32" and meta["window"]["frames"] == T

@@ -52,7 +52,8 @@ def setup(synthetic_dataset, tmp_path_factory):
     features, pts = _features(video, backbone)
     identity = FeatureSetIdentity(weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=FPS,
                                   resize=PREPROCESS.resize, crop=PREPROCESS.crop, mean=PREPROCESS.mean,
-                                  std=PREPROCESS.std, precision="fp32")
+                                  std=PREPROCESS.std, precision="fp32", decoder="pyav-test", device="cpu",
+                                  tf32=False, batch_size=32, channels_last=False, compile=False, fold_bn=False)
     args = TemporalModelArgs(hidden=16, layers=1, n_verbs=len(VERBS), n_nouns=len(NOUNS))
     torch.manual_seed(0)
     # Standardise with the video's own statistics so that the random head gives spread-out, distinct scores.

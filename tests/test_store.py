@@ -1,6 +1,5 @@
 """The feature store: round trip, atomic completion, crashes, concurrent writers, identity, verify, failures, HDF5."""
 import dataclasses
-import hashlib
 import inspect
 import json
 import signal
@@ -31,9 +30,13 @@ SOURCE = {"source_path": "/videos/P01/P01_01.MP4", "source_fps": 59.94, "duratio
           "height": 360}
 
 
+RUN_SETTINGS = dict(decoder="pyav-18.1.0-libavcodec-62.28.102", device="cpu-AVX512", tf32=False, batch_size=64,
+                    channels_last=True, compile=False, fold_bn=True)
+
+
 def identity(**changes) -> FeatureSetIdentity:
     base = FeatureSetIdentity(weights="random-seed0", weights_sha="0123456789abcdef", fps=10.0, resize=128,
-                              crop=112, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+                              crop=112, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), **RUN_SETTINGS)
     return dataclasses.replace(base, **changes)
 
 
@@ -287,7 +290,7 @@ def test_key_differs_for_any_field_change():
                "crop": 224, "mean": (0.5, 0.456, 0.406), "std": (0.229, 0.224, 0.2), "backbone": "resnet101",
                "dtype": "float32", "feature_dim": 1024, "precision": "bf16",
                "decoder": "pyav-17.0.0-libavcodec-61.19.100", "device": "cuda-NVIDIA H200", "tf32": True,
-               "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": True}
+               "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": False}
     assert set(changed) == {f.name for f in dataclasses.fields(FeatureSetIdentity)}  # every field is covered
     keys = {base.key()}
     for name, value in changed.items():
@@ -296,13 +299,14 @@ def test_key_differs_for_any_field_change():
     assert identity(fps=10).key() == identity(fps=10.0).key()  # equal values, equal key
 
 
-def test_unrecorded_run_settings_keep_the_key_of_older_feature_sets():
-    """Sets written before decoder/device/batch size were keyed keep their folder name (hash of the old fields)."""
-    old_fields = {k: v for k, v in identity().to_dict().items() if k not in NUMERIC_SETTINGS}
-    canonical = json.dumps(old_fields, sort_keys=True, separators=(",", ":"))
-    assert identity().short_hash() == hashlib.sha256(canonical.encode()).hexdigest()[:8]
-    assert FeatureSetIdentity.from_dict(old_fields) == identity()
-    assert identity(batch_size=64).key() != identity(batch_size=32).key() != identity().key()
+def test_every_run_setting_is_required():
+    """No identity without its run settings: a set could otherwise share its folder with one run differently."""
+    incomplete = {k: v for k, v in identity().to_dict().items() if k != "batch_size"}
+    with pytest.raises(StoreError, match="incomplete.*batch_size"):
+        FeatureSetIdentity.from_dict(incomplete)
+    assert set(NUMERIC_SETTINGS) <= {f.name for f in dataclasses.fields(FeatureSetIdentity) if f.default is
+                                     dataclasses.MISSING}
+    assert identity(batch_size=64).key() != identity(batch_size=32).key()
 
 
 def test_create_reopens_the_same_set_and_refuses_a_mismatch(tmp_path):

@@ -282,7 +282,9 @@ def test_pack_from_a_real_feature_store(tmp_path):
     store_module = pytest.importorskip("epicfeat.store", reason="epicfeat/store.py not written yet")
     identity = store_module.FeatureSetIdentity(
         weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        decoder="pyav-test", device="cpu", tf32=False, batch_size=8, channels_last=False, compile=False,
+        fold_bn=True)
     store = store_module.FeatureStore.create(tmp_path / "cache", identity)
     rng = np.random.default_rng(3)
     videos = {}
@@ -316,7 +318,9 @@ def test_a_packed_split_is_cached_on_disk_and_repacked_when_its_inputs_change(tm
     store_module = pytest.importorskip("epicfeat.store")
     identity = store_module.FeatureSetIdentity(
         weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=4)
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=4,
+        decoder="pyav-test", device="cpu", tf32=False, batch_size=8, channels_last=False, compile=False,
+        fold_bn=True)
     store = store_module.FeatureStore.create(tmp_path / "cache", identity)
     rng = np.random.default_rng(0)
     for video_id in ("P01_01", "P01_02"):

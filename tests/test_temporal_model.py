@@ -95,7 +95,8 @@ def test_standardisation_is_part_of_the_model_and_its_state_dict():
 # ------------------------------------------------------------------------------------------------ checkpoints
 IDENTITY_A = {"weights": "random-seed0", "weights_sha": "aaaa", "fps": 10.0, "resize": 128, "crop": 112,
               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "backbone": "resnet50",
-              "dtype": "float16", "feature_dim": 6, "precision": "bf16"}
+              "dtype": "float16", "feature_dim": 6, "precision": "bf16", "decoder": "pyav-test", "device": "cpu",
+              "tf32": False, "batch_size": 8, "channels_last": False, "compile": False, "fold_bn": True}
 IDENTITY_B = {**IDENTITY_A, "weights": "imagenet1k_v2", "weights_sha": "bbbb"}
 
 

@@ -300,7 +300,9 @@ def _write_feature_set(cache, weights: str, video_ids, rng):
 
     sha = {"imagenet1k_v2": "ef01"}.get(weights, "abcd")  # other weights, other numbers (same sha = same weights)
     identity = FeatureSetIdentity(weights=weights, weights_sha=sha, fps=10.0, resize=128, crop=112,
-                                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=DIM)
+                                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=DIM,
+                                  decoder="pyav-test", device="cpu", tf32=False, batch_size=8,
+                                  channels_last=False, compile=False, fold_bn=True)
     store = FeatureStore.create(cache, identity)
     for video_id in video_ids:
         with store.writer(video_id, attrs={"source_fps": 50.0, "duration": 20.0}) as writer:

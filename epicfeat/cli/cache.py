@@ -43,10 +43,7 @@ def _run_settings(identity: dict) -> str:
     from epicfeat.store import NUMERIC_SETTINGS
 
     labels = {"batch_size": "batch"}
-    recorded = [(name, identity.get(name)) for name in NUMERIC_SETTINGS if identity.get(name) is not None]
-    if not recorded:
-        return "not recorded (a set made before they were keyed)"
-    return ", ".join(f"{labels.get(name, name)} {_shown(value)}" for name, value in recorded)
+    return ", ".join(f"{labels.get(name, name)} {_shown(identity[name])}" for name in NUMERIC_SETTINGS)
 
 
 def _shown(value) -> str:
