@@ -769,7 +769,7 @@ def _timed_extract(root: Path, ids: list[str], workdir: Path, precision: str, fl
 _REHEARSAL_CHILD = r"""
 import json, os, resource, sys
 import epicfeat.extract as extract
-from epicfeat.config import from_dict, read_yaml
+from epicfeat.recipes import from_dict, read_yaml
 from epicfeat.configs import ExtractConfig
 
 config_file, decode_log = sys.argv[1:3]
@@ -817,7 +817,7 @@ def _rehearsal_config(root: Path, cache: Path, ids: list[str]) -> ExtractConfig:
 
 
 def _start_rehearsal_child(config: ExtractConfig, workdir: Path, name: str, decode_log: Path) -> subprocess.Popen:
-    from epicfeat.config import save_config
+    from epicfeat.recipes import save_config
 
     config_file = workdir / f"{name}.yaml"
     save_config(config, config_file)

@@ -1,6 +1,6 @@
 """The config dataclass of every command: the one source of each default and of each option's help text.
 
-``epicfeat.config.resolve_config`` layers a recipe (``--config FILE``) and command-line flags over these defaults;
+``epicfeat.recipes.resolve_config`` layers a recipe (``--config FILE``) and command-line flags over these defaults;
 ``epicfeat.cli`` builds every command's options from these fields, so ``--help`` shows exactly the defaults the
 code runs with. This module is light on purpose (no torch): ``epicfeat --help`` and a typo in a flag answer at once.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from epicfeat.config import ConfigError, option
+from epicfeat.recipes import ConfigError, option
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ExportFormat = Literal["onnx", "torchscript", "coreml"]

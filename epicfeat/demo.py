@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from epicfeat.config import save_config
+from epicfeat.recipes import save_config
 from epicfeat.configs import DemoConfig
 from epicfeat.files import atomic_write_text
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from epicfeat.config import save_config
+from epicfeat.recipes import save_config
 from epicfeat.configs import EvaluateConfig, ScoringConfig, SubmitConfig
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text

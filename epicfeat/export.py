@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from epicfeat.config import save_config
+from epicfeat.recipes import save_config
 from epicfeat.configs import ExportConfig
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text

@@ -244,7 +244,7 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
 def _extract(config: ExtractConfig, jobs: list[VideoJob], missing: list[str], pool: DecodePool | None,
              started: float) -> ExtractSummary:
     from epicfeat.backbone import create_backbone
-    from epicfeat.config import save_config
+    from epicfeat.recipes import save_config
     from epicfeat.devices import resolve_device, resolve_precision
     from epicfeat.store import FeatureStore, folder_bytes
 

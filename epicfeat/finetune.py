@@ -104,7 +104,7 @@ from epicfeat._clips import (
     sample_step_cutmix,
 )
 from epicfeat.backbone import FEATURE_DIM, ResNet50Features, weights_identity, weights_name_of_sha
-from epicfeat.config import config_to_dict, save_config
+from epicfeat.recipes import config_to_dict, save_config
 from epicfeat.configs import FinetuneConfig
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError

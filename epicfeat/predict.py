@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from epicfeat.config import save_config
+from epicfeat.recipes import save_config
 from epicfeat.configs import PredictConfig
 from epicfeat.devices import cuda_settings
 from epicfeat.errors import EpicfeatError

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from epicfeat.backbone import WeightsError, create_backbone
-from epicfeat.config import resolve_config
+from epicfeat.recipes import resolve_config
 from epicfeat.export import TOLERANCE, ExportConfig, ExportError, export
 from epicfeat.store import FeatureSetIdentity
 from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint

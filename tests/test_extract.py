@@ -130,7 +130,7 @@ def test_resume_after_sigkill_is_bit_identical(videos, reference, tmp_path):
     _, expected = reference
     cache = tmp_path / "cache"
     cfg_file = tmp_path / "extract.yaml"
-    from epicfeat.config import save_config
+    from epicfeat.recipes import save_config
 
     # the first video is long enough that the kill lands while a later one is half-written
     save_config(config(videos, cache), cfg_file)
@@ -342,7 +342,7 @@ def test_a_dead_decoder_costs_one_retry_of_its_video(videos, reference, tmp_path
 # ------------------------------------------------------------------------ findings 3 and 4: many writers
 _EXTRACT_CHILD = """
 import json, sys
-from epicfeat.config import from_dict, read_yaml
+from epicfeat.recipes import from_dict, read_yaml
 from epicfeat.configs import ExtractConfig
 from epicfeat.extract import extract_features
 summary = extract_features(from_dict(ExtractConfig, read_yaml(sys.argv[1])))
@@ -352,7 +352,7 @@ print(json.dumps({"done": [r.video_id for r in summary.done], "by_others": list(
 
 
 def _start_extract(cfg: ExtractConfig, tmp_path: Path, name: str) -> subprocess.Popen:
-    from epicfeat.config import save_config
+    from epicfeat.recipes import save_config
 
     cfg_file = tmp_path / f"{name}.yaml"
     save_config(cfg, cfg_file)

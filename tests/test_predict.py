@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from epicfeat.backbone import WeightsError, create_backbone
-from epicfeat.config import resolve_config
+from epicfeat.recipes import resolve_config
 from epicfeat.frames import Preprocess, VideoError, iter_frames
 from epicfeat.predict import (
     FrameEncoder,

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from epicfeat.config import resolve_config
+from epicfeat.recipes import resolve_config
 
 ConfigFile = Annotated[
     Optional[Path],

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from epicfeat.config import config_to_dict, save_config
+from epicfeat.recipes import config_to_dict, save_config
 from epicfeat.configs import TrainTemporalConfig
 from epicfeat.devices import resolve_device
 from epicfeat.errors import EpicfeatError

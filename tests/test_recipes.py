@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from epicfeat import configs
-from epicfeat.config import (
+from epicfeat.recipes import (
     ConfigError,
     config_to_dict,
     from_dict,

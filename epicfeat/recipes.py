@@ -1,4 +1,4 @@
-"""One frozen dataclass config per command, resolved in layers.
+"""Recipes: one frozen dataclass config per command (`epicfeat/configs.py`), resolved in layers.
 
 Resolution order (later wins):
   1. the dataclass field defaults (``epicfeat/configs.py``: the one source of every default),
