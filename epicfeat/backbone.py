@@ -1,7 +1,7 @@
-"""The one backbone factory: torchvision's ResNet50 up to global average pooling, giving 2048-d frame features.
+"""The backbone: torchvision's ResNet50 up to global average pooling, giving 2048-d frame features.
 
-``extract``, ``finetune`` and ``predict`` all call ``create_backbone``, so cached features and fine-tuned models
-come from the same network definition. Every backbone carries ``weights_name`` (readable) and ``weights_sha``
+``epicfeat.encoder`` wraps it (normalisation, precision, layout) into the one frame encoder that extract, finetune,
+predict and export run, so cached features and fine-tuned models come from the same network definition. Every backbone carries ``weights_name`` (readable) and ``weights_sha``
 (a hash of its actual tensors), which go into the feature set's identity: features from different weights can
 never be mixed up, even when two files share a name. Weights read from a file are named by their hash
 (``sha-<12 hex digits>``, see ``weights_name_of_sha``), not by the file's name, so a copied or renamed file
@@ -20,6 +20,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.checkpoint import checkpoint
 from torchvision.models import ResNet50_Weights
 
 from epicfeat.errors import EpicfeatError
@@ -42,8 +43,11 @@ class ResNet50Features(nn.Module):
     """torchvision's ResNet50 without its classifier: (N, 3, H, W) -> (N, 2048) globally average-pooled features.
 
     The layers keep torchvision's names, so a torchvision ResNet50 state dict (minus ``fc.*``) loads as is.
-    ResNet50 pools adaptively, so any input size of at least 32x32 gives 2048-d features.
+    ResNet50 pools adaptively, so any input size of at least 32x32 gives 2048-d features. The seam the frame
+    encoder uses (timm's names): ``num_features``, the pooled ``forward``, ``set_grad_checkpointing``.
     """
+
+    num_features = FEATURE_DIM
 
     def __init__(self):
         super().__init__()
@@ -54,10 +58,27 @@ class ResNet50Features(nn.Module):
         self.avgpool = resnet.avgpool
         self.weights_name = "random"
         self.weights_sha = ""
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute in backward, instead of keeping, the activations of every stage that needs a gradient."""
+        self.grad_checkpointing = enable
+
+    def stages(self) -> list[nn.Module]:
+        """The five stages in order: the stem (conv1, bn1, relu, maxpool), then layer1 .. layer4."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)  # the modules themselves, not copies
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = images
+            for stage in self.stages():
+                # A stage autograd keeps nothing for (frozen, below every trainable one) runs as it is.
+                needs_grad = x.requires_grad or any(p.requires_grad for p in stage.parameters())
+                x = checkpoint(stage, x, use_reentrant=False) if needs_grad else stage(x)
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
 
 

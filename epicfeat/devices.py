@@ -12,6 +12,9 @@ from epicfeat.errors import EpicfeatError
 # /proc/cpuinfo flags of CPUs that compute bf16 natively (Intel AMX tiles, AVX512-BF16 dot products).
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
+#: What each precision name computes in (the backbone under autocast to it, an LSTM by explicit casts).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` is the first CUDA GPU when there is one, else the CPU; ``cuda*`` without a GPU is an error."""

@@ -1,0 +1,131 @@
+"""The frame encoder: frames -> features, the one forward pass of extract, predict, export and finetune.
+
+A feature set's identity (``featureset.json``, a checkpoint's ``feature_set``) records how its features were
+computed: the backbone's weights (and their hash), the normalisation, the precision, the memory layout, folded
+batch norms, torch.compile. ``create_encoder`` builds exactly that encoder from it, so every later use of the
+backbone computes the cached numbers. The backbone sits behind a small seam (``backbone.py``: a module with
+``num_features``, a pooled ``forward`` and ``set_grad_checkpointing``, timm's names).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from epicfeat.backbone import WeightsError, create_backbone, fold_batch_norms
+from epicfeat.devices import PRECISION_DTYPES, cuda_settings
+
+#: "fp32" on a GPU is real fp32: TF32 stays off around every model call, as each identity records (``tf32``).
+TF32 = False
+
+# Weights names a feature set can be re-created from without being told where the weights are.
+_RANDOM_WEIGHTS = re.compile(r"random-seed(\d+)")
+_TORCHVISION_NAMES = ("imagenet1k_v1", "imagenet1k_v2")
+
+
+class FrameEncoder(nn.Module):
+    """images (N, 3, H, W), values 0..255 -> features (N, num_features) float32.
+
+    ``forward_features`` normalises (``(x - 255 mean) / (255 std)``, the /255 folded into the statistics), lays
+    the pixels out channels-last when asked and runs the backbone under autocast to ``precision`` (none for
+    fp32); gradients flow, so finetune trains through it. ``encode`` is inference exactly as extract stores rows.
+    """
+
+    def __init__(self, backbone: nn.Module, *, mean: Sequence[float], std: Sequence[float], precision: str,
+                 channels_last: bool, activation_checkpointing: bool = False):
+        super().__init__()
+        if precision not in PRECISION_DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}; got {precision!r}")
+        self.precision, self.channels_last = precision, channels_last
+        # The kernels (oneDNN's bf16 ones above all) depend on the layout of both the input and the weights.
+        self.backbone = backbone.to(memory_format=self._layout)
+        self.num_features: int = backbone.num_features
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255,
+                             persistent=False)
+        self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255),
+                             persistent=False)
+        self.set_grad_checkpointing(activation_checkpointing)
+
+    @property
+    def _layout(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the stages that train (recomputed in backward instead of kept)."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.float() - self.pixel_mean) * self.pixel_inv_std  # (N, 3, H, W) float32
+        pixels = pixels.contiguous(memory_format=self._layout)
+        dtype = PRECISION_DTYPES[self.precision]
+        with torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return self.backbone(pixels).float()  # (N, D)
+
+    forward = forward_features
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor, *, pad_to: int | None = None,
+               dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """(N, 3, H, W) 0..255 -> (N, D) rounded to ``dtype``, on the encoder's device, as extract stores rows.
+
+        ``pad_to`` pads a short batch with black frames, as extract pads its last batch: convolution kernels
+        (oneDNN, cuDNN) pick their algorithm by batch size, so a frame's features equal extract's only at equal
+        batch sizes. Padded batches all have one shape, so cuDNN autotunes for it once; unpadded ones (a live
+        camera's changing sizes) would pay the autotuning again and again, so they run without.
+        """
+        rows = len(images)
+        images = images.to(self.pixel_mean.device, non_blocking=True)
+        if pad_to is not None and rows < pad_to:
+            images = torch.cat([images, images.new_zeros((pad_to - rows, *images.shape[1:]))])  # (pad_to, 3, H, W)
+        with cuda_settings(tf32=TF32, cudnn_benchmark=pad_to is not None):
+            features = self.forward_features(images)  # (pad_to or N, D) float32
+        return features[:rows].to(dtype)
+
+
+def create_encoder(feature_set: Mapping[str, Any], device: torch.device, *, weights: str | None = None,
+                   seed: int | None = None, trainable: bool = False) -> FrameEncoder:
+    """The encoder ``feature_set`` (an identity dict) was extracted with, on ``device``, in eval mode.
+
+    ``weights`` None derives them from the identity's name (``random-seedN``, ``imagenet1k_v1/v2``); otherwise a
+    name, ``random`` (with ``seed``, default the identity's N) or a path. Whatever the source, the weights must
+    hash to the identity's ``weights_sha``: features of other weights would make every later number meaningless.
+    """
+    recorded = str(feature_set["weights"])
+    random_seed = _RANDOM_WEIGHTS.fullmatch(recorded)
+    if weights is None and random_seed is None and recorded not in _TORCHVISION_NAMES:
+        raise WeightsError(f"the features were extracted with backbone weights {recorded!r}: pass --weights PATH "
+                           "with that weights file (the one given to `epicfeat extract`)")
+    if seed is None:
+        seed = int(random_seed.group(1)) if random_seed else 0
+    if weights is None:
+        weights = "random" if random_seed else recorded
+    backbone = create_backbone(weights, seed=seed)
+    if backbone.weights_sha != feature_set["weights_sha"]:
+        raise WeightsError(
+            f"backbone weights {backbone.weights_name} (hash {backbone.weights_sha}) are not the ones the features "
+            f"were extracted with ({recorded}, hash {feature_set['weights_sha']}): a model trained on features of "
+            f"{recorded!r} gives meaningless scores on others. Pass --weights with the name or file the feature set "
+            "was extracted with (or omit --weights to derive them)"
+        )
+    return build_encoder(backbone, feature_set, device, trainable=trainable)
+
+
+def build_encoder(backbone: nn.Module, feature_set: Mapping[str, Any], device: torch.device, *,
+                  trainable: bool = False) -> FrameEncoder:
+    """``backbone`` run as ``feature_set`` says: batch norms folded (``fold_bn``; never when ``trainable``: folded
+    batch norms cannot train), its mean / std, precision and layout, compiled (``compile``); on ``device``, eval.
+
+    For a backbone in hand (extract loads it before its identity exists); ``create_encoder`` loads and checks one.
+    """
+    backbone = backbone.eval()
+    if feature_set["fold_bn"] and not trainable:
+        backbone = fold_batch_norms(backbone)  # one pass per activation map instead of two
+    encoder = FrameEncoder(backbone, mean=feature_set["mean"], std=feature_set["std"],
+                           precision=feature_set["precision"], channels_last=feature_set["channels_last"])
+    encoder = encoder.to(device).eval()
+    if feature_set["compile"]:
+        encoder.backbone = torch.compile(encoder.backbone)
+    return encoder
