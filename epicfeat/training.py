@@ -14,10 +14,10 @@ A command reads:
             folder.check_resume_config(checkpoint.config, current)   names each changed key and what to do
             state.restore(checkpoint, folder, ...)                   optimiser, step, history, stopping, RNG
         with EpochLog(folder, console, ...) as log:
-            for epoch in state.remaining_epochs(config.epochs, stop_after_epoch):
+            for epoch in state.remaining_epochs(config.epochs):
                 first_step = state.step
                 with log.progress_bar(epoch, ...) as advance:
-                    ... the command's train_one_epoch and evaluate -> the epoch's row ...
+                    ... the command's train_one_epoch(model, ..., state, ...) and evaluate -> the epoch's row ...
                 log.end_epoch(row, state, save, first_step)   history, early stopping, best.pt / last.pt,
                                                               metrics.csv, plots, TensorBoard, the epoch line
         plots = log.finish(state)                  metrics.csv and plots also when nothing was left to run
@@ -46,9 +46,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.utils.tensorboard import SummaryWriter
 
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
+from epicfeat.temporal import plots
 from epicfeat.temporal.checkpoint import Checkpoint, capture_rng_state, restore_rng_state
 
 
@@ -248,15 +253,19 @@ class TrainingState:
         if console is not None:
             console.print(f"resuming {folder.last} after epoch {checkpoint.epoch} (step {self.step})")
 
-    def remaining_epochs(self, epochs: int, stop_after_epoch: int | None = None) -> Iterator[int]:
-        """The epochs still to run: none once early stopping has decided, and none after ``stop_after_epoch``
-        (the epoch a time-boxed job or a test ends this call at, as if killed there)."""
+    def set_lr(self) -> None:
+        """Every parameter group's lr for optimiser step ``step``: the schedule's, times the group's ``lr_scale``
+        (finetune's backbone group learns at backbone_lr / lr of the head's rate; 1 when a group has none)."""
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def remaining_epochs(self, epochs: int) -> Iterator[int]:
+        """The epochs still to run: those after the last completed one, none once early stopping has decided."""
         for epoch in range(self.epoch + 1, epochs + 1):
             if self.stopping.stopped_early:
                 return
             yield epoch
-            if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                return
 
     def best_row(self) -> dict[str, float]:
         """The metrics row of the best epoch (the last one when none is marked best yet; {} before any)."""
@@ -283,8 +292,6 @@ class EpochLog:
 
     def __enter__(self) -> EpochLog:
         if self.writes:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tensorboard = SummaryWriter(str(self.folder.tensorboard))
         return self
 
@@ -329,8 +336,6 @@ class EpochLog:
 
     def _plot(self, state: TrainingState) -> list[Path]:
         """loss.png, accuracy.png and lr.png of the history so far (the lr curve: every optimiser step so far)."""
-        from epicfeat.temporal import plots
-
         steps = range(state.step)
         lr_curve = ([s / self.steps_per_epoch for s in steps], [state.schedule(s) for s in steps])
         return plots.plot_training(state.history, self.folder.out, lr_curve=lr_curve, title=self.title)
@@ -363,8 +368,6 @@ def log_tensorboard(writer, row: dict[str, float], schedule: LRSchedule, first_s
 
 def make_console(enabled: bool):
     """The run's console on stderr (quiet without --progress, and on every process but rank 0)."""
-    from rich.console import Console
-
     return Console(stderr=True, quiet=not enabled)
 
 
@@ -383,15 +386,6 @@ class EpochProgress:
         if not self.enabled:
             yield _no_progress
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         bar = Progress(
             TextColumn(f"[bold]epoch {epoch}/{epochs}[/]"),
             BarColumn(),
@@ -461,7 +455,7 @@ class TrainResult:
     @classmethod
     def of_run(cls, folder: RunFolder, state: TrainingState, *, plots: list[Path], best_metrics: dict[str, float],
                pack_summary: dict[str, dict[str, int]], seconds: float, notes: list[str], **extra) -> TrainResult:
-        """The result of a run that ended (finished, stopped early, or stopped after ``stop_after_epoch``)."""
+        """The result of a run that ended (finished, or stopped early)."""
         return cls(
             out=folder.out, best_checkpoint=folder.best, last_checkpoint=folder.last, metrics_csv=folder.metrics_csv,
             plots=tuple(plots), tensorboard=folder.tensorboard, best_epoch=state.stopping.best_epoch,
@@ -472,9 +466,6 @@ class TrainResult:
 
 def print_summary(result: TrainResult, *, console=None, title: str = "epicfeat train-temporal") -> None:
     """The end-of-run table: best epoch and its metrics, clamped / dropped segments, where everything went."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     table = Table(title=title, show_header=False)
     table.add_row("epochs completed", f"{result.epochs_completed}" + (" (early stop)" if result.stopped_early else ""))

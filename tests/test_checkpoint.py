@@ -5,7 +5,7 @@ import zipfile
 import pytest
 import torch
 
-from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint
+from epicfeat.temporal.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 serialization_config = pytest.importorskip("torch.utils.serialization.config")  # torch >= 2.6
@@ -13,11 +13,10 @@ serialization_config = pytest.importorskip("torch.utils.serialization.config")  
 
 def _save(path, model, optimizer=None):
     state = None if optimizer is None else {"optimizer": optimizer.state_dict(), "scheduler": {"step": 7}}
-    return save_checkpoint(
-        path, model=model, model_args=model.args, config={"frames": 4}, verb_classes=["v0", "v1", "v2"],
-        noun_classes=["n0", "n1"], feature_set={"weights": "random"}, feature_set_key="set", epoch=2,
-        metrics={"all_action_accuracy_at_1": 50.0}, history=[{"epoch": 1}, {"epoch": 2}], training_state=state,
-    )
+    card = ModelCard(config={"frames": 4}, verb_classes=("v0", "v1", "v2"), noun_classes=("n0", "n1"),
+                     feature_set={"weights": "random"}, feature_set_key="set")
+    return save_checkpoint(path, model=model, card=card, epoch=2, metrics={"all_action_accuracy_at_1": 50.0},
+                           history=[{"epoch": 1}, {"epoch": 2}], training_state=state)
 
 
 def test_last_pt_skips_crc32_best_pt_keeps_it_and_both_load_exactly(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from epicfeat.errors import EpicfeatError
 from epicfeat.temporal.checkpoint import (
     CheckpointError,
+    ModelCard,
     capture_rng_state,
     check_feature_set,
     load_checkpoint,
@@ -49,10 +50,60 @@ def test_default_args_are_the_seed_architecture():
     model = create_temporal_model(args)
     assert (args.input_dim, args.hidden, args.layers, args.lstm_dropout, args.dropout, args.pooling) == (
         2048, 512, 2, 0.3, 0.5, "mean")
-    assert model.lstm.bidirectional and model.lstm.num_layers == 2 and model.lstm.hidden_size == 512
-    assert model.lstm.dropout == 0.3
+    assert len(model.lstm) == 2 and model.lstm_dropout.p == 0.3  # two stacked BiLSTM layers, dropout between
+    assert all(layer.bidirectional and layer.num_layers == 1 and layer.hidden_size == 512 for layer in model.lstm)
+    assert (model.lstm[0].input_size, model.lstm[1].input_size) == (2048, 1024)
     assert model.verb_head.in_features == 1024 and model.verb_head.out_features == 97
     assert model.noun_head.out_features == 300
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stacked_bilstm_computes_what_one_two_layer_lstm_with_dropout_did(dtype):
+    """Inter-layer dropout is an nn.Dropout between single-layer BiLSTMs (drawing from torch's RNG, which last.pt
+    saves; cuDNN's own dropout state is in no checkpoint). On the CPU that is the old nn.LSTM(num_layers=2,
+    dropout=p) to the bit: the same initial weights, dropout masks, outputs and gradients, in fp32 and bf16."""
+    torch.manual_seed(0)
+    model = create_temporal_model(TemporalModelArgs(**ARGS, lstm_dropout=0.4)).train()
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(6, 5, num_layers=2, dropout=0.4, bidirectional=True, batch_first=True)  # the old one
+    old = dict(lstm.named_parameters())
+    new = {name.replace("_l0", f"_l{k}"): p for k, layer in enumerate(model.lstm) for name, p in layer.named_parameters()}
+    assert new.keys() == old.keys() and all(torch.equal(new[name], old[name]) for name in old)
+    x = torch.randn(4, 7, 6)
+    model.compute_dtype = dtype
+    torch.manual_seed(1)
+    outputs = model._run_lstm(x)  # (4, 7, 10)
+    torch.manual_seed(1)
+    expected, _ = torch.func.functional_call(lstm, {name: p.to(dtype) for name, p in old.items()}, (x.to(dtype),))
+    assert outputs.dtype == dtype and torch.equal(outputs, expected)
+    outputs.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    assert all(torch.equal(new[name].grad, old[name].grad) for name in old)
+    model.eval()
+    assert torch.equal(model._run_lstm(x), model._run_lstm(x))  # no dropout in eval mode
+
+
+def test_cast_lstm_weights_lie_in_one_buffer_in_parameter_order():
+    """In bf16 each layer's cast weights are views of one new buffer, laid out as cuDNN keeps an LSTM's weights, so
+    cuDNN uses them in place instead of warning "RNN module weights are not part of single contiguous chunk of
+    memory" and compacting them at every call (tests/test_cuda.py checks the warning on a GPU)."""
+    model = _model()
+    model.compute_dtype = torch.bfloat16
+    layouts = []
+
+    def record(layer, inputs):
+        weights = list(layer.parameters())
+        layouts.append(([w.dtype for w in weights], {w.untyped_storage().data_ptr() for w in weights},
+                        [w.storage_offset() for w in weights], [w.numel() for w in weights]))
+
+    for layer in model.lstm:
+        layer.register_forward_pre_hook(record)
+    model(torch.randn(2, 3, 6))
+    assert len(layouts) == 2
+    for dtypes, storages, offsets, sizes in layouts:
+        assert set(dtypes) == {torch.bfloat16} and len(storages) == 1  # one buffer per layer
+        assert offsets == [sum(sizes[:k]) for k in range(len(sizes))]  # back to back, in parameter order
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the master weights stay fp32
 
 
 def test_bad_pooling_is_refused():
@@ -63,7 +114,7 @@ def test_bad_pooling_is_refused():
 def test_last_pooling_reads_forward_end_and_backward_start():
     model = _model("last")
     x = torch.randn(2, 5, 6)
-    outputs, _ = model.lstm(x)  # (2, 5, 10)
+    outputs = model._run_lstm(x)  # (2, 5, 10)
     pooled = model._pool(outputs)
     assert torch.equal(pooled[:, :5], outputs[:, 4, :5])  # forward direction after the last step
     assert torch.equal(pooled[:, 5:], outputs[:, 0, 5:])  # backward direction after reaching step 0
@@ -100,14 +151,12 @@ IDENTITY_A = {"weights": "random-seed0", "weights_sha": "aaaa", "fps": 10.0, "re
 IDENTITY_B = {**IDENTITY_A, "weights": "imagenet1k_v2", "weights_sha": "bbbb"}
 
 
-def _save(path, model, **overrides):
-    fields = dict(
-        model=model, model_args=model.args, config={"frames": 4, "out": "runs/x"},
-        verb_classes=[f"v{i}" for i in range(7)], noun_classes=[f"n{i}" for i in range(11)],
-        feature_set=IDENTITY_A, feature_set_key="set-a", epoch=3,
-        metrics={"all_action_accuracy_at_1": 12.5}, history=[{"epoch": 1, "train_loss": 2.0}],
-    )
-    return save_checkpoint(path, **{**fields, **overrides})
+def _save(path, model, **card):
+    card = ModelCard(**{"config": {"frames": 4, "out": "runs/x"}, "verb_classes": [f"v{i}" for i in range(7)],
+                        "noun_classes": [f"n{i}" for i in range(11)], "feature_set": IDENTITY_A,
+                        "feature_set_key": "set-a", **card})
+    return save_checkpoint(path, model=model, card=card, epoch=3, metrics={"all_action_accuracy_at_1": 12.5},
+                           history=[{"epoch": 1, "train_loss": 2.0}])
 
 
 def test_checkpoint_round_trip_loads_with_weights_only(tmp_path):

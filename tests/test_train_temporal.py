@@ -1,4 +1,5 @@
 """Stage-two training: LR schedule, time-span CutMix, learning a planted temporal signal, exact resume, outputs."""
+import contextlib
 import csv
 import dataclasses
 import math
@@ -15,12 +16,15 @@ from epicfeat.temporal.train import (
     TimeCutMix,
     TrainError,
     TrainingData,
+    StepSettings,
     TrainTemporalConfig,
     apply_time_cutmix,
     fit,
     mixed_cross_entropy,
     sample_time_cutmix,
+    train_one_epoch,
 )
+from epicfeat.training import EarlyStopping, EpochLog, TrainingState
 
 N_VERBS, N_NOUNS, DIM = 4, 3, 8
 FEATURE_SET = {"weights": "random-seed0", "weights_sha": "0123", "fps": 10.0, "resize": 128, "crop": 112,
@@ -29,6 +33,23 @@ FEATURE_SET = {"weights": "random-seed0", "weights_sha": "0123", "fps": 10.0, "r
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@contextlib.contextmanager
+def killed_after_epoch(epoch: int):
+    """The run inside is killed right after epoch ``epoch``'s files are written (a job's time limit, a SIGKILL): the
+    epoch log raises KeyboardInterrupt there, so nothing after that line of the run happens. Tests stop runs this
+    way instead of through a parameter of the production entry points."""
+    end_epoch = EpochLog.end_epoch
+
+    def end_then_killed(log, row, *args, **kwargs):
+        end_epoch(log, row, *args, **kwargs)
+        if row["epoch"] >= epoch:
+            raise KeyboardInterrupt(f"killed after epoch {epoch}")
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(EpochLog, "end_epoch", end_then_killed)
+        yield
 
 
 # ------------------------------------------------------------------------------------- a planted-signal dataset
@@ -122,10 +143,13 @@ def test_time_cutmix_pastes_the_partners_span_and_mixes_labels_by_its_length():
     labels = torch.tensor([0, 1])
     own = (math.log(1 + math.exp(-2)) + math.log(2)) / 2  # CE of rows 0 and 1 against their own labels
     partner = (2 + math.log(1 + math.exp(-2)) + math.log(2)) / 2  # against the partner's labels [1, 0]
-    assert mixed_cross_entropy(logits, labels, mix, 0.0).item() == pytest.approx(0.5 * own + 0.5 * partner)
+    partners = labels[mix.partner]  # (2,) [1, 0]
+    assert mixed_cross_entropy(logits, labels, partners, mix.fraction, 0.0).item() == pytest.approx(
+        0.5 * own + 0.5 * partner)
     quarter = dataclasses.replace(mix, span=1)
-    assert mixed_cross_entropy(logits, labels, quarter, 0.0).item() == pytest.approx(0.75 * own + 0.25 * partner)
-    assert mixed_cross_entropy(logits, labels, None, 0.0).item() == pytest.approx(own)
+    assert mixed_cross_entropy(logits, labels, partners, quarter.fraction, 0.0).item() == pytest.approx(
+        0.75 * own + 0.25 * partner)
+    assert mixed_cross_entropy(logits, labels, None, 0.0, 0.0).item() == pytest.approx(own)
 
 
 def test_sampled_cutmix_spans_fit_the_sequence_and_follow_beta_one():
@@ -196,7 +220,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, precision):
     settings = dict(epochs=4, batch_size=16, micro_batch_size=8, dropout=0.5, lstm_dropout=0.3, deterministic=True,
                     precision=precision)
     straight = fit(_config(tmp_path, "straight", **settings), data)
-    fit(_config(tmp_path, "resumed", **settings), data, stop_after_epoch=2)  # "killed" after epoch 2
+    with killed_after_epoch(2):
+        fit(_config(tmp_path, "resumed", **settings), data)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt").epoch == 2
     resumed = fit(_config(tmp_path, "resumed", resume=True, **settings), data)
 
@@ -212,7 +237,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, precision):
 
 def test_resume_refuses_other_feature_sets_changed_recipes_and_overwrites(tmp_path):
     data = _data(40, 20)
-    fit(_config(tmp_path, epochs=2), data, stop_after_epoch=1)
+    with killed_after_epoch(1):
+        fit(_config(tmp_path, epochs=2), data)
     with pytest.raises(TrainError, match="already holds a run.*--resume"):
         fit(_config(tmp_path, epochs=2), data)
     with pytest.raises(TrainError, match=r"lr: 0.01 -> 0.02"):
@@ -356,7 +382,7 @@ def _recording_lstm_dtypes(monkeypatch):
 
     def create_and_record(*args, **kwargs):
         model = create(*args, **kwargs)
-        model.lstm.register_forward_pre_hook(
+        model.lstm[0].register_forward_pre_hook(
             lambda lstm, inputs: seen.append((lstm.training, inputs[0].dtype, lstm.weight_ih_l0.dtype)))
         return model
 
@@ -387,12 +413,13 @@ def test_bf16_stays_bf16_inside_an_autocast_region(tmp_path):
     model = create_temporal_model(TemporalModelArgs(input_dim=DIM, hidden=4, n_verbs=3, n_nouns=2))
     model.compute_dtype = torch.bfloat16
     seen = []
-    model.lstm.register_forward_pre_hook(lambda lstm, inputs: seen.append((inputs[0].dtype, lstm.weight_hh_l1.dtype)))
+    for layer in model.lstm:  # both layers of the BiLSTM
+        layer.register_forward_pre_hook(lambda lstm, inputs: seen.append((inputs[0].dtype, lstm.weight_hh_l0.dtype)))
     with torch.autocast("cpu", dtype=torch.float16):
         verbs, _ = model(torch.randn(2, 3, DIM))
     verbs.float().sum().backward()
-    assert seen == [(torch.bfloat16, torch.bfloat16)]
-    assert model.lstm.weight_hh_l1.grad.dtype == torch.float32  # fp32 master weights get fp32 gradients
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert model.lstm[1].weight_hh_l0.grad.dtype == torch.float32  # fp32 master weights get fp32 gradients
 
 
 def test_auto_precision_follows_the_device_and_is_recorded(tmp_path, monkeypatch):
@@ -459,7 +486,6 @@ def test_an_epoch_reads_nothing_back_from_the_device_per_step(monkeypatch):
     The epoch's loop may read twice in all (the CutMix seed at its start, the mean losses at its end), however many
     steps it has. Counted on the CPU by wrapping those Tensor methods; SGD because CPU AdamW reads its step count."""
     from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
-    from epicfeat.temporal.train import train_one_epoch
 
     reads = []
     for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy"):
@@ -471,11 +497,12 @@ def test_an_epoch_reads_nothing_back_from_the_device_per_step(monkeypatch):
         split = _planted_split(segments, seed=3)
         model = create_temporal_model(TemporalModelArgs(input_dim=DIM, hidden=4, n_verbs=N_VERBS, n_nouns=N_NOUNS))
         model.compute_dtype = torch.bfloat16
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = TrainingState(torch.optim.SGD(model.parameters(), lr=0.1),
+                              LRSchedule(peak=0.1, warmup_steps=2, total_steps=20),
+                              EarlyStopping(patience=0, validated=False), torch.Generator().manual_seed(0))
+        settings = StepSettings(frames=4, batch_size=10, micro_batch_size=5, label_smoothing=0.1, cutmix_alpha=1.0)
         reads.clear()
-        train_one_epoch(model, optimizer, split, frames=4, batch_size=10, micro_batch_size=5,
-                        schedule=LRSchedule(peak=0.1, warmup_steps=2, total_steps=20), step=0, label_smoothing=0.1,
-                        cutmix_alpha=1.0, generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        train_one_epoch(model, split, state, settings)
         return list(reads)
 
     assert epoch_reads(20) == epoch_reads(80) == ["__int__", "tolist"]  # 2 steps or 8 steps: the same 2 reads

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from epicfeat.errors import EpicfeatError
 from epicfeat.metrics import epic_metrics
-from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint
+from epicfeat.temporal.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from epicfeat.temporal.data import PackedSplit
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.train import evaluate, score_split
@@ -97,10 +97,10 @@ def _train_steps(model, state: TrainingState, steps: int) -> list[float]:
 
 
 def _save(path, model, state: TrainingState, epoch: int):
-    args = model.args
-    return save_checkpoint(path, model=model, model_args=args, config={}, verb_classes=["a", "b", "c"],
-                           noun_classes=["x", "y"], feature_set={}, feature_set_key="k", epoch=epoch, metrics={},
-                           history=state.history, training_state=state.capture())
+    card = ModelCard(config={}, verb_classes=("a", "b", "c"), noun_classes=("x", "y"), feature_set={},
+                     feature_set_key="k")
+    return save_checkpoint(path, model=model, card=card, epoch=epoch, metrics={}, history=state.history,
+                           training_state=state.capture())
 
 
 def test_the_training_state_round_trips_bit_exactly_through_last_pt(tmp_path):
@@ -140,10 +140,9 @@ def test_resume_is_refused_when_the_data_gives_another_schedule(tmp_path):
         other.restore(load_checkpoint(folder.last), folder, data_changed=": the data changed")
 
 
-def test_remaining_epochs_continue_after_the_last_and_stop_early_or_when_told():
+def test_remaining_epochs_continue_after_the_last_and_stop_early():
     _, state = _model_and_state(0)
     assert list(state.remaining_epochs(4)) == [1, 2, 3, 4]
-    assert list(state.remaining_epochs(4, stop_after_epoch=2)) == [1, 2]
     state.epoch = 2  # resumed after epoch 2
     assert list(state.remaining_epochs(4)) == [3, 4]
     ran = []

@@ -30,8 +30,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from epicfeat import __version__
+from epicfeat.backbone import WeightsError, create_backbone, fold_batch_norms
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write
+from epicfeat.store import FeatureSetIdentity
 from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
 
 FORMAT = "epicfeat-temporal-checkpoint"
@@ -46,6 +49,18 @@ _KNOWN_KEYS = frozenset({"format", "format_version", "epicfeat_version", "model"
 
 class CheckpointError(EpicfeatError):
     """A checkpoint that cannot be used: not an epicfeat checkpoint, or trained on another feature set."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What every checkpoint of a run says about its model besides the weights: the run's resolved config, the
+    class tables (index = class id) and the feature set it was trained on."""
+
+    config: Mapping[str, Any]
+    verb_classes: tuple[str, ...]
+    noun_classes: tuple[str, ...]
+    feature_set: Mapping[str, Any]  # a FeatureSetIdentity as a dict
+    feature_set_key: str
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,11 @@ class Checkpoint:
     history: list[dict[str, float]]
     training_state: dict[str, Any] | None  # None in best.pt
     extra: dict[str, Any] = field(default_factory=dict)  # keys other writers added (finetune: backbone, finetune)
+
+    @property
+    def card(self) -> ModelCard:
+        return ModelCard(config=self.config, verb_classes=self.verb_classes, noun_classes=self.noun_classes,
+                         feature_set=self.feature_set, feature_set_key=self.feature_set_key)
 
     @property
     def window(self) -> int:
@@ -89,8 +109,6 @@ class Checkpoint:
         Whatever the source, the weights must hash to the feature set's ``weights_sha``: a model scored on another
         backbone's features gives meaningless numbers, so that is a WeightsError, never a warning.
         """
-        from epicfeat.backbone import WeightsError, create_backbone
-
         recorded = str(self.feature_set.get("weights", ""))
         random_seed = re.fullmatch(r"random-seed(\d+)", recorded)
         if seed is None:
@@ -122,45 +140,28 @@ class Checkpoint:
         """``create_backbone`` in eval mode, as ``extract`` ran it for the feature set: its batch norms folded into
         the convolutions when the set was extracted so (``fold_bn``), so predict's and export's features are the
         cached ones. Not for training (finetune): folded batch norms no longer learn."""
-        from epicfeat.backbone import fold_batch_norms
-
         backbone = self.create_backbone(weights, seed=seed).eval()
         return fold_batch_norms(backbone) if self.feature_set.get("fold_bn") else backbone
 
 
-def save_checkpoint(
-    path: str | os.PathLike,
-    *,
-    model: torch.nn.Module,
-    model_args: TemporalModelArgs,
-    config: Mapping[str, Any],
-    verb_classes: tuple[str, ...] | list[str],
-    noun_classes: tuple[str, ...] | list[str],
-    feature_set: Mapping[str, Any],
-    feature_set_key: str,
-    epoch: int,
-    metrics: Mapping[str, float],
-    history: list[Mapping[str, float]],
-    training_state: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
+def save_checkpoint(path: str | os.PathLike, *, model: TemporalModel, card: ModelCard, epoch: int,
+                    metrics: Mapping[str, float], history: list[Mapping[str, float]],
+                    training_state: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a checkpoint atomically (``epicfeat.files.atomic_write``): a kill at any moment leaves either the
     previous file or the new one, never half of one. ``extra`` adds keys (``finetune`` stores its backbone there);
     ``load_checkpoint`` reads the keys it knows and ignores the rest."""
-    from epicfeat import __version__
-
     path = Path(path)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "epicfeat_version": __version__,
         "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-        "model_args": model_args.to_dict(),
-        "config": dict(config),
-        "verb_classes": list(verb_classes),
-        "noun_classes": list(noun_classes),
-        "feature_set": dict(feature_set),
-        "feature_set_key": feature_set_key,
+        "model_args": model.args.to_dict(),
+        "config": dict(card.config),
+        "verb_classes": list(card.verb_classes),
+        "noun_classes": list(card.noun_classes),
+        "feature_set": dict(card.feature_set),
+        "feature_set_key": card.feature_set_key,
         "epoch": int(epoch),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "history": [dict(row) for row in history],
@@ -264,8 +265,6 @@ def _identity_and_key(identity: Any) -> tuple[dict, str]:
         return identity.to_dict(), identity.key()
     identity = dict(identity)
     try:
-        from epicfeat.store import FeatureSetIdentity
-
         return identity, FeatureSetIdentity.from_dict(identity).key()
     except Exception:  # a hand-made identity (tests, tools): name it by a hash of its fields
         digest = hashlib.sha256(json.dumps(_canonical(identity), sort_keys=True).encode()).hexdigest()[:8]

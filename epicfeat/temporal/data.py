@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
+from rich.progress import track
 
 from epicfeat.errors import EpicfeatError
 
@@ -321,6 +323,16 @@ def cached_pack_split(
     return split
 
 
+def packed_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, cache: bool,
+                 progress: bool) -> PackedSplit:
+    """The split ``name`` packed: from the on-disk pack cache (``cached_pack_split``) when ``cache``, else packed
+    afresh (``pack_split``). What train-temporal and evaluate read their splits with, so a pack one of them made
+    is the other's too."""
+    if cache:
+        return cached_pack_split(store, segments, name, progress=progress)
+    return pack_split(store, segments, progress=progress)
+
+
 def _default_pack_dir(store: Any) -> Path:
     path = Path(store.path)
     return path.parent / ".packed" / path.name
@@ -538,9 +550,6 @@ def _progress(items: Iterable, enabled: bool, *, total: int, description: str) -
     """``items`` with a rich progress bar on stderr when enabled."""
     if not enabled:
         return items
-    from rich.console import Console
-    from rich.progress import track
-
     return track(items, description=description, total=total, console=Console(stderr=True), transient=True)
 
 

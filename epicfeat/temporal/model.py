@@ -9,15 +9,21 @@ random-weight backbones have means around 13 and maxima around 140, which satura
 predicts with or exports a trained model must apply exactly the scaling it was trained with, and a checkpoint that
 carries it cannot get that wrong.
 
+The BiLSTM is a stack of single-layer bidirectional LSTMs with ``nn.Dropout`` between them, not one multi-layer
+``nn.LSTM``: cuDNN draws a multi-layer LSTM's inter-layer dropout from a dropout state of its own, which no RNG
+state captures, so a resumed run on a GPU drew other masks. Here every mask comes from torch's RNG (saved in
+last.pt), and on the CPU the numbers are those of ``nn.LSTM(num_layers=2, dropout=p)``: the same initial weights,
+the same masks, drawn in the same order.
+
 Precision. ``compute_dtype`` (float32 by default; not saved, set by whoever runs the model) is the dtype the LSTM
-computes in: its fp32 weights and its input are cast explicitly inside the forward, with autocast switched off
-around it, so bf16 means bf16 on every device (CUDA autocast would run the LSTM in fp16). Standardisation, pooling
-and the heads stay in float32. See ``epicfeat.temporal.precision``.
+computes in: each layer's fp32 weights are cast into one buffer (the layout cuDNN wants, so it need not compact
+them) and its input is cast, with autocast switched off, so bf16 means bf16 on every device (CUDA autocast would
+run the LSTM in fp16). Standardisation, pooling and the heads stay in float32. See ``epicfeat.temporal.precision``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +39,7 @@ class TemporalModelArgs:
     input_dim: int = 2048  # feature size per row (ResNet50 pooled features)
     hidden: int = 512  # LSTM hidden units per direction
     layers: int = 2  # stacked BiLSTM layers
-    lstm_dropout: float = 0.3  # dropout between LSTM layers (ignored by torch when layers == 1)
+    lstm_dropout: float = 0.3  # dropout between LSTM layers (none with one layer)
     dropout: float = 0.5  # dropout on the pooled vector, before the heads
     pooling: str = "mean"  # how the T outputs become one vector: mean | max | last | attention
     n_verbs: int  # verb classes (97 on EPIC-100)
@@ -59,14 +65,13 @@ class TemporalModel(nn.Module):
         # Per-dimension statistics of the training features; identity scaling until set_feature_stats is called.
         self.register_buffer("feature_mean", torch.zeros(args.input_dim))
         self.register_buffer("feature_std", torch.ones(args.input_dim))
-        self.lstm = nn.LSTM(
-            input_size=args.input_dim,
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            dropout=args.lstm_dropout if args.layers > 1 else 0.0,
-            bidirectional=True,
-            batch_first=True,
+        # One single-layer BiLSTM per layer (module docstring): layer k reads layer k - 1's (B, T, 2H) outputs.
+        self.lstm = nn.ModuleList(
+            nn.LSTM(input_size=args.input_dim if k == 0 else 2 * args.hidden, hidden_size=args.hidden,
+                    bidirectional=True, batch_first=True)
+            for k in range(args.layers)
         )
+        self.lstm_dropout = nn.Dropout(args.lstm_dropout)  # between layers
         width = 2 * args.hidden  # forward and backward outputs side by side
         # Attention pooling: one learned score per time step, softmax over T, weighted sum of the outputs.
         self.attention = nn.Linear(width, 1) if args.pooling == "attention" else None
@@ -94,19 +99,16 @@ class TemporalModel(nn.Module):
         return self.verb_head(pooled), self.noun_head(pooled)  # (B, Cv), (B, Cn)
 
     def _run_lstm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D) float32 -> LSTM outputs (B, T, 2H) computed in ``compute_dtype``."""
-        if self.compute_dtype == torch.float32:
-            outputs, _ = self.lstm(x)  # (B, T, 2H); a caller's autocast, if any, applies as before
-            return outputs
-        # Cast copies of the fp32 weights (gradients flow back to them) and the input; autocast off, or CUDA's
-        # would recast the RNN to float16.
-        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
-            # cuDNN copies the cast weights into its flat buffer (one 17 M-element copy per forward); its warning
-            # about non-contiguous RNN weights says only that.
-            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-            weights = {name: p.to(self.compute_dtype) for name, p in self.lstm.named_parameters()}
-            outputs, _ = torch.func.functional_call(self.lstm, weights, (x.to(self.compute_dtype),))
-        return outputs  # (B, T, 2H) compute_dtype
+        """x (B, T, D) float32 -> the last layer's outputs (B, T, 2H) computed in ``compute_dtype``."""
+        dtype = self.compute_dtype
+        # Explicit casts with autocast off (CUDA's would recast the RNN to float16); float32 runs as it is called.
+        with torch.autocast(x.device.type, enabled=False) if dtype != torch.float32 else contextlib.nullcontext():
+            x = x.to(dtype)
+            for k, layer in enumerate(self.lstm):
+                if k:
+                    x = self.lstm_dropout(x)  # (B, T, 2H), from torch's RNG
+                x = _run_layer(layer, x, dtype)  # (B, T, 2H)
+        return x
 
     def _pool(self, outputs: torch.Tensor) -> torch.Tensor:
         pooling = self.args.pooling
@@ -124,6 +126,19 @@ class TemporalModel(nn.Module):
         scores = self.attention(outputs)  # (B, T, 1)
         weights = torch.softmax(scores.float(), dim=1).to(outputs.dtype)  # (B, T, 1), sums to 1 over T
         return (weights * outputs).sum(dim=1)  # (B, 2H)
+
+
+def _run_layer(layer: nn.LSTM, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (B, T, D') in ``dtype`` -> (B, T, 2H): the layer with its fp32 weights cast to ``dtype`` (gradients flow
+    back to them), as views of one new buffer in parameter order. That is the layout cuDNN keeps an LSTM's weights
+    in, so it uses them where they are instead of warning that they are not one contiguous chunk and copying them."""
+    if dtype == torch.float32:
+        return layer(x)[0]
+    params = dict(layer.named_parameters())
+    flat = torch.cat([p.reshape(-1) for p in params.values()]).to(dtype)  # (sum of numels,) one buffer
+    parts = flat.split([p.numel() for p in params.values()])
+    weights = {name: part.view(p.shape) for (name, p), part in zip(params.items(), parts)}
+    return torch.func.functional_call(layer, weights, (x,))[0]
 
 
 def create_temporal_model(

@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 # Official EPIC-100 metric names per curve; top-1 solid, top-5 dashed, one colour per task.
 _ACCURACY_CURVES = (
     ("verb", "tab:blue"),
@@ -105,9 +108,6 @@ def _has(history: Sequence[Mapping[str, float]], name: str) -> bool:
 
 def _figure(size: tuple[float, float]):
     """A figure on its own Agg canvas (no pyplot: no global state, no display, nothing to close)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()

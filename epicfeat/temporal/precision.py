@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from epicfeat.devices import resolve_precision
+from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 #: Compute dtype of the LSTM per precision name.
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,24 +41,26 @@ def recorded_precision(checkpoint) -> str:
     return recorded if recorded in COMPUTE_DTYPES else "fp32"
 
 
-def supported_precision(precision: str, device: torch.device, notes: list[str]) -> str:
-    """``precision`` if an LSTM trains with explicit casts to it on ``device``, else ``fp32`` with a note why.
+def supported_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
+    """(``precision`` if the LSTM trains in it on ``device``, else ``fp32``; a note saying why when it does not).
 
     cuDNN runs bf16 LSTMs only from version 9.13 on, and some CPU builds lack half-precision LSTM kernels; a tiny
-    forward/backward finds out before the run instead of failing in its first step.
+    model's forward/backward, through the very casts training uses, finds out before the run instead of failing
+    in its first step.
     """
     dtype = COMPUTE_DTYPES[precision]
     if dtype == torch.float32:
-        return precision
+        return precision, []
+    with torch.random.fork_rng(devices=[]):  # the probe's initial weights leave the run's RNG as it was
+        args = TemporalModelArgs(input_dim=8, hidden=8, layers=1, dropout=0.0, n_verbs=2, n_nouns=2)
+        probe = create_temporal_model(args).to(device)
+    probe.compute_dtype = dtype
     try:
-        probe = torch.nn.LSTM(8, 8, batch_first=True, bidirectional=True).to(device)
-        weights = {name: p.to(dtype) for name, p in probe.named_parameters()}
-        outputs, _ = torch.func.functional_call(probe, weights, (torch.ones(2, 3, 8, device=device, dtype=dtype),))
-        outputs.float().sum().backward()  # (2, 3, 16)
-        return precision
+        verbs, nouns = probe(torch.ones(2, 3, 8, device=device))  # (2, 2), (2, 2)
+        (verbs.sum() + nouns.sum()).backward()
+        return precision, []
     except RuntimeError as err:
-        notes.append(f"{precision} LSTMs do not run on {device} ({str(err).splitlines()[0]}); training in fp32")
-        return "fp32"
+        return "fp32", [f"{precision} LSTMs do not run on {device} ({str(err).splitlines()[0]}); training in fp32"]
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:

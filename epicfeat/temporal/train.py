@@ -51,19 +51,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from epicfeat.recipes import config_to_dict, save_config
 from epicfeat.configs import TrainTemporalConfig
-from epicfeat.devices import resolve_device
+from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.devices import PRECISION_DTYPES, resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.metrics import epic_metrics
+from epicfeat.recipes import config_to_dict, save_config
 from epicfeat.store import open_feature_set
-from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint, save_checkpoint
-from epicfeat.temporal.data import PackedSplit, cached_pack_split, feature_stats, pack_split
+from epicfeat.temporal.checkpoint import ModelCard, check_feature_set, load_checkpoint, save_checkpoint
+from epicfeat.temporal.data import PackedSplit, feature_stats, packed_split
 from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
-from epicfeat.temporal.precision import COMPUTE_DTYPES, grad_scaler, resolve_temporal_precision, supported_precision
-# EarlyStopping, LRSchedule, TrainResult and print_summary live in the run scaffold and stay importable from here.
+from epicfeat.temporal.precision import grad_scaler, resolve_temporal_precision, supported_precision
 from epicfeat.training import (EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState, TrainResult,
                                make_console, print_summary, reproducible)
+
 
 class TrainError(EpicfeatError):
     """A training run that cannot start or continue as asked; the message says what to do."""
@@ -84,25 +85,33 @@ class TrainingData:
     unseen_participants: frozenset[str] | None = None  # validation participants absent from train
 
 
-# --------------------------------------------------------------------------------------------- entry points
-def train_temporal(config: TrainTemporalConfig, *, stop_after_epoch: int | None = None) -> TrainResult:
-    """``epicfeat train-temporal``: pack the splits of one feature set and train (or resume) a temporal model.
+@dataclass(frozen=True)
+class StepSettings:
+    """What one optimiser step does: T rows of each of ``batch_size`` segments, run as micro-batches of
+    ``micro_batch_size`` whose gradients accumulate, time-span CutMix of Beta(``cutmix_alpha``) (0: none), and
+    cross-entropy with ``label_smoothing``."""
 
-    ``stop_after_epoch`` ends this call after that epoch as if the job had been killed there (for tests and
-    time-boxed jobs); run again with ``resume=True`` to continue on the same schedule.
-    """
-    return fit(config, load_training_data(config), stop_after_epoch=stop_after_epoch, release_host_copy=True)
+    frames: int
+    batch_size: int
+    micro_batch_size: int
+    label_smoothing: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------- entry points
+def train_temporal(config: TrainTemporalConfig) -> TrainResult:
+    """``epicfeat train-temporal``: pack the splits of one feature set and train (or resume) a temporal model."""
+    return fit(config, load_training_data(config), release_host_copy=True)
 
 
 def load_training_data(config: TrainTemporalConfig) -> TrainingData:
     """Open the feature set, read the annotations and pack the train (and validation) segments into memory."""
-    from epicfeat.data.annotations import EpicAnnotations
-
     if config.annotations is None:
         raise TrainError("no annotations given: pass --annotations DIR (the folder holding EPIC_100_*.csv)")
     annotations = EpicAnnotations(config.annotations, train_file=config.train_file)
     store = open_feature_set(config.cache, config.feature_set)
-    train = _pack(store, annotations.segments(config.train_splits), config.train_splits, config)
+    pack = functools.partial(packed_split, store, cache=config.pack_cache, progress=config.progress)
+    train = pack(annotations.segments(config.train_splits), config.train_splits)
     if len(train) == 0:
         raise TrainError(
             f"none of the {config.train_splits} segments has features in feature set {store.path}: extract their "
@@ -110,7 +119,7 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
         )
     validation = None
     if config.train_splits == "train":
-        validation = _pack(store, annotations.segments("validation"), "validation", config)
+        validation = pack(annotations.segments("validation"), "validation")
         if len(validation) == 0:
             raise TrainError(
                 f"no validation segment has features in feature set {store.path}: extract them "
@@ -129,13 +138,6 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
     )
 
 
-def _pack(store, segments, name: str, config: TrainTemporalConfig) -> PackedSplit:
-    """The packed split, from the on-disk pack cache when ``config.pack_cache`` (16f, 32f and resumes share it)."""
-    if config.pack_cache:
-        return cached_pack_split(store, segments, name, progress=config.progress)
-    return pack_split(store, segments, progress=config.progress)
-
-
 # ----------------------------------------------------------------------------------------------- the run
 #: Keys that may differ between a run and its resumption: where things are and how they run, not what is learned.
 RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "cache", "device", "precision", "progress",
@@ -144,7 +146,7 @@ RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "cache", "device"
 
 @dataclass
 class _Run:
-    """One train-temporal run's own parts: its splits (and their copies where it trains), model and batches."""
+    """One train-temporal run's own parts: its splits where it trains, its model, step settings and state."""
 
     config: TrainTemporalConfig
     data: TrainingData
@@ -152,21 +154,14 @@ class _Run:
     train_on_device: PackedSplit
     val_on_device: PackedSplit | None
     model: TemporalModel
-    model_args: TemporalModelArgs
-    batch_size: int
-    micro_batch_size: int
+    settings: StepSettings
     steps_per_epoch: int
     state: TrainingState
     unseen: np.ndarray | None  # (S_val,) bool: validation segments of participants absent from train
+    notes: list[str]  # what the user should know about the run (a capped batch, a split left on the CPU, ...)
 
 
-def fit(
-    config: TrainTemporalConfig,
-    data: TrainingData,
-    *,
-    stop_after_epoch: int | None = None,
-    release_host_copy: bool = False,
-) -> TrainResult:
+def fit(config: TrainTemporalConfig, data: TrainingData, *, release_host_copy: bool = False) -> TrainResult:
     """Train (or resume) a temporal model on ``data``; writes everything into ``config.out``.
 
     ``release_host_copy``: once a split is on the GPU, drop its host features (``data``'s splits then hold an
@@ -179,22 +174,21 @@ def fit(
     folder.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     console = make_console(config.progress)
-    notes: list[str] = []
     # The precision is resolved once (auto -> bf16 / fp32) and recorded: validation and `evaluate` use it too.
-    precision = supported_precision(resolve_temporal_precision(config.precision, device), device, notes)
+    precision, notes = supported_precision(resolve_temporal_precision(config.precision, device), device)
     config = dataclasses.replace(config, precision=precision)
 
     # Seeds: model init and dropout draw from torch's global RNGs; shuffling, row sampling and CutMix from the
     # run's sampling generator, so the data order does not depend on how many dropout masks were drawn.
     with reproducible(config.seed, deterministic=config.deterministic):
-        run = _prepare(config, data, device, notes, release_host_copy)
+        run = _prepare(config, data, device, release_host_copy)
         if config.resume:
             _resume(run, folder, console)
         save_config(dataclasses.replace(config, resume=False), folder.out / "config.yaml")
-        notes.extend(_dropped_notes(data))
+        notes += run.notes + _dropped_notes(data)
         for note in notes:
             console.print(f"[yellow]note:[/] {note}")
-        plots = _train_epochs(run, folder, console, stop_after_epoch)
+        plots = _train_epochs(run, folder, console)
     pack_summary = {name: dict(s.summary) for name, s in (("train", data.train), ("validation", data.validation))
                     if s is not None}
     result = TrainResult.of_run(folder, run.state, plots=plots, best_metrics=run.state.best_row(),
@@ -204,32 +198,43 @@ def fit(
     return result
 
 
-def _prepare(config: TrainTemporalConfig, data: TrainingData, device: torch.device, notes: list[str],
-             release_host_copy: bool) -> _Run:
-    """The splits on the device, the standardised model, AdamW, the batches and the per-step schedule."""
+def _prepare(config: TrainTemporalConfig, data: TrainingData, device: torch.device, release_host_copy: bool) -> _Run:
+    """The splits on the device, the standardised model, AdamW, the step settings and the per-step schedule."""
     _check_labels(data.train, "train", data)
     if data.validation is not None:
         _check_labels(data.validation, "validation", data)
+    notes = []
     # --- data onto the device once: an epoch is then index_select on device memory, no loader to wait on
-    train_on_device = _to_device(data.train, device, notes)
-    val_on_device = _to_device(data.validation, device, notes) if data.validation is not None else None
-    if release_host_copy:
-        for host, moved in ((data.train, train_on_device), (data.validation, val_on_device)):
+    train_on_device = _to_device(data.train, device)
+    val_on_device = _to_device(data.validation, device) if data.validation is not None else None
+    for host, moved in ((data.train, train_on_device), (data.validation, val_on_device)):
+        if moved is not None and moved.device.type != device.type:
+            notes.append(f"{host.features.numel() * 2 / 1e9:.1f} GB of packed features do not fit on {device}: "
+                         "batches are gathered on the CPU and copied over (slower)")
+        if release_host_copy:
             _release_host_features(host, moved)
     # The sampling generator lives with the data: the epoch's order, rows and CutMix are drawn there.
     generator = torch.Generator(device=train_on_device.device).manual_seed(config.seed)
 
     # --- model, standardised with the training split's statistics (computed where the split is)
-    feature_mean, feature_std = feature_stats(train_on_device)
-    model_args = config.model_args(
-        input_dim=data.train.features.shape[1], n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes)
+    model_args = TemporalModelArgs(
+        input_dim=data.train.features.shape[1], hidden=config.hidden, layers=config.layers,
+        lstm_dropout=config.lstm_dropout, dropout=config.dropout, pooling=config.pooling,
+        n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes),
     )
-    model = create_temporal_model(model_args, feature_mean, feature_std).to(device)
-    model.compute_dtype = COMPUTE_DTYPES[config.precision]
+    model = create_temporal_model(model_args, *feature_stats(train_on_device)).to(device)
+    model.compute_dtype = PRECISION_DTYPES[config.precision]
     # Fused AdamW: one kernel for all 17 M parameters on a GPU instead of a loop of small ones.
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
-    batch_size, micro_batch_size = _batch_sizes(config, len(data.train), notes)
+    batch_size = min(config.batch_size, len(data.train))
+    if batch_size < config.batch_size:
+        notes.append(f"effective batch {config.batch_size} exceeds the {len(data.train)} training segments: every "
+                     f"optimiser step uses the whole set ({batch_size}); small sets need a smaller --batch-size or "
+                     "more epochs")
+    settings = StepSettings(frames=config.frames, batch_size=batch_size,
+                            micro_batch_size=min(config.micro_batch_size, batch_size),
+                            label_smoothing=config.label_smoothing, cutmix_alpha=config.cutmix_alpha)
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     schedule = LRSchedule.per_step(lr=config.lr, min_lr=config.min_lr, warmup_epochs=config.warmup_epochs,
                                    epochs=config.epochs, steps_per_epoch=steps_per_epoch)
@@ -238,19 +243,8 @@ def _prepare(config: TrainTemporalConfig, data: TrainingData, device: torch.devi
                           scaler=grad_scaler(config.precision, device))  # fp16 only; a no-op otherwise
     unseen = _unseen_mask(data.validation, data.unseen_participants) if data.validation is not None else None
     return _Run(config=config, data=data, device=device, train_on_device=train_on_device,
-                val_on_device=val_on_device, model=model, model_args=model_args, batch_size=batch_size,
-                micro_batch_size=micro_batch_size, steps_per_epoch=steps_per_epoch, state=state, unseen=unseen)
-
-
-def _batch_sizes(config: TrainTemporalConfig, segments: int, notes: list[str]) -> tuple[int, int]:
-    """(segments per optimiser step, per micro-batch): the configured ones, capped by the training set."""
-    batch_size = min(config.batch_size, segments)
-    if batch_size < config.batch_size:
-        notes.append(
-            f"effective batch {config.batch_size} exceeds the {segments} training segments: every "
-            f"optimiser step uses the whole set ({batch_size}); small sets need a smaller --batch-size or more epochs"
-        )
-    return batch_size, min(config.micro_batch_size, batch_size)
+                val_on_device=val_on_device, model=model, settings=settings, steps_per_epoch=steps_per_epoch,
+                state=state, unseen=unseen, notes=notes)
 
 
 def _resume(run: _Run, folder: RunFolder, console) -> None:
@@ -277,18 +271,17 @@ def _dropped_notes(data: TrainingData) -> list[str]:
     return notes
 
 
-def _train_epochs(run: _Run, folder: RunFolder, console, stop_after_epoch: int | None) -> list[Path]:
+def _train_epochs(run: _Run, folder: RunFolder, console) -> list[Path]:
     """The epochs still to run, each closed by the epoch log (checkpoints, CSV, plots, TensorBoard); the plots."""
     config, data = run.config, run.data
     # What is saved describes the run, not this invocation: `--config out/config.yaml` re-creates it from scratch.
-    save = functools.partial(
-        save_checkpoint, model=run.model, model_args=run.model_args,
-        config=config_to_dict(dataclasses.replace(config, resume=False)), verb_classes=data.verb_classes,
-        noun_classes=data.noun_classes, feature_set=data.feature_set, feature_set_key=data.feature_set_key,
-    )
+    card = ModelCard(config=config_to_dict(dataclasses.replace(config, resume=False)), verb_classes=data.verb_classes,
+                     noun_classes=data.noun_classes, feature_set=data.feature_set,
+                     feature_set_key=data.feature_set_key)
+    save = functools.partial(save_checkpoint, model=run.model, card=card)
     with EpochLog(folder, console, progress=config.progress, steps_per_epoch=run.steps_per_epoch,
                   title=folder.out.name) as log:
-        for epoch in run.state.remaining_epochs(config.epochs, stop_after_epoch):
+        for epoch in run.state.remaining_epochs(config.epochs):
             first_step = run.state.step
             row = _run_epoch(run, epoch, log)
             log.end_epoch(row, run.state, save, first_step)
@@ -300,13 +293,7 @@ def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
     config, state = run.config, run.state
     epoch_started = time.perf_counter()
     with log.progress_bar(epoch, config.epochs, len(run.data.train)) as advance:
-        train_stats, state.step = train_one_epoch(
-            run.model, state.optimizer, run.data.train, device_split=run.train_on_device,
-            frames=config.frames, batch_size=run.batch_size, micro_batch_size=run.micro_batch_size,
-            schedule=state.schedule, step=state.step, label_smoothing=config.label_smoothing,
-            cutmix_alpha=config.cutmix_alpha, generator=state.generator, device=run.device,
-            on_batch=advance, scaler=state.scaler,
-        )
+        train_stats = train_one_epoch(run.model, run.train_on_device, state, run.settings, on_batch=advance)
     train_seconds = time.perf_counter() - epoch_started
     row: dict[str, float] = {"epoch": epoch, "step": state.step, "lr": state.schedule(state.step - 1), **train_stats}
     if run.val_on_device is not None:
@@ -322,92 +309,60 @@ def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------- one epoch / eval
-def train_one_epoch(
-    model: TemporalModel,
-    optimizer: torch.optim.Optimizer,
-    split: PackedSplit,
-    *,
-    device_split: PackedSplit | None = None,
-    frames: int,
-    batch_size: int,
-    micro_batch_size: int,
-    schedule: LRSchedule,
-    step: int,
-    label_smoothing: float,
-    cutmix_alpha: float,
-    generator: torch.Generator,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> tuple[dict[str, float], int]:
-    """One pass over ``split`` in a random order; returns the mean losses and the optimiser step count after it.
+def train_one_epoch(model: TemporalModel, split: PackedSplit, state: TrainingState, settings: StepSettings,
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over ``split`` in a random order: its mean losses; ``state.step`` counts the optimiser steps.
 
-    Each optimiser step sees ``batch_size`` segments, run as micro-batches whose gradients accumulate (each
-    micro-batch's loss is weighted by its share of the step, so the gradient is the batch mean).
+    Each optimiser step sees ``settings.batch_size`` segments, run as micro-batches whose gradients accumulate
+    (each micro-batch's loss is weighted by its share of the step, so the gradient is the batch mean); the lr is
+    the schedule's at each step.
 
     A device-side loop: the epoch's order, every segment's sampled rows, CutMix starts and partners are drawn from
-    ``generator`` on the device it lives on (the data's device: ``device_split``, the same split moved there once;
-    default ``split``), and features and labels are gathered there, so nothing crosses from the host and nothing
-    waits for the GPU between steps. The CutMix spans of the whole epoch come from one host draw at its start
-    (torch has no seeded Beta sampler), and the losses are read back once, at its end. ``scaler`` (fp16) scales
-    the loss; its overflow check is the one per-step sync, and only fp16 has it.
+    ``state.generator`` on the device it lives on (the split's), and features and labels are gathered there, so
+    nothing crosses from the host and nothing waits for the GPU between steps. The CutMix spans of the whole epoch
+    come from one host draw at its start (torch has no seeded Beta sampler), and the losses are read back once, at
+    its end. fp16's loss scaler (``state.scaler``) scales the loss; its overflow check is the one per-step sync,
+    and only fp16 has it.
     """
-    device_split = split if device_split is None else device_split
+    generator, optimizer, scaler = state.generator, state.optimizer, state.scaler
+    device = next(model.parameters()).device
     model.train()
     order = torch.randperm(len(split), generator=generator, device=generator.device)  # (S,) the epoch's order
-    full, rest = divmod(len(split), batch_size)
-    micro_batches = full * math.ceil(batch_size / micro_batch_size) + math.ceil(rest / micro_batch_size)
-    spans = draw_cutmix_spans(micro_batches, frames, cutmix_alpha, generator)  # (M,) or None
+    full, rest = divmod(len(split), settings.batch_size)
+    micro_batches = full * math.ceil(settings.batch_size / settings.micro_batch_size) + \
+        math.ceil(rest / settings.micro_batch_size)
+    spans = draw_cutmix_spans(micro_batches, settings.frames, settings.cutmix_alpha, generator)  # (M,) or None
     loss_sums = torch.zeros(3, device=device)  # (3,) segment-weighted sums: total, verb, noun
     micro_index = 0
-    for batch in order.split(batch_size):  # (B,) each
-        for group in optimizer.param_groups:
-            group["lr"] = schedule(step)
+    for batch in order.split(settings.batch_size):  # (B,) each
+        state.set_lr()
         optimizer.zero_grad(set_to_none=True)
-        for micro in batch.split(micro_batch_size):  # (b,) each
-            mix_span = spans[micro_index] if spans is not None else None
+        for micro in batch.split(settings.micro_batch_size):  # (b,) each
+            span = spans[micro_index] if spans is not None else None
             micro_index += 1
-            loss, verb_loss, noun_loss = _micro_batch_losses(
-                model, device_split, micro, frames, generator=generator, device=device, span=mix_span,
-                cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, autocast_dtype=autocast_dtype,
-            )
-            weighted = loss * (len(micro) / len(batch))
+            losses = _micro_batch_losses(model, split, micro, span, settings, generator, device)  # (3,)
+            weighted = losses[0] * (len(micro) / len(batch))
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
-            loss_sums += torch.stack([loss, verb_loss, noun_loss]).detach() * len(micro)
-        _optimizer_step(optimizer, scaler)
-        step += 1
+            loss_sums += losses.detach() * len(micro)
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
+            scaler.update()
+        else:
+            optimizer.step()
+        state.step += 1
         if on_batch is not None:
             on_batch(len(batch))
     total, verb, noun = (loss_sums / len(split)).tolist()  # the epoch's one device sync
-    return {"train_loss": total, "train_verb_loss": verb, "train_noun_loss": noun}, step
+    return {"train_loss": total, "train_verb_loss": verb, "train_noun_loss": noun}
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    if scaler is not None:
-        scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
-        scaler.update()
-    else:
-        optimizer.step()
-
-
-def _micro_batch_losses(
-    model: TemporalModel,
-    split: PackedSplit,
-    micro: torch.Tensor,
-    frames: int,
-    *,
-    generator: torch.Generator,
-    device: torch.device,
-    span: torch.Tensor | None,
-    cutmix_alpha: float,
-    label_smoothing: float,
-    autocast_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One micro-batch of segment ids (b,): sampled rows, CutMix, gather, forward; (total, verb, noun) losses."""
+def _micro_batch_losses(model: TemporalModel, split: PackedSplit, micro: torch.Tensor, span: torch.Tensor | None,
+                        settings: StepSettings, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One micro-batch of segment ids (b,): sampled rows, CutMix, gather, forward; (3,) total, verb, noun losses."""
+    frames = settings.frames
     segments = micro.to(split.device)  # no-op when the generator lives with the data
     rows = split.sample_rows(segments, frames, train=True, generator=generator)  # (b, T)
-    mix = sample_time_cutmix(len(micro), frames, cutmix_alpha, generator, span=span)
+    mix = sample_time_cutmix(len(micro), frames, settings.cutmix_alpha, generator, span=span)
     if mix is not None:
         # CutMix on the row indices: pasting the partner's rows of the span before the one gather equals
         # pasting its features after it, without two more (b, T, D) copies.
@@ -416,31 +371,27 @@ def _micro_batch_losses(
     features = _to(features.reshape(len(micro), frames, -1), device)  # (b, T, D)
     verbs = _to(split.verb_labels.index_select(0, segments), device)  # (b,)
     nouns = _to(split.noun_labels.index_select(0, segments), device)  # (b,)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
-    verb_loss = mixed_cross_entropy(verb_logits.float(), verbs, mix, label_smoothing)
-    noun_loss = mixed_cross_entropy(noun_logits.float(), nouns, mix, label_smoothing)
-    return verb_loss + noun_loss, verb_loss, noun_loss
+    verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
+    partner = mix.partner.to(device) if mix is not None else None  # (b,) each sequence's CutMix partner
+    fraction = mix.fraction if mix is not None else 0.0
+    verb_loss, noun_loss = (
+        mixed_cross_entropy(logits.float(), labels, labels[partner] if partner is not None else None, fraction,
+                            settings.label_smoothing)
+        for logits, labels in ((verb_logits, verbs), (noun_logits, nouns))
+    )
+    return torch.stack([verb_loss + noun_loss, verb_loss, noun_loss])  # (3,)
 
 
 @torch.inference_mode()
-def score_split(
-    model: TemporalModel,
-    split: PackedSplit,
-    *,
-    frames: int,
-    batch_size: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def score_split(model: TemporalModel, split: PackedSplit, *, frames: int, batch_size: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Verb and noun logits of every segment of ``split``, read at its bin-centre rows: (S, Cv), (S, Cn) float32."""
     model.eval()
     verb_logits, noun_logits = [], []
     for begin in range(0, len(split), batch_size):
         segments = torch.arange(begin, min(begin + batch_size, len(split)), device=split.device)  # (B,)
         features = split.gather(segments, frames, train=False).to(device, non_blocking=True)  # (B, T, D)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            verbs, nouns = model(features)  # (B, Cv), (B, Cn)
+        verbs, nouns = model(features)  # (B, Cv), (B, Cn)
         verb_logits.append(verbs.float())
         noun_logits.append(nouns.float())
     return torch.cat(verb_logits), torch.cat(noun_logits)  # (S, Cv), (S, Cn)
@@ -459,7 +410,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Score every segment at its bin-centre rows: the loss and the official EPIC-100 metrics.
 
-    ``scoring`` is what ``score_split`` takes: ``frames``, ``batch_size``, ``device`` (and ``autocast_dtype``).
+    ``scoring`` is what ``score_split`` takes: ``frames``, ``batch_size``, ``device``.
     The logits come to the host in one copy; the metrics are ``epicfeat.metrics.epic_metrics``, the definition
     ``epicfeat evaluate`` reports. The loss uses the training criterion (same label smoothing, no CutMix) so the two
     loss curves compare. Metric names are the official ones (``all_action_accuracy_at_1``, ``tail_*``, ``unseen_*``),
@@ -536,16 +487,15 @@ def apply_time_cutmix(features: torch.Tensor, mix: TimeCutMix) -> torch.Tensor:
     return torch.where(inside[None, :, None], partners, features)  # (B, T, D)
 
 
-def mixed_cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, mix: TimeCutMix | None, label_smoothing: float
-) -> torch.Tensor:
-    """(1 - f) * CE(logits, labels) + f * CE(logits, labels[partner]), f = the span's fraction (0 without mix)."""
+def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor | None,
+                        fraction: float | torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """CutMix's loss: (1 - f) * CE(logits, labels) + f * CE(logits, partner_labels), f the partner's share of each
+    input (a time span here, a box's area in finetune); CE(logits, labels) without partners (no CutMix)."""
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-    if mix is None:
+    if partner_labels is None:
         return loss
-    partner_labels = labels[mix.partner.to(labels.device)]  # (B,)
     partner_loss = F.cross_entropy(logits, partner_labels, label_smoothing=label_smoothing)
-    return (1.0 - mix.fraction) * loss + mix.fraction * partner_loss
+    return (1.0 - fraction) * loss + fraction * partner_loss
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -561,7 +511,7 @@ def _check_labels(split: PackedSplit, name: str, data: TrainingData) -> None:
             )
 
 
-def _to_device(split: PackedSplit, device: torch.device, notes: list[str]) -> PackedSplit:
+def _to_device(split: PackedSplit, device: torch.device) -> PackedSplit:
     """The split on the device when it fits there; else kept on the CPU (each batch is gathered, then copied)."""
     if split.device == device:
         return split
@@ -569,8 +519,6 @@ def _to_device(split: PackedSplit, device: torch.device, notes: list[str]) -> Pa
         return split.to(device)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        notes.append(f"{split.features.numel() * 2 / 1e9:.1f} GB of packed features do not fit on {device}: "
-                     "batches are gathered on the CPU and copied over (slower)")
         return split
 
 
