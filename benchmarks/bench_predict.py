@@ -6,8 +6,8 @@
 For each window length T, with the seed architecture's head (BiLSTM 2x512, 97 verbs, 300 nouns) on a random-seed0
 ResNet50 at the given crop (random weights cost exactly what ImageNet weights cost):
 
-* resnet50: the backbone alone (``FrameEncoder``: normalisation, autocast, float16 rounding) on frames already
-  decoded and cropped, batch 1 like a camera run: the rate nothing downstream can beat.
+* resnet50: the backbone alone (the feature set's ``FrameEncoder.encode``: normalisation, autocast, float16
+  rounding, as predict runs it) on frames already decoded and cropped, batch 1 like a camera run: the rate nothing downstream can beat.
 * live: ``predict()`` on a capture device, FFmpeg's lavfi ``testsrc2=size=640x360:rate=30,realtime`` (paced like a
   camera), sampled at 30 frames/s so that the camera offers more frames than the model can take: frames/s through
   the backbone (the rest dropped, counted), capture-to-prediction latency. ratio = live / min(resnet50, 30): a
@@ -36,10 +36,11 @@ import torch
 from epicfeat.backbone import create_backbone
 from epicfeat.data.synthetic import SyntheticSpec
 from epicfeat.devices import resolve_device
+from epicfeat.encoder import FrameEncoder, create_encoder
 from epicfeat.extract import ExtractConfig, feature_set_identity
 from epicfeat.frames import Preprocess, iter_frames, probe_video
-from epicfeat.predict import FrameEncoder, PredictConfig, predict
-from epicfeat.temporal.checkpoint import save_checkpoint
+from epicfeat.predict import PredictConfig, predict
+from epicfeat.temporal.checkpoint import ModelCard, feature_set_key_of, save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 CAMERA = "testsrc2=size=640x360:rate=30,realtime"
@@ -68,29 +69,36 @@ def parse_args(argv=None):
     return args
 
 
-def make_checkpoint(path: Path, frames: int, preprocess: Preprocess, precision: str, fps: float,
-                    batch_size: int) -> Path:
-    backbone = create_backbone("random", seed=0)
+def feature_set(preprocess: Preprocess, precision: str, fps: float, batch_size: int) -> dict:
+    """The identity extract records for a random-seed0 ResNet50 run so."""
     extract = ExtractConfig(weights="random", fps=fps, resize=preprocess.resize, crop=preprocess.crop,
                             precision=precision, batch_size=batch_size)
-    identity = feature_set_identity(extract, backbone)
+    return feature_set_identity(extract, create_backbone("random", seed=0)).to_dict()
+
+
+def make_checkpoint(path: Path, frames: int, identity: dict) -> Path:
     args = TemporalModelArgs(n_verbs=97, n_nouns=300)
     torch.manual_seed(0)
     model = create_temporal_model(args)
     # The stage-two run trained in the same precision (train-temporal's auto matches extract's), so its head does too.
-    return save_checkpoint(path, model=model, model_args=args, config={"frames": frames, "precision": precision},
-                           verb_classes=[f"verb{i}" for i in range(97)], noun_classes=[f"noun{i}" for i in range(300)],
-                           feature_set=identity.to_dict(), feature_set_key=identity.key(), epoch=1, metrics={},
-                           history=[])
+    card = ModelCard(config={"frames": frames, "precision": identity["precision"]},
+                     verb_classes=[f"verb{i}" for i in range(97)], noun_classes=[f"noun{i}" for i in range(300)],
+                     feature_set=identity, feature_set_key=feature_set_key_of(identity))
+    return save_checkpoint(path, model=model, card=card, epoch=1, metrics={}, history=[])
 
 
 def backbone_rate(encoder: FrameEncoder, images: np.ndarray, batch_size: int, seconds: float) -> float:
     """Frames/s of the backbone alone over already-cropped frames, for about ``seconds``."""
-    encoder(images[:batch_size])  # warm-up, untimed
+    def encode(batch: np.ndarray) -> None:
+        encoder.encode(torch.from_numpy(batch).permute(0, 3, 1, 2))  # (B, crop, crop, 3) -> (B, 2048) float16
+        if encoder.pixel_mean.is_cuda:
+            torch.cuda.synchronize()  # as predict times its backbone calls
+
+    encode(images[:batch_size])  # warm-up, untimed
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         begin = done % (len(images) - batch_size)
-        encoder(images[begin: begin + batch_size])  # (B, 2048)
+        encode(images[begin: begin + batch_size])
         done += batch_size
     return done / (time.perf_counter() - started)
 
@@ -144,15 +152,14 @@ def main(argv=None) -> None:
         video = max(sorted(Path(dataset.videos).rglob("*.MP4")), key=lambda p: probe_video(p).duration)
         images = np.concatenate([b.images for b in iter_frames(video, fps=10.0, preprocess=preprocess)])
         images = images[:64]  # (n, crop, crop, 3)
-        encoder = FrameEncoder(create_backbone("random", seed=0), preprocess, device, precision=args.precision,
-                               feature_dtype="float16", channels_last=True, compile=False)
+        live_set = feature_set(preprocess, args.precision, CAMERA_FPS, 1)
+        file_set = feature_set(preprocess, args.precision, 10.0, args.file_batch_size)
+        encoder = create_encoder(file_set, device)  # what predict runs (the batch size is the call's, not the set's)
         print_header(args, device, video)
         results = {}
         for frames in args.frames:
-            live_checkpoint = make_checkpoint(tmp / f"live{frames}.pt", frames, preprocess, args.precision,
-                                              CAMERA_FPS, 1)
-            file_checkpoint = make_checkpoint(tmp / f"file{frames}.pt", frames, preprocess, args.precision, 10.0,
-                                              args.file_batch_size)
+            live_checkpoint = make_checkpoint(tmp / f"live{frames}.pt", frames, live_set)
+            file_checkpoint = make_checkpoint(tmp / f"file{frames}.pt", frames, file_set)
             results[f"T{frames}"] = print_row(frames, [one_round(args, encoder, images, video, live_checkpoint,
                                                                   file_checkpoint) for _ in range(args.repeats)])
             if args.out:  # after each T: a run cut short keeps what was measured

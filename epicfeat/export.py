@@ -18,7 +18,7 @@ measured difference.
 Checks: every exported file is run (onnxruntime for ONNX, torch.jit for TorchScript) on seeded random inputs and
 compared (1) with the PyTorch model it was exported from, at its own precision, which must agree within
 ``TOLERANCE`` (else ExportError: the export is broken), and (2) with the ``predict`` path on the same frames
-(``FrameEncoder`` + the checkpoint's head), reported in ``classes.json``; at the feature set's precision it must
+(``FrameEncoder.encode`` + the checkpoint's head), reported in ``classes.json``; at the feature set's precision it must
 agree within ``TOLERANCE`` too. CoreML models cannot be run on Linux (coremltools predicts on macOS only): their
 inputs, outputs and shapes are read back from the saved package and checked; numeric parity needs macOS.
 
@@ -28,7 +28,6 @@ to; it needs the ``onnxscript`` package (a dependency of epicfeat).
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import warnings
@@ -39,12 +38,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from epicfeat.recipes import save_config
 from epicfeat.configs import ExportConfig
+from epicfeat.encoder import FrameEncoder, create_encoder
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 from epicfeat.frames import Preprocess
-from epicfeat.predict import FrameEncoder
+from epicfeat.predict import checkpoint_weights
+from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 
 # Max |reference - exported| logit difference accepted. The head alone is exact to float32 rounding (~1e-6). The
@@ -54,7 +54,6 @@ from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 # seed-size head at T=16, 224 px: 6e-8 (head) and 1e-5 (full model).
 TOLERANCE = {"temporal_head": 1e-4, "full_model": 2e-3}
 MIN_DYNAMO_OPSET = 18  # the dynamo exporter's translation tables start at opset 18
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Precision each format's full model computes its backbone in: TorchScript follows the feature set; ONNX and
 # CoreML have no bf16 convolution, so fp32 (see the module docstring).
 _FULL_MODEL_PRECISION = {"onnx": "fp32", "coreml": "fp32"}
@@ -90,39 +89,26 @@ class ExportResult:
 
 
 class FullModel(nn.Module):
-    """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): normalise, backbone, round, head.
+    """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): the frame encoder, the rounding to
+    the stored dtype, the head.
 
-    ``precision`` bf16 / fp16 runs the backbone under autocast exactly as ``predict``'s FrameEncoder does, in its
-    channels-last layout: a CPU's bf16 convolution kernels depend on the layout (NCHW and channels-last features
-    differed by 0.75, logits by 8e-4, on an AMD EPYC with AVX512-BF16), so only the same layout equals predict. The
-    head always runs in fp32, as in ``predict`` and ``evaluate``.
+    The encoder runs channels-last, as ``predict`` runs it: a CPU's bf16 convolution kernels depend on the layout
+    (NCHW and channels-last features differed by 0.75, logits by 8e-4, on an AMD EPYC with AVX512-BF16), so only
+    the same layout equals predict. The head always runs in fp32.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean, std, feature_dtype: torch.dtype,
-                 precision: str = "fp32", *, window: int):
+    def __init__(self, encoder: FrameEncoder, head: nn.Module, feature_dtype: torch.dtype, *, window: int):
         super().__init__()
-        self.backbone = backbone.to(memory_format=torch.channels_last)  # as predict's FrameEncoder runs it
-        self.head, self.feature_dtype = head, feature_dtype
-        self.precision = precision
+        self.encoder, self.head, self.feature_dtype = encoder, head, feature_dtype
         # T as a constant, not read from the input's shape: converters (coremltools) fail on traced shape
         # arithmetic, and the exported shapes are fixed anyway.
-        self.window, self.feature_dim = window, head.args.input_dim
-        # (x/255 - mean) / std == (x - 255 mean) / (255 std), folded as in Preprocess.normalize.
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255))
+        self.window = window
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = frames.flatten(0, 1)  # (B*T, 3, H, W): every frame through the backbone
-        pixels = ((pixels - self.pixel_mean) * self.pixel_inv_std).contiguous(memory_format=torch.channels_last)
-        autocast = _AUTOCAST_DTYPES.get(self.precision)
-        if autocast is None:
-            features = self.backbone(pixels)  # (B*T, 2048)
-        else:
-            with torch.autocast(pixels.device.type, dtype=autocast):
-                features = self.backbone(pixels)  # (B*T, 2048), reduced precision
+        features = self.encoder(frames.flatten(0, 1))  # (B*T, D) float32: every frame through the backbone
         # Round to the feature set's stored dtype, as the training features were.
-        features = features.float().to(self.feature_dtype).float()
-        features = features.reshape(-1, self.window, self.feature_dim)  # (B, T, 2048)
+        features = features.to(self.feature_dtype).float()
+        features = features.reshape(-1, self.window, self.encoder.num_features)  # (B, T, D)
         return self.head(features)  # (B, Cv), (B, Cn)
 
 
@@ -132,21 +118,22 @@ class _Models:
     preprocess: Preprocess
     window: int
     head: nn.Module
-    backbone: nn.Module
-    features: torch.Tensor  # (1, T, 2048) float32 check input of the head
+    encoder: FrameEncoder  # predict's: the feature set's precision, channels-last
+    features: torch.Tensor  # (1, T, D) float32 check input of the head
     frames: np.ndarray  # (1, T, crop, crop, 3) uint8 check input of the full model, as predict receives frames
 
     @property
     def precision(self) -> str:
-        return self.checkpoint.feature_set.get("precision", "fp32")
+        return self.checkpoint.feature_set["precision"]
 
     @property
     def feature_dtype(self) -> torch.dtype:
-        return getattr(torch, self.checkpoint.feature_set.get("dtype", "float16"))
+        return getattr(torch, self.checkpoint.feature_set["dtype"])
 
     def full_model(self, precision: str) -> FullModel:
-        return FullModel(self.backbone, self.head, self.preprocess.mean, self.preprocess.std, self.feature_dtype,
-                         precision, window=self.window).eval()
+        encoder = FrameEncoder(self.encoder.backbone, mean=self.preprocess.mean, std=self.preprocess.std,
+                               precision=precision, channels_last=True)
+        return FullModel(encoder, self.head, self.feature_dtype, window=self.window).eval()
 
     def frames_input(self) -> torch.Tensor:
         """The check frames as the full model takes them: (1, T, 3, crop, crop) float32 RGB 0..255."""
@@ -154,31 +141,32 @@ class _Models:
 
     @torch.inference_mode()
     def predict_path(self, name: str) -> list[np.ndarray]:
-        """Logits of ``predict``'s own code on the check input: FrameEncoder (the feature set's precision, stored
+        """Logits of ``predict``'s own code on the check input: the encoder (the feature set's precision, stored
         dtype) then the head, for the full model; the head alone on the features for the temporal head."""
         if name == "temporal_head":
             return [t.numpy() for t in self.head(self.features)]
-        encoder = FrameEncoder(copy.deepcopy(self.backbone), self.preprocess, torch.device("cpu"),
-                               precision=self.precision, feature_dtype=str(self.feature_dtype).split(".")[-1],
-                               channels_last=True, compile=False)
-        features = encoder(self.frames[0])  # (T, 2048), stored dtype
-        return [t.numpy() for t in self.head(features[None])]  # (1, T, 2048) -> (1, Cv), (1, Cn)
+        pixels = torch.from_numpy(self.frames[0]).permute(0, 3, 1, 2)  # (T, 3, crop, crop), a view
+        features = self.encoder.encode(pixels, dtype=self.feature_dtype)  # (T, D), stored dtype
+        return [t.numpy() for t in self.head(features[None])]  # (1, T, D) -> (1, Cv), (1, Cn)
 
 
 def build_models(config: ExportConfig) -> _Models:
-    """The checkpoint's head and backbone (matching its feature set) and seeded check inputs."""
+    """The checkpoint's head and encoder (matching its feature set) and seeded check inputs."""
     checkpoint = load_checkpoint(config.checkpoint)
     window = checkpoint.window
     preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()
-    backbone = checkpoint.create_inference_backbone(config.weights, seed=config.seed)  # as extract ran it
+    # As predict runs it by default: channels-last, not compiled (tracing needs the plain modules).
+    settings = {**checkpoint.feature_set, "channels_last": True, "compile": False}
+    encoder = create_encoder(settings, torch.device("cpu"), weights=checkpoint_weights(checkpoint, config.weights),
+                             seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed_inputs)
     # Random features spread like the training features (the head's own statistics), so the check exercises the
     # standardised range the model works in, not a corner of it.
     features = head.feature_mean + head.feature_std * torch.randn(1, window, head.args.input_dim, generator=generator)
     frames = torch.randint(0, 256, (1, window, preprocess.crop, preprocess.crop, 3), generator=generator,
                            dtype=torch.uint8).numpy()  # (1, T, crop, crop, 3)
-    return _Models(checkpoint, preprocess, window, head, backbone, features, frames)
+    return _Models(checkpoint, preprocess, window, head, encoder, features, frames)
 
 
 def export(config: ExportConfig) -> ExportResult:
@@ -260,13 +248,13 @@ def _metadata(models: _Models, config: ExportConfig, result: ExportResult, full_
     checkpoint, feature_set = models.checkpoint, models.checkpoint.feature_set
     preprocessing = {
         **models.preprocess.identity(),  # resize, crop, mean, std, resize_mode, crop_mode, interpolation, color
-        "fps": feature_set.get("fps"),  # frames per second sampled from the source (null: every frame)
+        "fps": feature_set["fps"],  # frames per second sampled from the source (null: every frame)
         "sampling": "each target k / fps takes the first frame at or after it",
         "value_range": "0..255 (uint8 RGB as float32; normalisation is inside full_model)",
         "layout": "NCHW per frame: frames (1, T, 3, crop, crop)",
         "precision": models.precision,  # the feature set's backbone precision (what predict computes in)
-        "feature_dtype": feature_set.get("dtype", "float16"),  # features are rounded to this, as stored
-        "decoder": feature_set.get("decoder"),
+        "feature_dtype": feature_set["dtype"],  # features are rounded to this, as stored
+        "decoder": feature_set["decoder"],
     }
     return {
         "verb_classes": list(checkpoint.verb_classes),  # index = output position in verb_logits

@@ -36,21 +36,22 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 
-from epicfeat.recipes import save_config
 from epicfeat.configs import PredictConfig
-from epicfeat.devices import cuda_settings
+from epicfeat.devices import PRECISION_DTYPES, resolve_device
+from epicfeat.encoder import FrameEncoder, create_encoder
 from epicfeat.errors import EpicfeatError
-from epicfeat.extract import TF32
 from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_frames
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
+from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 from epicfeat.temporal.data import PTS_TOLERANCE, bin_offsets
-from epicfeat.temporal.precision import COMPUTE_DTYPES, recorded_precision
+from epicfeat.temporal.precision import recorded_precision
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TIMELINE_SUFFIXES = (".csv", ".jsonl")
 
 
@@ -119,46 +120,7 @@ class PredictResult:
         }
 
 
-# ------------------------------------------------------------------------------------------------ model setup
-class FrameEncoder:
-    """uint8 crops (N, crop, crop, 3) -> features (N, 2048) in the feature set's stored dtype, on the device.
-
-    Features are rounded to the stored dtype (float16) exactly as ``extract`` stores them, so the head sees the
-    same numbers it was trained on. ``pad_to`` pads a short batch with black frames, as extract pads its last
-    batch: convolution kernels (oneDNN, cuDNN) pick their algorithm by batch size, so a frame's features are
-    bit-identical to extract's only when both run batches of the same size.
-    """
-
-    def __init__(self, backbone: torch.nn.Module, preprocess: Preprocess, device: torch.device, *,
-                 precision: str, feature_dtype: str, channels_last: bool, compile: bool):
-        model = backbone.to(device).eval()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if compile else model
-        self.preprocess, self.device, self.channels_last = preprocess, device, channels_last
-        self.autocast = _AUTOCAST_DTYPES.get(precision)
-        self.feature_dtype = getattr(torch, feature_dtype)
-
-    @torch.inference_mode()
-    def __call__(self, images: np.ndarray, pad_to: int | None = None) -> torch.Tensor:
-        rows = len(images)
-        if pad_to is not None and rows < pad_to:
-            padding = np.zeros((pad_to - rows, *images.shape[1:]), images.dtype)
-            images = np.concatenate([images, padding])  # (pad_to, H, W, 3)
-        pixels = torch.from_numpy(images).to(self.device, non_blocking=True)  # (N, H, W, 3) uint8
-        pixels = self.preprocess.normalize(pixels)  # (N, 3, H, W) float32, channels_last strides
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        else:
-            pixels = pixels.contiguous()
-        # fp32 without TF32, as extract computes every feature set (its identity's tf32); no cuDNN autotuning,
-        # which a live source's changing batch sizes would pay again and again.
-        with cuda_settings(tf32=TF32, cudnn_benchmark=False), \
-                torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            features = self.model(pixels)  # (N, 2048)
-        return features[:rows].float().to(self.feature_dtype)
-
-
+# ------------------------------------------------------------------------------------------------ models
 def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_classes, noun_classes, k: int):
     """Top-k (name, probability) verbs and nouns and (verb, noun, score) actions, for each row of logits.
 
@@ -298,9 +260,6 @@ class LiveCapture:
 
     def __init__(self, device: str, fmt: str, fps: float | None, preprocess: Preprocess, capacity: int, *,
                  max_seconds: float | None = None, keep_source: bool = False):
-        import av
-        from av.video.reformatter import VideoReformatter
-
         try:
             self._container = av.open(device, format=fmt)
             stream = self._container.streams.video[0]
@@ -467,8 +426,7 @@ class _AnnotatedVideo:
     LINES = 4
 
     def __init__(self, path: Path, width: int, height: int, preprocess: Preprocess, fps: float | None):
-        import av
-        from PIL import ImageFont
+        from PIL import ImageFont  # Pillow: checked by _require_pillow, so a missing one is a clear error
 
         path.parent.mkdir(parents=True, exist_ok=True)
         # yuv420p needs even sides: one column / row of black on odd-sized sources.
@@ -485,7 +443,6 @@ class _AnnotatedVideo:
         self.frames = 0
 
     def write(self, image: np.ndarray, lines: list[str]) -> None:
-        import av
         from PIL import Image, ImageDraw
 
         canvas = Image.new("RGB", (self.width, self.height))
@@ -550,8 +507,8 @@ def _check(config: PredictConfig) -> None:
         raise PredictError(f"--skip-frames must be >= 0, got {config.skip_frames}")
     if not config.window_seconds > 0:
         raise PredictError(f"--window-seconds must be > 0, got {config.window_seconds}")
-    if config.precision not in (None, "fp32", "bf16", "fp16"):
-        raise PredictError(f"--precision must be fp32, bf16 or fp16, got {config.precision!r}")
+    if config.precision not in (None, *PRECISION_DTYPES):
+        raise PredictError(f"--precision must be one of {', '.join(PRECISION_DTYPES)}, got {config.precision!r}")
     if config.timeline is not None and Path(config.timeline).suffix.lower() not in TIMELINE_SUFFIXES:
         hint = " (.json: use .jsonl, JSON Lines, which stays valid while it grows)" if (
             Path(config.timeline).suffix.lower() == ".json") else ""
@@ -607,26 +564,26 @@ class _Outputs:
 
 def predict(config: PredictConfig) -> PredictResult:
     """Stream ``config.source`` through backbone and head; write the timeline / annotated video; return all."""
-    from epicfeat.devices import resolve_device
-
     _check(config)
     checkpoint = load_checkpoint(config.checkpoint)
     device = resolve_device(config.device)
-    notes: list[str] = []
-    encoder, head = _create_models(config, checkpoint, device, notes)
-    fps = _sampled_fps(config, checkpoint.feature_set, notes)
+    fps = _sampled_fps(config, checkpoint.feature_set)
     camera = _camera_device(str(config.source), config.camera_format)
-    batch_size = _batch_size(config, checkpoint.feature_set, live=camera is not None, notes=notes)
     if camera is None and not Path(config.source).exists():
         raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
+    batch_size = _batch_size(config, checkpoint.feature_set, live=camera is not None)
+    # A file's short last batch is padded, as extract pads it; a camera's batches are whatever is waiting, run
+    # as they are (padding would cost a full batch of compute for every frame when the model keeps up).
+    models = create_models(config, checkpoint, device, pad_to=None if camera is not None else batch_size)
+    notes = _departures(config, checkpoint.feature_set, models.pad_to)
     # Before the camera opens: its frames would otherwise pile up (and be dropped) during the one-off costs.
-    _warm_up(encoder, head, batch_size, checkpoint.window)
+    _warm_up(models, batch_size)
     keep_source = config.video_out is not None
     capture = None
     if camera is None:
-        batches = _file_batches(config.source, fps, encoder.preprocess, batch_size, keep_source=keep_source)
+        batches = _file_batches(config.source, fps, models.preprocess, batch_size, keep_source=keep_source)
     else:
-        capture = LiveCapture(*camera, fps, encoder.preprocess, capacity=batch_size, max_seconds=config.max_seconds,
+        capture = LiveCapture(*camera, fps, models.preprocess, capacity=batch_size, max_seconds=config.max_seconds,
                               keep_source=keep_source)
         batches = capture.batches(batch_size)
 
@@ -636,14 +593,11 @@ def predict(config: PredictConfig) -> PredictResult:
     meta = {"source": str(config.source), "checkpoint": str(config.checkpoint),
             "feature_set": checkpoint.feature_set_key, "window": checkpoint.window,
             "window_seconds": config.window_seconds, "stride": config.stride, "fps_sampled": fps}
-    outputs = _Outputs(config, checkpoint, meta, encoder.preprocess, fps)
+    outputs = _Outputs(config, checkpoint, meta, models.preprocess, fps)
     window = SegmentWindow(config.window_seconds, checkpoint.window, fps)
-    # A file's short last batch is padded, as extract pads it; a camera's batches are whatever is waiting, run
-    # as they are (padding would cost a full batch of compute for every frame when the model keeps up).
-    pad_to = None if capture is not None else batch_size
     started = time.perf_counter()
     try:
-        _stream(config, batches, encoder, head, checkpoint, window, outputs, result, device, started, pad_to)
+        _stream(config, batches, models, window, outputs, result, started)
     except KeyboardInterrupt:  # a live camera stops with Ctrl-C: keep what was predicted
         notes.append("interrupted: outputs cover the frames processed so far")
     except Exception as err:  # after the first frame, nothing done may be lost
@@ -664,39 +618,98 @@ def predict(config: PredictConfig) -> PredictResult:
     return result
 
 
-def _create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.device,
-                   notes: list[str]) -> tuple["FrameEncoder", torch.nn.Module]:
-    """The frame encoder (the feature set's backbone and preprocessing) and the head, ready on ``device``."""
+@dataclass
+class Models:
+    """The feature set's frame encoder and the checkpoint's head, run as extract and evaluate ran them."""
+
+    checkpoint: Checkpoint
+    encoder: FrameEncoder
+    head: torch.nn.Module
+    preprocess: Preprocess  # the feature set's resize and crop (the encoder normalises)
+    device: torch.device
+    pad_to: int | None  # a short batch is padded to this many rows, as extract padded its last batch (None: not)
+
+    def features(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 crops (n, crop, crop, 3) -> (n, D) rounded to the feature set's stored dtype, as extract stored
+        them, so the head sees the numbers it was trained on."""
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # (n, 3, crop, crop), a view
+        stored = getattr(torch, self.checkpoint.feature_set["dtype"])
+        features = self.encoder.encode(pixels, pad_to=self.pad_to, dtype=stored)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the time is the backbone's, not the next call's
+        return features
+
+    @torch.inference_mode()
+    def predict(self, window: SegmentWindow, top_k: int) -> Prediction:
+        verb_logits, noun_logits = self.head(window.sample())  # (1, T, D) -> (1, Cv), (1, Cn)
+        (verbs, nouns, actions), = top_predictions(
+            verb_logits.float().cpu().numpy(), noun_logits.float().cpu().numpy(),
+            self.checkpoint.verb_classes, self.checkpoint.noun_classes, top_k,
+        )
+        newest = window.rows[-1]
+        return Prediction(time=newest.pts, window_start=window.start, window_end=window.end, rows=len(window.rows),
+                          frame_index=newest.frame_index, verbs=verbs, nouns=nouns, actions=actions)
+
+
+def create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.device, *,
+                  pad_to: int | None) -> Models:
+    """The encoder the checkpoint's feature set was extracted with (in the precision, layout and compilation the
+    run asks for) and the head, ready on ``device``."""
     feature_set = checkpoint.feature_set
-    precision = config.precision or feature_set.get("precision", "fp32")
-    if precision != feature_set.get("precision", "fp32"):
-        notes.append(f"backbone precision {precision} differs from the feature set's "
-                     f"{feature_set.get('precision')}: features differ slightly from the training features")
-    backbone = checkpoint.create_inference_backbone(config.weights, seed=config.seed)  # as extract ran it
-    encoder = FrameEncoder(
-        backbone, Preprocess.from_identity(feature_set), device, precision=precision,
-        feature_dtype=feature_set.get("dtype", "float16"), channels_last=config.channels_last, compile=config.compile,
-    )
+    settings = {**feature_set, "precision": config.precision or feature_set["precision"],
+                "channels_last": config.channels_last, "compile": config.compile}
+    encoder = create_encoder(settings, device, weights=checkpoint_weights(checkpoint, config.weights),
+                             seed=config.seed)
     # The head's LSTM runs in the precision its training validated in, as evaluate runs it, so the timeline's
     # scores equal evaluate's (and a bf16 run's head is cheaper per prediction too).
     head = checkpoint.create_model(device)
-    head.compute_dtype = COMPUTE_DTYPES[recorded_precision(checkpoint)]
-    return encoder, head
+    head.compute_dtype = PRECISION_DTYPES[recorded_precision(checkpoint)]
+    return Models(checkpoint, encoder, head, Preprocess.from_identity(feature_set), device, pad_to)
 
 
-def _sampled_fps(config: PredictConfig, feature_set: dict, notes: list[str]) -> float | None:
+def checkpoint_weights(checkpoint: Checkpoint, weights: str | None) -> str | None:
+    """``weights`` as given; else a finetune checkpoint's own file (it carries the fine-tuned backbone its feature
+    set names by hash); else None: ``create_encoder`` derives them from the feature set's weights name."""
+    if weights is None and "backbone" in checkpoint.extra:
+        return str(checkpoint.path)
+    return weights
+
+
+def _sampled_fps(config: PredictConfig, feature_set: dict) -> float | None:
     """Frames per second the head sees: the feature set's rate, lowered by --skip-frames (None: every frame)."""
-    fps = feature_set.get("fps")
+    fps = feature_set["fps"]
     fps = None if fps is None else float(fps) / (config.skip_frames + 1)
-    if config.skip_frames and fps is None:
-        notes.append("--skip-frames ignored: the feature set keeps every frame (fps: null), so no rate to lower")
     if fps is not None and config.window_seconds * fps < 1 - PTS_TOLERANCE:
         raise PredictError(f"--window-seconds {config.window_seconds} holds no frame at {fps:g} sampled frames/s: "
                            f"give at least {1 / fps:g} s")
     return fps
 
 
-def _stopped_message(result: PredictResult, window: "SegmentWindow", err: Exception) -> str:
+def _batch_size(config: PredictConfig, feature_set: dict, *, live: bool) -> int:
+    """--batch-size, else 1 for a camera and the feature set's extract batch size (up to 64) for a file."""
+    if config.batch_size is not None:
+        return config.batch_size
+    if live:
+        return 1
+    return feature_set["batch_size"] if 1 <= feature_set["batch_size"] <= 64 else 32
+
+
+def _departures(config: PredictConfig, feature_set: dict, pad_to: int | None) -> list[str]:
+    """Notes on where this run computes differently from the feature set, for the summary."""
+    notes = []
+    if config.precision not in (None, feature_set["precision"]):
+        notes.append(f"backbone precision {config.precision} differs from the feature set's "
+                     f"{feature_set['precision']}: features differ slightly from the training features")
+    if config.skip_frames and feature_set["fps"] is None:
+        notes.append("--skip-frames ignored: the feature set keeps every frame (fps: null), so no rate to lower")
+    if pad_to is not None and pad_to != feature_set["batch_size"]:
+        notes.append(f"batch size {pad_to} differs from the feature set's {feature_set['batch_size']}: features may "
+                     f"differ from the stored ones by a float16 step (--batch-size {feature_set['batch_size']} gives "
+                     "them bit for bit)")
+    return notes
+
+
+def _stopped_message(result: PredictResult, window: SegmentWindow, err: Exception) -> str:
     """Why and where a stream stopped after its first frame (the outputs keep everything before)."""
     where = f"t={window.rows[-1].pts:.2f} s" if window.rows else "the start"
     reason = str(err) if isinstance(err, EpicfeatError) else f"{type(err).__name__}: {err}"
@@ -704,9 +717,8 @@ def _stopped_message(result: PredictResult, window: "SegmentWindow", err: Except
             f"{len(result.predictions)} predictions: {reason}")
 
 
-def _stream(config: PredictConfig, batches: Iterator[SourceBatch], encoder: FrameEncoder, head: torch.nn.Module,
-            checkpoint: Checkpoint, window: SegmentWindow, outputs: _Outputs, result: PredictResult,
-            device: torch.device, started: float, pad_to: int | None) -> None:
+def _stream(config: PredictConfig, batches: Iterator[SourceBatch], models: Models, window: SegmentWindow,
+            outputs: _Outputs, result: PredictResult, started: float) -> None:
     """The loop: backbone per batch, then per frame the window, a prediction every ``stride`` ready frames."""
     ready_frames = 0  # frames since the window first covered window_seconds of stream
     for batch in batches:
@@ -716,9 +728,7 @@ def _stream(config: PredictConfig, batches: Iterator[SourceBatch], encoder: Fram
         if config.max_seconds is not None and rows.pts[0] >= config.max_seconds:
             return
         backbone_start = time.perf_counter()
-        features = encoder(rows.images, pad_to=pad_to)  # (n, 2048), stored dtype
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        features = models.features(rows.images)  # (n, D), stored dtype
         result.backbone_seconds += time.perf_counter() - backbone_start
         for row in range(len(rows)):
             if config.max_seconds is not None and rows.pts[row] >= config.max_seconds:
@@ -729,7 +739,7 @@ def _stream(config: PredictConfig, batches: Iterator[SourceBatch], encoder: Fram
             if window.ready:
                 if ready_frames % config.stride == 0:
                     head_start = time.perf_counter()
-                    prediction = _predict_window(head, window, checkpoint, config.top_k)
+                    prediction = models.predict(window, config.top_k)
                     now = time.perf_counter()
                     result.head_seconds += now - head_start
                     result.latencies.append(now - window.rows[-1].arrival)
@@ -743,40 +753,13 @@ def _stream(config: PredictConfig, batches: Iterator[SourceBatch], encoder: Fram
                   f"{result.frames / (time.perf_counter() - started):.1f} frames/s", end="", file=sys.stderr)
 
 
-def _batch_size(config: PredictConfig, feature_set: dict, *, live: bool, notes: list[str]) -> int:
-    """--batch-size, else 1 for a camera and the feature set's extract batch size (up to 64) for a file."""
-    extracted = feature_set.get("batch_size")
-    if config.batch_size is not None:
-        size = config.batch_size
-    elif live:
-        return 1
-    else:
-        size = extracted if isinstance(extracted, int) and 1 <= extracted <= 64 else 32
-    if not live and isinstance(extracted, int) and size != extracted:
-        notes.append(f"batch size {size} differs from the feature set's {extracted}: features may differ from the "
-                     f"stored ones by a float16 step (--batch-size {extracted} gives them bit for bit)")
-    return size
-
-
 @torch.inference_mode()
-def _warm_up(encoder: FrameEncoder, head: torch.nn.Module, batch_size: int, window: int) -> None:
+def _warm_up(models: Models, batch_size: int) -> None:
     """One untimed pass of each model: the first call pays one-off costs (oneDNN kernel selection, cuDNN autotune,
     torch.compile), which would otherwise show up as a multi-second first latency and a lower sustained FPS."""
-    crop = encoder.preprocess.crop
-    features = encoder(np.zeros((batch_size, crop, crop, 3), np.uint8))  # (B, 2048)
-    head(features[:1].expand(window, -1)[None])  # (1, T, 2048)
-
-
-@torch.inference_mode()
-def _predict_window(head: torch.nn.Module, window: SegmentWindow, checkpoint: Checkpoint, top_k: int) -> Prediction:
-    verb_logits, noun_logits = head(window.sample())  # (1, T, 2048) -> (1, Cv), (1, Cn)
-    (verbs, nouns, actions), = top_predictions(
-        verb_logits.float().cpu().numpy(), noun_logits.float().cpu().numpy(),
-        checkpoint.verb_classes, checkpoint.noun_classes, top_k,
-    )
-    newest = window.rows[-1]
-    return Prediction(time=newest.pts, window_start=window.start, window_end=window.end, rows=len(window.rows),
-                      frame_index=newest.frame_index, verbs=verbs, nouns=nouns, actions=actions)
+    crop = models.preprocess.crop
+    features = models.features(np.zeros((batch_size, crop, crop, 3), np.uint8))  # (B, D)
+    models.head(features[:1].expand(models.checkpoint.window, -1)[None])  # (1, T, D)
 
 
 def print_summary(result: PredictResult) -> None:

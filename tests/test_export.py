@@ -11,7 +11,7 @@ from epicfeat.backbone import WeightsError, create_backbone
 from epicfeat.recipes import resolve_config
 from epicfeat.export import TOLERANCE, ExportConfig, ExportError, export
 from epicfeat.store import FeatureSetIdentity
-from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint
+from epicfeat.temporal.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 T, CROP = 4, 56
@@ -32,10 +32,9 @@ def _checkpoint(path, precision, fold_bn=False):
     torch.manual_seed(0)
     # Random-weight features at this crop sit around 0..3 with spread ~0.5: standardise them like training would.
     model = create_temporal_model(args, torch.rand(2048) * 3, torch.rand(2048) * 0.5 + 0.2)
-    return save_checkpoint(
-        path, model=model, model_args=args, config={"frames": T}, verb_classes=VERBS, noun_classes=NOUNS,
-        feature_set=identity.to_dict(), feature_set_key=identity.key(), epoch=1, metrics={}, history=[],
-    )
+    card = ModelCard(config={"frames": T}, verb_classes=VERBS, noun_classes=NOUNS, feature_set=identity.to_dict(),
+                     feature_set_key=identity.key())
+    return save_checkpoint(path, model=model, card=card, epoch=1, metrics={}, history=[])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     assert [(c.model, c.tolerance) for c in result.checks] == [("temporal_head", TOLERANCE["temporal_head"]),
                                                              ("full_model", TOLERANCE["full_model"])]
     assert all(0 <= c.max_abs_diff <= c.tolerance for c in result.checks)
-    # Checked against predict's own path (FrameEncoder + head) too; an fp32 feature set: the same precision.
+    # Checked against predict's own path (FrameEncoder.encode + head) too; an fp32 feature set: the same precision.
     assert all(c.matches_predict and 0 <= c.max_abs_diff_vs_predict <= c.tolerance for c in result.checks)
     meta = json.loads((tmp_path / "classes.json").read_text())
     assert meta["verb_classes"] == list(VERBS) and meta["noun_classes"] == list(NOUNS)
@@ -128,12 +127,12 @@ def test_a_bf16_feature_set_exports_a_bf16_full_model_that_equals_predict(bf16_c
 
 def test_the_exported_backbone_folds_its_batch_norms_when_the_feature_set_was_extracted_so(checkpoint, tmp_path):
     """extract folds batch norms by default (fold_bn in the identity): export's backbone is then folded too, so its
-    features are the cached ones; a set extracted with --no-fold-bn (or before fold_bn existed) keeps them."""
+    features are the cached ones; a set extracted with --no-fold-bn keeps them."""
     from epicfeat.export import build_models
 
     def norms(path) -> int:
-        backbone = build_models(ExportConfig(checkpoint=path, out=tmp_path)).backbone
-        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+        encoder = build_models(ExportConfig(checkpoint=path, out=tmp_path)).encoder
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
 
     folded = _checkpoint(tmp_path / "folded.pt", "fp32", fold_bn=True)
     assert (norms(folded), norms(_checkpoint(tmp_path / "unfolded.pt", "fp32", fold_bn=False)), norms(checkpoint)) \

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from epicfeat.backbone import WeightsError, create_backbone
+from epicfeat.backbone import WeightsError, create_backbone, weights_name_of_sha
+from epicfeat.encoder import FrameEncoder
 from epicfeat.recipes import resolve_config
 from epicfeat.frames import Preprocess, VideoError, iter_frames
 from epicfeat.predict import (
-    FrameEncoder,
     JsonlTimeline,
     LiveCapture,
     PredictConfig,
@@ -21,7 +21,7 @@ from epicfeat.predict import (
     read_timeline,
 )
 from epicfeat.store import FeatureSetIdentity
-from epicfeat.temporal.checkpoint import load_checkpoint, save_checkpoint
+from epicfeat.temporal.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 
 T, STRIDE, FPS = 8, 3, 10.0
@@ -58,11 +58,10 @@ def setup(synthetic_dataset, tmp_path_factory):
     torch.manual_seed(0)
     # Standardise with the video's own statistics so that the random head gives spread-out, distinct scores.
     model = create_temporal_model(args, features.float().mean(0), features.float().std(0)).eval()
-    path = save_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "best.pt", model=model, model_args=args, config={"frames": T},
-        verb_classes=VERBS, noun_classes=NOUNS, feature_set=identity.to_dict(), feature_set_key=identity.key(),
-        epoch=1, metrics={}, history=[],
-    )
+    card = ModelCard(config={"frames": T}, verb_classes=VERBS, noun_classes=NOUNS, feature_set=identity.to_dict(),
+                     feature_set_key=identity.key())
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", model=model, card=card, epoch=1, metrics={},
+                           history=[])
     return video, path, features, pts
 
 
@@ -183,11 +182,12 @@ def test_cli_prints_the_summary_and_documents_the_window(setup, tmp_path):
 
 
 def test_finetune_checkpoint_uses_its_own_backbone(setup, tmp_path):
-    """A finetune checkpoint = a temporal checkpoint + 'backbone' state dict, feature set weights 'file:<name>'."""
+    """A finetune checkpoint = a temporal checkpoint + 'backbone' state dict, feature set weights 'sha-<hash>'."""
     video, checkpoint, _, _ = setup
     tuned = create_backbone("random", seed=1)  # stands in for fine-tuned weights
     payload = torch.load(checkpoint, weights_only=True)
-    payload["feature_set"] = {**payload["feature_set"], "weights": "file:ft.pt", "weights_sha": tuned.weights_sha}
+    payload["feature_set"] = {**payload["feature_set"], "weights": weights_name_of_sha(tuned.weights_sha),
+                              "weights_sha": tuned.weights_sha}
     payload["backbone"] = tuned.state_dict()
     torch.save(payload, tmp_path / "ft.pt")
     result = predict(PredictConfig(source=str(video), checkpoint=tmp_path / "ft.pt", max_seconds=1.5,
@@ -232,12 +232,9 @@ def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluat
     args = TemporalModelArgs(hidden=16, layers=1, n_verbs=len(verbs), n_nouns=len(nouns))
     torch.manual_seed(1)
     model = create_temporal_model(args, stored.mean(0), stored.std(0)).eval()
-    checkpoint = save_checkpoint(
-        tmp_path / "best.pt", model=model, model_args=args, config={"frames": T, "precision": precision},
-        verb_classes=verbs,
-        noun_classes=nouns, feature_set=store.identity.to_dict(), feature_set_key=store.identity.key(), epoch=1,
-        metrics={}, history=[],
-    )
+    card = ModelCard(config={"frames": T, "precision": precision}, verb_classes=verbs, noun_classes=nouns,
+                     feature_set=store.identity.to_dict(), feature_set_key=store.identity.key())
+    checkpoint = save_checkpoint(tmp_path / "best.pt", model=model, card=card, epoch=1, metrics={}, history=[])
 
     video = Path(synthetic_dataset.videos) / "P01" / f"{video_id}.MP4"
     result = predict(PredictConfig(source=str(video), checkpoint=checkpoint, window_seconds=1.5, stride=3,
@@ -367,13 +364,13 @@ def test_a_live_source_builds_one_resizer_for_the_whole_stream(setup, monkeypatc
 
 def test_a_model_slower_than_the_camera_drops_frames_instead_of_falling_behind(setup, monkeypatch):
     _, checkpoint, _, _ = setup
-    original = FrameEncoder.__call__
+    original = FrameEncoder.encode
 
-    def slow(self, images, pad_to=None):  # 4 frames/s at batch 1: slower than the 10 frames/s sampled
+    def slow(self, images, **kwargs):  # 4 frames/s at batch 1: slower than the 10 frames/s sampled
         time.sleep(0.25)
-        return original(self, images, pad_to)
+        return original(self, images, **kwargs)
 
-    monkeypatch.setattr(FrameEncoder, "__call__", slow)
+    monkeypatch.setattr(FrameEncoder, "encode", slow)
     result = predict(PredictConfig(**CAMERA, checkpoint=checkpoint, window_seconds=T / FPS, stride=1,
                                    max_seconds=3.0, device="cpu", progress=False))
     # 30 rows were sampled; about 4 per second got through, the rest were dropped (at most one waits at the end).
