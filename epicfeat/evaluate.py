@@ -32,11 +32,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from rich.console import Console
+from rich.table import Table
 
-from epicfeat.recipes import save_config
 from epicfeat.configs import EvaluateConfig, ScoringConfig, SubmitConfig
+from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.devices import PRECISION_DTYPES, resolve_device
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
+from epicfeat.metrics import epic_metrics, most_confused, per_class_accuracy
+from epicfeat.recipes import save_config
+from epicfeat.store import open_feature_set
+from epicfeat.submission import build_submission, ensemble, log_softmax_rows, write_results_pickle, write_submission_zip
+from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
+from epicfeat.temporal.data import packed_split
+from epicfeat.temporal.precision import recorded_precision
+from epicfeat.temporal.train import score_split
 
 # The metrics the summary table shows (all are in metrics.json), in the leaderboard's order.
 TABLE_METRICS = (
@@ -102,8 +116,6 @@ class SubmitResult:
 # --------------------------------------------------------------------------------------------- entry points
 def evaluate(config: EvaluateConfig) -> EvaluateResult:
     """``epicfeat evaluate``: official EPIC-100 metrics of one checkpoint or an ensemble on a labelled split."""
-    from epicfeat.submission import write_results_pickle
-
     annotations = _annotations(config)
     members = _load_members(config, annotations)
     scores = _score(config, members, annotations, config.split)
@@ -149,9 +161,6 @@ def _unseen_mask(split: str, annotations, packed) -> np.ndarray | None:
 
 def _official_metrics(annotations, verb_labels: np.ndarray, noun_labels: np.ndarray, unseen: np.ndarray | None):
     """A function (verb, noun) -> the official metrics of those scores, with the split's tail and unseen subsets."""
-    from epicfeat.metrics import epic_metrics
-    from epicfeat.submission import log_softmax_rows
-
     def metrics_of(verb: np.ndarray, noun: np.ndarray) -> dict[str, float]:
         # Scored as written: the results pickle holds log_softmax_rows of the same arrays, bit for bit, so these
         # are the metrics the official scripts compute from it (epicfeat.submission explains why log-probabilities).
@@ -187,8 +196,6 @@ def _write_metric_files(config: EvaluateConfig, members, scores: Scores, member_
 
 def submit(config: SubmitConfig) -> SubmitResult:
     """``epicfeat submit``: score the test split and write the leaderboard's submission zip."""
-    from epicfeat.submission import build_submission, write_results_pickle, write_submission_zip
-
     annotations = _annotations(config)
     members = _load_members(config, annotations)
     sls, sources = _supervision_levels(config, [ckpt for _, ckpt in members])
@@ -203,7 +210,7 @@ def submit(config: SubmitConfig) -> SubmitResult:
     expected = annotations.segments("test")["narration_id"].astype(str).tolist()
     submission = build_submission(
         scores.verb, scores.noun, scores.narration_ids, expected_ids=expected,
-        n_verbs=len(annotations.verbs), n_nouns=len(annotations.nouns), **sls,
+        n_verbs=len(annotations.verbs), n_nouns=len(annotations.nouns), sls=sls,
     )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,8 +228,6 @@ def submit(config: SubmitConfig) -> SubmitResult:
 
 # ------------------------------------------------------------------------------------------------- scoring
 def _annotations(config: ScoringConfig):
-    from epicfeat.data.annotations import EpicAnnotations
-
     if config.annotations is None:
         raise ScoringError("no annotations given: pass --annotations DIR (the folder holding EPIC_100_*.csv)")
     return EpicAnnotations(config.annotations)
@@ -231,8 +236,6 @@ def _annotations(config: ScoringConfig):
 def _load_members(config: ScoringConfig, annotations) -> list[tuple[Path, Any]]:
     """The checkpoints, refused when their class tables differ from the annotations' (``_score`` checks that each
     one was trained on the feature set it reads)."""
-    from epicfeat.temporal.checkpoint import load_checkpoint
-
     if not config.checkpoints:
         raise ScoringError("no checkpoint given: pass --checkpoint runs/temporal_16f/best.pt (repeat the option "
                            "to ensemble several models)")
@@ -250,19 +253,12 @@ def _load_members(config: ScoringConfig, annotations) -> list[tuple[Path, Any]]:
 
 
 def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, split: str) -> Scores:
-    from epicfeat.devices import resolve_device
-    from epicfeat.submission import ensemble
-    from epicfeat.temporal.checkpoint import check_feature_set
-    from epicfeat.temporal.precision import COMPUTE_DTYPES
-    from epicfeat.store import open_feature_set
-    from epicfeat.temporal.train import score_split
-
     first = members[0][1]
     store = open_feature_set(Path(config.cache), config.feature_set or first.feature_set_key)
     for _, ckpt in members:
         check_feature_set(ckpt, store.identity)  # so an ensemble's members all read the same features
     segments = annotations.segments(split)
-    packed = _pack(config, store, segments, split)
+    packed = packed_split(store, segments, split, cache=config.pack_cache, progress=config.progress)
     if len(packed) == 0:
         raise ScoringError(
             f"none of the {len(segments)} {split} segments has features in feature set {store.path}: extract their "
@@ -272,7 +268,7 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
     scored = []
     for name, (_, ckpt) in zip(_member_names([path for path, _ in members]), members):
         model = ckpt.create_model(device)
-        model.compute_dtype = COMPUTE_DTYPES[_precision(config, ckpt)]
+        model.compute_dtype = PRECISION_DTYPES[_precision(config, ckpt)]
         verb, noun = score_split(model, packed, frames=_frames(ckpt), batch_size=config.batch_size, device=device)
         scored.append((name, verb.cpu().numpy(), noun.cpu().numpy()))  # (N, Cv), (N, Cn)
     weights = np.ones(len(members)) if config.ensemble_weights is None else np.asarray(config.ensemble_weights)
@@ -288,24 +284,12 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
     )
 
 
-def _pack(config: ScoringConfig, store, segments, split: str):
-    """The packed split; with ``pack_cache`` from the pack cache that train-temporal fills (the same name and
-    digest for the same split, feature set and segments), so evaluating does not re-read Zarr."""
-    from epicfeat.temporal.data import cached_pack_split, pack_split
-
-    if config.pack_cache:
-        return cached_pack_split(store, segments, split, progress=config.progress)
-    return pack_split(store, segments, progress=config.progress)
-
-
 def _frames(checkpoint) -> int:
     return int(checkpoint.config["frames"])
 
 
 def _precision(config: ScoringConfig, checkpoint) -> str:
     """The precision a member is scored in: given, or the one its training validated in (its recorded config)."""
-    from epicfeat.temporal.precision import recorded_precision
-
     return recorded_precision(checkpoint) if config.precision == "checkpoint" else config.precision
 
 
@@ -322,7 +306,7 @@ def _supervision_levels(config: SubmitConfig, checkpoints: list) -> tuple[dict[s
     if config.sls_pt is not None:
         sls["sls_pt"], sources["sls_pt"] = config.sls_pt, "given"
     else:
-        weights = {str(ckpt.feature_set.get("weights", "")) for ckpt in checkpoints}
+        weights = {ckpt.feature_set["weights"] for ckpt in checkpoints}
         levels = {SLS_PT_OF_WEIGHTS.get("random" if w.startswith("random") else w) for w in weights}
         if None in levels or len(levels) != 1:
             raise ScoringError(
@@ -373,9 +357,6 @@ def _markdown_table(rows: dict[str, dict[str, float]], *, title: str) -> str:
 
 
 def _print_table(rows: dict[str, dict[str, float]], *, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("model")
     for label, _ in TABLE_METRICS:
@@ -390,8 +371,6 @@ def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, nou
                        out: Path, top: int) -> tuple[Path, Path]:
     """per_class.csv (top-1 accuracy of every class) and per_class.png (accuracy of the most frequent classes
     and the most confused pairs, for verbs and nouns)."""
-    from epicfeat.metrics import most_confused, per_class_accuracy
-
     tasks = []
     for task, logits, labels, table in (("verb", scores.verb, verb_labels, annotations.verbs),
                                         ("noun", scores.noun, noun_labels, annotations.nouns)):
@@ -410,13 +389,9 @@ def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, nou
     per_class_csv = out / "per_class.csv"
     atomic_write_text(per_class_csv, buffer.getvalue())
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    fig = Figure(figsize=(14, 9))
+    FigureCanvasAgg(fig)  # its own Agg canvas: no pyplot state, nothing to close
+    axes = fig.subplots(2, 2)
     for row, (task, keys, accuracy, counts, confused) in enumerate(tasks):
         frequent = [c for c in np.argsort(-counts, kind="stable")[:20] if counts[c] > 0]
         ax = axes[row, 0]
@@ -437,6 +412,5 @@ def _class_diagnostics(scores: Scores, annotations, verb_labels: np.ndarray, nou
     plot = out / "per_class.png"
     tmp = out / ".per_class.png.tmp"
     fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     tmp.replace(plot)
     return per_class_csv, plot

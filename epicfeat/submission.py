@@ -27,7 +27,7 @@ import math
 import pickle
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -176,7 +176,7 @@ def _check_sls(name: str, value: Any) -> int:
 
 
 def build_submission(verb_scores, noun_scores, narration_ids: Sequence[str], *, expected_ids: Iterable[str],
-                     n_verbs: int, n_nouns: int, sls_pt: int, sls_tl: int, sls_td: int) -> dict:
+                     n_verbs: int, n_nouns: int, sls: Mapping[str, int]) -> dict:
     """The leaderboard's ``test.json`` content, after checking every row is present exactly once and finite.
 
     verb_scores (N, n_verbs) and noun_scores (N, n_nouns) are logits or log-probabilities, rows aligned with
@@ -185,8 +185,9 @@ def build_submission(verb_scores, noun_scores, narration_ids: Sequence[str], *, 
     results follow their order. Scores are written as the shortest decimals that read back as the same float32
     (see ``_shortest_float32``). Refuses with one SubmissionError listing every problem: missing, repeated or
     unknown narration_ids, class counts other than n_verbs/n_nouns, NaN/inf scores, sls values outside 0..5.
+    ``sls`` holds the three supervision levels (``SLS_KEYS``: sls_pt, sls_tl, sls_td).
     """
-    sls = {name: _check_sls(name, value) for name, value in zip(SLS_KEYS, (sls_pt, sls_tl, sls_td))}
+    sls = {name: _check_sls(name, sls.get(name)) for name in SLS_KEYS}
     verbs = _score_matrix(verb_scores, "verb_scores")
     nouns = _score_matrix(noun_scores, "noun_scores")
     ids = [str(i) for i in narration_ids]

@@ -163,12 +163,11 @@ def test_submit_reads_train_plus_validation_from_the_checkpoint_and_takes_given_
     assert result.sls == {"sls_pt": 1, "sls_tl": 3, "sls_td": 3} and result.sls_sources["sls_pt"] == "given"
 
 
-def _resave(ckpt, path, **changes):
-    fields = dict(model=ckpt.create_model(), model_args=ckpt.model_args, config=ckpt.config,
-                  verb_classes=ckpt.verb_classes, noun_classes=ckpt.noun_classes, feature_set=ckpt.feature_set,
-                  feature_set_key=ckpt.feature_set_key, epoch=ckpt.epoch, metrics=ckpt.metrics, history=ckpt.history)
-    fields.update(changes)
-    return save_checkpoint(path, **fields)
+def _resave(ckpt, path, model=None, **changes):
+    """``ckpt`` saved again at ``path``, with another model or other card fields."""
+    card = dataclasses.replace(ckpt.card, **changes)
+    return save_checkpoint(path, model=model or ckpt.create_model(), card=card, epoch=ckpt.epoch,
+                           metrics=ckpt.metrics, history=ckpt.history)
 
 
 def test_a_checkpoint_from_another_feature_set_is_refused(trained, tmp_path):

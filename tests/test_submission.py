@@ -27,7 +27,7 @@ SLS = {"sls_pt": 1, "sls_tl": 3, "sls_td": 3}
 
 def _build(verbs=VERBS, nouns=NOUNS, ids=IDS, expected=IDS, n_verbs=3, n_nouns=2, **sls):
     return build_submission(verbs, nouns, ids, expected_ids=expected, n_verbs=n_verbs, n_nouns=n_nouns,
-                            **{**SLS, **sls})
+                            sls={**SLS, **sls})
 
 
 # ----------------------------------------------------------------------------------------------- results pickle
@@ -268,7 +268,7 @@ def test_the_official_whole_batch_softmax_reads_our_pickle_and_json_as_our_metri
     np.testing.assert_allclose(np.exp(results["verb_output"].astype(np.float64)).sum(axis=1), 1.0, rtol=1e-5)
 
     submission = json.loads(json.dumps(build_submission(verbs, nouns, ids, expected_ids=ids, n_verbs=97,
-                                                        n_nouns=300, **SLS)))
+                                                        n_nouns=300, sls=SLS)))
     rows = [submission["results"][i] for i in ids]
     json_verbs = np.array([[row["verb"][str(c)] for c in range(97)] for row in rows], dtype=np.float32)
     json_nouns = np.array([[row["noun"][str(c)] for c in range(300)] for row in rows], dtype=np.float32)
