@@ -24,9 +24,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from epicfeat.recipes import save_config
-from epicfeat.configs import DemoConfig
+from rich.console import Console
+from rich.table import Table
+
+from epicfeat.configs import (DemoConfig, EvaluateConfig, ExportConfig, ExtractConfig, PredictConfig, SubmitConfig,
+                              TrainTemporalConfig)
+from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+from epicfeat.data.videos import find_videos
+from epicfeat.errors import EpicfeatError
+from epicfeat.evaluate import TABLE_METRICS, evaluate, submit
+from epicfeat.export import export
+from epicfeat.extract import extract_features, print_summary
 from epicfeat.files import atomic_write_text
+from epicfeat.predict import predict
+from epicfeat.recipes import save_config
+from epicfeat.temporal.train import train_temporal
 
 
 @dataclass(frozen=True)
@@ -46,8 +59,6 @@ class DemoResult:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run every stage of the pipeline on synthetic data (see the module docstring); returns where everything is."""
-    from epicfeat.data.synthetic import SyntheticSpec, generate_synthetic_dataset
-
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
@@ -74,8 +85,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
     with say("evaluate", "4/6 evaluate every model and the ensemble on validation"):
         metrics, evaluation = _evaluate_all(evaluations, out / "runs" / "evaluate", common)
     with say("submit", "5/6 write the test-split submission of the ensemble"):
-        from epicfeat.evaluate import SubmitConfig, submit
-
         submission = submit(SubmitConfig(checkpoints=tuple(ensemble or checkpoints.values()),
                                           out=out / "runs" / "submit", progress=config.progress, **common))
     deploy = out / "runs" / "deploy"
@@ -94,9 +103,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
 
 def _extract(config: DemoConfig, dataset, cache: Path) -> Path:
     """Stage one on every synthetic video; the feature set's folder. Stops the demo if any video failed."""
-    from epicfeat.errors import EpicfeatError
-    from epicfeat.extract import ExtractConfig, extract_features, print_summary
-
     summary = extract_features(ExtractConfig(
         split="all", videos=dataset.videos, annotations=dataset.annotations, cache=cache,
         weights="random", seed=config.seed, fps=config.fps, resize=config.resize, crop=config.crop,
@@ -112,8 +118,6 @@ def _extract(config: DemoConfig, dataset, cache: Path) -> Path:
 
 def _train(config: DemoConfig, dataset, feature_set: Path, frames: int, run: Path) -> Path:
     """One temporal model on ``frames`` rows per segment (resumed when a killed demo left its run); best.pt."""
-    from epicfeat.temporal.train import TrainTemporalConfig, train_temporal
-
     result = train_temporal(TrainTemporalConfig(
         annotations=dataset.annotations, cache=feature_set.parent, feature_set=feature_set.name, out=run,
         resume=(run / "last.pt").is_file(), frames=frames, hidden=config.hidden, epochs=config.epochs,
@@ -126,8 +130,6 @@ def _train(config: DemoConfig, dataset, feature_set: Path, frames: int, run: Pat
 
 def _evaluate_all(evaluations: dict[str, list[Path]], out: Path, common: dict) -> tuple[dict, Path]:
     """Validation metrics of every model (name -> checkpoints) and the folder of the last evaluation."""
-    from epicfeat.evaluate import EvaluateConfig, evaluate
-
     metrics: dict[str, dict[str, float]] = {}
     for name, paths in evaluations.items():
         folder = out / name.replace(" ", "_").replace("+", "_")
@@ -138,11 +140,6 @@ def _evaluate_all(evaluations: dict[str, list[Path]], out: Path, common: dict) -
 
 def _deploy(config: DemoConfig, dataset, checkpoint: Path, deploy: Path):
     """predict over the first validation video (timeline + annotated MP4) and the ONNX export of ``checkpoint``."""
-    from epicfeat.data.annotations import EpicAnnotations
-    from epicfeat.data.videos import find_videos
-    from epicfeat.export import ExportConfig, export
-    from epicfeat.predict import PredictConfig, predict
-
     video_id = EpicAnnotations(dataset.annotations).segments("validation")["video_id"].iloc[0]
     predicted = predict(PredictConfig(
         source=str(find_videos(dataset.videos, [video_id]).found[video_id]), checkpoint=checkpoint, seed=config.seed,
@@ -168,11 +165,6 @@ def write_results(result: DemoResult, path: Path) -> Path:
 
 def print_demo_summary(result: DemoResult) -> None:
     """The final table: validation metrics of every model, then where every artefact is."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from epicfeat.evaluate import TABLE_METRICS
-
     console = Console()
     table = Table(title="validation, official EPIC-100 metrics (%), synthetic data")
     table.add_column("model")
@@ -212,8 +204,6 @@ class _Stages:
 
     def __enter__(self):
         if self.enabled:
-            from rich.console import Console
-
             Console(stderr=True).rule(f"[bold]{self.title}")  # progress to stderr, results to stdout
         self.started = time.perf_counter()
         return self
