@@ -58,15 +58,23 @@ class ExtractConfig:
     )
     # how to run it (batch size, channels_last, compile and fold_bn can move a float16 by one step: all four are keyed)
     batch_size: int = option(64, "Frames per model batch.")
-    decode_workers: int = option(-1, "DataLoader decode processes; -1: one per spare core (0: decode in this process).")
-    decode_threads: int = option(0, "Codec threads per decoder (0: let FFmpeg choose).")
+    decode_workers: int = option(
+        -1,
+        "Decode processes; -1: one per spare core, at most 8 (0: decode in this process)."
+    )
+    decode_threads: int = option(
+        0,
+        "Codec threads per decode process; 0: the cores shared out among the decode processes (FFmpeg's choice when "
+        "decoding in this process)."
+    )
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     channels_last: bool = option(True, "Channels-last memory layout for the backbone (faster convolutions).")
     compile: bool = option(False, "torch.compile the backbone (GPU; pays off on long runs).")
-    fold_bn: bool = option(
-        True,
-        "Fold each batch norm into the convolution before it (ResNet50 1.3x faster; the features equal torchvision's "
-        "unfolded modules up to rounding). Part of the feature set; predict and export follow the set's choice."
+    fold_bn: bool | None = option(
+        None,
+        "Fold each batch norm into the convolution before it; default auto: on a CPU (ResNet50 1.3x faster there), "
+        "off on a GPU (0.86x there). The features equal torchvision's unfolded modules up to rounding; the resolved "
+        "choice is part of the feature set, and predict and export follow it."
     )
     scheduler: str | None = option(
         None,
@@ -79,7 +87,7 @@ class ExtractConfig:
         "Seconds after which the claim of a writer that stopped renewing it (killed) is stale and its video is "
         "taken over by another extract sharing the cache."
     )
-    progress: bool = option(True, "Progress bars, per-stage lines and the summary table.")
+    progress: bool = option(True, "A progress bar with the rate and ETA (the summary table is printed either way).")
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
-"""Video frames: streaming decode with exact timestamps, frame sampling, and the one preprocessing definition.
+"""The decode room: video files to frames with exact timestamps, and the decode processes of ``extract``.
 
 Everything that turns a video file into model input lives here, so that ``extract``, ``finetune`` and ``predict``
-cannot drift apart:
+cannot drift apart. It imports no torch, so the decode processes stay light (no 2 s and 200 MB of torch each):
 
 * ``iter_frames`` streams a video once, front to back, in constant memory, and yields ``FrameBatch`` es of sampled
   frames, each with its 0-based frame index and its presentation timestamp in seconds (read from the stream's pts,
   never inferred by counting frames).
 * ``decode_frames_at`` fetches the frames shown at a few given times (one seek, then forward decoding).
 * ``Preprocess`` is the one preprocessing definition: shorter side to ``resize``, centre ``crop`` (uint8, done
-  here with swscale while decoding), then ImageNet normalisation (``Preprocess.normalize``, on the model's device).
+  here with swscale while decoding); the encoder normalises with the feature set's mean and std.
+* ``decode_video`` turns one ``VideoJob`` into events (``VideoStarted``, ``FramesDecoded``..., ``VideoEnded``), and
+  ``DecodePool`` runs it in spawned processes that hand their images over through shared memory.
 
 Time origin: every time in seconds is measured from the start of the video stream (its first pts, FFmpeg's
 ``start_time``, computed exactly instead of rounded to microseconds), so the first frame is at exactly 0.0 s. The
@@ -19,10 +21,19 @@ pts 0 and nothing changes; for files whose first pts is not 0 (MPEG-TS, edited M
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import math
+import multiprocessing
+import os
+import queue
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fractions import Fraction
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_ready
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -33,7 +44,7 @@ from av.video.stream import VideoStream
 
 from epicfeat.errors import EpicfeatError
 
-if TYPE_CHECKING:  # torch loads lazily: a decode process starts decoding before (without) importing it
+if TYPE_CHECKING:  # torch is never imported here: decode processes run without it
     import torch
 
 # swscale's bilinear filter; on downscaling it widens to cover every source pixel (no aliasing like nearest).
@@ -41,6 +52,13 @@ _INTERPOLATION = "BILINEAR"
 # First bytes of the ISO media boxes an MP4/MOV file starts with: a file that starts like this but cannot be
 # opened is a damaged or incomplete MP4, not some other kind of file.
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
+# A video whose last row falls this far (s) short of where the container or the annotations say it ends is
+# reported as truncated / too short instead of being cached as if complete.
+END_TOLERANCE_S = 1.0
+#: Batches each decode process may decode ahead of the parent (memory: 4 x batch x crop^2 x 3 bytes per process).
+PREFETCH_BATCHES = 4
+#: A video whose decode process dies this many times fails (the first death is retried on a fresh process).
+DECODE_ATTEMPTS = 2
 
 
 class VideoError(EpicfeatError):
@@ -136,13 +154,13 @@ class FrameBatch:
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
-class _Resizer:
+class Resizer:
     """Resize + centre crop with two cached swscale contexts.
 
     Scaling in the decoder's own pixel format and then converting the small frame to RGB runs about five times
     faster than one combined scale-and-convert call (measured 640x360 -> 455x256: ~5,300 vs ~900 frames/s on one
     core), with a mean difference of about one grey level. A reformatter is reused across frames because
-    ``VideoFrame.reformat`` builds a new swscale context on every call.
+    ``VideoFrame.reformat`` builds a new swscale context on every call (so keep one Resizer per stream).
     """
 
     def __init__(self, preprocess: Preprocess):
@@ -163,21 +181,6 @@ class _Resizer:
         crop = self.preprocess.crop
         return rgb[top : top + crop, left : left + crop]  # (crop, crop, 3) view into the frame
 
-
-# Public name for callers that convert many frames themselves (predict's live capture keeps one for the whole
-# stream instead of building two swscale contexts per frame through resize_and_crop).
-Resizer = _Resizer
-
-
-def resize_and_crop(frame: av.VideoFrame, preprocess: Preprocess | None) -> np.ndarray:
-    """One decoded frame -> uint8 RGB (crop, crop, 3): shorter side to ``preprocess.resize``, centre crop.
-
-    ``preprocess=None`` returns the full-resolution RGB frame (H, W, 3). ``iter_frames`` and ``decode_frames_at``
-    both go through the same code, so features and fine-tuning inputs see identical pixels.
-    """
-    if preprocess is None:
-        return frame.to_ndarray(format="rgb24")
-    return np.ascontiguousarray(_Resizer(preprocess)(frame))
 
 
 # ---------------------------------------------------------------------------------------------- opening files
@@ -371,7 +374,7 @@ def iter_frames(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path)
     rate = Fraction(fps) if fps is not None else None  # exact value of the float the caller gave
-    resizer = _Resizer(preprocess)
+    resizer = Resizer(preprocess)
     batcher = _Batcher(batch_size, (preprocess.crop, preprocess.crop, 3))
     # keep_source (predict's annotated video): each sampled frame also as full-size RGB, one reused context.
     source_rgb = VideoReformatter() if keep_source else None
@@ -419,7 +422,7 @@ def decode_frames_at(
         indices = np.full(len(wanted), -1, np.int64)
         if len(wanted) == 0:
             return FrameBatch(frame_indices=indices, pts=pts, images=images)
-        resizer = _Resizer(preprocess) if preprocess is not None else None
+        resizer = Resizer(preprocess) if preprocess is not None else None
         order = np.argsort(wanted, kind="stable")  # requested times, earliest first
         origin = _time_origin(container, stream)
         frames, index_known = _frames_from(path, container, stream, origin, float(wanted[order[0]]))
@@ -477,7 +480,7 @@ def _frames_from(
         frames = _decoded_frames(path, container, stream, from_start=False)
         first = next(frames, None)
         if first is not None and float(first[0] * stream.time_base - origin) <= earliest:
-            return _chain(first, frames), first[0] == first_pts
+            return itertools.chain([first], frames), first[0] == first_pts
         margin = max(1.0, 2 * margin)  # landed too late (or past the end): retry from further back
     raise AssertionError("unreachable: the margin doubles past any video length")
 
@@ -490,6 +493,297 @@ def _seek(path: Path, container: av.container.InputContainer, ticks: int, stream
         raise VideoError(f"{path}: cannot seek in this file ({err.strerror}); remux or re-copy it") from None
 
 
-def _chain(first, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
+
+# ------------------------------------------------------------------------------- whole videos for extract
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to decode, with what the annotations expect of it."""
+
+    video_id: str
+    path: Path
+    needed_until: float | None = None  # latest stop time (s) the annotations need from this video
+    duration: float | None = None  # expected duration (s), for the progress bar's ETA
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How every video of a run is decoded: rows per second, preprocessing, rows per batch, codec threads."""
+
+    fps: float | None
+    preprocess: Preprocess
+    batch_size: int
+    threads: int = 0  # codec threads per decoder (0: FFmpeg's choice)
+
+
+@dataclass(frozen=True)
+class VideoStarted:
+    """A video's first event: its header. It comes again when the video's decode process died and it starts over."""
+
+    video_id: str
+    meta: VideoMeta
+
+
+@dataclass
+class FramesDecoded:
+    video_id: str
+    batch: FrameBatch
+
+
+@dataclass(frozen=True)
+class VideoEnded:
+    """A video's last event: ``error`` is empty when every frame was decoded, else why the video failed."""
+
+    video_id: str
+    error: str = ""
+
+
+def decode_video(job: VideoJob, settings: DecodeSettings) -> Iterator[VideoStarted | FramesDecoded | VideoEnded]:
+    """One video front to back: VideoStarted, FramesDecoded..., VideoEnded (never raises: a failure is its end).
+
+    The one place that opens a job's source, so other kinds of sources (frame folders, tars) plug in here.
+    """
+    rows, last_pts = 0, -1.0
+    try:
+        meta = probe_video(job.path)
+        yield VideoStarted(job.video_id, meta)
+        for batch in iter_frames(job.path, fps=settings.fps, preprocess=settings.preprocess,
+                                 batch_size=settings.batch_size, threads=settings.threads):
+            rows, last_pts = rows + len(batch), float(batch.pts[-1])
+            yield FramesDecoded(job.video_id, batch)
+    except VideoError as err:
+        yield VideoEnded(job.video_id, str(err))
+        return
+    except OSError as err:  # PermissionError, a stale NFS handle, an I/O error of the disk
+        yield VideoEnded(job.video_id, f"{job.path}: cannot be read ({err.strerror or err}); check the file's "
+                                       "permissions and the mount")
+        return
+    except Exception as err:  # anything else is this video's problem, not the run's
+        yield VideoEnded(job.video_id, f"{job.path}: decoding failed ({type(err).__name__}: {err})")
+        return
+    yield VideoEnded(job.video_id, _incomplete(job, meta, rows, last_pts))
+
+
+def _incomplete(job: VideoJob, meta: VideoMeta, rows: int, last_pts: float) -> str:
+    """Why a video decoded to its end is not whole ("" when it is): short of the container's or the annotations' end."""
+    if rows == 0:
+        return f"{job.path}: no frames could be decoded"
+    if meta.duration and last_pts < meta.duration - END_TOLERANCE_S:
+        return (f"{job.path}: truncated: decoding stopped at {last_pts:.2f} s but the container says "
+                f"{meta.duration:.2f} s; re-download or re-copy the file")
+    if job.needed_until is not None and last_pts < job.needed_until - END_TOLERANCE_S:
+        return (f"{job.path}: video ends at {last_pts:.2f} s but its annotations run to {job.needed_until:.2f} s; "
+                "the file is probably a shortened or wrong copy")
+    return ""
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def codec_threads(decoders: int, requested: int = 0) -> int:
+    """Codec threads per decoder: ``requested`` when > 0, else the cores shared out among ``decoders`` processes
+    (at least one each), so decoders x threads ~ cores. FFmpeg's own choice (0, for one decoder: cores + 1 each)
+    would oversubscribe a host running many decoders."""
+    if requested > 0:
+        return requested
+    return max(1, available_cores() // max(1, decoders))
+
+
+class _SharedSlots:
+    """A decode process's ring of shared-memory buffers, each holding one batch of images for the parent, which
+    copies them out as the batch arrives (instead of unpickling them from the pipe). There are as many slots as
+    batches a worker may decode ahead (counted by its semaphore), taken in order: a slot is never written while
+    the parent reads it."""
+
+    def __init__(self, shape: tuple[int, ...], names: list[str] | None = None):
+        size = int(np.prod(shape))  # (batch_size, crop, crop, 3) bytes
+        if names is None:  # the parent makes the slots; the worker attaches to them by name
+            self._blocks = [shared_memory.SharedMemory(create=True, size=size) for _ in range(PREFETCH_BATCHES)]
+        else:
+            self._blocks = [shared_memory.SharedMemory(name=name) for name in names]
+        self.names = [block.name for block in self._blocks]
+        self._views = [np.ndarray(shape, np.uint8, buffer=block.buf) for block in self._blocks]
+        self._next = 0
+
+    def put(self, images: np.ndarray) -> int:
+        """Write a batch's images into the next slot; returns its number."""
+        slot, self._next = self._next, (self._next + 1) % len(self._views)
+        self._views[slot][: len(images)] = images
+        return slot
+
+    def take(self, slot: int, rows: int) -> np.ndarray:
+        """A copy of the first ``rows`` images of ``slot`` (the slot is free again afterwards)."""
+        return self._views[slot][:rows].copy()  # (rows, crop, crop, 3)
+
+    def close(self, *, unlink: bool) -> None:
+        self._views = []
+        for block in self._blocks:
+            block.close()
+            if unlink:
+                with contextlib.suppress(FileNotFoundError):
+                    block.unlink()
+
+
+def _decode_process(conn, credits, slot_names: list[str], settings: DecodeSettings) -> None:
+    """A decode process: decodes the videos its pipe brings until None, sending their events back (images through
+    its slots, at most PREFETCH_BATCHES batches ahead of the parent)."""
+    crop = settings.preprocess.crop
+    slots = _SharedSlots((settings.batch_size, crop, crop, 3), slot_names)
+    try:
+        while (job := conn.recv()) is not None:
+            for event in decode_video(job, settings):
+                if isinstance(event, FramesDecoded):
+                    credits.acquire()
+                    slot = slots.put(event.batch.images)
+                    event = (slot, event.video_id, event.batch.frame_indices, event.batch.pts)
+                conn.send(event)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the parent is gone or stopping us
+    finally:
+        slots.close(unlink=False)
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    credits: object  # a semaphore: batches the worker may still decode ahead
+    slots: _SharedSlots
+    assigned: collections.deque  # (job, attempt), the first being decoded, the second queued behind it
+
+
+class DecodePool:
+    """Decode processes fed from one queue of videos: whichever worker is free takes the next video.
+
+    Each worker holds at most two videos (the one it decodes and the next), so no worker sets the pace. Workers
+    are spawned (not forked: the parent runs zarr's event-loop thread and an OpenMP pool) when the pool is made,
+    so they import PyAV while the parent loads the model. A worker that dies (a decoder crash, the OOM killer)
+    costs its video one retry on a fresh worker (it starts over with a new VideoStarted); a second death fails that
+    video, never the run. ``workers=0`` decodes in this process instead.
+    """
+
+    def __init__(self, workers: int, settings: DecodeSettings):
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._workers = [self._spawn() for _ in range(workers)]
+        self._retry: collections.deque = collections.deque()  # (job, attempt) to hand out before new jobs
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def decode(self, jobs: queue.Queue) -> Iterator[VideoStarted | FramesDecoded | VideoEnded]:
+        """The events of every video that arrives on ``jobs`` (None ends them), each video's in order, those of
+        different videos interleaved as the workers produce them."""
+        if not self._workers:
+            while (job := jobs.get()) is not None:
+                yield from decode_video(job, self.settings)
+            return
+        exhausted = False
+        while True:
+            exhausted = self._hand_out(jobs, exhausted)
+            busy = [w for w in self._workers if w.assigned]
+            if exhausted and not busy:
+                return
+            hungry = not exhausted and len(busy) < len(self._workers)  # a worker waits for a job: look again soon
+            ready = wait_for_ready([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                                   timeout=0.05 if hungry else 1.0)
+            for worker in busy:
+                if worker.conn in ready:
+                    yield from self._receive(worker)
+                elif worker.process.sentinel in ready or not worker.process.is_alive():
+                    yield from self._replace_dead(worker)
+
+    def close(self) -> None:
+        """Stop every worker: idle ones are told to finish, those mid-video (abandoned work) are terminated."""
+        for worker in self._workers:
+            if worker.assigned:
+                worker.process.terminate()
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    worker.conn.send(None)
+        for worker in self._workers:
+            self._discard(worker)
+        self._workers = []
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._context.Pipe(duplex=True)
+        credits = self._context.Semaphore(PREFETCH_BATCHES)
+        crop = self.settings.preprocess.crop
+        slots = _SharedSlots((self.settings.batch_size, crop, crop, 3))
+        process = self._context.Process(target=_decode_process, args=(child, credits, slots.names, self.settings),
+                                        daemon=True, name="epicfeat-decode")
+        process.start()
+        child.close()
+        return _Worker(process, parent, credits, slots, collections.deque())
+
+    def _hand_out(self, jobs: queue.Queue, exhausted: bool) -> bool:
+        """Give every worker with room a video (retries first); True once ``jobs`` has ended."""
+        for worker in self._workers:
+            while len(worker.assigned) < 2:
+                if self._retry:
+                    task = self._retry.popleft()
+                elif exhausted:
+                    break
+                else:
+                    try:
+                        job = jobs.get_nowait()
+                    except queue.Empty:
+                        return False
+                    if job is None:
+                        exhausted = True
+                        break
+                    task = (job, 0)
+                worker.assigned.append(task)
+                try:
+                    worker.conn.send(task[0])
+                except OSError:  # the worker is dead: its sentinel fires and its videos are handed on
+                    break
+        return exhausted
+
+    def _receive(self, worker: _Worker) -> Iterator[VideoStarted | FramesDecoded | VideoEnded]:
+        try:
+            event = worker.conn.recv()
+        except Exception:  # the pipe broke, or a message torn by a process killed mid-send: it died
+            yield from self._replace_dead(worker)
+            return
+        if isinstance(event, tuple):  # a batch: its images are in a slot
+            slot, video_id, frame_indices, pts = event
+            images = worker.slots.take(slot, len(pts))
+            worker.credits.release()  # copied out: the worker may decode one more batch ahead
+            yield FramesDecoded(video_id, FrameBatch(frame_indices=frame_indices, pts=pts, images=images))
+            return
+        if isinstance(event, VideoEnded):
+            worker.assigned.popleft()
+        yield event
+
+    def _replace_dead(self, worker: _Worker) -> Iterator[VideoEnded]:
+        self._discard(worker)
+        self._workers[self._workers.index(worker)] = self._spawn()
+        if not worker.assigned:
+            return
+        (job, attempt), *waiting = worker.assigned
+        self._retry.extendleft(reversed(waiting))  # not started: no attempt used
+        if attempt + 1 < DECODE_ATTEMPTS:
+            self._retry.appendleft((job, attempt + 1))
+            return
+        code = worker.process.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        yield VideoEnded(job.video_id, f"{job.path}: the decode process died ({how}) on each of {DECODE_ATTEMPTS} "
+                                       "attempts; the file may crash FFmpeg: check it with `ffprobe` or re-encode it")
+
+    @staticmethod
+    def _discard(worker: _Worker) -> None:
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.terminate()
+            worker.process.join(timeout=5)
+        worker.conn.close()
+        worker.slots.close(unlink=True)

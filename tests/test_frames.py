@@ -1,8 +1,16 @@
-"""frames: exact pts and frame indices, sampling, batching, bad files, preprocessing geometry.
+"""The decode room: exact pts and frame indices, sampling, batching, bad files, preprocessing geometry, and the
+decode processes (frames through shared memory, without torch; a dead one costs one retry).
 
 Every video is generated here with PyAV. Each frame is painted with its own number (R and G encode the high and
 low 4 bits), so a test can check that a row really holds the frame its index claims.
 """
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,13 +20,21 @@ import pytest
 import torch
 
 from epicfeat.frames import (
+    DecodePool,
+    DecodeSettings,
     FrameBatch,
+    FramesDecoded,
     Preprocess,
+    Resizer,
+    VideoEnded,
     VideoError,
+    VideoJob,
+    VideoStarted,
+    codec_threads,
     decode_frames_at,
+    decode_video,
     iter_frames,
     probe_video,
-    resize_and_crop,
 )
 
 SMALL = Preprocess(resize=32, crop=32)  # 64x48 frames -> 42x32 -> centre 32x32
@@ -282,7 +298,7 @@ def test_resize_keeps_aspect_and_centre_crop_keeps_the_middle():
     # 192x64 frame in thirds: red | green | blue. Resized to 96x32, the centre 32x32 crop is columns 32..63: green.
     image = np.zeros((64, 192, 3), np.uint8)
     image[:, :64, 0] = image[:, 64:128, 1] = image[:, 128:, 2] = 255
-    crop = resize_and_crop(av.VideoFrame.from_ndarray(image, format="rgb24"), preprocess)
+    crop = Resizer(preprocess)(av.VideoFrame.from_ndarray(image, format="rgb24"))
 
     assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
     inner = crop[:, 2:-2].astype(int)  # the filter may blend one column at each colour edge
@@ -291,7 +307,7 @@ def test_resize_keeps_aspect_and_centre_crop_keeps_the_middle():
     # Portrait: the crop is taken from the vertical middle.
     tall = np.zeros((192, 64, 3), np.uint8)
     tall[:64, :, 0] = tall[64:128, :, 1] = tall[128:, :, 2] = 255
-    crop = resize_and_crop(av.VideoFrame.from_ndarray(tall, format="rgb24"), preprocess).astype(int)
+    crop = Resizer(preprocess)(av.VideoFrame.from_ndarray(tall, format="rgb24")).astype(int)
     assert (crop[2:-2, :, 1] == 255).all() and (crop[2:-2, :, [0, 2]] == 0).all()
 
 
@@ -359,3 +375,107 @@ def test_row_times_come_from_the_video_stream_with_or_without_audio(tmp_path):
     assert probe_video(with_audio).duration == pytest.approx(probe_video(silent).duration) == pytest.approx(1.0)
     at = decode_frames_at(with_audio, [0.0, 0.5], SMALL)
     assert at.pts.tolist() == [0.0, 0.5]
+
+
+# ------------------------------------------------------------------------------------------ whole videos
+SETTINGS = DecodeSettings(fps=10.0, preprocess=SMALL, batch_size=4)  # 3 s of 59.94 fps -> 30 rows: 8 batches
+
+
+def _jobs(*jobs: VideoJob) -> queue.Queue:
+    jobs_queue = queue.Queue()
+    for job in (*jobs, None):
+        jobs_queue.put(job)
+    return jobs_queue
+
+
+def test_a_video_decodes_to_its_start_its_batches_and_an_end_and_never_raises(videos, tmp_path):
+    events = list(decode_video(VideoJob("ntsc", videos["59.94"]), SETTINGS))
+    assert isinstance(events[0], VideoStarted) and events[0].meta.frames == 180
+    assert [len(e.batch) for e in events[1:-1]] == [4] * 7 + [2] and events[-1] == VideoEnded("ntsc")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert list(decode_video(VideoJob("empty", tmp_path / "empty.mp4"), SETTINGS)) == \
+        [VideoEnded("empty", f"{tmp_path / 'empty.mp4'}: file is empty (0 bytes): an interrupted copy or download; "
+                             "copy it again")]
+
+
+def test_a_video_shorter_than_its_annotations_ends_with_why(videos):
+    # The file lasts 2.99 s; the annotations ask for rows until 9.5 s: a shortened or wrong copy, not a complete one.
+    *_, end = decode_video(VideoJob("ntsc", videos["59.94"], needed_until=9.5), SETTINGS)
+    assert "video ends at 2.90 s but its annotations run to 9.50 s" in end.error
+
+
+def _mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps (Linux)")
+def test_decode_processes_hand_over_the_frames_of_iter_frames_without_torch(videos):
+    # The images travel through shared-memory slots, not pickled through the pipe, so a decode process never imports
+    # torch (2 s of a core and ~200 MB each); its slots are removed when the pool closes.
+    pool = DecodePool(1, SETTINGS)
+    slot_names = list(pool._workers[0].slots.names)
+    got, maps = [], ""
+    with pool:
+        for event in pool.decode(_jobs(VideoJob("ntsc", videos["59.94"]), VideoJob("pal", videos["50"]))):
+            if isinstance(event, FramesDecoded):
+                got.append(event)
+                maps = maps or _mapped_libraries(pool._workers[0].process.pid)
+    assert "libtorch" not in maps and "libav" in maps  # the worker decodes (FFmpeg loaded) without torch
+    for name, path in (("ntsc", videos["59.94"]), ("pal", videos["50"])):
+        batches = [e.batch for e in got if e.video_id == name]
+        expected = list(iter_frames(path, fps=10.0, preprocess=SMALL, batch_size=4))
+        assert [len(b) for b in batches] == [len(b) for b in expected]
+        for batch, reference in zip(batches, expected):  # the same pixels, pts and frame numbers as decoding here
+            np.testing.assert_array_equal(batch.images, reference.images)
+            np.testing.assert_array_equal(batch.pts, reference.pts)
+            np.testing.assert_array_equal(batch.frame_indices, reference.frame_indices)
+    assert not any(np.shares_memory(a.batch.images, b.batch.images) for a, b in zip(got, got[1:]))  # copies
+    assert not [name for name in slot_names if os.path.exists(f"/dev/shm/{name}")]
+
+
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_dead_decode_process_costs_its_video_one_retry(videos, kills):
+    """SIGKILL the decode process at the video's first batch: it starts over on a fresh process (a second
+    VideoStarted) and ends whole; killed on both attempts, it ends with why, and the next video is decoded."""
+    events, killed = [], []
+    with DecodePool(1, SETTINGS) as pool:
+        for event in pool.decode(_jobs(VideoJob("ntsc", videos["59.94"]), VideoJob("pal", videos["50"]))):
+            events.append(event)
+            if isinstance(event, FramesDecoded) and event.video_id == "ntsc" and len(killed) < kills:
+                (process,) = [p for p in multiprocessing.active_children() if p.name == "epicfeat-decode"]
+                if process.pid not in killed:
+                    killed.append(process.pid)
+                    os.kill(process.pid, signal.SIGKILL)
+    starts = [e.video_id for e in events if isinstance(e, VideoStarted)]
+    ends = [e for e in events if isinstance(e, VideoEnded)]
+    if kills == 1:
+        assert starts == ["ntsc", "ntsc", "pal"] and ends == [VideoEnded("ntsc"), VideoEnded("pal")]
+        restarted = [i for i, e in enumerate(events) if isinstance(e, VideoStarted)][1]
+        assert sum(len(e.batch) for e in events[restarted:]
+                   if isinstance(e, FramesDecoded) and e.video_id == "ntsc") == 30  # the whole video, from its start
+    else:
+        assert starts == ["ntsc", "ntsc", "pal"] and ends[-1] == VideoEnded("pal")
+        assert "the decode process died (signal 9) on each of 2 attempts" in ends[0].error
+
+
+def test_closing_a_pool_mid_video_is_quick(videos):
+    pool = DecodePool(1, SETTINGS)
+    events = pool.decode(_jobs(VideoJob("ntsc", videos["59.94"])))
+    next(events)  # the worker now waits, mid-video, for the parent to take its batches
+    time.sleep(0.5)
+    started = time.perf_counter()
+    pool.close()
+    assert time.perf_counter() - started < 2  # not the join timeout of a worker that never reads its pipe again
+
+
+def test_importing_the_decode_room_and_the_extract_command_loads_no_torch():
+    # Decode processes import the decode room; `epicfeat --help` imports the command. Neither pays for torch.
+    code = ("import sys, epicfeat.frames, epicfeat.cli.extract; "
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_codec_threads_share_the_cores_among_the_decoders(monkeypatch):
+    monkeypatch.setattr("epicfeat.frames.available_cores", lambda: 16)
+    assert [codec_threads(n) for n in (1, 2, 7, 15, 16, 40)] == [16, 8, 2, 1, 1, 1]
+    assert codec_threads(15, requested=3) == 3
