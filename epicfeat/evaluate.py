@@ -319,8 +319,7 @@ def _supervision_levels(config: SubmitConfig, checkpoints: list) -> tuple[dict[s
     if config.sls_td is not None:
         sls["sls_td"], sources["sls_td"] = config.sls_td, "given"
     else:
-        trained_on = {(ckpt.config.get("train_splits", "train"), ckpt.config.get("train_file", "EPIC_100_train.csv"))
-                      for ckpt in checkpoints}
+        trained_on = {(ckpt.config["train_splits"], ckpt.config["train_file"]) for ckpt in checkpoints}
         if any(train_file != "EPIC_100_train.csv" for _, train_file in trained_on):
             raise ScoringError(
                 "a checkpoint was trained on a train file other than EPIC_100_train.csv, so the training-data level "
