@@ -178,14 +178,6 @@ class TrainTemporalConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
-    def model_args(self, *, input_dim: int, n_verbs: int, n_nouns: int):
-        from epicfeat.temporal.model import TemporalModelArgs  # torch: imported only when a model is built
-
-        return TemporalModelArgs(
-            input_dim=input_dim, hidden=self.hidden, layers=self.layers, lstm_dropout=self.lstm_dropout,
-            dropout=self.dropout, pooling=self.pooling, n_verbs=n_verbs, n_nouns=n_nouns,
-        )
-
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -325,7 +317,11 @@ class FinetuneConfig:
     seed: int = option(0, "Seeds init, augmentation, shuffling and CutMix.")
     deterministic: bool = option(False, "Deterministic kernels for the run (bit-exact CPU resume).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK).")
-    precision: Literal["fp32", "bf16"] = option("bf16", "Autocast on a GPU (the CPU computes in fp32).")
+    precision: Literal["fp32", "bf16"] = option(
+        "bf16",
+        "What a GPU computes in: the encoder under autocast, the LSTM by explicit casts (a CPU computes in fp32); "
+        "the run's config records what it computed in."
+    )
     progress: bool = option(True, "Progress bars, per-stage lines and the summary table.")
 
     def __post_init__(self) -> None:

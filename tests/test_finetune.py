@@ -13,28 +13,35 @@ import yaml
 
 from pathlib import Path
 
-from epicfeat._clips import (
+from test_train_temporal import killed_after_epoch
+
+from epicfeat.backbone import WeightsError, create_backbone, weights_name_of_sha
+from epicfeat.clips import (
     ClipAugment,
     SegmentRows,
     apply_clip_cutmix,
     decode_clip,
-    normalize_clips,
+    decode_threads,
+    global_positions,
+    load_clip_data,
     sample_clip_cutmix,
     sample_row_offsets,
+    sample_step_cutmix,
+    segment_rows,
 )
-from epicfeat.backbone import WeightsError, create_backbone, weights_name_of_sha
+from epicfeat.configs import FinetuneConfig
 from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.devices import PRECISION_DTYPES
+from epicfeat.encoder import create_encoder
 from epicfeat.extract import ExtractConfig, extract_features
 from epicfeat.finetune import (
     DRIFT_MIN_STD,
     ClipModel,
-    FinetuneConfig,
     FinetuneError,
-    load_clip_data,
     finetune,
     follow_feature_drift,
+    judge,
     load_start,
-    segment_rows,
 )
 from epicfeat.frames import Preprocess
 from epicfeat.store import FeatureStore
@@ -88,6 +95,16 @@ def _backbone_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)["backbone"]
 
 
+def _encoder(checkpoint_path):
+    """The trainable frame encoder of the checkpoint's feature set (random-seed0, batch norms unfolded), on the CPU."""
+    return create_encoder(load_checkpoint(checkpoint_path).feature_set, torch.device("cpu"), trainable=True)
+
+
+def _pixels(*shape) -> torch.Tensor:
+    """Random pixel values 0..255 of ``shape`` (what decoding and augmentation give the encoder)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(0)) * 255
+
+
 # ------------------------------------------------------------------------------------------ clip sampling
 @pytest.mark.parametrize("count", [1, 3, 4, 7, 16, 33])
 def test_clip_rows_use_the_bins_of_stage_two(count):
@@ -132,12 +149,12 @@ def test_clip_frames_are_the_stored_rows_of_stage_two_at_59_94_fps(synthetic_dat
     assert rows.count[0] == int(packed.row_count[0])
     np.testing.assert_array_equal(rows.times[:rows.count[0]], pts[k:k + rows.count[0]])
     # and decoding those times gives the frames whose features were stored: same backbone, same numbers
-    backbone = load_start(_config(synthetic_dataset, checkpoint_path, root / "unused")).backbone
+    encoder = load_start(_config(synthetic_dataset, checkpoint_path, root / "unused")).encoder
     times = rows.clip_times(0, FRAMES, train=False, generator=None)
     images = decode_clip(next(synthetic_dataset.videos.rglob(f"{video_id}.*")), times, Preprocess(resize=RESIZE,
                                                                                                   crop=CROP))
     with torch.no_grad():
-        features = backbone(Preprocess(resize=RESIZE, crop=CROP).normalize(torch.from_numpy(images)))  # (T, 2048)
+        features = encoder(torch.from_numpy(images).permute(0, 3, 1, 2))  # (T, H, W, 3) -> (T, 2048)
     rows_read = [int(np.flatnonzero(pts == t)[0]) for t in times]
     np.testing.assert_allclose(features.numpy(), stored[rows_read].astype(np.float32), rtol=2e-3, atol=2e-3)
 
@@ -153,8 +170,6 @@ def test_a_clip_decoded_with_a_seek_per_run_of_times_equals_one_front_to_back_pa
 
 
 def test_decode_threads_times_workers_stay_within_the_cores(monkeypatch):
-    from epicfeat.finetune import decode_threads
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes on this node share its 16 cores
     assert decode_threads(FinetuneConfig(num_workers=4)) == 2  # 4 workers x 2 threads = 8 cores per process
@@ -164,32 +179,27 @@ def test_decode_threads_times_workers_stay_within_the_cores(monkeypatch):
 
 
 def test_augmentation_is_identical_across_the_frames_of_a_clip():
-    preprocess = Preprocess(resize=RESIZE, crop=CROP)
-    augment = ClipAugment(preprocess)
+    augment = ClipAugment(CROP)
     frame = torch.randint(0, 256, (1, RESIZE, RESIZE, 3), dtype=torch.uint8)
     clip = frame.expand(6, -1, -1, -1).contiguous()  # (T, H, W, 3): six copies of one frame
     outputs = []
     for seed in range(12):
-        out = augment(clip, seed)  # (T, 3, CROP, CROP)
-        assert out.shape == (6, 3, CROP, CROP) and out.dtype == torch.float32
+        out = augment(clip, seed)  # (T, 3, CROP, CROP) uint8 pixels: the encoder normalises
+        assert out.shape == (6, 3, CROP, CROP) and out.dtype == torch.uint8
         assert torch.equal(out, out[:1].expand_as(out)), f"frames differ after augmentation (seed {seed})"
         outputs.append(out[0])
     assert torch.equal(augment(clip, 3)[0], outputs[3])  # reproducible from the clip's seed
-    assert len({o.sum().item() for o in outputs}) == 12  # and different seeds draw different parameters
-    # Any grayscale draw gives equal R, G, B: with p=1 every clip is gray (before normalisation by channel).
-    gray = ClipAugment(preprocess, grayscale=1.0)(clip, 0)
-    raw = gray * torch.tensor(preprocess.std).view(1, 3, 1, 1) + torch.tensor(preprocess.mean).view(1, 3, 1, 1)
-    torch.testing.assert_close(raw[:, 0], raw[:, 1], atol=1e-5, rtol=0)
-    # Identity settings reduce to extract's normalisation of the (full) frame.
-    plain = ClipAugment(Preprocess(resize=RESIZE, crop=RESIZE), scale=(1.0, 1.0), hflip=0.0,
-                        color_jitter=(0, 0, 0, 0), grayscale=0.0)
-    torch.testing.assert_close(plain(clip, 0), Preprocess(resize=RESIZE, crop=RESIZE).normalize(clip).contiguous())
+    assert len({o.float().sum().item() for o in outputs}) == 12  # and different seeds draw different parameters
+    # Any grayscale draw gives equal R, G, B: with p=1 every clip is gray.
+    gray = ClipAugment(CROP, grayscale=1.0)(clip, 0)
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    # Identity settings give the (full) decoded frame itself, which the encoder then normalises as extract does.
+    plain = ClipAugment(RESIZE, scale=(1.0, 1.0), hflip=0.0, color_jitter=(0, 0, 0, 0), grayscale=0.0)
+    assert torch.equal(plain(clip, 0), clip.permute(0, 3, 1, 2))
 
 
 def test_step_cutmix_is_one_draw_per_global_step_whatever_the_processes():
     """Every process draws the same partners and box from the step's seed; its clips sit at j * world + r."""
-    from epicfeat._clips import global_positions, sample_step_cutmix
-
     valid = torch.tensor([True, True, False, True, True, True])  # (B,) the global batch
     for seed in range(10):
         mixes = [sample_step_cutmix(valid, 20, 30, 1.0, seed) for _ in range(2)]  # two processes, one draw
@@ -229,12 +239,12 @@ def test_decoded_clips_reproduce_the_stage_two_model_on_stored_features(syntheti
     with torch.no_grad():
         stored_verbs, stored_nouns = score_split(checkpoint.create_model(), data.validation, frames=FRAMES,
                                                  batch_size=100, device=torch.device("cpu"))  # (S, Cv), (S, Cn)
-    clips = load_clip_data(config, start, []).validation
+    clips = load_clip_data(config, checkpoint.card, start.store, start.preprocess).validation
     batch = torch.utils.data.default_collate([clips[i] for i in range(len(clips))])
     assert batch["valid"].all()
-    model = ClipModel(start.backbone, checkpoint.create_model(), trainable_stages=2).eval()
+    model = ClipModel(start.encoder, checkpoint.create_model(), trainable_stages=2).eval()
     with torch.no_grad():
-        verbs, nouns = model(normalize_clips(batch["clip"], start.preprocess))  # (S, Cv), (S, Cn)
+        verbs, nouns = model(batch["clip"].permute(0, 1, 4, 2, 3))  # (S, T, H, W, 3) -> (S, Cv), (S, Cn)
     # Stored features are float16: the logits agree to its rounding.
     np.testing.assert_allclose(verbs.numpy(), stored_verbs.numpy(), atol=2e-3)
     np.testing.assert_allclose(nouns.numpy(), stored_nouns.numpy(), atol=2e-3)
@@ -243,14 +253,14 @@ def test_decoded_clips_reproduce_the_stage_two_model_on_stored_features(syntheti
 def test_activation_checkpointing_gives_the_same_gradients(stage_two):
     _, checkpoint_path = stage_two
     checkpoint = load_checkpoint(checkpoint_path)
-    clips = torch.randn(2, FRAMES, 3, CROP, CROP)
+    clips = _pixels(2, FRAMES, 3, CROP, CROP)
     grads = []
     for checkpointing in (False, True):
-        model = ClipModel(create_backbone("random", seed=0), checkpoint.create_model(), trainable_stages=5,
-                          activation_checkpointing=checkpointing).train()
+        model = ClipModel(_encoder(checkpoint_path), checkpoint.create_model(), trainable_stages=5).train()
+        model.encoder.set_grad_checkpointing(checkpointing)  # the encoder's option, not a rebuilt forward
         verbs, nouns = model(clips)
         (verbs.sum() + nouns.sum()).backward()
-        grads.append([p.grad.clone() for p in model.backbone.parameters()])
+        grads.append([p.grad.clone() for p in model.encoder.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -259,9 +269,9 @@ def test_activation_checkpointing_gives_the_same_gradients(stage_two):
 def _recording_dtypes(model: ClipModel) -> list[tuple[str, bool, torch.dtype, torch.dtype]]:
     """Every forward of the model's ResNet50 stage 4 and LSTM, as (part, training?, input dtype, computed dtype)."""
     seen = []
-    model.backbone.layer4.register_forward_hook(
+    model.encoder.backbone.layer4.register_forward_hook(
         lambda layer, inputs, output: seen.append(("backbone", layer.training, inputs[0].dtype, output.dtype)))
-    model.temporal.lstm.register_forward_pre_hook(
+    model.temporal.lstm[0].register_forward_pre_hook(
         lambda lstm, inputs: seen.append(("lstm", lstm.training, inputs[0].dtype, lstm.weight_ih_l0.dtype)))
     model.temporal.verb_head.register_forward_pre_hook(
         lambda head, inputs: seen.append(("head", head.training, inputs[0].dtype, head.weight.dtype)))
@@ -273,19 +283,19 @@ def test_bf16_means_a_bf16_lstm_and_a_bf16_backbone_even_inside_an_fp16_autocast
     The clip model now casts as stage two does (autocast for the backbone only, explicit casts for the LSTM). A CPU
     autocast to float16 around it stands in for CUDA's: the LSTM still computes in bfloat16, the heads in fp32."""
     _, checkpoint_path = stage_two
-    model = ClipModel(create_backbone("random", seed=0), load_checkpoint(checkpoint_path).create_model(),
+    model = ClipModel(_encoder(checkpoint_path), load_checkpoint(checkpoint_path).create_model(),
                       trainable_stages=1).train()
-    model.compute_dtype = torch.bfloat16
+    model.set_precision("bf16")
     seen = _recording_dtypes(model)
     with torch.autocast("cpu", dtype=torch.float16):
-        verbs, nouns = model(torch.randn(2, FRAMES, 3, CROP, CROP))
+        verbs, nouns = model(_pixels(2, FRAMES, 3, CROP, CROP))
     (verbs.sum() + nouns.sum()).backward()
     bf16 = torch.bfloat16
     assert seen == [("backbone", True, bf16, bf16), ("lstm", True, bf16, bf16), ("head", True, torch.float32,
                                                                                  torch.float32)]
     assert verbs.dtype == torch.float32 and torch.isfinite(verbs).all()
-    assert model.temporal.lstm.weight_ih_l0.grad.dtype == torch.float32  # fp32 master weights
-    assert model.backbone.layer4[0].conv1.weight.grad.dtype == torch.float32
+    assert model.temporal.lstm[0].weight_ih_l0.grad.dtype == torch.float32  # fp32 master weights
+    assert model.encoder.backbone.layer4[0].conv1.weight.grad.dtype == torch.float32
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -295,7 +305,6 @@ def test_a_run_records_the_precision_its_lstm_computed_in(synthetic_dataset, sta
     and validated in: on a CPU that is fp32 whatever --precision says (FinetuneConfig.precision), bf16 on a GPU
     (tests/test_cuda.py)."""
     import epicfeat.finetune as finetune_module
-    from epicfeat.temporal.precision import COMPUTE_DTYPES
 
     seen = []
 
@@ -310,7 +319,7 @@ def test_a_run_records_the_precision_its_lstm_computed_in(synthetic_dataset, sta
                               eval_start=False, restandardize=False, trainable_stages=0))
     recorded = load_checkpoint(result.last_checkpoint).config["precision"]
     assert recorded == "fp32"  # the CPU computes in fp32
-    dtype = COMPUTE_DTYPES[recorded]
+    dtype = PRECISION_DTYPES[recorded]
     (calls,) = seen
     assert {call for call in calls if call[0] == "lstm"} == {("lstm", True, dtype, dtype),
                                                             ("lstm", False, dtype, dtype)}
@@ -370,7 +379,8 @@ def test_resume_is_exact_and_independent_of_decode_workers(synthetic_dataset, st
     whole = finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "whole", epochs=2, num_workers=2,
                              eval_start=False))
     killed = _config(synthetic_dataset, checkpoint_path, tmp_path / "killed", epochs=2, eval_start=False)
-    finetune(killed, stop_after_epoch=1)
+    with killed_after_epoch(1):
+        finetune(killed)
     resumed = finetune(dataclasses.replace(killed, resume=True))
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     for a, b in zip(whole.history, resumed.history):
@@ -448,7 +458,8 @@ def test_a_ddp_run_resumes_where_a_run_stopped(synthetic_dataset, stage_two, tmp
     settings = dict(cutmix_alpha=0.0, epochs=2, eval_start=False, batch_size=4, micro_batch_size=2,
                     restandardize=False)
     finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "one", **settings))
-    finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "two", **settings), stop_after_epoch=1)
+    with killed_after_epoch(1):
+        finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "two", **settings))
     _torchrun(synthetic_dataset, checkpoint_path, tmp_path / "two", settings, "--resume")
     _assert_same_run(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt", steps=2)  # epoch 2 only differs
 
@@ -512,7 +523,7 @@ def test_backbone_weights_other_than_the_feature_sets_are_refused(synthetic_data
     _, checkpoint_path = stage_two
     other = tmp_path / "other.pt"
     torch.save(create_backbone("random", seed=1).state_dict(), other)
-    with pytest.raises(WeightsError, match="not the ones feature set .* was extracted with"):
+    with pytest.raises(WeightsError, match="not the ones the features were extracted with"):
         finetune(_config(synthetic_dataset, checkpoint_path, tmp_path / "ft", weights=str(other)))
     with pytest.raises(FinetuneError, match="--checkpoint"):
         finetune(_config(synthetic_dataset, None, tmp_path / "ft"))
@@ -554,8 +565,6 @@ def test_epoch_0_scores_like_evaluate_and_stays_best_when_an_epoch_is_worse(synt
 
 
 def test_the_verdict_says_by_how_much_fine_tuning_helped():
-    from epicfeat.finetune import judge
-
     start = {"all_verb_accuracy_at_1": 50.0, "all_noun_accuracy_at_1": 40.0, "all_action_accuracy_at_1": 20.0}
     best = {"all_verb_accuracy_at_1": 55.0, "all_noun_accuracy_at_1": 40.0, "all_action_accuracy_at_1": 25.5}
     gain, verdict = judge(start, 3, best)

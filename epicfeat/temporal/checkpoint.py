@@ -22,7 +22,6 @@ import json
 import os
 import pickle
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 
 from epicfeat import __version__
-from epicfeat.backbone import WeightsError, create_backbone, fold_batch_norms
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write
 from epicfeat.store import FeatureSetIdentity
@@ -100,48 +98,14 @@ class Checkpoint:
         model.load_state_dict(self.model_state)
         return model.to(device).eval()
 
-    def create_backbone(self, weights: str | None = None, *, seed: int | None = None):
-        """The ResNet50 whose features this model was trained on (``epicfeat.backbone.create_backbone``).
-
-        ``weights`` None derives them from the feature set's weights name: ``random-seedN``, ``imagenet1k_v1/v2``,
-        or, for a finetune checkpoint, the fine-tuned backbone it carries. ``seed`` (for ``weights="random"``)
-        None: N of ``random-seedN``.
-        Whatever the source, the weights must hash to the feature set's ``weights_sha``: a model scored on another
-        backbone's features gives meaningless numbers, so that is a WeightsError, never a warning.
-        """
-        recorded = str(self.feature_set.get("weights", ""))
-        random_seed = re.fullmatch(r"random-seed(\d+)", recorded)
-        if seed is None:
-            seed = int(random_seed.group(1)) if random_seed else 0
-        if weights is None:
-            if random_seed:
-                weights, seed = "random", int(random_seed.group(1))
-            elif recorded in ("imagenet1k_v1", "imagenet1k_v2"):
-                weights = recorded
-            elif recorded.startswith(("file:", "sha-")) and "backbone" in self.extra:
-                weights = str(self.path)  # a finetune checkpoint: its own fine-tuned backbone
-            else:
-                raise WeightsError(
-                    f"checkpoint {self.path} was trained on features of backbone weights {recorded!r}; pass "
-                    "--weights PATH with that weights file (the one given to `epicfeat extract`)"
-                )
-        backbone = create_backbone(weights, seed=seed)
-        if backbone.weights_sha != self.feature_set.get("weights_sha"):
-            raise WeightsError(
-                f"backbone weights {backbone.weights_name} (hash {backbone.weights_sha}) are not the ones feature set "
-                f"'{self.feature_set_key}' was extracted with ({recorded}, hash {self.feature_set.get('weights_sha')}): "
-                f"checkpoint {self.path} was trained on features of {recorded!r} and its scores would be meaningless on "
-                "other features. Pass --weights with the name or file that feature set was extracted with (or omit "
-                "--weights to derive them)."
-            )
-        return backbone
-
-    def create_inference_backbone(self, weights: str | None = None, *, seed: int | None = None):
-        """``create_backbone`` in eval mode, as ``extract`` ran it for the feature set: its batch norms folded into
-        the convolutions when the set was extracted so (``fold_bn``), so predict's and export's features are the
-        cached ones. Not for training (finetune): folded batch norms no longer learn."""
-        backbone = self.create_backbone(weights, seed=seed).eval()
-        return fold_batch_norms(backbone) if self.feature_set.get("fold_bn") else backbone
+    def backbone_weights(self, weights: str | None = None) -> str | None:
+        """What to build this model's frame encoder from (``epicfeat.encoder.create_encoder(weights=...)``):
+        ``weights`` when given; else this file for a finetune checkpoint (it carries the fine-tuned backbone its
+        feature set names by hash); else None, derived from the feature set's weights name. Whatever the source,
+        the encoder checks the weights' hash against the feature set's."""
+        if weights is None and "backbone" in self.extra:
+            return str(self.path)
+        return weights
 
 
 def save_checkpoint(path: str | os.PathLike, *, model: TemporalModel, card: ModelCard, epoch: int,

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from epicfeat.devices import resolve_precision
+from epicfeat.devices import PRECISION_DTYPES, resolve_precision
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
-
-#: Compute dtype of the LSTM per precision name.
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_temporal_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``; fp32 / bf16 / fp16 are kept."""
     resolved = resolve_precision(precision, device)
-    if resolved not in COMPUTE_DTYPES:
-        raise ValueError(f"precision must be one of auto, {', '.join(COMPUTE_DTYPES)}; got {precision!r}")
+    if resolved not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISION_DTYPES)}; got {precision!r}")
     return resolved
 
 
@@ -38,7 +35,7 @@ def recorded_precision(checkpoint) -> str:
     """The precision a checkpoint's run trained and validated in (its recorded config); what evaluate and predict
     run its LSTM in. Runs record the resolved value; a config saying ``auto`` (none of ours) reads as fp32."""
     recorded = str(checkpoint.config.get("precision", "fp32"))
-    return recorded if recorded in COMPUTE_DTYPES else "fp32"
+    return recorded if recorded in PRECISION_DTYPES else "fp32"
 
 
 def supported_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
@@ -48,7 +45,7 @@ def supported_precision(precision: str, device: torch.device) -> tuple[str, list
     model's forward/backward, through the very casts training uses, finds out before the run instead of failing
     in its first step.
     """
-    dtype = COMPUTE_DTYPES[precision]
+    dtype = PRECISION_DTYPES[precision]
     if dtype == torch.float32:
         return precision, []
     with torch.random.fork_rng(devices=[]):  # the probe's initial weights leave the run's RNG as it was

@@ -1,4 +1,5 @@
-"""Decoded training clips for ``epicfeat finetune``: which times to decode, the clip dataset, augmentation, CutMix.
+"""Finetune's clips: which frames to decode for a segment, the clip dataset, augmentation, CutMix, and the data
+of a run (annotations -> clip datasets of the segments whose videos exist and are in the feature set).
 
 Everything here is deterministic given (seed, epoch, segment index): the T times of a clip and its augmentation
 parameters come from a seed derived from those three numbers, never from a worker's RNG. So the clips of an epoch
@@ -6,24 +7,40 @@ do not depend on the number of DataLoader workers, on the number of DDP processe
 restarted: that is what makes ``--resume`` exact and a 2-process run equal to a 1-process run. CutMix is drawn
 from a seed derived from the global step, over the global batch (``sample_step_cutmix``), for the same reason.
 
-    SegmentRows               the stored rows' times of every segment (stage two's join of segments to rows)
+    load_clip_data(...)       annotations -> ClipData: train / validation / statistics datasets, what was dropped
+      segment_rows(...)       the stored rows' times of every segment (stage two's join of segments to rows)
     ClipDataset[i]            decode T frames of segment i at its rows' times (in a DataLoader worker): uint8 (T, H, W, 3)
     decode_clip(...)          those frames; times far apart are reached by a seek each (long segments)
+    SkippedVideos.watch(...)  batches as they pass, keeping why a video's clips could not be decoded
     ClipAugment(clip, seed)   the seed's augmentations, with ONE set of parameters for all T frames (on any device)
     sample_clip_cutmix(...)   CutMix with the same box in every frame of a clip, labels mixed by the box's area
     sample_step_cutmix(...)   the same over a step's global batch, identical in every DDP process
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torchvision.transforms import v2
 
-from epicfeat.frames import Preprocess, decode_frames_at
+from epicfeat.configs import FinetuneConfig
+from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.data.videos import find_videos
+from epicfeat.errors import EpicfeatError
+from epicfeat.frames import Preprocess, codec_threads, decode_frames_at
+from epicfeat.temporal.checkpoint import ModelCard
+from epicfeat.temporal.data import bin_offsets, rows_of_segments
+
+
+class ClipError(EpicfeatError):
+    """A run's clips cannot be loaded as asked (no videos, other class tables, nothing decodable)."""
 
 
 def derive_seed(*numbers: int) -> int:
@@ -38,8 +55,6 @@ def sample_row_offsets(count: int, frames: int, *, train: bool, generator: torch
     One segment through stage two's own rule (``epicfeat.temporal.data.bin_offsets``): the same bins, and in
     training the same draws from ``generator``. A test holds the two equal.
     """
-    from epicfeat.temporal.data import bin_offsets
-
     return bin_offsets(torch.tensor([count]), frames, train=train, generator=generator)[0].numpy()  # (1, T) -> (T,)
 
 
@@ -48,7 +63,7 @@ class SegmentRows:
     """The stored rows' times of every segment, packed like ``PackedSplit``: segment s owns
     ``times[start[s] : start[s] + count[s]]`` (seconds, the feature set's pts, count >= 1).
 
-    Built by ``finetune`` from the feature set with stage two's join (``epicfeat.temporal.data.rows_of_segments``),
+    Built by ``segment_rows`` from the feature set with stage two's join (``epicfeat.temporal.data.rows_of_segments``),
     so a clip is decoded at the very frames whose features stage two read: at 59.94 fps a row's pts falls up to
     16.7 ms after the nominal k / fps, and a grid of nominal times puts other rows into about 8 % of segments.
     """
@@ -147,10 +162,124 @@ class ClipDataset(torch.utils.data.Dataset):
         }
 
 
+# ------------------------------------------------------------------------------------------- a run's data
+@dataclass
+class ClipData:
+    """A run's clip datasets (segments whose videos exist and are in the feature set) and what was dropped."""
+
+    train: ClipDataset
+    validation: ClipDataset | None
+    stats: torch.utils.data.Subset  # the train segments the features' drift is measured on (restandardize)
+    summary: dict[str, dict[str, int]]
+    notes: list[str]  # segments dropped, and why
+    tail_verbs: frozenset[int] | None
+    tail_nouns: frozenset[int] | None
+    unseen_participants: frozenset[str] | None
+
+
+def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: Preprocess) -> ClipData:
+    """Annotations -> clip datasets over the segments whose videos exist and are complete in ``store`` (the others
+    are dropped and counted), decoded at the times of the stored rows stage two read (``segment_rows``).
+
+    ``card`` is the starting checkpoint's (its class tables must be the annotations'); ``preprocess`` the feature
+    set's: training decodes a resize x resize square for RandomResizedCrop to cut from, evaluation extract's
+    exact resize + centre crop.
+    """
+    if config.annotations is None or config.videos is None:
+        raise ClipError("pass --annotations DIR (EPIC_100_*.csv) and --videos DIR (the folder holding P01/, ...)")
+    annotations = EpicAnnotations(config.annotations, train_file=config.train_file)
+    if tuple(annotations.verbs.keys) != tuple(card.verb_classes) or \
+            tuple(annotations.nouns.keys) != tuple(card.noun_classes):
+        raise ClipError(f"the class tables in {config.annotations} differ from those {config.checkpoint} was "
+                        "trained with; use the annotations of the stage-two run")
+    decodes = {"train": Preprocess(resize=preprocess.resize, crop=preprocess.resize, mean=preprocess.mean,
+                                   std=preprocess.std), "validation": preprocess}
+    splits = {"train": config.train_splits}
+    if config.train_splits == "train":
+        splits["validation"] = "validation"
+    threads = decode_threads(config)
+    datasets, summary, notes = {}, {}, []
+    for name, split in splits.items():
+        segments = annotations.segments(split)
+        lookup = find_videos(config.videos, segments["video_id"].unique())
+        found = segments["video_id"].isin(list(lookup.found))
+        if not found.all():
+            notes.append(f"{int((~found).sum())} {name} segments dropped: {len(lookup.missing)} videos not under "
+                         f"{config.videos} ({', '.join(lookup.missing[:5])}{'...' if len(lookup.missing) > 5 else ''})")
+        segments, rows, not_stored = segment_rows(store, segments[found].reset_index(drop=True))
+        if not_stored:
+            notes.append(f"{not_stored} {name} segments dropped: their videos are not (completely) in feature set "
+                         f"{store.identity.key()} (extract them, or stage two never saw them either)")
+        if len(segments) == 0:
+            raise ClipError(f"no {name} segment has its video under {config.videos} and in the feature set "
+                            f"{store.identity.key()}; check --videos and --cache")
+        paths = {k: Path(v) for k, v in lookup.found.items()}
+        clip_dataset = functools.partial(ClipDataset, segments, paths, rows=rows, frames=config.frames,
+                                         seed=config.seed, decode_threads=threads)
+        datasets[name] = clip_dataset(decode=decodes[name], train=name == "train")
+        if name == "train":
+            # The frames the drift of the features is measured on: evaluation's (bin centres, centre crop).
+            chosen = np.unique(np.linspace(0, len(segments) - 1, min(len(segments), config.stats_segments)).round())
+            stats = torch.utils.data.Subset(clip_dataset(decode=preprocess, train=False),
+                                            chosen.astype(np.int64).tolist())
+        summary[name] = {"segments": len(segments), "missing_video_dropped": int((~found).sum()),
+                         "missing_videos": len(lookup.missing), "not_in_feature_set_dropped": not_stored}
+    return ClipData(
+        train=datasets["train"], validation=datasets.get("validation"), stats=stats, summary=summary, notes=notes,
+        tail_verbs=annotations.tail_verbs, tail_nouns=annotations.tail_nouns,
+        unseen_participants=annotations.unseen_participants("validation") if "validation" in datasets else None,
+    )
+
+
+def segment_rows(store, segments: pd.DataFrame) -> tuple[pd.DataFrame, SegmentRows, int]:
+    """Segments whose video the feature set holds, with their stored rows' times (stage two's join), and how many
+    segments were dropped because the feature set lacks their video."""
+    complete = set(store.complete_videos())
+    stored = segments["video_id"].astype(str).isin(complete).to_numpy()
+    segments = segments[stored].reset_index(drop=True)
+    times, starts, counts = [], np.zeros(len(segments), np.int64), np.zeros(len(segments), np.int64)
+    offset = 0
+    for video_id, positions in segments.groupby("video_id", sort=True).indices.items():
+        pts = store.read(str(video_id)).pts  # (rows,) float64 seconds
+        lo, hi = rows_of_segments(pts, segments["start_sec"].to_numpy()[positions],
+                                  segments["stop_sec"].to_numpy()[positions])  # (n,), (n,)
+        for position, first, stop in zip(positions, lo, hi):
+            times.append(pts[first:stop])
+            starts[position], counts[position] = offset, stop - first
+            offset += stop - first
+    packed = np.concatenate(times) if times else np.zeros(0, np.float64)  # (R,) seconds
+    return segments, SegmentRows(times=packed, start=starts, count=counts), int((~stored).sum())
+
+
+def decode_threads(config: FinetuneConfig) -> int:
+    """Codec threads per decoding process, so that threads x decoders stays within the cores: ``--decode-threads``
+    when given, else the cores shared out among the decoders of every torchrun process on this node (each
+    process's ``num_workers``, or the process itself)."""
+    decoders = max(1, config.num_workers) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return codec_threads(decoders, config.decode_threads)
+
+
+def worker_init(_: int) -> None:
+    """A DataLoader decode process needs no intra-op threads of its own (FFmpeg has its threads)."""
+    torch.set_num_threads(1)
+
+
+class SkippedVideos(dict):
+    """Video id -> why its clips were skipped (the first decoding error), filled as batches pass ``watch``."""
+
+    def watch(self, batches: Iterable[dict]) -> Iterator[dict]:
+        for batch in batches:
+            for error in batch["error"]:
+                if error:
+                    self.setdefault(error.split(":", 1)[0], error)  # errors read "<video id>: <reason>"
+            yield batch
+
+
 # ------------------------------------------------------------------------------------------- augmentation
 @dataclass(frozen=True)
 class ClipAugment:
-    """RandomResizedCrop, horizontal flip, ColorJitter, RandomGrayscale, then the feature set's normalisation.
+    """RandomResizedCrop to ``crop``, horizontal flip, ColorJitter, RandomGrayscale: uint8 pixels in and out (the
+    frame encoder normalises).
 
     torchvision.transforms.v2 draws one set of parameters per call and applies it to every leading index of a
     (T, 3, H, W) tensor, so all frames of a clip get the same crop, flip, colour change and grayscale decision
@@ -158,17 +287,15 @@ class ClipAugment:
     they are reproducible wherever the pixels are (CPU worker or GPU).
     """
 
-    preprocess: Preprocess  # crop size, mean and std of the feature set (its resize is used for decoding)
+    crop: int  # the feature set's crop size (its resize is used for decoding)
     scale: tuple[float, float] = (0.6, 1.0)
     hflip: float = 0.5
     color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.2, 0.1)  # brightness, contrast, saturation, hue
     grayscale: float = 0.1
 
     def __post_init__(self):
-        from torchvision.transforms import v2
-
         transform = v2.Compose([
-            v2.RandomResizedCrop(self.preprocess.crop, scale=self.scale, antialias=True),
+            v2.RandomResizedCrop(self.crop, scale=self.scale, antialias=True),
             v2.RandomHorizontalFlip(self.hflip),
             v2.ColorJitter(*self.color_jitter),
             v2.RandomGrayscale(self.grayscale),
@@ -176,22 +303,10 @@ class ClipAugment:
         object.__setattr__(self, "_transform", transform)
 
     def __call__(self, clip: torch.Tensor, seed: int) -> torch.Tensor:
-        """uint8 (T, H, W, 3) -> float32 (T, 3, crop, crop), normalised (channels_last strides)."""
-        out = self.pixels(clip, seed)  # (T, 3, crop, crop) uint8
-        return self.preprocess.normalize(out.permute(0, 2, 3, 1))  # (T, H, W, 3) -> (T, 3, H, W) float
-
-    def pixels(self, clip: torch.Tensor, seed: int) -> torch.Tensor:
-        """uint8 (T, H, W, 3) -> uint8 (T, 3, crop, crop): the augmentation before normalisation."""
+        """uint8 (T, H, W, 3) -> uint8 (T, 3, crop, crop): one draw of the seed's parameters for all T frames."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self._transform(clip.permute(0, 3, 1, 2))  # (T, 3, crop, crop) uint8, one draw for all T
-
-
-def normalize_clips(clips: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """Evaluation: uint8 (B, T, H, W, 3), already resized and centre-cropped like extract -> float (B, T, 3, H, W)."""
-    b, t = clips.shape[:2]
-    flat = preprocess.normalize(clips.reshape(b * t, *clips.shape[2:]))  # (B * T, 3, H, W)
-    return flat.reshape(b, t, *flat.shape[1:])  # (B, T, 3, H, W)
+            return self._transform(clip.permute(0, 3, 1, 2))  # (T, 3, crop, crop) uint8
 
 
 # ------------------------------------------------------------------------------------------------- CutMix
@@ -199,7 +314,8 @@ def normalize_clips(clips: torch.Tensor, preprocess: Preprocess) -> torch.Tensor
 class ClipCutMix:
     """Clip i gets the box [y0:y1, x0:x1] of clip partner[i] in every frame; labels mix by the box's share.
 
-    Has ``partner`` and ``fraction`` like stage two's TimeCutMix, so ``mixed_cross_entropy`` takes it as is.
+    Has ``partner`` and ``fraction`` like stage two's TimeCutMix: ``mixed_cross_entropy`` weighs the partner's
+    labels by ``fraction``.
     """
 
     partner: torch.Tensor  # (B,) int64, a permutation
