@@ -321,7 +321,7 @@ class _Pipeline:
         finally:
             self._stop.set()
             for video_id in list(self._writers):  # interrupted mid-video: left partial, never complete
-                self._writers.pop(video_id)[0].close()
+                self._drop_writer(video_id)
             for claim in list(self.claims.values()):
                 claim.release()
         failed_by_others = tuple(VideoResult(v, str(self.jobs[v].path), reason=record.get("reason", ""))
@@ -352,9 +352,7 @@ class _Pipeline:
     def _started(self, event: VideoStarted) -> None:
         if event.video_id in self._decided:
             return
-        previous = self._writers.pop(event.video_id, None)
-        if previous is not None:  # its decode process died and it starts over: the rows so far are dropped
-            previous[0].close()
+        self._drop_writer(event.video_id)  # a second start: its decode process died, the rows so far are dropped
         with self._per_video(event.video_id):
             writer = self.store.writer(event.video_id, attrs=self._attrs(event.meta),
                                        claim=self.claims[event.video_id])
@@ -376,21 +374,22 @@ class _Pipeline:
         if event.error:
             self._fail(video_id, event.error)
             return
-        writer, meta = self._writers.pop(video_id)
+        writer, meta = self._writers[video_id]
         with self._per_video(video_id):
-            try:
-                writer.commit()
-            except (CompletedElsewhereError, ClaimLostError):  # another writer took it over: its copy is kept
-                self._decide(video_id)
-                return
+            writer.commit()
+            del self._writers[video_id]
             self.results.append(VideoResult(video_id, str(self.jobs[video_id].path), writer.rows, meta.duration))
             self._decide(video_id)
 
     @contextlib.contextmanager
     def _per_video(self, video_id: str):
-        """Store work on one video: a problem is that video's failure; a full disk or quota stops the run."""
+        """Store work on one video: a problem is that video's failure; a full disk or quota stops the run; a video
+        another writer took over (this one was cut off past its lease) is left to that writer."""
         try:
             yield
+        except (ClaimLostError, CompletedElsewhereError):
+            self._drop_writer(video_id)
+            self._decide(video_id)
         except Exception as err:
             if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise EpicfeatError(_disk_full_message(err, self.store.path)) from None
@@ -398,13 +397,17 @@ class _Pipeline:
 
     def _fail(self, video_id: str, reason: str) -> None:
         """Record the video's failure (with its path), drop its writer, release its claim."""
-        writer = self._writers.pop(video_id, None)
-        if writer is not None:
-            writer[0].close()
+        self._drop_writer(video_id)
         path = self.jobs[video_id].path
         self.store.record_failure(video_id, reason, path=path, claim=self.claims.get(video_id))
         self.results.append(VideoResult(video_id, str(path), reason=reason))
         self._decide(video_id)
+
+    def _drop_writer(self, video_id: str) -> None:
+        """Close the video's open writer, if any: its partial folder stays until the video's next writer removes it."""
+        writer = self._writers.pop(video_id, None)
+        if writer is not None:
+            writer[0].close()
 
     def _decide(self, video_id: str) -> None:
         self._decided.add(video_id)
@@ -434,7 +437,8 @@ def _disk_full_message(err: OSError, store: Path) -> str:
 # ------------------------------------------------------------------------------------------------------ dask
 def _extract_on_dask(config: ExtractConfig, jobs: list[VideoJob], missing: list[str],
                      started: float) -> ExtractSummary:
-    """One copy of the pipeline on each dask worker, all on the feature set the workers agree on."""
+    """One copy of the pipeline on each dask worker (one dask thread each), all on the feature set the workers agree
+    on; a worker's pipeline that dies is redone by dask, and its claimed videos are taken over by the others."""
     if dask is None:
         raise EpicfeatError("--scheduler needs dask.distributed, which is not installed: "
                             "pip install 'dask[distributed]' (or run without --scheduler)")
@@ -448,14 +452,16 @@ def _extract_on_dask(config: ExtractConfig, jobs: list[VideoJob], missing: list[
         identity = FeatureSetIdentity.from_dict(next(iter(identities.values())))
         start = _open_feature_set(config, identity, missing, started)
         todo = [job for job in jobs if job.video_id not in start.skipped]
-        pipelines = config.workers if config.scheduler in ("local", "slurm") else len(identities)
-        stamp = time.time_ns()
-        futures = [client.submit(_pipeline_on_worker, config, str(start.store.path), todo, pure=False,
-                                 key=f"epicfeat-extract-{i}-{stamp}") for i in range(pipelines)]
+        futures: list = []
         with _Progress(todo, enabled=config.progress) as progress:
-            while not all(future.done() for future in futures):
-                time.sleep(1)
+            while True:  # one pipeline per worker, for workers that join later (SLURM jobs starting) too
+                for _ in range(len(client.nthreads()) - len(futures)):
+                    futures.append(client.submit(_pipeline_on_worker, config, str(start.store.path), todo,
+                                                 pure=False, key=f"epicfeat-extract-{len(futures)}-{time.time_ns()}"))
                 progress.poll(start.store)
+                if all(future.done() for future in futures):
+                    break
+                time.sleep(1)
         results = [future.result() for future in futures]
     finally:
         client.close()
