@@ -50,13 +50,15 @@ from torch import nn
 
 from epicfeat.backbone import create_backbone
 from epicfeat.data.annotations import EpicAnnotations
+from epicfeat.devices import PRECISION_DTYPES
 from epicfeat.frames import Preprocess, decode_frames_at
 from epicfeat.extract import ExtractConfig, feature_set_identity
 from epicfeat.store import FeatureStore
 from epicfeat.temporal.data import PackedSplit, feature_stats, pack_split
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
-from epicfeat.temporal.precision import COMPUTE_DTYPES, grad_scaler, supported_precision
-from epicfeat.temporal.train import LRSchedule, evaluate, train_one_epoch
+from epicfeat.temporal.precision import grad_scaler, supported_precision
+from epicfeat.temporal.train import StepSettings, evaluate, train_one_epoch
+from epicfeat.training import EarlyStopping, LRSchedule, TrainingState
 
 TRAIN_FILE = "EPIC_100_uda_source_train.csv"
 ROWS_PER_SECOND = 10
@@ -336,24 +338,29 @@ def time_real_loop(train: PackedSplit, validation: PackedSplit, *, n_verbs: int,
                    device: torch.device, frames: int, batch_size: int, micro_batch_size: int, seed: int,
                    warmup_segments: int, repeats: int = 2) -> dict:
     """One real epoch (train_one_epoch) and one validation (evaluate), against the model alone, in ``precision``."""
-    notes: list[str] = []
-    asked, precision = precision, supported_precision(precision, device, notes)  # what train-temporal would run
+    asked = precision
+    precision, notes = supported_precision(precision, device)  # what train-temporal would run
     for note in notes:
         print(f"  note: {note}")
     torch.manual_seed(seed)
     model = create_temporal_model(TemporalModelArgs(n_verbs=n_verbs, n_nouns=n_nouns), *feature_stats(train))
     model = model.to(device)
-    model.compute_dtype = COMPUTE_DTYPES[precision]
+    model.compute_dtype = PRECISION_DTYPES[precision]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.5e-4, weight_decay=1e-4, fused=device.type == "cuda")
     scaler = grad_scaler(precision, device) if precision == "fp16" else None
     steps = math.ceil(len(train) / batch_size)
     generator = torch.Generator(device=train.device).manual_seed(seed)
-    loop = dict(frames=frames, batch_size=batch_size, micro_batch_size=micro_batch_size, label_smoothing=0.1,
-                schedule=LRSchedule(peak=1.5e-4, warmup_steps=3 * steps, total_steps=50 * steps),
-                cutmix_alpha=1.0, generator=generator, device=device, scaler=scaler)
+    schedule = LRSchedule(peak=1.5e-4, warmup_steps=3 * steps, total_steps=50 * steps)
+    state = TrainingState(optimizer, schedule, EarlyStopping(patience=0, validated=False), generator, scaler)
+    settings = StepSettings(frames=frames, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                            label_smoothing=0.1, cutmix_alpha=1.0)
+
+    def epoch(model: nn.Module, state: TrainingState, split: PackedSplit) -> dict[str, float]:
+        state.step = 0  # every timed epoch is the run's first: the same learning rates
+        return train_one_epoch(model, split, state, settings)
 
     # Warm-up (cuDNN / oneDNN choose their kernels, the allocator fills): a few steps of the same loop.
-    train_one_epoch(model, optimizer, first_segments(train, warmup_segments), step=0, **loop)
+    epoch(model, state, first_segments(train, warmup_segments))
     evaluate(model, first_segments(validation, warmup_segments), frames=frames, batch_size=500, device=device)
     model_step = model_only_step(model, optimizer, train, frames, batch_size, micro_batch_size, generator, scaler)
     model_step()  # untimed: a new batch shape for the allocator
@@ -367,14 +374,15 @@ def time_real_loop(train: PackedSplit, validation: PackedSplit, *, n_verbs: int,
     # The loop's own work (order, row sampling, CutMix, gathers, lr, loss sums) is train_one_epoch itself around a
     # model that computes next to nothing: what the epoch costs beyond the model, from the same code.
     null_model = _NearlyEmptyModel(n_verbs, n_nouns).to(device)
-    null_optimizer = torch.optim.AdamW(null_model.parameters(), lr=1.5e-4, fused=device.type == "cuda")
-    train_one_epoch(null_model, null_optimizer, first_segments(train, warmup_segments), step=0, **loop)
+    null_state = TrainingState(torch.optim.AdamW(null_model.parameters(), lr=1.5e-4, fused=device.type == "cuda"),
+                               schedule, EarlyStopping(patience=0, validated=False), generator, scaler)
+    epoch(null_model, null_state, first_segments(train, warmup_segments))
     block_times, epoch_times, validate_times, own_times = [], [], [], []
     for _ in range(repeats):
         block_times.append(timed(device, _repeat, model_step, steps)[0])
-        seconds, (stats, _) = timed(device, train_one_epoch, model, optimizer, train, step=0, **loop)
+        seconds, stats = timed(device, epoch, model, state, train)
         epoch_times.append(seconds)
-        own_times.append(timed(device, train_one_epoch, null_model, null_optimizer, train, step=0, **loop)[0])
+        own_times.append(timed(device, epoch, null_model, null_state, train)[0])
         seconds, metrics = timed(device, evaluate, model, validation, frames=frames, batch_size=500,
                                    device=device, label_smoothing=0.1)
         validate_times.append(seconds)
@@ -415,6 +423,7 @@ def model_only_step(model, optimizer, split: PackedSplit, frames: int, batch_siz
               split.noun_labels[part]) for part in segments.split(micro_batch_size)]  # (b, T, D), (b,), (b,)
 
     def step() -> None:
+        model.train()  # evaluate leaves the model in eval mode, and cuDNN runs an RNN's backward in training mode only
         optimizer.zero_grad(set_to_none=True)
         for features, verbs, nouns in micro:
             verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)

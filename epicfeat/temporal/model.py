@@ -135,7 +135,7 @@ def _run_layer(layer: nn.LSTM, x: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     if dtype == torch.float32:
         return layer(x)[0]
     params = dict(layer.named_parameters())
-    flat = torch.cat([p.reshape(-1) for p in params.values()]).to(dtype)  # (sum of numels,) one buffer
+    flat = torch.cat([p.to(dtype).reshape(-1) for p in params.values()])  # (sum of numels,) one buffer
     parts = flat.split([p.numel() for p in params.values()])
     weights = {name: part.view(p.shape) for (name, p), part in zip(params.items(), parts)}
     return torch.func.functional_call(layer, weights, (x,))[0]

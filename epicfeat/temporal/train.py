@@ -7,7 +7,7 @@ Read it top to bottom:
       fit(config, data)                     the training run, on the run scaffold of ``epicfeat.training``:
         RunFolder.check_start               --resume needs last.pt; a new run refuses a folder holding one
         _prepare(...)                       splits onto the device, feature_stats(train) (standardisation stored
-                                            inside the model), AdamW, batches, LRSchedule (warm-up + cosine)
+                                            inside the model), AdamW, StepSettings, LRSchedule (warm-up + cosine)
         _resume(...)                        last.pt: feature set and config checks, TrainingState.restore
         _train_epochs(...)                  for each epoch left (TrainingState.remaining_epochs):
           _run_epoch(...)
@@ -26,8 +26,9 @@ actual share of the sequence, span / T:  (1 - span/T) * CE(own labels) + span/T 
 
 Resuming. ``last.pt`` holds the optimiser, the schedule's step, fp16's loss scale and every RNG state (torch CPU
 and CUDA, numpy, Python and the sampling generator that shuffles, samples rows and draws CutMix), so
-``resume=True`` continues where the run stopped; on the deterministic CPU path the result is bit-identical to an
-uninterrupted run.
+``resume=True`` continues where the run stopped; with ``deterministic`` the result is bit-identical to an
+uninterrupted run (every dropout mask comes from torch's RNG, the BiLSTM's between its layers included: see
+``epicfeat.temporal.model``). Tested on the CPU, and on a GPU by tests/test_cuda.py.
 
 Precision (``epicfeat.temporal.precision``): the LSTM computes in the precision the run names, by explicit casts
 (never CUDA autocast, which runs RNNs in fp16); ``auto`` is resolved once and recorded in config.yaml and the
