@@ -714,19 +714,18 @@ def _gathered_logits(model: ClipModel, batches: Iterable[dict],
     """(segment indices (S',), verb logits (S', Cv), noun logits (S', Cn)) of every decodable clip of every
     process, in segment order whatever the sharding."""
     model.eval()
-    indices, verb_logits, noun_logits = [], [], []
+    indices, logits = [], []
     for batch in batches:
         valid = batch["valid"]
         clips = batch["clip"][valid].to(world.device).permute(0, 1, 4, 2, 3)  # (v, T, H, W, 3) -> (v, T, 3, H, W)
         if len(clips):
             verbs, nouns = model(clips)  # (v, Cv), (v, Cn)
-            verb_logits.append(verbs.float().cpu())
-            noun_logits.append(nouns.float().cpu())
+            logits.append(torch.cat([verbs, nouns], dim=1).float())  # (v, Cv + Cn), where the model ran
         indices.append(batch["index"][valid])
-    args = model.temporal.args
-    local = (torch.cat(indices).numpy(),
-             torch.cat(verb_logits).numpy() if verb_logits else np.zeros((0, args.n_verbs), np.float32),
-             torch.cat(noun_logits).numpy() if noun_logits else np.zeros((0, args.n_nouns), np.float32))
+    n_verbs, n_nouns = model.temporal.args.n_verbs, model.temporal.args.n_nouns
+    # The logits come to the host in one copy (a GPU waits for no per-batch read).
+    scores = torch.cat(logits).cpu().numpy() if logits else np.zeros((0, n_verbs + n_nouns), np.float32)
+    local = (torch.cat(indices).numpy(), scores[:, :n_verbs], scores[:, n_verbs:])  # (S',), (S', Cv), (S', Cn)
     parts = world.gather_objects(local)
     index = np.concatenate([p[0] for p in parts])
     order = np.argsort(index, kind="stable")  # segment order, whatever the sharding

@@ -1,6 +1,7 @@
 """End-to-end fine-tuning on decoded clips: sampling, augmentation, one epoch, resume, DDP, re-extraction, damage."""
 import dataclasses
 import os
+import types
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ from epicfeat.finetune import (
     DRIFT_MIN_STD,
     ClipModel,
     FinetuneError,
+    World,
+    evaluate_clips,
     finetune,
     follow_feature_drift,
     judge,
@@ -263,6 +266,44 @@ def test_activation_checkpointing_gives_the_same_gradients(stage_two):
         grads.append([p.grad.clone() for p in model.encoder.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@dataclasses.dataclass
+class _Segments:
+    """What scoring reads of a validation ClipDataset: the segments' labels and participants."""
+
+    verbs: np.ndarray
+    nouns: np.ndarray
+    participants: list[str]
+
+    def __len__(self) -> int:
+        return len(self.verbs)
+
+
+def test_validation_copies_the_logits_to_the_host_once_whatever_the_number_of_batches(stage_two, monkeypatch):
+    """On a GPU each copy of a device tensor to the host waits for the GPU: validation keeps the logits of every
+    batch where the model ran and copies them in one ``cpu()``. Counted on the CPU by wrapping Tensor.cpu."""
+    _, checkpoint_path = stage_two
+    model = ClipModel(_encoder(checkpoint_path), load_checkpoint(checkpoint_path).create_model(), trainable_stages=0)
+    world = World(rank=0, size=1, device=torch.device("cpu"))
+    copies = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or cpu(self, *a, **k))
+
+    def validation_copies(batches: int) -> list:
+        clips = torch.randint(0, 256, (2 * batches, FRAMES, CROP, CROP, 3), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.uint8)  # (S, T, H, W, 3) as decoded
+        loader = [{"clip": clips[2 * b:2 * b + 2], "valid": torch.tensor([True, b > 0]),
+                   "index": torch.arange(2 * b, 2 * b + 2)} for b in range(batches)]  # the first batch: one skipped
+        labels = np.arange(2 * batches) % 2
+        data = types.SimpleNamespace(validation=_Segments(verbs=labels, nouns=labels, participants=["P01"] * len(labels)),
+                                     unseen_participants=None, tail_verbs=None, tail_nouns=None)
+        copies.clear()
+        metrics = evaluate_clips(model, loader, data, world)
+        assert metrics["val_skipped"] == 1 and np.isfinite(metrics["val_loss"])
+        return list(copies)
+
+    assert len(validation_copies(2)) == len(validation_copies(5)) == 1  # 2 batches or 5: one copy of the logits
 
 
 # -------------------------------------------------------------------------------------------- precision
