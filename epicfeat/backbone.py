@@ -1,11 +1,7 @@
 """The backbone: torchvision's ResNet50 up to global average pooling, giving 2048-d frame features.
 
-``epicfeat.encoder`` wraps it (normalisation, precision, layout) into the one frame encoder that extract, finetune,
-predict and export run, so cached features and fine-tuned models come from the same network definition. Every backbone carries ``weights_name`` (readable) and ``weights_sha``
-(a hash of its actual tensors), which go into the feature set's identity: features from different weights can
-never be mixed up, even when two files share a name. Weights read from a file are named by their hash
-(``sha-<12 hex digits>``, see ``weights_name_of_sha``), not by the file's name, so a copied or renamed file
-holding the same tensors gives the same feature set.
+Every backbone carries ``weights_name`` (readable; a file's weights are named by their hash) and ``weights_sha``
+(a hash of its tensors), which go into the feature set's identity, so features of different weights never mix.
 """
 from __future__ import annotations
 
@@ -42,9 +38,8 @@ class WeightsError(EpicfeatError):
 class ResNet50Features(nn.Module):
     """torchvision's ResNet50 without its classifier: (N, 3, H, W) -> (N, 2048) globally average-pooled features.
 
-    The layers keep torchvision's names, so a torchvision ResNet50 state dict (minus ``fc.*``) loads as is.
-    ResNet50 pools adaptively, so any input size of at least 32x32 gives 2048-d features. The seam the frame
-    encoder uses (timm's names): ``num_features``, the pooled ``forward``, ``set_grad_checkpointing``.
+    The layers keep torchvision's names, so a torchvision state dict (minus ``fc.*``) loads as is. The seam the
+    frame encoder uses (timm's names): ``num_features``, the pooled ``forward``, ``set_grad_checkpointing``.
     """
 
     num_features = FEATURE_DIM
@@ -85,12 +80,9 @@ class ResNet50Features(nn.Module):
 def fold_batch_norms(model: ResNet50Features) -> ResNet50Features:
     """An inference copy of ``model`` with every batch norm folded into the convolution before it.
 
-    In eval mode a batch norm is a per-channel affine map, so it folds into its convolution's weights and bias:
-    one pass over each activation map instead of two. On a 2-core AMX CPU, ResNet50 at batch 64 ran 1.31x faster
-    in bf16 (54.0 vs 41.1 frames/s, ``benchmarks/bench_extract.py --quick``, section 3) and 1.32x in fp32. The
-    features equal the unfolded ones up to rounding (relative 5e-7 in fp32, 6e-3 in bf16), so whether they were
-    folded is part of a feature set's identity (``fold_bn``). ``model`` itself is left as it is; the copy keeps its
-    weights' name and hash (the identity of the weights, not of the folded tensors).
+    An eval-mode batch norm is a per-channel affine map: folded, each activation map takes one pass instead of two.
+    The features equal the unfolded ones up to rounding (hence ``fold_bn`` in a feature set's identity). The copy
+    keeps the weights' name and hash.
     """
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode: training batch norms use batch statistics")
@@ -113,10 +105,8 @@ def _conv_norm_pairs(model: ResNet50Features) -> list[tuple[nn.Module, str, str]
 
 
 def weights_identity(model: nn.Module) -> str:
-    """First 16 hex digits of a sha256 over the state dict (key, dtype, shape and bytes of every tensor, in order).
-
-    Independent of device and memory format: the same numbers give the same hash.
-    """
+    """First 16 hex digits of a sha256 over the state dict (key, dtype, shape and bytes of every tensor, in order),
+    whatever the device and memory format."""
     digest = hashlib.sha256()
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().to("cpu").contiguous()
@@ -128,14 +118,9 @@ def weights_identity(model: nn.Module) -> str:
 def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Features:
     """Build the ResNet50 feature backbone in eval mode, with ``weights_name`` and ``weights_sha`` set.
 
-    ``weights``:
-      * ``"imagenet"`` (= ``"imagenet1k_v2"``) or ``"imagenet1k_v1"``: torchvision's ImageNet weights, read from
-        torch hub's cache (``torch.hub.get_dir()/checkpoints/``) or downloaded there; WeightsError says how to get
-        the file onto a machine without internet.
-      * ``"random"``: torchvision's random initialisation drawn with ``seed``; the same seed gives the same weights,
-        and the global RNG is left untouched. For tests and the demo.
-      * a path: a torchvision-style ResNet50 state dict (``fc.*`` keys are ignored), or an epicfeat checkpoint dict
-        holding a ``"backbone"`` state dict (what ``finetune`` saves); named ``sha-<hash>`` by its content.
+    ``weights``: ``"imagenet"`` (= ``"imagenet1k_v2"``) or ``"imagenet1k_v1"`` (torch hub's cache, or downloaded
+    there); ``"random"`` (torchvision's init drawn with ``seed``, the global RNG untouched); or the path of a
+    ResNet50 state dict or of an epicfeat checkpoint holding a ``"backbone"`` state dict.
     """
     weights = str(weights)
     state_dict, source = None, ""
@@ -163,12 +148,8 @@ def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Feat
 
 
 def weights_name_of_sha(weights_sha: str) -> str:
-    """The name of weights read from a file: ``sha-<first 12 hex digits of their hash>``, never the file's name.
-
-    A feature set extracted with ``--weights runs/finetune/last.pt`` and a checkpoint saved as ``best.pt`` (or a
-    copy, or a renamed file) holding the same backbone then have the same identity, and pair; two files that hold
-    different weights never do, whatever they are called.
-    """
+    """The name of weights read from a file: ``sha-<first 12 hex digits of their hash>``, never the file's name
+    (so a copied or renamed file holding the same weights pairs with its features)."""
     return f"sha-{weights_sha[:12]}"
 
 

@@ -1,10 +1,8 @@
 """The frame encoder: frames -> features, the one forward pass of extract, predict, export and finetune.
 
-A feature set's identity (``featureset.json``, a checkpoint's ``feature_set``) records how its features were
-computed: the backbone's weights (and their hash), the normalisation, the precision, the memory layout, folded
-batch norms, torch.compile. ``create_encoder`` builds exactly that encoder from it, so every later use of the
-backbone computes the cached numbers. The backbone sits behind a small seam (``backbone.py``: a module with
-``num_features``, a pooled ``forward`` and ``set_grad_checkpointing``, timm's names).
+``create_encoder`` builds the encoder a feature set's identity records (weights and their hash, normalisation,
+precision, layout, folded batch norms, torch.compile), so every later use of the backbone computes the cached
+numbers.
 """
 from __future__ import annotations
 
@@ -29,13 +27,13 @@ _TORCHVISION_NAMES = ("imagenet1k_v1", "imagenet1k_v2")
 class FrameEncoder(nn.Module):
     """images (N, 3, H, W), values 0..255 -> features (N, num_features) float32.
 
-    ``forward_features`` normalises (``(x - 255 mean) / (255 std)``, the /255 folded into the statistics), lays
-    the pixels out channels-last when asked and runs the backbone under autocast to ``precision`` (none for
-    fp32); gradients flow, so finetune trains through it. ``encode`` is inference exactly as extract stores rows.
+    ``forward_features`` normalises, lays the pixels out channels-last when asked and runs the backbone under
+    autocast to ``precision``; gradients flow (finetune trains through it). ``encode`` is inference as extract
+    stores rows.
     """
 
     def __init__(self, backbone: nn.Module, *, mean: Sequence[float], std: Sequence[float], precision: str,
-                 channels_last: bool, activation_checkpointing: bool = False):
+                 channels_last: bool):
         super().__init__()
         if precision not in PRECISION_DTYPES:
             raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}; got {precision!r}")
@@ -47,7 +45,6 @@ class FrameEncoder(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255),
                              persistent=False)
-        self.set_grad_checkpointing(activation_checkpointing)
 
     @property
     def _layout(self) -> torch.memory_format:
@@ -71,10 +68,8 @@ class FrameEncoder(nn.Module):
                dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """(N, 3, H, W) 0..255 -> (N, D) rounded to ``dtype``, on the encoder's device, as extract stores rows.
 
-        ``pad_to`` pads a short batch with black frames, as extract pads its last batch: convolution kernels
-        (oneDNN, cuDNN) pick their algorithm by batch size, so a frame's features equal extract's only at equal
-        batch sizes. Padded batches all have one shape, so cuDNN autotunes for it once; unpadded ones (a live
-        camera's changing sizes) would pay the autotuning again and again, so they run without.
+        ``pad_to`` pads a short batch with black frames, as extract pads its last batch: kernels pick their
+        algorithm by batch size. Only padded batches (one shape) are autotuned by cuDNN.
         """
         rows = len(images)
         images = images.to(self.pixel_mean.device, non_blocking=True)
@@ -90,8 +85,7 @@ def create_encoder(feature_set: Mapping[str, Any], device: torch.device, *, weig
     """The encoder ``feature_set`` (an identity dict) was extracted with, on ``device``, in eval mode.
 
     ``weights`` None derives them from the identity's name (``random-seedN``, ``imagenet1k_v1/v2``); otherwise a
-    name, ``random`` (with ``seed``, default the identity's N) or a path. Whatever the source, the weights must
-    hash to the identity's ``weights_sha``: features of other weights would make every later number meaningless.
+    name, ``random`` (with ``seed``, default the identity's N) or a path. They must hash to ``weights_sha``.
     """
     recorded = str(feature_set["weights"])
     random_seed = _RANDOM_WEIGHTS.fullmatch(recorded)
@@ -115,11 +109,8 @@ def create_encoder(feature_set: Mapping[str, Any], device: torch.device, *, weig
 
 def build_encoder(backbone: nn.Module, feature_set: Mapping[str, Any], device: torch.device, *,
                   trainable: bool = False) -> FrameEncoder:
-    """``backbone`` run as ``feature_set`` says: batch norms folded (``fold_bn``; never when ``trainable``: folded
-    batch norms cannot train), its mean / std, precision and layout, compiled (``compile``); on ``device``, eval.
-
-    For a backbone in hand (extract loads it before its identity exists); ``create_encoder`` loads and checks one.
-    """
+    """``backbone`` run as ``feature_set`` says (batch norms folded unless ``trainable``, mean / std, precision,
+    layout, compile), on ``device``, in eval mode: for a backbone in hand, ``create_encoder`` loads one."""
     backbone = backbone.eval()
     if feature_set["fold_bn"] and not trainable:
         backbone = fold_batch_norms(backbone)  # one pass per activation map instead of two

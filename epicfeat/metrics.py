@@ -1,38 +1,16 @@
-"""EPIC-KITCHENS-100 action recognition metrics, computed the way the official evaluation computes them.
+"""EPIC-KITCHENS-100 action recognition metrics, computed the way the official C1 evaluation computes them.
 
-Pure numpy, no file IO. What the official C1 evaluation (``evaluate.py`` with ``utils/scoring.py`` and
-``utils/metrics.py`` in github.com/epic-kitchens/C1-Action-Recognition) does, and what we do:
+* Verb and noun top-k: a hit when the label is among the k best-scoring classes.
+* Actions: per segment the top-100 verb and noun scores, softmaxed each (per segment; the official script
+  softmaxes the whole batch, which ranks the same), their outer product, the top-100 pairs; id = verb * 1000 +
+  noun. A segment whose true action is not among its kept pairs is a miss at every k.
+* Subsets (top-1 only): tail verbs / nouns by the label's class, tail actions when verb OR noun is tail; unseen =
+  segments of participants absent from training. Percent: ``mean(hits) * 100``.
 
-* Verb and noun top-k: rank the classes by score, count a hit when the label is among the first k.
-* Action scores: per segment take the top-100 verb scores and the top-100 noun scores (top_n = min(100, C)),
-  softmax each, form the outer product, keep the top-100 (verb, noun) pairs. Action id = verb * 1000 + noun.
-  Action top-k is then the verb/noun rule applied to those ranked ids: a segment whose true action is not among
-  its kept pairs is a miss at every k.
-* Subsets: tail verbs = segments whose verb is a tail verb, tail nouns = segments whose noun is a tail noun,
-  tail actions = segments whose verb OR noun is tail; unseen = segments of participants absent from training.
-  Only top-1 is reported on subsets.
-* Percent: ``mean(hits) * 100``.
-
-Ties. The official code ranks with ``np.argsort(scores)[:, ::-1]`` (ascending sort, then reversed). Its default
-sort is not stable (numpy's SIMD/introsort argsort), so its order among exactly equal scores depends on the numpy
-build and CPU. We implement the *stable* reading of that code, which is the order it gives whenever the sort
-happens to keep equal elements in place:
-
-* verbs and nouns: among equal scores the HIGHER class index ranks first (also when choosing the top-100);
-* actions: the official code sorts twice. ``compute_action_scores`` orders pairs by score (ties: the later pair
-  in verb-rank-major order first) and cuts at 100; ``evaluate.py`` then re-ranks those 100 pairs with the same
-  ascending-then-reversed sort, which flips the order of equal scores again. So at the cut, equal-score pairs
-  that come LAST in verb-rank-major order are the ones kept, and in the final list equal-score pairs appear in
-  verb-rank-major order (FIRST first). "Verb-rank-major order" is position ``verb_rank * n_kept_nouns +
-  noun_rank`` in the outer-product matrix, ranks taken with the verb/noun rule above.
-
-With real float logits exact ties are rare, and our rankings then equal the official ones exactly.
-
-One deliberate difference: the official ``compute_action_scores`` calls ``scipy.special.softmax`` without an
-axis, which normalises over the whole (N, 100) batch instead of per segment. That multiplies each segment's
-action scores by a segment constant, so the ranking is the same (barring float rounding or float32 underflow
-for segments whose logits sit ~90 below the batch maximum); we softmax per segment, as the paper describes.
-Softmaxes run in the logits' dtype (float32 stays float32, as in the official script).
+Ties follow the stable reading of the official ``np.argsort(scores)[:, ::-1]``: among equal scores the HIGHER class
+index ranks first. Actions are sorted twice there, so at the top-100 cut the equal-score pairs LAST in
+verb-rank-major order (position ``verb_rank * n_kept_nouns + noun_rank``) are kept, and in the final list
+equal-score pairs appear in verb-rank-major order.
 """
 from __future__ import annotations
 
@@ -41,16 +19,6 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from epicfeat.errors import EpicfeatError
-
-__all__ = [
-    "ACTION_VERB_MULTIPLIER",
-    "MetricsError",
-    "action_scores",
-    "epic_metrics",
-    "most_confused",
-    "per_class_accuracy",
-    "topk_accuracy",
-]
 
 ACTION_VERB_MULTIPLIER = 1000  # official action id = verb * 1000 + noun
 _ROWS_PER_CHUNK = 256  # segments per chunk when a full outer-product matrix is needed (bounded memory)
@@ -104,10 +72,7 @@ def _descending_order(scores: np.ndarray) -> np.ndarray:
 
 
 def _label_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """0-based rank of each segment's label under the descending-order tie rule, without sorting.
-
-    rank = classes scoring higher + classes scoring the same with a higher index (they rank first on ties).
-    """
+    """0-based rank of each segment's label (classes scoring higher + equal ones with a higher index), unsorted."""
     label_scores = scores[np.arange(len(labels)), labels][:, None]  # (N, 1)
     class_ids = np.arange(scores.shape[1])[None, :]  # (1, C)
     ahead = (scores > label_scores) | ((scores == label_scores) & (class_ids > labels[:, None]))  # (N, C)
@@ -123,12 +88,7 @@ def _percent(hits: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------------------------- top-k
 def topk_accuracy(scores, labels, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Top-k accuracy in percent for each k: a hit when the label is among the k highest-scoring classes.
-
-    scores (N, C) logits or probabilities, labels (N,) ints. Ties: equal scores rank the higher class index first
-    (the stable reading of the official ``argsort()[:, ::-1]``), so all-equal scores predict the last class.
-    k larger than C counts every segment as a hit, as the official code does. N = 0 gives NaN.
-    """
+    """Top-k accuracy in percent for each k, of scores (N, C) and labels (N,); k > C is a hit, N = 0 gives NaN."""
     scores = _scores_2d(scores, "scores")
     labels = _labels_1d(labels, len(scores), scores.shape[1], "labels")
     rank = _label_rank(scores, labels)  # (N,)
@@ -138,10 +98,8 @@ def topk_accuracy(scores, labels, ks: Sequence[int] = (1, 5)) -> dict[int, float
 def _candidate_pairs(n_verbs: int, n_nouns: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Matrix positions (verb_rank, noun_rank) with (verb_rank + 1) * (noun_rank + 1) <= top_n + 1.
 
-    Along a row of sorted probabilities the product p_v[i] * p_n[j] never increases with i or j, so a pair can
-    only beat, or tie with, the top_n-th best score if at most top_n other pairs dominate it. Every set of the
-    top_n + 1 best pairs lies inside these ~5 * top_n positions, so the top_n-th score and whether it is tied
-    can be decided from them alone (instead of sorting all top_n ** 2 = 10,000 products per segment).
+    With sorted probabilities a pair dominated by more than top_n others cannot reach the top_n + 1 best, so
+    these ~5 * top_n positions decide the top_n-th score and whether it is tied (instead of all top_n ** 2).
     """
     verb_rank, noun_rank = np.meshgrid(np.arange(n_verbs), np.arange(n_nouns), indexing="ij")  # (Cv, Cn) each
     inside = (verb_rank + 1) * (noun_rank + 1) <= top_n + 1
@@ -149,10 +107,8 @@ def _candidate_pairs(n_verbs: int, n_nouns: int, top_n: int) -> tuple[np.ndarray
 
 
 def _select_pairs_full(verb_probs: np.ndarray, noun_probs: np.ndarray, top_n: int) -> np.ndarray:
-    """Flat matrix positions (B, top_n) of the kept pairs, from the full outer product (exact for any ties).
-
-    Keeps every pair above the top_n-th score, then the equal-score pairs with the highest flat positions.
-    """
+    """Flat matrix positions (B, top_n) of the kept pairs from the full outer product: every pair above the top_n-th
+    score, then the equal-score pairs with the highest flat positions (exact for any ties)."""
     n_rows = len(verb_probs)
     products = (verb_probs[:, :, None] * noun_probs[:, None, :]).reshape(n_rows, -1)  # (B, Cv' * Cn')
     threshold = np.partition(products, -top_n, axis=1)[:, -top_n][:, None]  # (B, 1) top_n-th best score
@@ -165,13 +121,8 @@ def _select_pairs_full(verb_probs: np.ndarray, noun_probs: np.ndarray, top_n: in
 
 
 def action_scores(verb_logits, noun_logits, *, top_n: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Official EPIC-100 action ranking: (action ids (N, K) int64, scores (N, K)), best first.
-
-    Per segment: the top_n verb logits and top_n noun logits (top_n capped at each class count), a softmax over
-    each, their outer product, and the best K = min(top_n, kept_verbs * kept_nouns) pairs; id = verb * 1000 +
-    noun. Pass logits (or log-probabilities), not probabilities: a softmax of probabilities flattens them and
-    changes the pair ranking. Ties follow the official code's stable reading (module docstring).
-    """
+    """Official EPIC-100 action ranking: (action ids (N, K) int64, scores (N, K)), best first, K = min(top_n,
+    kept_verbs * kept_nouns). Pass logits (or log-probabilities), not probabilities, which a softmax flattens."""
     verb_logits = _scores_2d(verb_logits, "verb_logits")
     noun_logits = _scores_2d(noun_logits, "noun_logits")
     if len(verb_logits) != len(noun_logits):
@@ -234,11 +185,9 @@ def epic_metrics(verb_logits, noun_logits, verb_labels, noun_labels, *, tail_ver
                  tail_nouns: Iterable[int] | None = None, unseen=None) -> dict[str, float]:
     """The official EPIC-100 action recognition metrics, in percent, under their official names.
 
-    Always ``all_{verb,noun,action}_accuracy_at_{1,5}``. With ``tail_verbs`` (class ids):
-    ``tail_verb_accuracy_at_1`` over segments whose verb is tail; with ``tail_nouns``: ``tail_noun_...``; with
-    both: ``tail_action_accuracy_at_1`` over segments whose verb OR noun is tail. With ``unseen`` (bool mask (N,),
-    True for segments of unseen participants): ``unseen_{verb,noun,action}_accuracy_at_1``. A subset with no
-    segments gives NaN (the official script warns and omits unseen, and fails on an empty tail subset).
+    Always ``all_{verb,noun,action}_accuracy_at_{1,5}``; ``tail_{verb,noun}_accuracy_at_1`` with ``tail_verbs`` /
+    ``tail_nouns`` (class ids), ``tail_action_accuracy_at_1`` with both; ``unseen_{verb,noun,action}_accuracy_at_1``
+    with ``unseen`` (bool mask (N,)). A subset with no segments gives NaN.
     """
     verb_logits = _scores_2d(verb_logits, "verb_logits")
     noun_logits = _scores_2d(noun_logits, "noun_logits")
@@ -283,10 +232,7 @@ def epic_metrics(verb_logits, noun_logits, verb_labels, noun_labels, *, tail_ver
 
 # ----------------------------------------------------------------------------------------------- diagnostics
 def per_class_accuracy(logits, labels, n_classes: int) -> np.ndarray:
-    """Top-1 accuracy (percent) of each class over the segments labelled with it: (n_classes,) float64.
-
-    NaN for classes with no segment. Same tie rule as ``topk_accuracy``.
-    """
+    """Top-1 accuracy (percent) of each class over its segments: (n_classes,) float64, NaN for absent classes."""
     logits = _scores_2d(logits, "logits")
     if logits.shape[1] != n_classes:
         raise MetricsError(f"logits have {logits.shape[1]} classes but n_classes is {n_classes}.")
@@ -301,11 +247,8 @@ def per_class_accuracy(logits, labels, n_classes: int) -> np.ndarray:
 
 
 def most_confused(logits, labels, class_keys: Sequence[str], top: int = 10) -> list[tuple[str, str, int]]:
-    """The most frequent (true class, top-1 predicted class) mistakes: [(true_key, predicted_key, count)].
-
-    Pass ``ClassTable.keys`` as class_keys. Sorted by count (descending), then true id, then predicted id;
-    only pairs that occur, at most ``top`` of them.
-    """
+    """The ``top`` most frequent (true class, top-1 predicted class) mistakes: [(true_key, predicted_key, count)],
+    by count, then true id, then predicted id."""
     logits = _scores_2d(logits, "logits")
     n_classes = logits.shape[1]
     if len(class_keys) != n_classes:

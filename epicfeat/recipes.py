@@ -1,12 +1,6 @@
-"""Recipes: one frozen dataclass config per command (`epicfeat/configs.py`), resolved in layers.
-
-Resolution order (later wins):
-  1. the dataclass field defaults (``epicfeat/configs.py``: the one source of every default),
-  2. a ``--config FILE`` recipe given by the user (``configs/temporal_32f.yaml``, a run's saved ``config.yaml``),
-  3. CLI flags that were actually given (``None`` means "not given").
-
-Unknown keys are an error naming the key and the file, because a misspelt hyper-parameter that is silently
-ignored costs a researcher a whole training run. The resolved config is written beside every output.
+"""Recipes: a command's config resolved in layers, later wins: the dataclass defaults (``epicfeat/configs.py``),
+a ``--config FILE`` recipe, then the CLI flags given (``None``: not given). An unknown key is an error naming the
+key and the file: a misspelt hyper-parameter silently ignored would cost a whole training run.
 """
 from __future__ import annotations
 
@@ -30,33 +24,25 @@ class ConfigError(EpicfeatError, ValueError):
 
 
 def option(default: Any, help: str, *, cli: bool = True, flag: str | None = None) -> Any:
-    """A config field with the help text that ``--help`` shows.
-
-    ``cli=False`` leaves the field to recipes (YAML) only; ``flag`` names the option when the field's own name
-    reads badly on a command line (``checkpoints`` is given as ``--checkpoint A --checkpoint B``).
-    """
+    """A config field with the help text that ``--help`` shows; ``cli=False`` leaves it to recipes only, ``flag``
+    names its option when the field's name reads badly there (``--checkpoint`` for ``checkpoints``)."""
     return dataclasses.field(default=default, metadata={"help": help, "cli": cli, "flag": flag})
 
 
-def resolve_config(
-    cls: type[C],
-    *,
-    config_file: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> C:
+def resolve_config(cls: type[C], *, config_file: str | os.PathLike | None = None,
+                   overrides: Mapping[str, Any] | None = None) -> C:
     """Build a ``cls`` from its field defaults, a recipe file and CLI overrides (later wins)."""
     values: dict[str, Any] = {}
-    sources: list[Path] = []
+    source = "command line"
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        sources.append(path)
-    for path in sources:
         values.update(_check_keys(cls, read_yaml(path), str(path)))
+        source = f"{path} + {source}"
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(_check_keys(cls, given, "command-line options"))
-    return from_dict(cls, values, source=" + ".join([str(s) for s in sources] + ["command line"]))
+    return from_dict(cls, values, source=source)
 
 
 def from_dict(cls: type[C], values: Mapping[str, Any], *, source: str = "dict") -> C:
@@ -82,10 +68,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML, atomically, so a re-run can pass it back with ``--config``."""
-    path = Path(path)
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    atomic_write_text(path, text)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

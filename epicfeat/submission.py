@@ -2,23 +2,15 @@
 
 Formats follow github.com/epic-kitchens/C1-Action-Recognition:
 
-* Results pickle (read by its ``evaluate.py`` / ``create_submission.py`` through ``utils/results.py``): a dict
-  ``{'verb_output': float32 (N, C_v), 'noun_output': float32 (N, C_n), 'narration_id': ndarray of str (N,)}``
-  holding per-segment scores, rows aligned with ``narration_id``. The arrays are pickled as
-  ``numpy.ndarray(shape, dtype, buffer)`` (see ``_PortableArray``), so numpy 1.x reads a file numpy 2 wrote.
+* Results pickle: ``{'verb_output': float32 (N, C_v), 'noun_output': float32 (N, C_n), 'narration_id': ndarray
+  of str (N,)}``, rows aligned with ``narration_id``, readable by numpy 1.x and 2 (``_PortableArray``).
 * Submission: a zip holding ``test.json`` = ``{"version": "0.2", "challenge": "action_recognition",
   "sls_pt": int, "sls_tl": int, "sls_td": int, "results": {narration_id: {"verb": {"0": score, ...},
   "noun": {"0": score, ...}}}}`` with every class index as a string key.
 
-Scores are per-row log-probabilities (``log_softmax_rows``) in both files, whatever the model produced. The
-official action scoring softmaxes the top-100 verb and noun scores with scipy's ``softmax`` *without an axis*,
-i.e. over the whole (N, 100) batch: raw logits whose level differs from segment to segment (spread 30) then
-underflow for every segment far below the batch maximum, and the leaderboard ranks their actions at random.
-A row of log-probabilities has its maximum between -log(C) and 0, so no row sits far below another, and
-the whole-batch softmax only multiplies each segment's pair scores by one constant: the official ranking and
-``epicfeat.metrics`` (per-segment softmax) agree.
-
-Every writer is atomic (temporary file in the same folder, then rename): a crash or a refusal leaves no file.
+Scores are per-row log-probabilities (``log_softmax_rows``) in both files: the official action scoring softmaxes
+over the whole batch, not per segment, and only rows of log-probabilities keep its ranking equal to ours.
+Every writer is atomic: a crash or a refusal leaves no file.
 """
 from __future__ import annotations
 
@@ -35,19 +27,6 @@ import numpy as np
 
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write
-
-__all__ = [
-    "CHALLENGE",
-    "SUBMISSION_MEMBER",
-    "SUBMISSION_VERSION",
-    "EnsembleError",
-    "SubmissionError",
-    "build_submission",
-    "ensemble",
-    "log_softmax_rows",
-    "write_results_pickle",
-    "write_submission_zip",
-]
 
 SUBMISSION_VERSION = "0.2"
 CHALLENGE = "action_recognition"
@@ -89,18 +68,15 @@ def _score_matrix(scores, name: str) -> np.ndarray:
 def log_softmax_rows(scores) -> np.ndarray:
     """Per-row log-probabilities of logits (N, C) as float32: what the results pickle and test.json hold.
 
-    Computed in float64 and rounded once, so the same scores always give bit-identical files, and metrics computed
-    on ``log_softmax_rows(x)`` are the metrics of what was written. Log-probabilities give themselves back (up to
-    the last float32 bit); the ranking of every row is unchanged.
+    Computed in float64 and rounded once, so the same scores always give bit-identical files.
     """
     wide = np.asarray(scores, dtype=np.float64)  # (N, C)
     return _log_softmax(wide).astype(np.float32)
 
 
 class _PortableArray:
-    """Pickles an array as ``numpy.ndarray(shape, dtype_string, bytearray)``: the only global it names is
-    ``numpy.ndarray``, which every numpy has, where numpy 2's own pickles name ``numpy._core.multiarray``
-    (absent before numpy 2, so numpy 1.x cannot load them). A bytearray buffer makes the loaded array writable."""
+    """Pickles an array as ``numpy.ndarray(shape, dtype_string, bytearray)``: numpy 2's own pickles name
+    ``numpy._core.multiarray``, which numpy 1.x lacks. A bytearray buffer makes the loaded array writable."""
 
     def __init__(self, array: np.ndarray):
         self.array = np.ascontiguousarray(array)
@@ -113,12 +89,9 @@ class _PortableArray:
 def _shortest_float32(values: np.ndarray) -> np.ndarray:
     """float64 values whose shortest decimal (what ``json`` writes) reads back as exactly ``values`` in float32.
 
-    Rounding to a fixed 6 digits would make distinct float32 scores equal and so change the leaderboard's
-    ranking of close classes; the shortest decimal that round-trips (at most 9 significant digits) keeps every
-    ranking exact at about the same size. For each value we try 6, 7, 8 then 9 significant digits (9 always
-    round-trips float32) and keep the first that reads back unchanged. The rounding is done in float64 with
-    exact powers of ten (|exponent| <= 22) so the result is exactly the double nearest that decimal; the rare
-    values outside that range (|x| below ~1e-14 or above ~1e27) fall back to numpy's own shortest repr.
+    A fixed 6 digits would make distinct scores equal and change the ranking of close classes. Each value tries
+    6, 7, 8 then 9 significant digits (9 always round-trips), rounded with exact powers of ten (up to 1e22);
+    values beyond them (|x| below ~1e-14 or above ~1e27) fall back to numpy's own shortest repr.
     """
     values = np.asarray(values, dtype=np.float32)
     wide = values.astype(np.float64)
@@ -142,12 +115,10 @@ def _shortest_float32(values: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- results pickle
 def write_results_pickle(path: str | Path, verb_logits, noun_logits, narration_ids: Sequence[str]) -> Path:
-    """Write the results file the official EPIC-100 ``evaluate.py`` reads (its dict format), atomically.
+    """Write the results file the official EPIC-100 ``evaluate.py`` reads (module docstring), atomically.
 
-    ``{'verb_output': float32 (N, C_v), 'noun_output': float32 (N, C_n), 'narration_id': ndarray of str (N,)}``,
-    pickled (protocol 4) with arrays any numpy >= 1.0 loads. Takes logits (or ensemble log-probabilities) and
-    stores their per-row log-probabilities (``log_softmax_rows``), one row per narration_id.
-    Refuses (SubmissionError, nothing written) mismatched lengths, repeated narration_ids and NaN/inf scores.
+    Takes logits (or ensemble log-probabilities), one row per narration_id; refuses (SubmissionError, nothing
+    written) mismatched lengths, repeated narration_ids and NaN/inf scores.
     """
     verbs = _score_matrix(verb_logits, "verb_logits").astype(np.float32)  # (N, C_v)
     nouns = _score_matrix(noun_logits, "noun_logits").astype(np.float32)  # (N, C_n)
@@ -180,12 +151,9 @@ def build_submission(verb_scores, noun_scores, narration_ids: Sequence[str], *, 
     """The leaderboard's ``test.json`` content, after checking every row is present exactly once and finite.
 
     verb_scores (N, n_verbs) and noun_scores (N, n_nouns) are logits or log-probabilities, rows aligned with
-    narration_ids; they are written as per-row log-probabilities (``log_softmax_rows``, the module docstring says
-    why), exactly the values ``write_results_pickle`` stores for the same scores. ``expected_ids`` are the split's narration_ids (e.g. every row of EPIC_100_test_timestamps.csv);
-    results follow their order. Scores are written as the shortest decimals that read back as the same float32
-    (see ``_shortest_float32``). Refuses with one SubmissionError listing every problem: missing, repeated or
-    unknown narration_ids, class counts other than n_verbs/n_nouns, NaN/inf scores, sls values outside 0..5.
-    ``sls`` holds the three supervision levels (``SLS_KEYS``: sls_pt, sls_tl, sls_td).
+    narration_ids, written as ``write_results_pickle`` stores them; results follow the order of ``expected_ids``
+    (the split's narration_ids). ``sls`` holds the three supervision levels (``SLS_KEYS``). Refuses with one
+    SubmissionError listing every problem.
     """
     sls = {name: _check_sls(name, sls.get(name)) for name in SLS_KEYS}
     verbs = _score_matrix(verb_scores, "verb_scores")
@@ -258,15 +226,12 @@ def _check_submission_structure(submission: dict) -> None:
 
 
 def write_submission_zip(path: str | Path, submission: dict) -> Path:
-    """Write ``submission`` (from ``build_submission``) as a zip holding ``test.json``, atomically.
-
-    An existing file at ``path`` is replaced. A refused submission (SubmissionError) leaves nothing behind.
-    """
+    """Write ``submission`` (from ``build_submission``) as a zip holding ``test.json``, atomically."""
     _check_submission_structure(submission)
     text = json.dumps(submission, allow_nan=False, separators=(",", ":"))  # compact: the file is ~60 MB
 
     def write(f: IO[bytes]) -> None:
-        # Deflate level 5 as the official tool: ~36 MB for the test split in ~5 s (level 6: 35 MB in ~9 s).
+        # Deflate level 5, as the official tool.
         with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=5) as archive:
             archive.writestr(SUBMISSION_MEMBER, text)
 
@@ -283,13 +248,9 @@ def ensemble(logit_sets: Sequence[tuple[Any, Any]], weights: Sequence[float] | N
              mode: str = "probs") -> tuple[np.ndarray, np.ndarray]:
     """Combine several models' (verb (N, C_v), noun (N, C_n)) logits into one (verb, noun) pair, float32.
 
-    weights (one per set, >= 0, normalised to sum 1; None = equal).
-    mode "probs" (default): the weighted mean of softmax probabilities, returned as its LOG (log-probabilities).
-        Downstream scoring (``action_scores``, the leaderboard) applies a softmax to what it is given; the softmax
-        of log p is p again, so the action ranking is the product of the ensemble's probabilities. Returning the
-        probabilities themselves would be softmaxed a second time, which flattens them and reorders action pairs.
-        Computed as a log-sum-exp of log-weights + log-softmaxes, so no score underflows to -inf.
-    mode "logits": the weighted mean of the logits (sharper; models must have comparable logit scales).
+    weights: one per set, >= 0, normalised (None = equal). mode "probs": the log of the weighted mean of softmax
+    probabilities (scoring softmaxes what it is given, and the softmax of log p is p); "logits": the weighted
+    mean of the logits.
     """
     if mode not in ("probs", "logits"):
         raise EnsembleError(f"ensemble mode must be 'probs' or 'logits', got {mode!r}.")
