@@ -22,59 +22,46 @@ SLS_TL_FULL_TEMPORAL = 3  # trained on segment start/stop times and verb/noun la
 class ExtractConfig:
     # what to extract
     split: Literal["train", "validation", "test", "all"] = option(
-        "train",
-        "Which split's videos (listed by the annotation CSVs)."
+        "train", "Which split's videos (listed by the annotation CSVs)."
     )
     video_ids: tuple[str, ...] = option(
-        (),
-        "Video ids instead of a split (repeat the option or separate with commas: P01_01,P01_02)."
+        (), "Video ids instead of a split (repeat the option or separate with commas: P01_01,P01_02)."
     )
     videos: Path | None = option(None, "Video root (<root>/P01/P01_01.MP4 or <root>/P01/videos/P01_01.MP4).")
     annotations: Path | None = option(None, "Folder with EPIC_100_*.csv (needed for --split).")
     cache: Path = option(Path("cache"), "Folder of feature sets: <cache>/<feature set key>/.")
     # what defines the feature set (all of it goes into the feature set's identity)
     weights: str = option(
-        "imagenet",
-        "imagenet | imagenet1k_v1 | random | PATH of a state dict or epicfeat checkpoint."
+        "imagenet", "imagenet | imagenet1k_v1 | random | PATH of a state dict or epicfeat checkpoint."
     )
     seed: int = option(0, "Seed of --weights random.")
     fps: float | None = option(10.0, "Feature rows per second of video.")
     resize: int = option(256, "Shorter side before the centre crop.")
     crop: int = option(224, "Centre crop size (pixels).")
     mean: tuple[float, float, float] = option(
-        (0.485, 0.456, 0.406),
-        "Normalisation mean per RGB channel (ImageNet).",
-        cli=False
+        (0.485, 0.456, 0.406), "Normalisation mean per RGB channel (ImageNet).", cli=False
     )
     std: tuple[float, float, float] = option(
-        (0.229, 0.224, 0.225),
-        "Normalisation std per RGB channel (ImageNet).",
-        cli=False
+        (0.229, 0.224, 0.225), "Normalisation std per RGB channel (ImageNet).", cli=False
     )
     precision: Precision = option(
-        "auto",
-        "Backbone compute precision; auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else "
-        "fp32. Features are stored as float16 either way; the resolved value is part of the feature set."
+        "auto", "Backbone compute precision; auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), "
+        "else fp32. Features are stored as float16 either way; the resolved value is part of the feature set."
     )
     # how to run it (batch size, channels_last, compile and fold_bn can move a float16 by one step: all four are keyed)
     batch_size: int = option(64, "Frames per model batch.")
-    decode_workers: int = option(
-        -1,
-        "Decode processes; -1: one per spare core, at most 8 (0: decode in this process)."
-    )
+    decode_workers: int = option(-1, "Decode processes; -1: one per spare core, at most 8 (0: decode in this process).")
     decode_threads: int = option(
-        0,
-        "Codec threads per decode process; 0: the cores shared out among the decode processes (FFmpeg's choice when "
+        0, "Codec threads per decode process; 0: the cores shared out among the decode processes (FFmpeg's choice when "
         "decoding in this process)."
     )
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     channels_last: bool = option(True, "Channels-last memory layout for the backbone (faster convolutions).")
     compile: bool = option(False, "torch.compile the backbone (GPU; pays off on long runs).")
     fold_bn: bool | None = option(
-        None,
-        "Fold each batch norm into the convolution before it; default auto: on a CPU (ResNet50 1.3x faster there), "
-        "off on a GPU (0.86x there). The features equal torchvision's unfolded modules up to rounding; the resolved "
-        "choice is part of the feature set, and predict and export follow it."
+        None, "Fold each batch norm into the convolution before it; default auto: on a CPU (ResNet50 1.3x faster "
+        "there), off on a GPU (0.86x there). The features equal torchvision's unfolded modules up to rounding; the "
+        "resolved choice is part of the feature set, and predict and export follow it."
     )
     scheduler: str | None = option(
         None,
@@ -83,8 +70,7 @@ class ExtractConfig:
     )
     workers: int = option(2, "LocalCluster workers with --scheduler local (SLURM jobs with --scheduler slurm).")
     claim_lease_s: float = option(
-        60.0,
-        "Seconds after which the claim of a writer that stopped renewing it (killed) is stale and its video is "
+        60.0, "Seconds after which the claim of a writer that stopped renewing it (killed) is stale and its video is "
         "taken over by another extract sharing the cache."
     )
     progress: bool = option(True, "A progress bar with the rate and ETA (the summary table is printed either way).")
@@ -95,32 +81,26 @@ class TrainTemporalConfig:
     # --- data
     annotations: Path | None = option(None, "Folder with EPIC_100_*.csv (class tables, segments, tail / unseen CSVs).")
     train_file: str = option(
-        "EPIC_100_train.csv",
-        "Train CSV in that folder (e.g. EPIC_100_uda_source_train.csv, a subset)."
+        "EPIC_100_train.csv", "Train CSV in that folder (e.g. EPIC_100_uda_source_train.csv, a subset)."
     )
     cache: Path = option(Path("cache"), "Folder of feature sets (<cache>/<feature set key>/).")
     feature_set: str | None = option(
-        None,
-        "Key (folder name under cache) or path of the feature set; None: the only one."
+        None, "Key (folder name under cache) or path of the feature set; None: the only one."
     )
     train_splits: Literal["train", "train+validation"] = option(
-        "train",
-        "train: validate and stop early; train+validation: the final model for the test submission (no "
+        "train", "train: validate and stop early; train+validation: the final model for the test submission (no "
         "validation, best.pt = last epoch)."
     )
     out: Path = option(
-        Path("runs/temporal"),
-        "This run's folder: checkpoints, metrics.csv, plots, tensorboard/, config.yaml."
+        Path("runs/temporal"), "This run's folder: checkpoints, metrics.csv, plots, tensorboard/, config.yaml."
     )
     resume: bool = option(False, "Continue the run in --out from its last.pt (same schedule, RNG and data order).")
     # --- sampling
     frames: int = option(
-        16,
-        "T rows per segment, TSN-style: a random row in each of T equal bins (train), bin centres (eval)."
+        16, "T rows per segment, TSN-style: a random row in each of T equal bins (train), bin centres (eval)."
     )
     pack_cache: bool = option(
-        True,
-        "Keep each packed split on disk (<cache>/.packed/<feature set>/) so later runs on the same feature set "
+        True, "Keep each packed split on disk (<cache>/.packed/<feature set>/) so later runs on the same feature set "
         "and segments (other T, resumes) load it in seconds instead of re-reading Zarr."
     )
     # --- model (TemporalModelArgs)
@@ -138,14 +118,12 @@ class TrainTemporalConfig:
     label_smoothing: float = option(0.1, "For both the verb and the noun cross-entropy.")
     batch_size: int = option(100, "Effective batch: segments per optimiser step (capped at the train set's size).")
     micro_batch_size: int = option(
-        100,
-        "Segments per forward/backward; gradients of batch_size / micro_batch_size micro-batches are accumulated "
+        100, "Segments per forward/backward; gradients of batch_size / micro_batch_size micro-batches are accumulated "
         "before each step (lower it when a GPU runs out of memory)."
     )
     cutmix_alpha: float = option(1.0, "Beta(alpha, alpha) of time-span CutMix in feature space; 0 turns it off.")
     patience: int = option(
-        10,
-        "Early stopping: stop after this many epochs without a better validation action top-1 (0: never stop "
+        10, "Early stopping: stop after this many epochs without a better validation action top-1 (0: never stop "
         "early)."
     )
     # --- evaluation
@@ -155,10 +133,9 @@ class TrainTemporalConfig:
     deterministic: bool = option(False, "Deterministic kernels for the run (bit-exact CPU resume).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto",
-        "What the BiLSTM computes in (explicit casts, fp32 master weights; fp16 with loss scaling); auto: bf16 on"
-        " a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. The resolved value is recorded in "
-        "the run's config and used by its validation and by evaluate."
+        "auto", "What the BiLSTM computes in (explicit casts, fp32 master weights; fp16 with loss scaling); auto: bf16 "
+        "on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. The resolved value is recorded in the "
+        "run's config and used by its validation and by evaluate."
     )
     progress: bool = option(True, "Rich progress bars, per-epoch lines and the summary table.")
 
@@ -192,16 +169,14 @@ class ScoringConfig:
     cache: Path = option(Path("cache"), "Folder of feature sets.")
     feature_set: str | None = option(None, "Key under cache (or path); None: the checkpoints' own feature set.")
     pack_cache: bool = option(
-        True,
-        "Read the packed split from <cache>/.packed/<feature set>/ (written by train-temporal or an earlier "
+        True, "Read the packed split from <cache>/.packed/<feature set>/ (written by train-temporal or an earlier "
         "evaluate) instead of re-reading Zarr; packed and kept there when absent."
     )
     batch_size: int = option(500, "Segments per forward pass.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["checkpoint", "fp32", "bf16", "fp16"] = option(
-        "checkpoint",
-        "What each model's BiLSTM computes in; checkpoint: the precision it was trained and validated in (its "
-        "config's)."
+        "checkpoint", "What each model's BiLSTM computes in; checkpoint: the precision it was trained and validated in "
+        "(its config's)."
     )
     progress: bool = option(True, "Progress bars and the summary table.")
 
@@ -219,12 +194,10 @@ class ScoringConfig:
 class EvaluateConfig(ScoringConfig):
     split: Literal["validation", "train"] = option("validation", "A labelled split.")
     out: Path = option(
-        Path("runs/evaluate"),
-        "Folder for metrics.json, metrics.md, results_<split>.pkl, per_class.csv and plots."
+        Path("runs/evaluate"), "Folder for metrics.json, metrics.md, results_<split>.pkl, per_class.csv and plots."
     )
     allow_missing: bool = option(
-        False,
-        "Score only the segments whose videos are in the feature set (metrics then cover a subset and are not "
+        False, "Score only the segments whose videos are in the feature set (metrics then cover a subset and are not "
         "comparable with the leaderboard; the count is reported)."
     )
     top_confused: int = option(10, "Most confused (true, predicted) pairs listed and plotted per task.")
@@ -243,27 +216,23 @@ class FinetuneConfig:
     # --- where to start
     checkpoint: Path | None = option(None, "best.pt or last.pt of a train-temporal (or finetune) run.")
     weights: str | None = option(
-        None,
-        "Backbone weights the checkpoint's feature set was extracted with: imagenet | imagenet1k_v1 | random | "
-        "PATH; None: read from the feature set's identity (a file needs its path here). Whatever is given must "
-        "hash to the feature set's weights_sha, else the run is refused."
+        None, "Backbone weights the checkpoint's feature set was extracted with: imagenet | imagenet1k_v1 | random | "
+        "PATH; None: read from the feature set's identity (a file needs its path here). Whatever is given must hash to "
+        "the feature set's weights_sha, else the run is refused."
     )
     # --- data
     videos: Path | None = option(None, "Video root (<root>/P01/P01_01.MP4 or <root>/P01/videos/P01_01.MP4).")
     annotations: Path | None = option(None, "Folder with EPIC_100_*.csv.")
     train_file: str = option("EPIC_100_train.csv", "Train CSV in the annotations folder.")
     cache: Path = option(
-        Path("cache"),
-        "Folder of feature sets: clips are decoded at the stored rows' times of the checkpoint's feature set "
-        "(stage two's frames)."
+        Path("cache"), "Folder of feature sets: clips are decoded at the stored rows' times of the checkpoint's "
+        "feature set (stage two's frames)."
     )
     feature_set: str | None = option(
-        None,
-        "Key under --cache (or path) of the checkpoint's feature set; None: the checkpoint's own key."
+        None, "Key under --cache (or path) of the checkpoint's feature set; None: the checkpoint's own key."
     )
     train_splits: Literal["train", "train+validation"] = option(
-        "train",
-        "train: validate and stop early; train+validation: no validation, no early stop."
+        "train", "train: validate and stop early; train+validation: no validation, no early stop."
     )
     out: Path = option(Path("runs/finetune"), "This run's folder: checkpoints, metrics.csv, plots, config.yaml.")
     resume: bool = option(False, "Continue the run in --out from its last.pt.")
@@ -273,13 +242,11 @@ class FinetuneConfig:
     activation_checkpointing: bool = option(False, "Recompute trainable stages in backward: less memory, ~30% slower.")
     # --- augmentation (the seed's; identical for all T frames of a clip)
     crop_scale: tuple[float, float] = option(
-        (0.6, 1.0),
-        "RandomResizedCrop area range (output: the feature set's crop)."
+        (0.6, 1.0), "RandomResizedCrop area range (output: the feature set's crop)."
     )
     hflip: float = option(0.5, "Probability of a horizontal flip (the same for every frame of a clip).")
     color_jitter: tuple[float, float, float, float] = option(
-        (0.3, 0.3, 0.2, 0.1),
-        "Brightness, contrast, saturation, hue."
+        (0.3, 0.3, 0.2, 0.1), "Brightness, contrast, saturation, hue."
     )
     grayscale: float = option(0.1, "Probability of turning a clip grayscale.")
     cutmix_alpha: float = option(1.0, "CutMix with one box for the whole clip; 0 turns it off.")
@@ -298,29 +265,25 @@ class FinetuneConfig:
     eval_batch_size: int = option(8, "Clips per forward pass during validation.")
     eval_start: bool = option(True, "Evaluate the starting model first (its metrics are the baseline to beat).")
     restandardize: bool = option(
-        True,
-        "Re-estimate the temporal model's input mean/std with the training backbone after every epoch (the head "
+        True, "Re-estimate the temporal model's input mean/std with the training backbone after every epoch (the head "
         "keeps seeing standardised features)."
     )
     stats_segments: int = option(
-        512,
-        "Train segments (evenly spaced, bin-centre frames, centre crop) the re-estimated mean/std are measured "
+        512, "Train segments (evenly spaced, bin-centre frames, centre crop) the re-estimated mean/std are measured "
         "on."
     )
     # --- how to run
     num_workers: int = option(8, "DataLoader decode processes per training process (0: decode in the main process).")
     decode_threads: int = option(
-        0,
-        "Codec threads per decode process; 0: this process's cores / num_workers, so threads x workers stays "
-        "within the cores."
+        0, "Codec threads per decode process; 0: this process's cores / num_workers, so threads x workers stays within "
+        "the cores."
     )
     seed: int = option(0, "Seeds init, augmentation, shuffling and CutMix.")
     deterministic: bool = option(False, "Deterministic kernels for the run (bit-exact CPU resume).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK).")
     precision: Literal["fp32", "bf16"] = option(
-        "bf16",
-        "What a GPU computes in: the encoder under autocast, the LSTM by explicit casts (a CPU computes in fp32); "
-        "the run's config records what it computed in."
+        "bf16", "What a GPU computes in: the encoder under autocast, the LSTM by explicit casts (a CPU computes in "
+        "fp32); the run's config records what it computed in."
     )
     progress: bool = option(True, "Progress bars, per-stage lines and the summary table.")
 
@@ -364,54 +327,44 @@ class PredictConfig:
     )
     checkpoint: Path | None = option(None, "best.pt or last.pt of a train-temporal run.")
     weights: str | None = option(
-        None,
-        "Backbone weights; they must hash to the checkpoint's. Default: derived from the feature set (imagenet, "
+        None, "Backbone weights; they must hash to the checkpoint's. Default: derived from the feature set (imagenet, "
         "random with its seed, or a finetune checkpoint's own backbone); other files: give the path."
     )
     seed: int = option(0, "Seed of --weights random.")
     stride: int = option(4, "Sampled frames between predictions (1: a prediction for every frame).")
     window_seconds: float = option(
-        2.0,
-        "Seconds of stream each prediction sees; its T rows are sampled from them exactly as evaluate samples a "
-        "segment of that length (bin centres), so a prediction equals evaluate's score for the segment "
-        "[window_start, window_end). Default 2.0 s: the median EPIC-100 validation segment (1.96 s over 9,668 "
-        "segments; 51 % are shorter, 24 % more than twice as long). Use T / fps (1.6 at T=16, 10 fps) for T "
-        "consecutive rows."
+        2.0, "Seconds of stream each prediction sees; its T rows are sampled from them exactly as evaluate samples a "
+        "segment of that length (bin centres), so a prediction equals evaluate's score for the segment [window_start, "
+        "window_end). Default 2.0 s: the median EPIC-100 validation segment (1.96 s over 9,668 segments; 51 % are "
+        "shorter, 24 % more than twice as long). Use T / fps (1.6 at T=16, 10 fps) for T consecutive rows."
     )
     skip_frames: int = option(0, "Sampled frames dropped after each kept one: backbone runs at fps / (skip + 1).")
     top_k: int = option(5, "Verbs, nouns and actions listed per prediction.")
     timeline: Path | None = option(
-        None,
-        "Write the timeline of predictions to this .csv or .jsonl (JSON Lines) file, one line per prediction, "
-        "flushed as it is made: the file is valid at any moment and a run that stops keeps every prediction so "
-        "far."
+        None, "Write the timeline of predictions to this .csv or .jsonl (JSON Lines) file, one line per prediction, "
+        "flushed as it is made: the file is valid at any moment and a run that stops keeps every prediction so far."
     )
     video_out: Path | None = option(
-        None,
-        "Write an annotated MP4: the sampled source frames at their own size, the model's crop outlined, the "
+        None, "Write an annotated MP4: the sampled source frames at their own size, the model's crop outlined, the "
         "latest prediction drawn on them (needs Pillow)."
     )
     max_seconds: float | None = option(
-        None,
-        "Stop after this many seconds of source (a camera otherwise runs until Ctrl-C)."
+        None, "Stop after this many seconds of source (a camera otherwise runs until Ctrl-C)."
     )
     batch_size: int | None = option(
-        None,
-        "Frames per backbone call. Default: for a file, the feature set's extract batch size (up to 64; short "
-        "batches are padded as extract pads them, so features equal the stored ones bit for bit); for a camera 1,"
-        " the lowest latency. A camera keeps at most this many captured frames waiting: when the model falls "
-        "behind, the oldest are dropped (counted in the summary) rather than queued."
+        None, "Frames per backbone call. Default: for a file, the feature set's extract batch size (up to 64; short "
+        "batches are padded as extract pads them, so features equal the stored ones bit for bit); for a camera 1, the "
+        "lowest latency. A camera keeps at most this many captured frames waiting: when the model falls behind, the "
+        "oldest are dropped (counted in the summary) rather than queued."
     )
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["fp32", "bf16", "fp16"] | None = option(
-        None,
-        "Backbone compute precision. Default: the feature set's (what the model was trained on)."
+        None, "Backbone compute precision. Default: the feature set's (what the model was trained on)."
     )
     channels_last: bool = option(True, "Channels-last memory layout for the backbone (faster convolutions).")
     compile: bool = option(False, "torch.compile the backbone (pays off on long GPU runs).")
     camera_format: str | None = option(
-        None,
-        "PyAV capture format for cameras (v4l2, avfoundation, dshow, or lavfi for FFmpeg's synthetic sources, "
+        None, "PyAV capture format for cameras (v4l2, avfoundation, dshow, or lavfi for FFmpeg's synthetic sources, "
         "which --source then describes). Default: v4l2 on Linux, avfoundation on macOS."
     )
     progress: bool = option(True, "Progress bars, per-stage lines and the summary table.")
@@ -421,15 +374,13 @@ class PredictConfig:
 class ExportConfig:
     checkpoint: Path | None = option(None, "best.pt or last.pt of a train-temporal run.")
     format: ExportFormat = option(
-        "onnx",
-        "Model format to write. torchscript: the full model in the feature set's precision (equals predict); "
-        "onnx, coreml: fp32 (no bf16 convolutions there). coreml converts on Linux; its numeric parity can only "
-        "be checked on macOS."
+        "onnx", "Model format to write. torchscript: the full model in the feature set's precision (equals predict); "
+        "onnx, coreml: fp32 (no bf16 convolutions there). coreml converts on Linux; its numeric parity can only be "
+        "checked on macOS."
     )
     out: Path = option(Path("exported"), "Folder for the two models and classes.json.")
     weights: str | None = option(
-        None,
-        "Backbone weights of the full model. Default: derived from the feature set, as predict does."
+        None, "Backbone weights of the full model. Default: derived from the feature set, as predict does."
     )
     seed: int = option(0, "Seed of --weights random.")
     opset: int = option(18, "ONNX opset (the dynamo exporter needs >= 18).")
@@ -442,16 +393,14 @@ class DemoConfig:
     out: Path = option(Path("demo_out"), "Folder for everything: data/, cache/, runs/, config.yaml.")
     seed: int = option(0, "Seeds the dataset, the random backbone and training.")
     dataset: Literal["default", "tiny"] = option(
-        "default",
-        "default: 18 videos, 6 min of video; tiny: 6 videos of about 4 s (tests)."
+        "default", "default: 18 videos, 6 min of video; tiny: 6 videos of about 4 s (tests)."
     )
     # --- stage one (features): random weights, the seed's 10 rows/s, smaller crops than ImageNet's 224
     fps: float = option(10.0, "Feature rows per second of video.")
     resize: int = option(128, "Shorter side before the centre crop (ImageNet uses 256).")
     crop: int = option(112, "Centre crop size (ImageNet uses 224).")
     precision: Precision = option(
-        "fp32",
-        "Backbone compute precision; bf16 is faster on CPUs with native bf16, fp32 runs everywhere."
+        "fp32", "Backbone compute precision; bf16 is faster on CPUs with native bf16, fp32 runs everywhere."
     )
     # --- stage two (temporal models): the recipe, shrunk to a few hundred segments
     frames: tuple[int, ...] = option(

@@ -1,9 +1,7 @@
 """The ``epicfeat`` command line: one module per command, each a thin wrapper over one package function.
 
-Every user mistake ends in one line on stderr and exit 2, never a traceback: usage errors (unknown option, bad
-value, missing argument) from click, and ``EpicfeatError`` (missing file, bad config, ...) from the package.
-typer 0.26 and later bundle their own click (``typer._click``) instead of the ``click`` package, so usage errors
-are recognised by their class names, which both share, rather than by importing one of them.
+Every user mistake (a click usage error, an ``EpicfeatError``) ends in one line on stderr and exit 2. Click's
+errors are recognised by class name: typer 0.26 and later bundle their own click.
 """
 import sys
 

@@ -1,12 +1,8 @@
 """Command-line options built from a command's config dataclass, so each default and help text has one source.
 
-``config_command(ExtractConfig, run)`` returns a typer command whose options are the dataclass's fields
-(``video_ids`` becomes ``--video-ids``), each with the field's help text and its default written once as
-``(default: X)``. Every option defaults to ``None`` ("not given"), so a value from ``--config FILE`` is only
-overridden by a flag the user typed. Types map as follows: ``Literal`` → a choice that ``--help`` lists and the
-parser checks, ``bool`` → ``--x/--no-x``, a variadic tuple → a repeatable option (strings also split on commas),
-a fixed tuple → one option taking that many values. Enums, not ``Literal``, carry the choices to typer, because
-typer < 0.19 has no ``Literal`` support and the declared range starts below it.
+Every option defaults to ``None`` ("not given"), so a value from ``--config FILE`` is only overridden by a flag the
+user typed. ``Literal`` → a choice (an Enum: typer < 0.19 has no ``Literal``), ``bool`` → ``--x/--no-x``, a
+variadic tuple → a repeatable option (strings also split on commas), a fixed tuple → one option of that many values.
 """
 from __future__ import annotations
 
@@ -35,19 +31,10 @@ class Interrupted(Exception):
     this one passes through it, so the entry point can say how to resume."""
 
 
-def config_command(
-    cls: type,
-    run: Callable[[Any], Any],
-    *,
-    arguments: tuple[str, ...] = (),
-    config_file: bool = True,
-    doc: str | None = None,
-) -> Callable[..., Any]:
-    """A typer command for ``cls``: parse the flags, resolve the config and call ``run(config)``.
-
-    ``arguments`` names fields taken as positional arguments (``predict SOURCE``). Without ``config_file`` the
-    command has no ``--config`` (for commands whose config holds nothing worth a recipe).
-    """
+def config_command(cls: type, run: Callable[[Any], Any], *, arguments: tuple[str, ...] = (),
+                   config_file: bool = True, doc: str | None = None) -> Callable[..., Any]:
+    """A typer command for ``cls``: parse the flags, resolve the config and call ``run(config)``. ``arguments``
+    names fields taken as positional arguments (``predict SOURCE``); ``config_file`` False: no ``--config``."""
     hints = typing.get_type_hints(cls)
     parameters = [_parameter(f, hints[f.name], positional=f.name in arguments) for f in _cli_fields(cls)]
     parameters.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # typer wants arguments first

@@ -1,7 +1,6 @@
 """``epicfeat cache info | verify | export``: look into, check and convert the feature sets under ``--cache``.
 
-The store and HDF5 modules load when a command runs, not when the CLI starts: zarr and h5py add about 0.3 s each to
-every ``epicfeat`` call (``--help`` takes 0.2 s), measured with ``python -X importtime`` on a 2-core EPYC.
+The store and HDF5 modules load when a command runs: zarr and h5py would slow every ``epicfeat`` call.
 """
 import typer
 from rich.console import Console
