@@ -241,8 +241,8 @@ def segment_rows(store, segments: pd.DataFrame) -> tuple[pd.DataFrame, SegmentRo
     offset = 0
     for video_id, positions in segments.groupby("video_id", sort=True).indices.items():
         pts = store.read(str(video_id)).pts  # (rows,) float64 seconds
-        lo, hi = rows_of_segments(pts, segments["start_sec"].to_numpy()[positions],
-                                  segments["stop_sec"].to_numpy()[positions])  # (n,), (n,)
+        lo, hi, _, _ = rows_of_segments(pts, segments["start_sec"].to_numpy()[positions],
+                                        segments["stop_sec"].to_numpy()[positions])  # (n,), (n,)
         for position, first, stop in zip(positions, lo, hi):
             times.append(pts[first:stop])
             starts[position], counts[position] = offset, stop - first

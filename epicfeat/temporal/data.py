@@ -1,18 +1,13 @@
 """Stage two's data: the rows a split needs, packed once into one contiguous tensor, and TSN-style sampling.
 
-Reading 32 rows per segment from Zarr chunks every epoch would make the GPU wait on decompression. Instead
-``pack_split`` reads each video of the split once, keeps only the rows that some segment covers (rows shared by
-overlapping segments are stored once), and lays them out contiguously:
+``pack_split`` reads each video once and keeps the rows some segment covers (shared rows stored once):
 
     features   (R, 2048) float16   all packed rows
     row_start  (S,)      int64     segment s owns features[row_start[s] : row_start[s] + row_count[s]]
     row_count  (S,)      int64     >= 1
 
-A batch is then one ``index_select`` on that tensor (``PackedSplit.gather``), on the CPU or, with the whole split
-moved to the GPU, on the device itself.
-
-Segments are joined to rows through the timestamps stored with the rows (``start_sec <= pts < stop_sec``), never by
-frame-count arithmetic: feature sets sampled at 10 rows/s from 59.94 or 50 fps videos have irregular row times.
+A batch is then one ``index_select`` (``PackedSplit.gather``), on the CPU or on the GPU holding the split.
+Segments join rows by the stored timestamps (``start_sec <= pts < stop_sec``), never by counting frames.
 """
 from __future__ import annotations
 
@@ -24,7 +19,6 @@ import pickle
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +51,7 @@ class PackError(EpicfeatError):
 
 @dataclass(repr=False, eq=False)
 class PackedSplit:
-    """Everything stage two needs about one split, packed contiguously in memory (or in a local memmap).
-
-    Segment ``s`` owns ``features[row_start[s] : row_start[s] + row_count[s]]``. Build one with ``pack_split``;
-    constructing it directly is fine for tests and tools.
-    """
+    """One split packed contiguously in memory (or a local memmap); built by ``pack_split`` (or by hand in tests)."""
 
     features: torch.Tensor  # (R, D) float16, the rows of all segments of the split, contiguous
     row_start: torch.Tensor  # (S,) int64: first row of each segment in `features`
@@ -77,15 +67,8 @@ class PackedSplit:
 
     def __post_init__(self) -> None:
         n = len(self.row_start)
-        lengths = {
-            "row_count": len(self.row_count),
-            "narration_ids": len(self.narration_ids),
-            "participant_ids": len(self.participant_ids),
-            "video_ids": len(self.video_ids),
-        }
-        for name in ("verb_labels", "noun_labels"):
-            if getattr(self, name) is not None:
-                lengths[name] = len(getattr(self, name))
+        names = ("row_count", "narration_ids", "participant_ids", "video_ids", "verb_labels", "noun_labels")
+        lengths = {name: len(getattr(self, name)) for name in names if getattr(self, name) is not None}
         wrong = {name: length for name, length in lengths.items() if length != n}
         if wrong:
             raise ValueError(f"PackedSplit: row_start has {n} segments but {wrong}")
@@ -108,78 +91,40 @@ class PackedSplit:
         """How many segments have fewer rows than ``frames`` (their rows repeat when sampled)."""
         return int((self.row_count < frames).sum())
 
-    def sample_rows(
-        self,
-        segments: torch.Tensor,
-        frames: int,
-        *,
-        train: bool,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Rows of ``features`` to read for each segment: (B, T) int64, TSN-style.
-
-        Each segment's rows [0, count) are cut into ``frames`` equal bins. Training draws one position uniformly
-        inside each bin (from ``generator``, which may live on the CPU or on the split's device); evaluation takes
-        each bin's centre. With fewer rows than bins, neighbouring bins land on the same row, so rows repeat.
-        """
+    def sample_rows(self, segments: torch.Tensor, frames: int, *, train: bool,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Rows of ``features`` to read for each segment: (B, T) int64, by ``bin_offsets``."""
         segments = torch.as_tensor(segments, dtype=torch.int64, device=self.row_count.device)
         starts = self.row_start[segments].unsqueeze(1)  # (B, 1)
         return starts + bin_offsets(self.row_count[segments], frames, train=train, generator=generator)  # (B, T)
 
     def gather(self, segments: torch.Tensor, frames: int, **sampling: Any) -> torch.Tensor:
-        """Features of ``frames`` sampled rows per segment, (B, T, D) float16, by one ``index_select``.
-
-        ``sampling`` is what ``sample_rows`` takes: ``train`` (required) and ``generator``.
-        """
+        """Features of ``frames`` rows per segment, (B, T, D) float16; ``sampling``: ``sample_rows``'s keywords."""
         rows = self.sample_rows(segments, frames, **sampling)  # (B, T)
         picked = self.features.index_select(0, rows.reshape(-1))  # (B * T, D)
         return picked.reshape(rows.shape[0], rows.shape[1], self.features.shape[1])  # (B, T, D)
 
     def to(self, device: torch.device | str) -> PackedSplit:
         """The same split with its tensors on ``device`` (a GPU can hold a whole packed split)."""
-
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device)
-
-        return dataclasses.replace(
-            self,
-            features=move(self.features),
-            row_start=move(self.row_start),
-            row_count=move(self.row_count),
-            verb_labels=move(self.verb_labels),
-            noun_labels=move(self.noun_labels),
-        )
+        tensors = ("features", "row_start", "row_count", "verb_labels", "noun_labels")
+        moved = {name: getattr(self, name) for name in tensors if getattr(self, name) is not None}
+        return dataclasses.replace(self, **{name: tensor.to(device) for name, tensor in moved.items()})
 
 
-def pack_split(
-    store: FeatureStore,
-    segments: pd.DataFrame,
-    *,
-    progress: bool = True,
-    max_memory_bytes: int | None = None,
-    memmap_dir: str | os.PathLike | None = None,
-) -> PackedSplit:
-    """Pack the rows that ``segments`` cover in ``store`` into one contiguous float16 array.
+def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = True,
+               max_memory_bytes: int | None = None, memmap_dir: str | os.PathLike | None = None) -> PackedSplit:
+    """Pack the rows ``segments`` (an annotation frame, order kept) cover in ``store`` into one float16 array.
 
-    ``segments`` is a frame from the annotation layer (columns narration_id, participant_id, video_id, start_sec,
-    stop_sec, and verb_class/noun_class when labelled); its order is kept. Each video is read from the store once.
-    Rows join segments through the stored pts: row r belongs to a segment when start_sec <= pts[r] < stop_sec.
-
-    Edge cases are counted in ``summary`` and never raise:
-      - no row inside the segment (zero length, or between two rows): the row nearest its midpoint
-        (``empty_clamped``);
-      - the segment ends more than one row interval after the video's last row: the rows that exist, or the last
-        row when none does (``past_end_clamped``);
-      - the video is not (completely) in the store, or has no rows: the segment is dropped
-        (``missing_video_dropped`` segments, ``missing_videos`` videos; ids in ``missing_video_ids``).
-
-    When the packed rows need more than ``max_memory_bytes`` (default: half the memory available now), they go
-    into a numpy memmap file in ``memmap_dir`` (default: the system temp folder) instead; the API is the same.
+    Counted in ``summary``, never raised: a segment with no row inside gets the row nearest its midpoint
+    (``empty_clamped``), one ending past the video's last row the rows that exist (``past_end_clamped``, see
+    ``rows_of_segments``); a segment whose video is not complete in the store is dropped (``missing_video_*``).
+    Rows over ``max_memory_bytes`` (default: half the available memory) go to a memmap in ``memmap_dir``.
     """
     _check_columns(segments)
     join = _join_rows(store, segments)
     row_start, total_rows = _place_videos(join.plans, join.lo, len(segments))
-    out, memmapped = _allocate(total_rows, join.feature_dim or _identity_dim(store), max_memory_bytes, memmap_dir)
+    out, memmapped = _allocate(total_rows, join.feature_dim or store.identity.feature_dim, max_memory_bytes,
+                               memmap_dir)
     _copy_videos(join.plans, out, progress)
     keep = join.keep
     kept = segments.loc[keep] if not keep.all() else segments
@@ -206,7 +151,7 @@ def pack_split(
         participant_ids=kept["participant_id"].astype(str).tolist(),
         video_ids=kept["video_id"].astype(str).tolist(),
         summary=summary,
-        feature_set=_identity_dict(store),
+        feature_set=store.identity.to_dict(),
         missing_video_ids=tuple(join.missing),
     )
 
@@ -241,7 +186,7 @@ def _join_rows(store: FeatureStore, segments: pd.DataFrame) -> _RowJoin:
             continue
         _check_video(store, video_id, pts, int(video.features.shape[1]), join.feature_dim)
         join.feature_dim = int(video.features.shape[1])
-        lo, hi, n_empty, n_past = _rows_of_segments(pts, start_sec[positions], stop_sec[positions])
+        lo, hi, n_empty, n_past = rows_of_segments(pts, start_sec[positions], stop_sec[positions])
         join.counters["empty_clamped"] += n_empty
         join.counters["past_end_clamped"] += n_past
         join.lo[positions], join.hi[positions], join.keep[positions] = lo, hi, True
@@ -264,11 +209,13 @@ def _check_video(store: FeatureStore, video_id: str, pts: np.ndarray, dim: int, 
 
 
 def _copy_videos(plans: list[_VideoPlan], out: np.ndarray, progress: bool) -> None:
-    """Pass 2: copy the needed rows, block by block, into one contiguous array. Videos fill disjoint slices of
-    ``out``, so a few threads read them at once (Zarr decompression and the copies overlap)."""
+    """Pass 2: copy the needed rows into ``out``; videos fill disjoint slices, so a few threads read at once."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        copies = [pool.submit(_copy_needed_rows, plan, out) for plan in plans]
-        for copy in _progress(as_completed(copies), progress, total=len(copies), description="Packing features"):
+        copies = as_completed([pool.submit(_copy_needed_rows, plan, out) for plan in plans])
+        if progress:
+            copies = track(copies, description="Packing features", total=len(plans), console=Console(stderr=True),
+                           transient=True)
+        for copy in copies:
             copy.result()  # re-raises a failed read here
 
 
@@ -289,25 +236,11 @@ PACK_CACHE_VERSION = 1
 _PACK_LABEL_COLUMNS = ("verb_class", "noun_class")
 
 
-def cached_pack_split(
-    store: FeatureStore,
-    segments: pd.DataFrame,
-    name: str,
-    *,
-    progress: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-) -> PackedSplit:
-    """``pack_split``, kept on disk: a later run on the same feature set and segments loads it in seconds.
-
-    Packing EPIC's train split reads every video's Zarr chunks (minutes); 16- and 32-frame runs and every resume
-    need the very same pack. It is saved under ``cache_dir`` (default: ``<cache>/.packed/<feature set key>/``,
-    beside the feature set; a dot-folder, so no tool takes it for a feature set) as ``<name>-<digest>/`` holding
-    ``features.npy`` (float16, memory-mapped on load, so a GPU upload reads it straight from the page cache) and
-    ``index.pt`` (row ranges, labels, ids, summary). The digest covers the segments (ids, videos, times, labels)
-    and the stored attributes of every video they need (rows, provenance, checksums), so a re-extracted or newly
-    completed video, or another annotation file, gives another digest and a fresh pack. Written to a temporary
-    folder and renamed: a killed run leaves no half-written pack.
-    """
+def cached_pack_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, progress: bool = True,
+                      cache_dir: str | os.PathLike | None = None) -> PackedSplit:
+    """``pack_split``, kept on disk in ``cache_dir`` (default ``<cache>/.packed/<feature set key>/``) as
+    ``<name>-<digest>/``: ``features.npy`` (memory-mapped on load) and ``index.pt``. The digest covers the segments
+    and the stored attributes of every video they need, so any change gives a fresh pack; written by rename."""
     folder = Path(cache_dir) if cache_dir is not None else _default_pack_dir(store)
     target = folder / f"{name}-{_pack_digest(store, segments)}"
     if (target / "index.pt").is_file():
@@ -325,9 +258,7 @@ def cached_pack_split(
 
 def packed_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, cache: bool,
                  progress: bool) -> PackedSplit:
-    """The split ``name`` packed: from the on-disk pack cache (``cached_pack_split``) when ``cache``, else packed
-    afresh (``pack_split``). What train-temporal and evaluate read their splits with, so a pack one of them made
-    is the other's too."""
+    """The split ``name`` packed, through the on-disk cache when ``cache``: train-temporal's and evaluate's reader."""
     if cache:
         return cached_pack_split(store, segments, name, progress=progress)
     return pack_split(store, segments, progress=progress)
@@ -344,9 +275,14 @@ def _pack_digest(store: Any, segments: pd.DataFrame) -> str:
     complete = set(store.complete_videos())
     needed = sorted({str(v) for v in segments["video_id"]})
     attrs = {v: (store.video_attrs(v) if v in complete else None) for v in needed}
-    content = json.dumps({"version": PACK_CACHE_VERSION, "identity": _identity_dict(store), "videos": attrs},
+    content = json.dumps({"version": PACK_CACHE_VERSION, "identity": store.identity.to_dict(), "videos": attrs},
                          sort_keys=True, default=str).encode()
     return hashlib.sha256(table + b"\0" + content).hexdigest()[:16]
+
+
+#: What index.pt holds besides the feature set (saved as JSON text: weights_only loads no arbitrary values).
+_INDEX_FIELDS = ("row_start", "row_count", "verb_labels", "noun_labels", "narration_ids", "participant_ids",
+                 "video_ids", "summary", "missing_video_ids")
 
 
 def _save_pack(split: PackedSplit, target: Path) -> None:
@@ -354,14 +290,8 @@ def _save_pack(split: PackedSplit, target: Path) -> None:
     partial.mkdir(parents=True, exist_ok=True)
     try:
         np.save(partial / "features.npy", split.features.numpy())
-        index = {
-            "row_start": split.row_start, "row_count": split.row_count,
-            "verb_labels": split.verb_labels, "noun_labels": split.noun_labels,
-            "narration_ids": list(split.narration_ids), "participant_ids": list(split.participant_ids),
-            "video_ids": list(split.video_ids), "summary": dict(split.summary),
-            "feature_set": json.dumps(split.feature_set), "missing_video_ids": list(split.missing_video_ids),
-        }
-        torch.save(index, partial / "index.pt")
+        index = {name: getattr(split, name) for name in _INDEX_FIELDS}
+        torch.save({**index, "feature_set": json.dumps(split.feature_set)}, partial / "index.pt")
         os.replace(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -371,26 +301,15 @@ def _load_pack(target: Path) -> PackedSplit:
     index = torch.load(target / "index.pt", weights_only=True)
     # Copy-on-write mapping: pages load on demand (a GPU upload streams them), and the tensor is writable.
     features = torch.from_numpy(np.load(target / "features.npy", mmap_mode="c"))  # (R, D) float16
-    return PackedSplit(
-        features=features, row_start=index["row_start"], row_count=index["row_count"],
-        verb_labels=index["verb_labels"], noun_labels=index["noun_labels"],
-        narration_ids=index["narration_ids"], participant_ids=index["participant_ids"], video_ids=index["video_ids"],
-        summary={**index["summary"], "loaded_from_cache": 1}, feature_set=json.loads(index["feature_set"]),
-        missing_video_ids=tuple(index["missing_video_ids"]),
-    )
+    fields = {name: index[name] for name in _INDEX_FIELDS}
+    fields["summary"] = {**fields["summary"], "loaded_from_cache": 1}
+    return PackedSplit(features=features, feature_set=json.loads(index["feature_set"]), **fields)
 
 
-def feature_stats(
-    split: PackedSplit, *, chunk_rows: int = 8192, min_std: float = 1e-3
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation of the packed rows: two (D,) float32 CPU tensors.
-
-    Each packed row counts once. Computed where the rows are (the GPU when the split was moved there), in float64
-    (float16 sums would overflow and round): every row minus a per-dimension shift (the first rows' mean, so the
-    sum of squares does not cancel), summed chunk by chunk with matrix products, which run 3x faster than
-    ``var_mean``'s column-wise kernel on a CPU. The std is the population std, clamped to at least ``min_std`` so
-    that standardising a constant dimension (a dead ReLU channel) divides by a sane number.
-    """
+def feature_stats(split: PackedSplit, *, chunk_rows: int = 8192,
+                  min_std: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and population std (clamped to ``min_std``: dead ReLU channels) of the packed rows, each
+    row once: two (D,) float32 CPU tensors. float64 sums of shifted rows (no cancellation), by matrix products."""
     features = split.features
     if features.shape[0] == 0:
         raise PackError("cannot compute feature statistics of an empty split (no rows were packed)")
@@ -406,9 +325,6 @@ def feature_stats(
     variance = (sums[1] / count - mean_offset**2).clamp(min=0)
     std = torch.sqrt(variance).clamp(min=min_std)
     return (shift + mean_offset).float().cpu(), std.float().cpu()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -429,12 +345,9 @@ def _check_columns(segments: pd.DataFrame) -> None:
 
 def bin_offsets(counts: torch.Tensor, frames: int, *, train: bool,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, T) int64 positions in [0, count) of the T rows read from each segment of ``counts`` (B,) rows.
-
-    The rows [0, count) are cut into T equal bins: training draws one position uniformly inside each bin (from
-    ``generator``, on the CPU or on the counts' device), evaluation takes each bin's centre. The one TSN rule of
-    stage two, which finetune's clips and predict's windows follow too.
-    """
+    """(B, T) int64 positions in [0, count) of the T rows read from segments of ``counts`` (B,) rows: T equal bins,
+    a uniform draw in each when training (from ``generator``, CPU or the counts' device), else each bin's centre.
+    The one TSN rule: stage two's, finetune's clips' and predict's windows'. Fewer rows than bins repeat rows."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     device = counts.device
@@ -445,18 +358,18 @@ def bin_offsets(counts: torch.Tensor, frames: int, *, train: bool,
         return ((2 * bins + 1) * counts) // (2 * frames)  # (B, T)
     draw_device = generator.device if generator is not None else device
     uniform = torch.rand((len(counts), frames), generator=generator, device=draw_device).to(device)  # (B, T)
-    # Bin k spans [k * count / T, (k + 1) * count / T): a uniform position there is (k * count + v) / T with
-    # v ~ U[0, count), and its row floor((k * count + v) / T) equals floor((k * count + j) / T) for the integer
-    # j = floor(v) (T is an integer). So one integer per bin, exact integer arithmetic, no float64 (slow on GPUs,
-    # a threaded kernel on CPUs). The minimum guards float32 rounding of v to count.
+    # Bin k's uniform row floor((k * count + v) / T), v ~ U[0, count), equals floor((k * count + floor(v)) / T):
+    # exact integer arithmetic, no float64. The minimum guards float32 rounding of v up to count.
     within = torch.minimum((uniform * counts).long(), counts - 1)  # (B, T) j in [0, count)
     return (bins * counts + within) // frames  # (B, T)
 
 
-def _rows_of_segments(
-    pts: np.ndarray, start_sec: np.ndarray, stop_sec: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Row range [lo, hi) of each segment of one video, with the clamping rules applied (counts returned)."""
+def rows_of_segments(pts: np.ndarray, start_sec: np.ndarray,
+                     stop_sec: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Row range [lo, hi) of each segment of one video: rows with start_sec <= pts < stop_sec, else the row
+    nearest the midpoint, else (past the end) the last row; and how many were clamped (empty, past the end).
+    Finetune's clips use it too, so they decode the very frames stage two's rows came from."""
+    pts, start_sec, stop_sec = (np.asarray(a, np.float64) for a in (pts, start_sec, stop_sec))
     n = len(pts)
     lo = np.searchsorted(pts, start_sec - PTS_TOLERANCE, side="left")  # first row with pts >= start
     hi = np.searchsorted(pts, stop_sec - PTS_TOLERANCE, side="left")  # first row with pts >= stop
@@ -477,17 +390,6 @@ def _rows_of_segments(
     nearest = np.where(np.abs(pts[right] - midpoint) < np.abs(midpoint - pts[left]), right, left)
     lo[between], hi[between] = nearest, nearest + 1
     return lo.astype(np.int64), hi.astype(np.int64), int(between.sum()), int(past_end.sum())
-
-
-def rows_of_segments(pts: np.ndarray, start_sec: np.ndarray, stop_sec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row range [lo, hi) of each segment of one video by stage two's join (for ``finetune``'s clip times).
-
-    The same rule ``pack_split`` applies: rows with start_sec <= pts < stop_sec, else the row nearest the midpoint,
-    else the last row; so a clip decoded at ``pts[lo:hi]`` sees exactly the frames stage two's rows came from.
-    """
-    lo, hi, _, _ = _rows_of_segments(np.asarray(pts, np.float64), np.asarray(start_sec, np.float64),
-                                     np.asarray(stop_sec, np.float64))
-    return lo, hi
 
 
 def _needed_rows(n_rows: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -544,20 +446,3 @@ def _default_memory_budget() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _progress(items: Iterable, enabled: bool, *, total: int, description: str) -> Iterable:
-    """``items`` with a rich progress bar on stderr when enabled."""
-    if not enabled:
-        return items
-    return track(items, description=description, total=total, console=Console(stderr=True), transient=True)
-
-
-def _identity_dict(store: Any) -> dict:
-    identity = getattr(store, "identity", None)
-    return identity.to_dict() if identity is not None else {}
-
-
-def _identity_dim(store: Any) -> int:
-    identity = getattr(store, "identity", None)
-    return int(getattr(identity, "feature_dim", 2048))
