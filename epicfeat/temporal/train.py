@@ -1,42 +1,15 @@
 """Stage two: train the BiLSTM verb/noun model on cached features, in minutes instead of hours.
 
-Read it top to bottom:
-
     train_temporal(config)                  the one function `epicfeat train-temporal` calls
       load_training_data(config)            annotations + feature set -> packed train / validation splits
-      fit(config, data)                     the training run, on the run scaffold of ``epicfeat.training``:
-        RunFolder.check_start               --resume needs last.pt; a new run refuses a folder holding one
-        _prepare(...)                       splits onto the device, feature_stats(train) (standardisation stored
-                                            inside the model), AdamW, StepSettings, LRSchedule (warm-up + cosine)
+      fit(config, data)                     the run, on the scaffold of ``epicfeat.training``:
+        _prepare(...)                       splits onto the device, the standardised model, AdamW, the schedule
         _resume(...)                        last.pt: feature set and config checks, TrainingState.restore
-        _train_epochs(...)                  for each epoch left (TrainingState.remaining_epochs):
-          _run_epoch(...)
-            train_one_epoch(...)            shuffle, TSN-sample T rows per segment, time-span CutMix, AdamW with
-                                            gradient accumulation, LR set per optimiser step (warm-up + cosine)
-            evaluate(...)                   bin-centre rows, loss and the official EPIC-100 metrics
-          EpochLog.end_epoch(...)           early stopping on validation action top-1, best.pt / last.pt,
-                                            metrics.csv, plots (loss, accuracy, lr), TensorBoard, the epoch line
-        TrainResult.of_run, print_summary   the result and the summary table
+        _train_epochs(...)                  for each epoch left: train_one_epoch, evaluate, EpochLog.end_epoch
 
-Feature-space CutMix. CutMix pastes a rectangle of one image into another and mixes the labels by area. Cached
-features have no pixels, so we paste a *time span*: for a batch, draw lam ~ Beta(alpha, alpha), a span of
-round((1 - lam) * T) consecutive steps at a random start, and a random partner for every sequence; the span of each
-sequence is replaced by its partner's rows at the same steps. The verb and noun losses are then mixed by the span's
-actual share of the sequence, span / T:  (1 - span/T) * CE(own labels) + span/T * CE(partner's labels).
-
-Resuming. ``last.pt`` holds the optimiser, the schedule's step, fp16's loss scale and every RNG state (torch CPU
-and CUDA, numpy, Python and the sampling generator that shuffles, samples rows and draws CutMix), so
-``resume=True`` continues where the run stopped; with ``deterministic`` the result is bit-identical to an
-uninterrupted run (every dropout mask comes from torch's RNG, the BiLSTM's between its layers included: see
-``epicfeat.temporal.model``). Tested on the CPU, and on a GPU by tests/test_cuda.py.
-
-Precision (``epicfeat.temporal.precision``): the LSTM computes in the precision the run names, by explicit casts
-(never CUDA autocast, which runs RNNs in fp16); ``auto`` is resolved once and recorded in config.yaml and the
-checkpoints, and validation and ``epicfeat evaluate`` compute in it too.
-
-On a GPU the epoch is a device-side loop: the packed splits are uploaded once (their host copies then freed),
-the sampling generator lives on the GPU, and one epoch reads nothing back until its mean losses (see
-``train_one_epoch``). Packed splits are cached on disk per feature set and segments (``cached_pack_split``).
+CutMix pastes a time span (features have no pixels): a partner's rows over round((1 - lam) * T) steps, the losses
+mixed by span / T. The epoch is a device-side loop: splits uploaded once, the sampling generator with them, nothing
+read back until the epoch's mean losses.
 """
 from __future__ import annotations
 
@@ -127,14 +100,9 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
                 "(epicfeat extract --split validation), or train on --train-splits train+validation (no early stopping)"
             )
     return TrainingData(
-        train=train,
-        validation=validation,
-        verb_classes=tuple(annotations.verbs.keys),
-        noun_classes=tuple(annotations.nouns.keys),
-        feature_set=store.identity.to_dict(),
-        feature_set_key=store.identity.key(),
-        tail_verbs=annotations.tail_verbs,
-        tail_nouns=annotations.tail_nouns,
+        train=train, validation=validation, verb_classes=tuple(annotations.verbs.keys),
+        noun_classes=tuple(annotations.nouns.keys), feature_set=store.identity.to_dict(),
+        feature_set_key=store.identity.key(), tail_verbs=annotations.tail_verbs, tail_nouns=annotations.tail_nouns,
         unseen_participants=annotations.unseen_participants("validation") if validation is not None else None,
     )
 
@@ -165,8 +133,7 @@ class _Run:
 def fit(config: TrainTemporalConfig, data: TrainingData, *, release_host_copy: bool = False) -> TrainResult:
     """Train (or resume) a temporal model on ``data``; writes everything into ``config.out``.
 
-    ``release_host_copy``: once a split is on the GPU, drop its host features (``data``'s splits then hold an
-    empty (0, D) tensor): the caller hands the data over, and the host RAM (15 GB for EPIC's train split) is free.
+    ``release_host_copy``: once a split is on the GPU, drop its host features (``data`` is handed over).
     """
     started = time.perf_counter()
     folder = RunFolder(config.out, error=TrainError, resumable=RESUMABLE_CHANGES)
@@ -314,16 +281,9 @@ def train_one_epoch(model: TemporalModel, split: PackedSplit, state: TrainingSta
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass over ``split`` in a random order: its mean losses; ``state.step`` counts the optimiser steps.
 
-    Each optimiser step sees ``settings.batch_size`` segments, run as micro-batches whose gradients accumulate
-    (each micro-batch's loss is weighted by its share of the step, so the gradient is the batch mean); the lr is
-    the schedule's at each step.
-
-    A device-side loop: the epoch's order, every segment's sampled rows, CutMix starts and partners are drawn from
-    ``state.generator`` on the device it lives on (the split's), and features and labels are gathered there, so
-    nothing crosses from the host and nothing waits for the GPU between steps. The CutMix spans of the whole epoch
-    come from one host draw at its start (torch has no seeded Beta sampler), and the losses are read back once, at
-    its end. fp16's loss scaler (``state.scaler``) scales the loss; its overflow check is the one per-step sync,
-    and only fp16 has it.
+    Each step's ``batch_size`` segments run as micro-batches whose losses are weighted by their share of the step.
+    Order, rows and CutMix are drawn from ``state.generator`` where the split is (the epoch's CutMix spans in one
+    host draw at its start); the losses are read back once, at its end (fp16's scaler syncs each step).
     """
     generator, optimizer, scaler = state.generator, state.optimizer, state.scaler
     device = next(model.parameters()).device
@@ -399,44 +359,34 @@ def score_split(model: TemporalModel, split: PackedSplit, *, frames: int, batch_
 
 
 @torch.inference_mode()
-def evaluate(
-    model: TemporalModel,
-    split: PackedSplit,
-    *,
-    label_smoothing: float = 0.0,
-    tail_verbs: frozenset[int] | None = None,
-    tail_nouns: frozenset[int] | None = None,
-    unseen: np.ndarray | None = None,
-    **scoring: Any,
-) -> dict[str, float]:
-    """Score every segment at its bin-centre rows: the loss and the official EPIC-100 metrics.
-
-    ``scoring`` is what ``score_split`` takes: ``frames``, ``batch_size``, ``device``.
-    The logits come to the host in one copy; the metrics are ``epicfeat.metrics.epic_metrics``, the definition
-    ``epicfeat evaluate`` reports. The loss uses the training criterion (same label smoothing, no CutMix) so the two
-    loss curves compare. Metric names are the official ones (``all_action_accuracy_at_1``, ``tail_*``, ``unseen_*``),
-    in percent.
-    """
+def evaluate(model: TemporalModel, split: PackedSplit, *, label_smoothing: float = 0.0,
+             tail_verbs: frozenset[int] | None = None, tail_nouns: frozenset[int] | None = None,
+             unseen: np.ndarray | None = None, **scoring: Any) -> dict[str, float]:
+    """Score every segment at its bin-centre rows (``scoring``: ``score_split``'s frames, batch_size, device): the
+    loss and the official metrics (``validation_metrics``); the logits come to the host in one copy."""
     verb_logits, noun_logits = score_split(model, split, **scoring)  # (S, Cv), (S, Cn) where the model ran
     logits = torch.cat([verb_logits, noun_logits], dim=1).cpu()  # (S, Cv + Cn)
     verb_logits, noun_logits = logits.split([verb_logits.shape[1], noun_logits.shape[1]], dim=1)  # (S, Cv), (S, Cn)
-    verb_labels, noun_labels = split.verb_labels.cpu(), split.noun_labels.cpu()  # (S,) each
+    return validation_metrics(verb_logits, noun_logits, split.verb_labels.cpu(), split.noun_labels.cpu(),
+                              label_smoothing, tail_verbs=tail_verbs, tail_nouns=tail_nouns, unseen=unseen)
+
+
+def validation_metrics(verb_logits: torch.Tensor, noun_logits: torch.Tensor, verb_labels: torch.Tensor,
+                       noun_labels: torch.Tensor, label_smoothing: float, **subsets: Any) -> dict[str, float]:
+    """Host logits (S, Cv), (S, Cn) and labels (S,) -> the training criterion's losses (no CutMix) and
+    ``epic_metrics`` (what ``epicfeat evaluate`` reports; ``subsets``: its tail_verbs, tail_nouns, unseen)."""
     verb_loss, noun_loss = (F.cross_entropy(scores, labels, label_smoothing=label_smoothing).item()
                             for scores, labels in ((verb_logits, verb_labels), (noun_logits, noun_labels)))
     metrics = epic_metrics(verb_logits.numpy(), noun_logits.numpy(), verb_labels.numpy(), noun_labels.numpy(),
-                           tail_verbs=tail_verbs, tail_nouns=tail_nouns, unseen=unseen)
-    stats = {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss}
-    return {**stats, **metrics}
+                           **subsets)
+    return {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss, **metrics}
 
 
 # ------------------------------------------------------------------------------------------ time-span CutMix
 @dataclass(frozen=True)
 class TimeCutMix:
-    """One batch's time-span CutMix: steps [start, start + span) of sequence i come from sequence partner[i].
-
-    ``start`` and ``span`` are ints or 0-d int64 tensors on the batch's device (a training step never reads them
-    back to the host); a span of 0 mixes nothing.
-    """
+    """Steps [start, start + span) of sequence i come from sequence partner[i] (start, span: ints or 0-d device
+    tensors, never read back by a training step; a span of 0 mixes nothing)."""
 
     partner: torch.Tensor  # (B,) int64, a permutation of the batch
     start: int | torch.Tensor
@@ -450,12 +400,8 @@ class TimeCutMix:
 
 
 def draw_cutmix_spans(count: int, frames: int, alpha: float, generator: torch.Generator) -> torch.Tensor | None:
-    """``count`` CutMix spans round((1 - lam) * T), lam ~ Beta(alpha, alpha): (count,) int64 on the generator's
-    device, from one host draw (None when alpha is 0: no CutMix).
-
-    torch has no seeded Beta sampler; a numpy Generator seeded from ``generator`` keeps one RNG stream to save.
-    Rounding is half-to-even, like Python's round.
-    """
+    """``count`` spans round((1 - lam) * T) (half to even), lam ~ Beta(alpha, alpha): (count,) int64 on the
+    generator's device (None when alpha is 0). torch has no seeded Beta sampler: numpy's, seeded from ``generator``."""
     if alpha <= 0:
         return None
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -463,9 +409,8 @@ def draw_cutmix_spans(count: int, frames: int, alpha: float, generator: torch.Ge
     return torch.from_numpy(np.rint((1.0 - lam) * frames).astype(np.int64)).to(generator.device)
 
 
-def sample_time_cutmix(
-    batch: int, frames: int, alpha: float, generator: torch.Generator, *, span: torch.Tensor | None = None
-) -> TimeCutMix | None:
+def sample_time_cutmix(batch: int, frames: int, alpha: float, generator: torch.Generator, *,
+                       span: torch.Tensor | None = None) -> TimeCutMix | None:
     """A batch's CutMix: ``span`` (default: one drawn by ``draw_cutmix_spans``), a start uniform in
     [0, T - span] and a random partner per sequence, all on the generator's device; None without CutMix."""
     if alpha <= 0 or batch < 2:
