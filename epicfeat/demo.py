@@ -10,17 +10,16 @@
     6. deploy     predict over one validation video (rolling window, timeline + annotated MP4) and export the
                   longest model to ONNX, checked against PyTorch with onnxruntime
 
-``finetune`` is not part of the demo: end to end on decoded clips it runs at about one clip per second on a
-2-core CPU, minutes per epoch even here; it is the GPU pass that follows stage two.
-
-Every stage resumes: run it again and finished work (data, features, trained epochs) is reused. Nothing here is a
-shortcut of the real commands: each stage calls the same function as its CLI command, with smaller settings
-(112 px crops, 128 LSTM units) so that it fits a laptop CPU.
+``finetune`` is left out (about one clip per second on a 2-core CPU). Every stage calls the same function as its
+CLI command, with smaller settings, and resumes: finished work is reused.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     seconds: dict[str, float] = {}
-    say = _Stages(config.progress, seconds)
+    say = functools.partial(_stage, config.progress, seconds)
 
     with say("generate", "1/6 generate the synthetic EPIC-100 dataset"):
         spec = SyntheticSpec.tiny() if config.dataset == "tiny" else SyntheticSpec()
@@ -192,23 +191,11 @@ def print_demo_summary(result: DemoResult) -> None:
     console.print(artefacts)
 
 
-class _Stages:
-    """``with stages("train", "3/6 train ..."):`` prints the title and adds the wall time to ``seconds["train"]``."""
-
-    def __init__(self, enabled: bool, seconds: dict[str, float]):
-        self.enabled, self.seconds = enabled, seconds
-
-    def __call__(self, key: str, title: str):
-        self.key, self.title = key, title
-        return self
-
-    def __enter__(self):
-        if self.enabled:
-            Console(stderr=True).rule(f"[bold]{self.title}")  # progress to stderr, results to stdout
-        self.started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds[self.key] = self.seconds.get(self.key, 0.0) + time.perf_counter() - self.started
-        return False
-
+@contextlib.contextmanager
+def _stage(enabled: bool, seconds: dict[str, float], key: str, title: str) -> Iterator[None]:
+    """Prints the stage's title and adds its wall time to ``seconds[key]``."""
+    if enabled:
+        Console(stderr=True).rule(f"[bold]{title}")  # progress to stderr, results to stdout
+    started = time.perf_counter()
+    yield
+    seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - started

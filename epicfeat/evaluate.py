@@ -1,25 +1,13 @@
 """``epicfeat evaluate`` and ``epicfeat submit``: score a split from the feature cache with one or more checkpoints.
 
-Read it top to bottom:
-
     evaluate(config)                        validation (or train) split -> official metrics, results pickle, plots
     submit(config)                          test split -> the leaderboard's submission zip (+ results pickle)
-      _load_members(config, annotations)    checkpoints, checked against the class tables and each other
-      _score(config, members, split)        open their feature set, pack the split once, score every checkpoint at
-                                            its own T (bin-centre rows, as in training's validation), ensemble
+      _load_members(config, annotations)    checkpoints, checked against the class tables
+      _score(config, members, split)        pack the split once, score every checkpoint at its own T, ensemble
 
-Ensembles. Several checkpoints (the seed's 16- and 32-frame models, or any set trained on the same feature set and
-class tables) are combined with ``ensemble_weights`` (normalised; default equal). ``ensemble_mode: probs`` (the
-default) averages softmax probabilities and stores their log, so the official action scoring, which applies a
-softmax, ranks actions by the averaged probabilities; ``logits`` averages raw logits. See
-``epicfeat.submission.ensemble``. Whatever the combination, the files hold per-row log-probabilities and the
-metrics are computed on exactly those values (``epicfeat.submission.log_softmax_rows``).
-
-Precision. Each checkpoint is scored in the precision it was trained and validated in (its config's
-``precision``), so ``evaluate`` reproduces training's validation metrics; ``--precision`` overrides it.
-
-Everything is written atomically into ``out``: a refusal (missing videos, a checkpoint from another feature set or
-class table, NaN scores) leaves no half-written file.
+Each checkpoint is scored in the precision its training validated in (``--precision`` overrides it). The files
+hold per-row log-probabilities and the metrics are computed on exactly those values. Every file is written
+atomically: a refusal leaves no half-written file.
 """
 from __future__ import annotations
 
@@ -162,8 +150,7 @@ def _unseen_mask(split: str, annotations, packed) -> np.ndarray | None:
 def _official_metrics(annotations, verb_labels: np.ndarray, noun_labels: np.ndarray, unseen: np.ndarray | None):
     """A function (verb, noun) -> the official metrics of those scores, with the split's tail and unseen subsets."""
     def metrics_of(verb: np.ndarray, noun: np.ndarray) -> dict[str, float]:
-        # Scored as written: the results pickle holds log_softmax_rows of the same arrays, bit for bit, so these
-        # are the metrics the official scripts compute from it (epicfeat.submission explains why log-probabilities).
+        # Scored as written: the results pickle holds log_softmax_rows of the same arrays, bit for bit.
         verb, noun = log_softmax_rows(verb), log_softmax_rows(noun)  # (N, Cv), (N, Cn)
         values = epic_metrics(verb, noun, verb_labels, noun_labels, tail_verbs=annotations.tail_verbs,
                               tail_nouns=annotations.tail_nouns, unseen=unseen)
@@ -234,8 +221,7 @@ def _annotations(config: ScoringConfig):
 
 
 def _load_members(config: ScoringConfig, annotations) -> list[tuple[Path, Any]]:
-    """The checkpoints, refused when their class tables differ from the annotations' (``_score`` checks that each
-    one was trained on the feature set it reads)."""
+    """The checkpoints, refused when their class tables differ from the annotations'."""
     if not config.checkpoints:
         raise ScoringError("no checkpoint given: pass --checkpoint runs/temporal_16f/best.pt (repeat the option "
                            "to ensemble several models)")
@@ -294,8 +280,7 @@ def _precision(config: ScoringConfig, checkpoint) -> str:
 
 
 def _member_names(paths: list[Path]) -> list[str]:
-    """runs/temporal_32f/best.pt -> temporal_32f/best.pt; a name that repeats gets its position (#2), so each
-    member keeps its own row of metrics."""
+    """runs/temporal_32f/best.pt -> temporal_32f/best.pt; a name that repeats gets its position (#2)."""
     names = [f"{path.parent.name}/{path.name}" if path.parent.name else path.name for path in paths]
     return [f"{name} #{i + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
 

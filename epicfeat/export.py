@@ -2,28 +2,14 @@
 
 Two models per format, plus ``classes.json`` (class names and every preprocessing setting):
 
-* ``temporal_head``: features (1, T, 2048) float32 -> verb_logits (1, Cv), noun_logits (1, Cn). For runtimes that
-  compute per-frame features themselves and keep the window (what ``epicfeat predict`` does).
-* ``full_model``: frames (1, T, 3, crop, crop) float32 RGB in 0..255 (resized and centre-cropped as the feature set
-  says) -> the same logits. ImageNet normalisation, the ResNet50 backbone, the rounding of features to the stored
-  dtype (float16, as the model saw in training) and the head are all inside.
+* ``temporal_head``: features (1, T, 2048) float32 -> verb_logits (1, Cv), noun_logits (1, Cn).
+* ``full_model``: frames (1, T, 3, crop, crop) float32 RGB 0..255 -> the same logits (normalisation, backbone,
+  rounding to the stored dtype and head inside).
 
-Precision. ``predict`` computes the backbone in the feature set's precision (bf16 for sets extracted on a GPU or a
-bf16 CPU). The TorchScript full model does the same (autocast traced into it), so it equals ``predict``. ONNX and
-CoreML have no bf16 convolution (ONNX's Conv type list holds float16/32/64 only; ONNX Runtime refuses a bf16
-Conv as an invalid graph), so their full models compute in fp32: for an fp32 feature set they equal ``predict``,
-for a bf16 one they differ from it by the bf16 rounding, and ``classes.json`` and the summary say so, with the
-measured difference.
-
-Checks: every exported file is run (onnxruntime for ONNX, torch.jit for TorchScript) on seeded random inputs and
-compared (1) with the PyTorch model it was exported from, at its own precision, which must agree within
-``TOLERANCE`` (else ExportError: the export is broken), and (2) with the ``predict`` path on the same frames
-(``FrameEncoder.encode`` + the checkpoint's head), reported in ``classes.json``; at the feature set's precision it must
-agree within ``TOLERANCE`` too. CoreML models cannot be run on Linux (coremltools predicts on macOS only): their
-inputs, outputs and shapes are read back from the saved package and checked; numeric parity needs macOS.
-
-ONNX uses torch's dynamo exporter (``torch.export`` + onnxscript, opset >= 18), the exporter torch >= 2.9 defaults
-to; it needs the ``onnxscript`` package (a dependency of epicfeat).
+The TorchScript full model computes in the feature set's precision and equals ``predict``; ONNX and CoreML have no
+bf16 convolution, so theirs is fp32. Every exported file is run on seeded random inputs and must agree within
+``TOLERANCE`` with the PyTorch model it came from and, at the feature set's precision, with ``predict``'s path;
+a CoreML package's interface is read back instead (it runs on macOS only).
 """
 from __future__ import annotations
 
@@ -47,15 +33,11 @@ from epicfeat.predict import checkpoint_weights
 from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 
-# Max |reference - exported| logit difference accepted. The head alone is exact to float32 rounding (~1e-6). The
-# full model runs 50 conv layers whose kernels sum in a different order in each runtime (~1e-5 relative on
-# features), and a feature sitting on a float16 rounding boundary can then round to the neighbouring value (one
-# float16 step, ~1e-3 relative); the head turns that into logit changes of at most a few 1e-4. Measured with the
-# seed-size head at T=16, 224 px: 6e-8 (head) and 1e-5 (full model).
+# Max |reference - exported| logit difference accepted. The full model's runtimes sum convolutions in other
+# orders, so a feature on a float16 rounding boundary may round one step away: a few 1e-4 in the logits.
 TOLERANCE = {"temporal_head": 1e-4, "full_model": 2e-3}
 MIN_DYNAMO_OPSET = 18  # the dynamo exporter's translation tables start at opset 18
-# Precision each format's full model computes its backbone in: TorchScript follows the feature set; ONNX and
-# CoreML have no bf16 convolution, so fp32 (see the module docstring).
+# ONNX and CoreML have no bf16 convolution; TorchScript follows the feature set.
 _FULL_MODEL_PRECISION = {"onnx": "fp32", "coreml": "fp32"}
 
 
@@ -90,19 +72,13 @@ class ExportResult:
 
 class FullModel(nn.Module):
     """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): the frame encoder, the rounding to
-    the stored dtype, the head.
-
-    The encoder runs channels-last, as ``predict`` runs it: a CPU's bf16 convolution kernels depend on the layout
-    (NCHW and channels-last features differed by 0.75, logits by 8e-4, on an AMD EPYC with AVX512-BF16), so only
-    the same layout equals predict. The head always runs in fp32.
-    """
+    the stored dtype, the head (fp32). The encoder runs channels-last, as ``predict`` does: a CPU's bf16 kernels
+    depend on the layout."""
 
     def __init__(self, encoder: FrameEncoder, head: nn.Module, feature_dtype: torch.dtype, *, window: int):
         super().__init__()
         self.encoder, self.head, self.feature_dtype = encoder, head, feature_dtype
-        # T as a constant, not read from the input's shape: converters (coremltools) fail on traced shape
-        # arithmetic, and the exported shapes are fixed anyway.
-        self.window = window
+        self.window = window  # a constant, not the input's shape: coremltools fails on traced shape arithmetic
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(frames.flatten(0, 1))  # (B*T, D) float32: every frame through the backbone
@@ -141,8 +117,7 @@ class _Models:
 
     @torch.inference_mode()
     def predict_path(self, name: str) -> list[np.ndarray]:
-        """Logits of ``predict``'s own code on the check input: the encoder (the feature set's precision, stored
-        dtype) then the head, for the full model; the head alone on the features for the temporal head."""
+        """Logits of ``predict``'s own code on the check input of model ``name``."""
         if name == "temporal_head":
             return [t.numpy() for t in self.head(self.features)]
         pixels = torch.from_numpy(self.frames[0]).permute(0, 3, 1, 2)  # (T, 3, crop, crop), a view
@@ -161,8 +136,7 @@ def build_models(config: ExportConfig) -> _Models:
     encoder = create_encoder(settings, torch.device("cpu"), weights=checkpoint_weights(checkpoint, config.weights),
                              seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed_inputs)
-    # Random features spread like the training features (the head's own statistics), so the check exercises the
-    # standardised range the model works in, not a corner of it.
+    # Random features spread like the training features (the head's own statistics).
     features = head.feature_mean + head.feature_std * torch.randn(1, window, head.args.input_dim, generator=generator)
     frames = torch.randint(0, 256, (1, window, preprocess.crop, preprocess.crop, 3), generator=generator,
                            dtype=torch.uint8).numpy()  # (1, T, crop, crop, 3)
@@ -309,8 +283,7 @@ def _importable(module: str) -> bool:
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int) -> None:
-    # The exporter prints its progress on stdout and warns about torch.export internals: keep the command's
-    # output to its own summary. Shapes are fixed at (1, T, ...) on purpose, as documented in classes.json.
+    # The exporter prints its progress and warns about torch.export internals: the command prints its summary only.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
@@ -353,8 +326,7 @@ def _require_coremltools() -> None:
 
 
 def _export_coreml(model: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
-    """Convert the TorchScript trace with coremltools (ML program, fp32 compute); a conversion failure is one
-    ExportError line (coremltools' own converter of torch.export programs has no LSTM, so the trace is used)."""
+    """Convert the TorchScript trace (coremltools' torch.export converter has no LSTM) to an fp32 ML program."""
     import coremltools as ct
 
     traced = _trace(model, example)

@@ -1,25 +1,11 @@
 """Streaming action recognition: a video file or a camera -> a timeline of top-5 verbs, nouns and actions.
 
-    frames (PyAV, sampled at the feature set's fps) ──► ResNet50 once per frame ──► rows of the last
+    frames (PyAV, sampled at the feature set's fps) ──► the frame encoder once per frame ──► rows of the last
     ``window_seconds`` ──► every ``stride`` frames: T rows sampled as evaluate samples a segment ──► temporal head
-    ──► softmax / official action scores ──► one timeline line, flushed
 
-The window. Training and ``evaluate`` spread T bins over a whole segment and read each bin's centre row
-(``PackedSplit.sample_rows``); a prediction does the same over the segment ``[window_start, window_end)`` that
-ends just after the newest row (``window_end`` = its time + one sampled-frame period) and lasts
-``window_seconds``. So a prediction's scores are exactly what ``evaluate`` gives a segment cut there
-(tests/test_predict.py checks this end to end). The sampling code is evaluate's own, not a copy.
-
-Each sampled frame goes through the backbone exactly once; the window keeps the features of its rows in a deque,
-so a prediction costs ``stride`` backbone passes plus one head call (``benchmarks/bench_predict.py``).
-
-Nothing is lost: the timeline (CSV or JSON Lines) gets one line per prediction, flushed at once, so the file is
-valid at any moment; an error after the first frame (a truncated file, a camera that disconnects) ends the run
-with the outputs kept and ``PredictResult.error`` saying what happened (one line in the summary).
-
-Cameras (any FFmpeg capture input) are read by a thread that keeps at most ``batch_size`` frames waiting: when
-the model is slower than the camera, the oldest waiting frames are dropped and counted, never queued, so latency
-cannot grow. Latency counts from the moment the capture thread received the frame.
+A prediction's scores are what ``evaluate`` gives the segment [window_start, window_end) (``SegmentWindow``, with
+evaluate's own sampling code). Each prediction is one flushed timeline line; an error after the first frame ends
+the run with the outputs kept and ``PredictResult.error`` saying what happened.
 """
 from __future__ import annotations
 
@@ -122,11 +108,8 @@ class PredictResult:
 
 # ------------------------------------------------------------------------------------------------ models
 def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_classes, noun_classes, k: int):
-    """Top-k (name, probability) verbs and nouns and (verb, noun, score) actions, for each row of logits.
-
-    Verb and noun probabilities are a softmax over all classes; actions use the official EPIC ranking (softmax
-    over each top-100, outer product) from ``metrics.action_scores``.
-    """
+    """Top-k (name, probability) verbs and nouns (softmax over all classes) and (verb, noun, score) actions (the
+    official ranking, ``metrics.action_scores``), for each row of logits."""
     verb_probs = torch.softmax(torch.from_numpy(verb_logits).double(), dim=1).numpy()  # (N, Cv)
     noun_probs = torch.softmax(torch.from_numpy(noun_logits).double(), dim=1).numpy()  # (N, Cn)
     action_ids, action_probs = action_scores(verb_logits, noun_logits, top_n=100)  # (N, K) each, best first
@@ -149,11 +132,8 @@ def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_class
 # ------------------------------------------------------------------------------------------------ the window
 @functools.lru_cache(maxsize=256)
 def evaluation_offsets(rows: int, frames: int) -> tuple[int, ...]:
-    """Positions (0..rows-1) of the T rows ``evaluate`` reads from a segment of ``rows`` rows: bin centres.
-
-    Stage two's own rule (``bin_offsets``, what ``PackedSplit.sample_rows`` uses), so this cannot drift from how
-    evaluation and training's validation sample segments.
-    """
+    """Positions (0..rows-1) of the T rows ``evaluate`` reads from a segment of ``rows`` rows (stage two's
+    ``bin_offsets``): bin centres."""
     offsets = bin_offsets(torch.tensor([rows]), frames, train=False)  # (1, T)
     return tuple(int(o) for o in offsets[0])
 
@@ -169,12 +149,9 @@ class _Row:
 class SegmentWindow:
     """The rows of the last ``seconds`` of stream, read the way ``evaluate`` reads a segment of that length.
 
-    The window is the segment [end - seconds, end) that ends where the newest row's sampling slot ends: rows are
-    sampled at targets k / fps (each the first frame at or after its target), so the row of slot k stands for
-    [k / fps, (k + 1) / fps) and end = (k + 1) / fps; with every frame kept (fps None), end = newest time + the
-    gap to the previous row. So at 10 fps a 1.6 s window holds exactly 16 rows, whatever the source's frame
-    rate. A row belongs to it when start <= pts < end, with evaluate's pts tolerance. It is ``ready`` once the
-    stream covers the whole window; before that the first rows of a video would be stretched over it.
+    The window is [end - seconds, end), where end is the end of the newest row's sampling slot: (k + 1) / fps for
+    the row of target k / fps, or the newest time + the gap to the previous row when every frame is kept. So at
+    10 fps a 1.6 s window holds exactly 16 rows. It is ``ready`` once the stream covers the whole window.
     """
 
     def __init__(self, seconds: float, frames: int, fps: float | None):
@@ -245,17 +222,12 @@ def _file_batches(path: str, fps: float | None, preprocess: Preprocess, batch_si
 
 
 class LiveCapture:
-    """A capture device read by a thread, like a camera driver: frames arrive in real time whether or not the
-    model keeps up.
+    """A capture device read by a thread: frames arrive in real time whether or not the model keeps up.
 
-    The thread samples frames at ``fps`` by their timestamps (measured from the first captured frame; the same
-    rule as ``iter_frames``: each target k/fps takes the first frame at or after it) and keeps at most
-    ``capacity`` decoded frames waiting. When a new frame finds the queue full the oldest waiting frame is dropped
-    (``dropped`` counts them): predictions then skip ahead to the present instead of falling further behind.
-    ``batches`` takes whatever is waiting, up to ``batch_size`` frames, and resizes and crops them with one
-    ``Resizer`` kept for the whole stream (so a dropped frame costs no conversion, and the capture thread does
-    little besides reading). A capture error (a camera unplugged) ends ``batches`` with a PredictError after the
-    frames already captured.
+    The thread samples frames at ``fps`` by their timestamps (``iter_frames``'s rule) and keeps at most
+    ``capacity`` waiting; when the queue is full the oldest is dropped (``dropped`` counts them), so predictions
+    skip ahead to the present instead of falling behind. ``batches`` resizes what is waiting (a dropped frame costs
+    no conversion) and ends with a PredictError after the captured frames when the capture failed.
     """
 
     def __init__(self, device: str, fmt: str, fps: float | None, preprocess: Preprocess, capacity: int, *,
@@ -272,7 +244,7 @@ class LiveCapture:
         self._rate = Fraction(fps) if fps is not None else None  # exact value of the float given
         self._waiting: collections.deque = collections.deque()  # (index, seconds, av.VideoFrame, arrival)
         self._capacity = max(1, capacity)
-        self._resizer = Resizer(preprocess)  # one for the whole stream: two swscale contexts, reused
+        self._resizer = Resizer(preprocess)
         self._source_rgb = VideoReformatter() if keep_source else None  # full-size RGB for the annotated video
         self._max_seconds = max_seconds  # capture stops at this source time (frames after it are not counted)
         self._ready = threading.Condition()
@@ -284,7 +256,7 @@ class LiveCapture:
         self._thread.start()
 
     def _frames(self):
-        """Decoded frames of the device (a separate method so that tests can make a device fail)."""
+        """Decoded frames of the device (tests replace it to unplug a camera)."""
         return self._container.decode(self._stream)
 
     def _capture(self) -> None:
@@ -374,8 +346,8 @@ class CsvTimeline:
 
 
 class JsonlTimeline:
-    """JSON Lines: a "run" record (source, checkpoint, window), one "prediction" record per prediction, a closing
-    "summary" record; each line flushed at once, so every complete line of the file parses at any moment."""
+    """JSON Lines: a "run" record (source, checkpoint, window), one "prediction" record each, a closing "summary"
+    record; each line flushed at once."""
 
     def __init__(self, path: Path, meta: dict):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -401,8 +373,7 @@ class JsonlTimeline:
 
 
 def read_timeline(path: str | Path) -> list[dict]:
-    """A timeline written by ``predict`` (CSV or JSON Lines) as a list of records (CSV rows as dicts of strings;
-    JSON Lines records of every type), for tests and tools."""
+    """A timeline written by ``predict`` as a list of records (CSV rows as dicts of strings; JSON Lines records)."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
         if path.suffix.lower() == ".csv":
@@ -417,11 +388,8 @@ def _timeline_ranks(top_k: int, n_verbs: int, n_nouns: int) -> tuple[int, int, i
 
 
 class _AnnotatedVideo:
-    """H.264 MP4 of the sampled source frames at their own size: the model's centre crop outlined, the latest
-    prediction (top verb, noun, action with scores) and the live FPS drawn in a panel at the top left.
-
-    One output frame per sampled frame, at the sampled frame rate. Drawing needs Pillow (the ``video`` extra).
-    """
+    """H.264 MP4 of the sampled source frames at their own size and rate: the model's crop outlined, the latest
+    prediction and the live FPS drawn at the top left (Pillow)."""
 
     LINES = 4
 
@@ -440,7 +408,6 @@ class _AnnotatedVideo:
         self.stream = self.container.add_stream("libx264", rate=rate)
         self.stream.width, self.stream.height, self.stream.pix_fmt = self.width, self.height, "yuv420p"
         self.stream.options = {"crf": "23", "preset": "veryfast"}
-        self.frames = 0
 
     def write(self, image: np.ndarray, lines: list[str]) -> None:
         from PIL import Image, ImageDraw
@@ -457,7 +424,6 @@ class _AnnotatedVideo:
         frame = av.VideoFrame.from_ndarray(np.asarray(canvas), format="rgb24")
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
-        self.frames += 1
 
     def close(self) -> None:
         for packet in self.stream.encode():  # flush the encoder
@@ -466,8 +432,7 @@ class _AnnotatedVideo:
 
 
 def _crop_box(width: int, height: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom), inclusive, of the model's centre crop in source pixels: the crop is cut from
-    the frame resized to ``resized_size``, so its corners scale back by source / resized."""
+    """(left, top, right, bottom), inclusive, of the model's centre crop in source pixels."""
     resized_width, resized_height = preprocess.resized_size(width, height)
     left, top = preprocess.crop_offsets(resized_width, resized_height)
     scale_x, scale_y = width / resized_width, height / resized_height
@@ -630,8 +595,7 @@ class Models:
     pad_to: int | None  # a short batch is padded to this many rows, as extract padded its last batch (None: not)
 
     def features(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 crops (n, crop, crop, 3) -> (n, D) rounded to the feature set's stored dtype, as extract stored
-        them, so the head sees the numbers it was trained on."""
+        """uint8 crops (n, crop, crop, 3) -> (n, D) in the feature set's stored dtype, as extract stored them."""
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # (n, 3, crop, crop), a view
         stored = getattr(torch, self.checkpoint.feature_set["dtype"])
         features = self.encoder.encode(pixels, pad_to=self.pad_to, dtype=stored)
@@ -653,23 +617,20 @@ class Models:
 
 def create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.device, *,
                   pad_to: int | None) -> Models:
-    """The encoder the checkpoint's feature set was extracted with (in the precision, layout and compilation the
-    run asks for) and the head, ready on ``device``."""
+    """The encoder of the checkpoint's feature set (in the run's precision, layout and compilation) and the head."""
     feature_set = checkpoint.feature_set
     settings = {**feature_set, "precision": config.precision or feature_set["precision"],
                 "channels_last": config.channels_last, "compile": config.compile}
     encoder = create_encoder(settings, device, weights=checkpoint_weights(checkpoint, config.weights),
                              seed=config.seed)
-    # The head's LSTM runs in the precision its training validated in, as evaluate runs it, so the timeline's
-    # scores equal evaluate's (and a bf16 run's head is cheaper per prediction too).
+    # The head runs in the precision its training validated in, as evaluate runs it, so the scores equal evaluate's.
     head = checkpoint.create_model(device)
     head.compute_dtype = PRECISION_DTYPES[recorded_precision(checkpoint)]
     return Models(checkpoint, encoder, head, Preprocess.from_identity(feature_set), device, pad_to)
 
 
 def checkpoint_weights(checkpoint: Checkpoint, weights: str | None) -> str | None:
-    """``weights`` as given; else a finetune checkpoint's own file (it carries the fine-tuned backbone its feature
-    set names by hash); else None: ``create_encoder`` derives them from the feature set's weights name."""
+    """``weights`` as given; else a finetune checkpoint's own file (it carries its backbone); else None (derived)."""
     if weights is None and "backbone" in checkpoint.extra:
         return str(checkpoint.path)
     return weights
@@ -755,8 +716,7 @@ def _stream(config: PredictConfig, batches: Iterator[SourceBatch], models: Model
 
 @torch.inference_mode()
 def _warm_up(models: Models, batch_size: int) -> None:
-    """One untimed pass of each model: the first call pays one-off costs (oneDNN kernel selection, cuDNN autotune,
-    torch.compile), which would otherwise show up as a multi-second first latency and a lower sustained FPS."""
+    """One untimed pass of each model: the one-off costs (kernel selection, autotuning, compiling) stay untimed."""
     crop = models.preprocess.crop
     features = models.features(np.zeros((batch_size, crop, crop, 3), np.uint8))  # (B, D)
     models.head(features[:1].expand(models.checkpoint.window, -1)[None])  # (1, T, D)
