@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import pkgutil
 import types
 import typing
 from pathlib import Path
@@ -31,10 +32,11 @@ class Interrupted(Exception):
     this one passes through it, so the entry point can say how to resume."""
 
 
-def config_command(cls: type, run: Callable[[Any], Any], *, arguments: tuple[str, ...] = (),
-                   config_file: bool = True, doc: str | None = None) -> Callable[..., Any]:
-    """A typer command for ``cls``: parse the flags, resolve the config and call ``run(config)``. ``arguments``
-    names fields taken as positional arguments (``predict SOURCE``); ``config_file`` False: no ``--config``."""
+def config_command(cls: type, run: Callable[[Any], Any] | str, *, arguments: tuple[str, ...] = (),
+                   config_file: bool = True, doc: str | None = None) -> Callable[..., None]:
+    """A typer command for ``cls``: parse the flags, resolve the config and call ``run(config)``. A "module:function"
+    ``run`` is imported when the command runs, so ``epicfeat --help`` imports no torch. ``arguments`` names fields
+    taken as positional arguments (``predict SOURCE``); ``config_file`` False: no ``--config``."""
     hints = typing.get_type_hints(cls)
     parameters = [_parameter(f, hints[f.name], positional=f.name in arguments) for f in _cli_fields(cls)]
     parameters.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # typer wants arguments first
@@ -43,12 +45,12 @@ def config_command(cls: type, run: Callable[[Any], Any], *, arguments: tuple[str
         parameters.insert(first_option, inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                                           annotation=ConfigFile))
 
-    def command(**given: Any) -> Any:
+    def command(**given: Any) -> None:
         recipe = given.pop("config", None)
         overrides = {name: _from_cli(value) for name, value in given.items()}
         config = resolve_config(cls, config_file=recipe, overrides=overrides)
         try:
-            return run(config)
+            (pkgutil.resolve_name(run) if isinstance(run, str) else run)(config)
         except KeyboardInterrupt:
             raise Interrupted() from None
 

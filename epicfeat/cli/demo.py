@@ -3,13 +3,7 @@ from epicfeat.cli._options import config_command
 from epicfeat.configs import DemoConfig
 
 
-def _run(cfg: DemoConfig) -> None:
-    from epicfeat.demo import run_demo
-
-    run_demo(cfg)
-
-
 demo = config_command(
-    DemoConfig, _run,
+    DemoConfig, "epicfeat.demo:run_demo",
     doc="Run the whole pipeline on a generated synthetic dataset (re-run to resume) and print the results.",
 )

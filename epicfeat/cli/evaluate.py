@@ -3,13 +3,7 @@ from epicfeat.cli._options import config_command
 from epicfeat.configs import EvaluateConfig
 
 
-def _run(cfg: EvaluateConfig) -> None:
-    from epicfeat.evaluate import evaluate
-
-    evaluate(cfg)
-
-
 evaluate = config_command(
-    EvaluateConfig, _run,
+    EvaluateConfig, "epicfeat.evaluate:evaluate",
     doc="Score a labelled split from the feature cache: metrics table and JSON, results pickle, per-class plot.",
 )

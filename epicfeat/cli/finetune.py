@@ -7,13 +7,7 @@ from epicfeat.cli._options import config_command
 from epicfeat.configs import FinetuneConfig
 
 
-def _run(cfg: FinetuneConfig) -> None:
-    from epicfeat.finetune import finetune
-
-    finetune(cfg)
-
-
 finetune = config_command(
-    FinetuneConfig, _run,
+    FinetuneConfig, "epicfeat.finetune:finetune",
     doc="Fine-tune the backbone and the temporal model end to end on decoded clips (resumable; torchrun for DDP).",
 )

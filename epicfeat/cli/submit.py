@@ -3,13 +3,7 @@ from epicfeat.cli._options import config_command
 from epicfeat.configs import SubmitConfig
 
 
-def _run(cfg: SubmitConfig) -> None:
-    from epicfeat.evaluate import submit
-
-    submit(cfg)
-
-
 submit = config_command(
-    SubmitConfig, _run,
+    SubmitConfig, "epicfeat.evaluate:submit",
     doc="Score EPIC_100_test_timestamps.csv and write submission.zip (test.json) ready to upload.",
 )
