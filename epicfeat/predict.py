@@ -109,24 +109,17 @@ class PredictResult:
 # ------------------------------------------------------------------------------------------------ models
 def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_classes, noun_classes, k: int):
     """Top-k (name, probability) verbs and nouns (softmax over all classes) and (verb, noun, score) actions (the
-    official ranking, ``metrics.action_scores``), for each row of logits."""
-    verb_probs = torch.softmax(torch.from_numpy(verb_logits).double(), dim=1).numpy()  # (N, Cv)
-    noun_probs = torch.softmax(torch.from_numpy(noun_logits).double(), dim=1).numpy()  # (N, Cn)
-    action_ids, action_probs = action_scores(verb_logits, noun_logits, top_n=100)  # (N, K) each, best first
-    rows = []
-    for i in range(len(verb_logits)):
-        # Descending by probability; ties: higher class index first, as metrics ranks them.
-        verbs = np.argsort(verb_probs[i], kind="stable")[::-1][:k]
-        nouns = np.argsort(noun_probs[i], kind="stable")[::-1][:k]
-        rows.append((
-            tuple((verb_classes[v], float(verb_probs[i, v])) for v in verbs),
-            tuple((noun_classes[n], float(noun_probs[i, n])) for n in nouns),
-            tuple(
-                (verb_classes[a // ACTION_VERB_MULTIPLIER], noun_classes[a % ACTION_VERB_MULTIPLIER], float(s))
-                for a, s in zip(action_ids[i, :k], action_probs[i, :k])
-            ),
-        ))
-    return rows
+    official ranking, ``metrics.action_scores``) of one segment's logits (1, Cv), (1, Cn)."""
+    verb_probs = torch.softmax(torch.from_numpy(verb_logits[0]).double(), dim=0).numpy()  # (Cv,)
+    noun_probs = torch.softmax(torch.from_numpy(noun_logits[0]).double(), dim=0).numpy()  # (Cn,)
+    action_ids, action_probs = action_scores(verb_logits, noun_logits, top_n=100)  # (1, K) each, best first
+    # Descending by probability; ties: higher class index first, as metrics ranks them.
+    verbs = np.argsort(verb_probs, kind="stable")[::-1][:k]
+    nouns = np.argsort(noun_probs, kind="stable")[::-1][:k]
+    return (tuple((verb_classes[v], float(verb_probs[v])) for v in verbs),
+            tuple((noun_classes[n], float(noun_probs[n])) for n in nouns),
+            tuple((verb_classes[a // ACTION_VERB_MULTIPLIER], noun_classes[a % ACTION_VERB_MULTIPLIER], float(s))
+                  for a, s in zip(action_ids[0, :k], action_probs[0, :k])))
 
 
 # ------------------------------------------------------------------------------------------------ the window
@@ -240,7 +233,7 @@ class LiveCapture:
                 f"camera {device} ({fmt}): cannot open it ({err}); check the index, the format and permissions"
             ) from None
         self.name = f"{device} ({fmt})"
-        self._stream, self._preprocess = stream, preprocess
+        self._stream = stream
         self._rate = Fraction(fps) if fps is not None else None  # exact value of the float given
         self._waiting: collections.deque = collections.deque()  # (index, seconds, av.VideoFrame, arrival)
         self._capacity = max(1, capacity)
@@ -333,9 +326,7 @@ class CsvTimeline:
 
     def write(self, p: Prediction) -> None:
         row = [f"{p.time:.6f}", f"{p.window_start:.6f}", f"{p.window_end:.6f}", p.rows, p.frame_index]
-        for name, score in p.verbs:
-            row += [name, f"{score:.6g}"]
-        for name, score in p.nouns:
+        for name, score in (*p.verbs, *p.nouns):
             row += [name, f"{score:.6g}"]
         for verb, noun, score in p.actions:
             row += [f"{verb} {noun}", f"{score:.6g}"]
@@ -370,15 +361,6 @@ class JsonlTimeline:
     def close(self, summary: dict) -> None:
         self._line({"type": "summary", **summary})
         self.file.close()
-
-
-def read_timeline(path: str | Path) -> list[dict]:
-    """A timeline written by ``predict`` as a list of records (CSV rows as dicts of strings; JSON Lines records)."""
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix.lower() == ".csv":
-            return list(csv.DictReader(f))
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _timeline_ranks(top_k: int, n_verbs: int, n_nouns: int) -> tuple[int, int, int]:
@@ -606,7 +588,7 @@ class Models:
     @torch.inference_mode()
     def predict(self, window: SegmentWindow, top_k: int) -> Prediction:
         verb_logits, noun_logits = self.head(window.sample())  # (1, T, D) -> (1, Cv), (1, Cn)
-        (verbs, nouns, actions), = top_predictions(
+        verbs, nouns, actions = top_predictions(
             verb_logits.float().cpu().numpy(), noun_logits.float().cpu().numpy(),
             self.checkpoint.verb_classes, self.checkpoint.noun_classes, top_k,
         )

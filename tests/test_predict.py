@@ -1,5 +1,6 @@
 """`epicfeat predict`: the streamed timeline equals a direct model call on the same windows; outputs; clear errors."""
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from epicfeat.predict import (
     PredictConfig,
     PredictError,
     predict,
-    read_timeline,
 )
 from epicfeat.store import FeatureSetIdentity
 from epicfeat.temporal.checkpoint import ModelCard, load_checkpoint, save_checkpoint
@@ -31,6 +31,15 @@ NOUNS = ("cup", "knife", "tap", "plate", "pan", "door", "bag")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def read_timeline(path: Path) -> list[dict]:
+    """A timeline written by ``predict`` as a list of records (CSV rows as dicts of strings; JSON Lines records)."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            return list(csv.DictReader(f))
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _features(video: Path, backbone) -> tuple[torch.Tensor, np.ndarray]:
