@@ -1,8 +1,7 @@
 """The config dataclass of every command: the one source of each default and of each option's help text.
 
-``epicfeat.recipes.resolve_config`` layers a recipe (``--config FILE``) and command-line flags over these defaults;
-``epicfeat.cli`` builds every command's options from these fields, so ``--help`` shows exactly the defaults the
-code runs with. This module is light on purpose (no torch): ``epicfeat --help`` and a typo in a flag answer at once.
+``epicfeat.cli`` builds every command's options from these fields, so ``--help`` shows the defaults the code runs
+with. No torch here: ``epicfeat --help`` and a typo in a flag answer at once.
 """
 from __future__ import annotations
 

@@ -27,12 +27,8 @@ def resolve_device(device: str) -> torch.device:
 
 @functools.lru_cache(maxsize=None)
 def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when this CPU computes bf16 natively (flag ``amx_bf16`` or ``avx512_bf16`` in ``cpuinfo``).
-
-    Measured on 2-core machines of this project: ResNet50 bf16 autocast runs about 3.4x faster than fp32 on such a
-    CPU (37 vs 11 images/s) and about 5x slower on one without (1.9 vs 10). A missing or unreadable file (not
-    Linux) answers False: fp32 is the safe choice.
-    """
+    """True when this CPU computes bf16 natively (flag ``amx_bf16`` or ``avx512_bf16`` in ``cpuinfo``); False when
+    the file cannot be read (not Linux): fp32 is the safe choice."""
     try:
         with open(cpuinfo) as f:
             for line in f:
@@ -56,8 +52,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 @contextlib.contextmanager
 def cuda_settings(*, tf32: bool, cudnn_benchmark: bool) -> Iterator[None]:
     """TF32 (cuDNN convolutions and RNNs, CUDA matmuls) and cuDNN autotuning as given for the calls inside, then as
-    they were: the flags are process-wide, and one left set would change what a later model of the same process
-    computes (the demo's fp32 LSTM runs after extract in one process). Harmless without a GPU."""
+    they were: the flags are process-wide, and one left set would change what a later model computes."""
     backends = torch.backends
     previous = (backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark)
     backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = tf32, tf32, cudnn_benchmark

@@ -1,8 +1,7 @@
 """The frame encoder: frames -> features, the one forward pass of extract, predict, export and finetune.
 
-``create_encoder`` builds the encoder a feature set's identity records (weights and their hash, normalisation,
-precision, layout, folded batch norms, torch.compile), so every later use of the backbone computes the cached
-numbers.
+``create_encoder`` builds the encoder a feature set's identity records, so every later use of the backbone
+computes the cached numbers.
 """
 from __future__ import annotations
 
@@ -27,9 +26,8 @@ _TORCHVISION_NAMES = ("imagenet1k_v1", "imagenet1k_v2")
 class FrameEncoder(nn.Module):
     """images (N, 3, H, W), values 0..255 -> features (N, num_features) float32.
 
-    ``forward_features`` normalises, lays the pixels out channels-last when asked and runs the backbone under
-    autocast to ``precision``; gradients flow (finetune trains through it). ``encode`` is inference as extract
-    stores rows.
+    ``forward_features`` normalises, lays the pixels out and runs the backbone under autocast to ``precision``;
+    gradients flow (finetune trains through it). ``encode`` is inference as extract stores rows.
     """
 
     def __init__(self, backbone: nn.Module, *, mean: Sequence[float], std: Sequence[float], precision: str,

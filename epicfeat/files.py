@@ -8,11 +8,8 @@ from typing import IO, Callable
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it onto ``path``.
-
-    A crash or an exception at any moment leaves the previous file (or none), never half of a new one. Every file
-    epicfeat writes for a user (configs, checkpoints, results, submissions) goes through here.
-    """
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it onto ``path``: a crash at any
+    moment leaves the previous file (or none). Every file epicfeat writes for a user goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
