@@ -1,14 +1,11 @@
 """``epicfeat demo``: the whole pipeline on the embedded synthetic EPIC-format dataset, on the CPU, in minutes.
 
-    1. generate   a synthetic dataset in the exact EPIC-100 layout (real H.264 mp4s at 59.94 / 50 / 30 fps, the
-                  annotation CSVs); nouns are told apart by appearance, verbs only by the order of frames
-    2. extract    every video through ResNet50 (seeded random weights: ImageNet weights cannot be assumed here)
-                  into a Zarr feature set
+    1. generate   a synthetic dataset in the EPIC-100 layout; verbs are told apart only by the order of frames
+    2. extract    every video through ResNet50 (seeded random weights) into a Zarr feature set
     3. train      a 1-frame baseline and the seed's 16- and 32-frame BiLSTMs on the cached features
     4. evaluate   each model and the 16+32 ensemble on validation with the official EPIC-100 metrics
     5. submit     the ensemble's test-split submission zip
-    6. deploy     predict over one validation video (rolling window, timeline + annotated MP4) and export the
-                  longest model to ONNX, checked against PyTorch with onnxruntime
+    6. deploy     predict over one validation video and export the longest model to ONNX
 
 ``finetune`` is left out (about one clip per second on a 2-core CPU). Every stage calls the same function as its
 CLI command, with smaller settings, and resumes: finished work is reused.
