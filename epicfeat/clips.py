@@ -1,20 +1,13 @@
-"""Finetune's clips: which frames to decode for a segment, the clip dataset, augmentation, CutMix, and the data
-of a run (annotations -> clip datasets of the segments whose videos exist and are in the feature set).
+"""Finetune's clips: the frames to decode for a segment, the clip dataset, augmentation, CutMix, and a run's data.
 
-Everything here is deterministic given (seed, epoch, segment index): the T times of a clip and its augmentation
-parameters come from a seed derived from those three numbers, never from a worker's RNG. So the clips of an epoch
-do not depend on the number of DataLoader workers, on the number of DDP processes, or on where a resumed run
-restarted: that is what makes ``--resume`` exact and a 2-process run equal to a 1-process run. CutMix is drawn
-from a seed derived from the global step, over the global batch (``sample_step_cutmix``), for the same reason.
+A clip's times and augmentation come from seeds derived from (seed, epoch, segment index), and CutMix from
+(seed, global step), never from a worker's RNG: so ``--resume`` is exact and N DDP processes equal one.
 
     load_clip_data(...)       annotations -> ClipData: train / validation / statistics datasets, what was dropped
       segment_rows(...)       the stored rows' times of every segment (stage two's join of segments to rows)
-    ClipDataset[i]            decode T frames of segment i at its rows' times (in a DataLoader worker): uint8 (T, H, W, 3)
-    decode_clip(...)          those frames; times far apart are reached by a seek each (long segments)
-    SkippedVideos.watch(...)  batches as they pass, keeping why a video's clips could not be decoded
-    ClipAugment(clip, seed)   the seed's augmentations, with ONE set of parameters for all T frames (on any device)
-    sample_clip_cutmix(...)   CutMix with the same box in every frame of a clip, labels mixed by the box's area
-    sample_step_cutmix(...)   the same over a step's global batch, identical in every DDP process
+    ClipDataset[i]            T frames of segment i decoded at its rows' times: uint8 (T, H, W, 3)
+    ClipAugment(clip, seed)   the seed's augmentations, ONE set of parameters for all T frames
+    sample_step_cutmix(...)   one CutMix box for every frame of a step's global batch, the same in every process
 """
 from __future__ import annotations
 
@@ -50,23 +43,15 @@ def derive_seed(*numbers: int) -> int:
 
 # --------------------------------------------------------------------------------------------- clip times
 def sample_row_offsets(count: int, frames: int, *, train: bool, generator: torch.Generator | None) -> np.ndarray:
-    """T positions in a segment's ``count`` stored rows, TSN-binned exactly like ``PackedSplit.sample_rows``.
-
-    One segment through stage two's own rule (``epicfeat.temporal.data.bin_offsets``): the same bins, and in
-    training the same draws from ``generator``. A test holds the two equal.
-    """
+    """T positions in a segment's ``count`` stored rows by stage two's ``bin_offsets`` (same bins, same draws)."""
     return bin_offsets(torch.tensor([count]), frames, train=train, generator=generator)[0].numpy()  # (1, T) -> (T,)
 
 
 @dataclass(frozen=True)
 class SegmentRows:
     """The stored rows' times of every segment, packed like ``PackedSplit``: segment s owns
-    ``times[start[s] : start[s] + count[s]]`` (seconds, the feature set's pts, count >= 1).
-
-    Built by ``segment_rows`` from the feature set with stage two's join (``epicfeat.temporal.data.rows_of_segments``),
-    so a clip is decoded at the very frames whose features stage two read: at 59.94 fps a row's pts falls up to
-    16.7 ms after the nominal k / fps, and a grid of nominal times puts other rows into about 8 % of segments.
-    """
+    ``times[start[s] : start[s] + count[s]]`` (seconds, the feature set's pts, count >= 1). Stored times, never a
+    nominal k / fps grid: at 59.94 fps that grid puts other rows into some segments."""
 
     times: np.ndarray  # (R,) float64 seconds
     start: np.ndarray  # (S,) int64
@@ -78,18 +63,14 @@ class SegmentRows:
         return self.times[first + sample_row_offsets(count, frames, train=train, generator=generator)]  # (T,)
 
 
-#: Sampled times further apart than this are decoded after a seek of their own, not by decoding every frame in
-#: between: at 59.94 fps, 2 s is 120 frames, more than reaching a frame from its keyframe costs in EPIC's videos.
+#: Sampled times further apart than this are reached by a seek of their own, not by decoding every frame between.
 SEEK_GAP_SECONDS = 2.0
 
 
 def decode_clip(path: Path, times: np.ndarray, decode: Preprocess, *, seek_gap: float = SEEK_GAP_SECONDS,
                 threads: int = 0) -> np.ndarray:
-    """uint8 (T, H, W, 3) frames at ``times``; runs of times more than ``seek_gap`` apart are decoded separately.
-
-    ``decode_frames_at`` seeks once and decodes forward through the whole span, so 16 frames of a 147 s segment
-    would cost 147 s of decoding; cut into runs, each bin costs one seek plus the frames from its keyframe.
-    """
+    """uint8 (T, H, W, 3) frames at ``times``; runs of times more than ``seek_gap`` apart are decoded separately
+    (``decode_frames_at`` decodes forward through its whole span)."""
     order = np.argsort(times, kind="stable")  # (T,)
     ordered = times[order]
     breaks = np.flatnonzero(np.diff(ordered) > seek_gap) + 1  # where a new run starts
@@ -103,23 +84,12 @@ def decode_clip(path: Path, times: np.ndarray, decode: Preprocess, *, seek_gap: 
 class ClipDataset(torch.utils.data.Dataset):
     """Segment i -> its T decoded frames (uint8, resized by ``decode``), labels, and the seed of its augmentation.
 
-    A video that cannot be read (missing, truncated, corrupt) gives ``valid=False`` and a black clip of the right
-    shape instead of an exception: the training loop skips and counts it, and every batch keeps its shape (so
-    DDP processes never disagree about whether a step happened).
+    A video that cannot be read gives ``valid=False`` and a black clip, never an exception: the training loop
+    skips and counts it, and every batch keeps its shape (DDP processes never disagree about a step).
     """
 
-    def __init__(
-        self,
-        segments: pd.DataFrame,
-        video_paths: dict[str, Path],
-        *,
-        rows: SegmentRows,
-        frames: int,
-        decode: Preprocess,
-        train: bool,
-        seed: int,
-        decode_threads: int = 0,
-    ):
+    def __init__(self, segments: pd.DataFrame, video_paths: dict[str, Path], *, rows: SegmentRows, frames: int,
+                 decode: Preprocess, train: bool, seed: int, decode_threads: int = 0):
         if len(rows.start) != len(segments):
             raise ValueError(f"ClipDataset: {len(segments)} segments but row times for {len(rows.start)}")
         self.video_paths = video_paths
@@ -178,13 +148,9 @@ class ClipData:
 
 
 def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: Preprocess) -> ClipData:
-    """Annotations -> clip datasets over the segments whose videos exist and are complete in ``store`` (the others
-    are dropped and counted), decoded at the times of the stored rows stage two read (``segment_rows``).
-
-    ``card`` is the starting checkpoint's (its class tables must be the annotations'); ``preprocess`` the feature
-    set's: training decodes a resize x resize square for RandomResizedCrop to cut from, evaluation extract's
-    exact resize + centre crop.
-    """
+    """Annotations -> clip datasets of the segments whose videos exist and are complete in ``store`` (the others are
+    dropped and counted). ``card``: the start's (same class tables); ``preprocess``: the feature set's (training
+    decodes a resize x resize square for RandomResizedCrop, evaluation extract's resize + centre crop)."""
     if config.annotations is None or config.videos is None:
         raise ClipError("pass --annotations DIR (EPIC_100_*.csv) and --videos DIR (the folder holding P01/, ...)")
     annotations = EpicAnnotations(config.annotations, train_file=config.train_file)
@@ -252,9 +218,8 @@ def segment_rows(store, segments: pd.DataFrame) -> tuple[pd.DataFrame, SegmentRo
 
 
 def decode_threads(config: FinetuneConfig) -> int:
-    """Codec threads per decoding process, so that threads x decoders stays within the cores: ``--decode-threads``
-    when given, else the cores shared out among the decoders of every torchrun process on this node (each
-    process's ``num_workers``, or the process itself)."""
+    """Codec threads per decoding process: ``--decode-threads``, else the cores shared out among this node's
+    decoders (each torchrun process's ``num_workers``, or the process itself)."""
     decoders = max(1, config.num_workers) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return codec_threads(decoders, config.decode_threads)
 
@@ -278,14 +243,9 @@ class SkippedVideos(dict):
 # ------------------------------------------------------------------------------------------- augmentation
 @dataclass(frozen=True)
 class ClipAugment:
-    """RandomResizedCrop to ``crop``, horizontal flip, ColorJitter, RandomGrayscale: uint8 pixels in and out (the
-    frame encoder normalises).
-
-    torchvision.transforms.v2 draws one set of parameters per call and applies it to every leading index of a
-    (T, 3, H, W) tensor, so all frames of a clip get the same crop, flip, colour change and grayscale decision
-    (tests check it). Parameters are drawn from the CPU RNG inside ``fork_rng`` seeded with the clip's seed, so
-    they are reproducible wherever the pixels are (CPU worker or GPU).
-    """
+    """RandomResizedCrop to ``crop``, horizontal flip, ColorJitter, RandomGrayscale: uint8 pixels in and out.
+    transforms.v2 draws one set of parameters per call for a whole (T, 3, H, W) clip, from the CPU RNG seeded with
+    the clip's seed, so it is reproducible wherever the pixels are."""
 
     crop: int  # the feature set's crop size (its resize is used for decoding)
     scale: tuple[float, float] = (0.6, 1.0)
@@ -310,22 +270,28 @@ class ClipAugment:
 
 
 # ------------------------------------------------------------------------------------------------- CutMix
+def global_positions(local: int, rank: int, world: int) -> torch.Tensor:
+    """(local,) positions in the step's global batch of this process's clips: DistributedSampler deals indices
+    round robin, so clip j of process r is clip j * world + r of the batch one process would take."""
+    return torch.arange(local) * world + rank  # (local,)
+
+
 @dataclass(frozen=True)
-class ClipCutMix:
-    """Clip i gets the box [y0:y1, x0:x1] of clip partner[i] in every frame; labels mix by the box's share.
+class StepCutMix:
+    """One step's CutMix over the global batch: clip g gets the box [y0:y1, x0:x1] of clip ``partner[g]`` in every
+    frame; ``fraction`` (the box's share of the frame) weighs the partner's labels, as stage two's TimeCutMix."""
 
-    Has ``partner`` and ``fraction`` like stage two's TimeCutMix: ``mixed_cross_entropy`` weighs the partner's
-    labels by ``fraction``.
-    """
-
-    partner: torch.Tensor  # (B,) int64, a permutation
+    partner: torch.Tensor  # (B,) int64 global positions; an undecodable clip is its own partner (weight 0 anyway)
     box: tuple[int, int, int, int]  # y0, y1, x0, x1
-    fraction: float  # box area / frame area: the weight of the partner's labels
+    fraction: float
 
 
-def sample_clip_cutmix(batch: int, height: int, width: int, alpha: float, seed: int) -> ClipCutMix | None:
-    """lam ~ Beta(alpha, alpha); a box of (1 - lam) of the area at a uniform centre, clipped to the frame."""
-    if alpha <= 0 or batch < 2:
+def sample_step_cutmix(valid: torch.Tensor, height: int, width: int, alpha: float, seed: int) -> StepCutMix | None:
+    """CutMix of a whole global batch (``valid`` (B,) bool) from ``seed``, so every process draws the same:
+    lam ~ Beta(alpha, alpha), a box of (1 - lam) of the area at a uniform centre, clipped to the frame, and
+    partners among the valid clips. None without CutMix (alpha 0, fewer than 2 valid clips, an empty box)."""
+    keep = valid.nonzero().squeeze(1)  # (v,) global positions of decodable clips
+    if alpha <= 0 or len(keep) < 2:
         return None
     generator = torch.Generator().manual_seed(seed)
     lam = np.random.default_rng(seed).beta(alpha, alpha)
@@ -334,49 +300,9 @@ def sample_clip_cutmix(batch: int, height: int, width: int, alpha: float, seed: 
     cy, cx = int(torch.randint(0, height, (1,), generator=generator)), int(torch.randint(0, width, (1,), generator=generator))
     y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
     x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-    partner = torch.randperm(batch, generator=generator)  # (B,)
     fraction = (y1 - y0) * (x1 - x0) / (height * width)  # the actual area after clipping
     if fraction == 0:
         return None
-    return ClipCutMix(partner=partner, box=(y0, y1, x0, x1), fraction=fraction)
-
-
-def apply_clip_cutmix(clips: torch.Tensor, mix: ClipCutMix) -> torch.Tensor:
-    """clips (B, T, 3, H, W) -> (B, T, 3, H, W) with the same box pasted from the partner into every frame."""
-    y0, y1, x0, x1 = mix.box
-    mixed = clips.clone()
-    mixed[:, :, :, y0:y1, x0:x1] = clips[mix.partner.to(clips.device), :, :, y0:y1, x0:x1]  # (B, T, 3, h, w)
-    return mixed
-
-
-# --------------------------------------------------------------------------------- CutMix over a global batch
-def global_positions(local: int, rank: int, world: int) -> torch.Tensor:
-    """(local,) positions in the step's global batch of this process's clips.
-
-    DistributedSampler deals the shuffled indices round robin (process r gets r, r + world, ...), so clip j of
-    process r's batch is clip j * world + r of the batch one process would take.
-    """
-    return torch.arange(local) * world + rank  # (local,)
-
-
-@dataclass(frozen=True)
-class StepCutMix:
-    """One optimiser step's CutMix over the global batch: clip g gets the box of clip ``partner[g]``."""
-
-    partner: torch.Tensor  # (B,) int64 global positions; an undecodable clip is its own partner (weight 0 anyway)
-    box: tuple[int, int, int, int]  # y0, y1, x0, x1
-    fraction: float
-
-
-def sample_step_cutmix(valid: torch.Tensor, height: int, width: int, alpha: float, seed: int) -> StepCutMix | None:
-    """CutMix of a whole global batch from ``seed`` (derived from the global step): every process draws the same.
-
-    ``valid`` (B,) bool over the global batch; partners are drawn among the valid clips only, as before.
-    """
-    keep = valid.nonzero().squeeze(1)  # (v,) global positions of decodable clips
-    mix = sample_clip_cutmix(len(keep), height, width, alpha, seed)
-    if mix is None:
-        return None
     partner = torch.arange(len(valid))  # (B,)
-    partner[keep] = keep[mix.partner]
-    return StepCutMix(partner=partner, box=mix.box, fraction=mix.fraction)
+    partner[keep] = keep[torch.randperm(len(keep), generator=generator)]
+    return StepCutMix(partner=partner, box=(y0, y1, x0, x1), fraction=fraction)

@@ -1,58 +1,19 @@
 """``epicfeat finetune``: the frame encoder and the stage-two BiLSTM trained end to end on decoded clips.
 
-Read it top to bottom:
-
-    finetune(config)                    the one function `epicfeat finetune` calls (every torchrun process does)
-      load_start(config)                the train-temporal checkpoint, the frame encoder of its feature set (the
-                                        weights' hash checked, batch norms unfolded) and that feature set's store
+    finetune(config)                    what `epicfeat finetune` calls (every torchrun process does)
+      load_start(config)                the train-temporal checkpoint, its feature set's encoder and store
       _prepare(...)                     ClipModel, AdamW with a head and a backbone lr, the clips and loaders
       _resume(...)                      last.pt: config check, TrainingState.restore, both state dicts
       _score_start(...)                 epoch 0: the starting model, scored like every epoch; best.pt until beaten
-      _train_epochs(...)                for each epoch left (TrainingState.remaining_epochs):
-        _run_epoch(...)
-          train_one_epoch(...)          augment each clip (one draw for all T frames), CutMix over the global
-                                        batch, forward/backward in micro-batches, the mean gradient over every
-                                        valid clip, warm-up + cosine per step
-          follow_feature_drift(...)     the temporal model's input mean/std follow the backbone
-          evaluate_clips(...)           bin-centre frames, extract's resize + centre crop, official metrics
-        EpochLog.end_epoch(...)         early stopping, best.pt / last.pt, metrics.csv, plots, TensorBoard
+      _train_epochs(...)                for each epoch left: _run_epoch (train_one_epoch, follow_feature_drift,
+                                        evaluate_clips), then EpochLog.end_epoch
       _result(...)                      the FinetuneResult, its summary table, and judge(): did it help
 
-The same frames as stage two. A clip's T times are the pts of the rows stage two sampled for that segment
-(``epicfeat.clips.segment_rows``, binned like ``PackedSplit.sample_rows``), never a nominal k / fps grid, so
-epoch 0 reproduces ``epicfeat evaluate``'s numbers on the starting checkpoint (up to the float16 rounding of
-stored features).
-
-Never worse than the start. Epoch 0 is evaluated first (``eval_start``) and is best.pt until an epoch's validation
-action top-1 beats it; while best.pt holds the start's backbone, its feature set is the start's own. The result's
-``verdict`` / ``gain`` say whether fine-tuning helped and by how much.
-
-Features and head that move together. The stage-two model standardises its input with the train split's
-per-dimension mean/std of the starting backbone's features. When the backbone trains, its features drift, and
-near-constant dimensions (std at its 1e-3 floor: dead ReLU channels) turn a small drift into inputs many standard
-deviations out, which wrecks validation within an epoch. So after every epoch the features' mean/std are measured
-again on a fixed set of train clips (``stats_segments``, evaluation's frames), the change since the start is taken
-per dimension as affine and applied to the stored statistics (``follow_feature_drift``): for an affine drift the
-head sees exactly the inputs it was trained on, and an unchanged backbone leaves the statistics bit for bit.
-Re-estimating from scratch would swap stage two's full-split statistics for a noisier estimate even when nothing
-moved; a learned normalisation lets the drift through until gradients undo it. ``--no-restandardize`` keeps the
-stored statistics fixed.
-
-The encoder keeps its BatchNorm statistics (every BN layer stays in eval mode: clips are few per batch and highly
-correlated, so batch statistics would be noise) and only its last ``trainable_stages`` stages train.
-
-Checkpoints are train-temporal checkpoints plus a ``backbone`` state dict, so ``epicfeat extract --weights
-best.pt`` builds a new feature set from the fine-tuned backbone; its weights are named by their hash
-(``sha-<hash>``), so last.pt, best.pt or a renamed copy holding the same backbone give one feature set.
-
-Precision (``--precision``): bf16 on a GPU is the encoder under bf16 autocast and the LSTM in bf16 by explicit
-casts (``ClipModel.set_precision``; CUDA autocast alone runs an LSTM in fp16, without loss scaling); a CPU computes
-in fp32. The saved config records what the run computed in: what ``evaluate`` and ``predict`` run the LSTM in.
-
-Scale-out: under ``torchrun`` each process (``World``) takes its share of every global batch through a
-DistributedSampler, DistributedDataParallel averages the gradients, and only rank 0 writes files. Each step's loss
-is normalised by the global number of valid clips and CutMix is drawn per global step over the global batch, so N
-processes with a global batch B compute the update of one process with batch B (up to summation order).
+A clip's T frames are those of the rows stage two sampled for its segment (``epicfeat.clips``), so epoch 0
+reproduces ``epicfeat evaluate`` on the start. Checkpoints are train-temporal checkpoints plus a ``backbone`` state
+dict, so ``epicfeat extract --weights best.pt`` caches the fine-tuned features. Under torchrun each process
+(``World``) takes its share of every global batch; losses are normalised by the global count of valid clips and
+CutMix is drawn over the global batch, so N processes make one process's update. Only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -69,7 +30,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from epicfeat.backbone import weights_identity, weights_name_of_sha
@@ -80,14 +40,13 @@ from epicfeat.devices import PRECISION_DTYPES, resolve_device
 from epicfeat.encoder import FrameEncoder, create_encoder
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess
-from epicfeat.metrics import epic_metrics
 from epicfeat.recipes import config_to_dict, save_config
 from epicfeat.store import FeatureStore, open_feature_set
 from epicfeat.temporal.checkpoint import (Checkpoint, check_feature_set, feature_set_key_of, load_checkpoint,
                                           save_checkpoint)
 from epicfeat.temporal.model import TemporalModel
 from epicfeat.temporal.precision import supported_precision
-from epicfeat.temporal.train import mixed_cross_entropy
+from epicfeat.temporal.train import mixed_cross_entropy, validation_metrics
 from epicfeat.training import (EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState, TrainResult,
                                make_console, print_summary, reproducible)
 
@@ -106,14 +65,9 @@ class FinetuneResult(TrainResult):
 
 # ------------------------------------------------------------------------------------------------- the model
 class ClipModel(nn.Module):
-    """clips (B, T, 3, H, W), values 0..255 -> the frame encoder per frame -> (B, T, D) -> the stage-two temporal
-    model -> verb (B, Cv) and noun (B, Cn) logits.
-
-    The encoder's last ``trainable_stages`` stages train; the others, and every batch norm's statistics, stay
-    frozen. ``set_precision`` names what the model computes in: the encoder under autocast to it, the LSTM by the
-    temporal model's explicit casts (CUDA autocast would run it in float16); standardisation, pooling and heads in
-    float32.
-    """
+    """clips (B, T, 3, H, W), values 0..255 -> the frame encoder -> (B, T, D) -> the temporal model -> verb (B, Cv)
+    and noun (B, Cn) logits. Only the encoder's last ``trainable_stages`` stages train; batch norms stay frozen.
+    ``set_precision``: the encoder autocasts to it, the LSTM casts explicitly (CUDA autocast would pick fp16)."""
 
     def __init__(self, encoder: FrameEncoder, temporal: TemporalModel, *, trainable_stages: int):
         super().__init__()
@@ -129,7 +83,7 @@ class ClipModel(nn.Module):
 
     def train(self, mode: bool = True) -> ClipModel:
         super().train(mode)
-        # Frozen BatchNorm statistics: running mean/var are never updated, and batches are normalised with them.
+        # Frozen BatchNorm statistics: a batch holds few, highly correlated clips, so its statistics are noise.
         for module in self.encoder.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -246,10 +200,7 @@ RESUMABLE_CHANGES = frozenset({"resume", "out", "annotations", "videos", "checkp
 
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
-    """``epicfeat finetune``: fine-tune encoder + temporal model on decoded clips; writes into ``config.out``.
-
-    A killed run continues with ``resume=True`` on the same schedule. Under torchrun, every process calls this.
-    """
+    """``epicfeat finetune``: fine-tune encoder + temporal model on decoded clips; writes into ``config.out``."""
     started = time.perf_counter()
     with _joined(config) as world:
         return _run(config, world, started)
@@ -282,19 +233,13 @@ class _Run:
                               self.config.label_smoothing)
 
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's feature mean and std on the statistics clips (see the module docstring)."""
+        """The encoder's feature mean and std on the statistics clips."""
         return measure_feature_stats(self.model, self.stats_loader, self.world)
 
     def save(self, path: Path, *, epoch: int, metrics: dict[str, float], history: list[dict[str, float]],
              training_state: dict[str, Any] | None = None) -> Path:
-        """This run's checkpoint at ``path`` (what the epoch log calls for best.pt and last.pt): a train-temporal
-        checkpoint plus ``backbone`` and ``finetune`` (where the run started; the drift's reference).
-
-        Its ``feature_set`` is the identity of the features this backbone gives: the starting feature set's with
-        the weights named by their hash, ``sha-<12 hex digits>`` (what ``create_backbone(weights=PATH)`` names any
-        file holding them), and that hash. While the backbone is still the start's (best.pt of epoch 0) it is the
-        starting feature set itself, so best.pt pairs with the features already extracted.
-        """
+        """A train-temporal checkpoint plus ``backbone`` and ``finetune`` (the start; the drift's reference). Its
+        feature set is the start's with the weights named by their hash, unless the backbone is still the start's."""
         start = self.start.checkpoint
         backbone = self.model.encoder.backbone
         feature_set = dict(start.feature_set)
@@ -533,9 +478,8 @@ def judge(start_metrics: dict[str, float], best_epoch: int, best: dict[str, floa
 # ------------------------------------------------------------------------------------- one epoch / eval
 @dataclass(frozen=True)
 class ClipStepSettings:
-    """What one optimiser step does with this process's clips: ``augment`` each (one draw for all T frames),
-    CutMix over the global batch (Beta(``cutmix_alpha``), 0: none; drawn from (``seed``, step)), micro-batches
-    of ``micro_batch_size`` clips, and the mixed cross-entropy with ``label_smoothing``."""
+    """One optimiser step: ``augment`` each clip, CutMix over the global batch (Beta(``cutmix_alpha``), 0: none;
+    drawn from (``seed``, step)), micro-batches of ``micro_batch_size``, the mixed loss with ``label_smoothing``."""
 
     augment: ClipAugment
     micro_batch_size: int
@@ -547,13 +491,8 @@ class ClipStepSettings:
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], state: TrainingState, settings: ClipStepSettings,
                     world: World, on_batch: Callable[[int], None]) -> dict[str, float]:
     """One pass over this process's share of the clips: the mean losses, skipped clips and data wait;
-    ``state.step`` counts the optimiser steps.
-
-    Each batch is this process's part of one optimiser step, run as micro-batches whose summed losses are
-    backpropagated (DDP averages over processes at the last one); the gradients are then scaled by
-    world / (valid clips in the global batch): the step's gradient is the mean over every valid clip. CutMix is
-    drawn per global step over the global batch, so N processes train exactly like one with the same global batch.
-    """
+    ``state.step`` counts the optimiser steps. Each batch is this process's part of a step, whose gradient is the
+    mean over every valid clip of the global batch."""
     model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=world.device)  # total, verb, noun loss sums; valid clips
     skipped, data_wait = 0, 0.0
@@ -684,35 +623,25 @@ def _epoch_means(sums: torch.Tensor, skipped: int, data_wait: float, world: Worl
 @torch.inference_mode()
 def evaluate_clips(model: ClipModel, batches: Iterable[dict], data: ClipData, world: World,
                    label_smoothing: float = 0.0) -> dict[str, float]:
-    """Bin-centre frames of ``data.validation``, extract's resize + centre crop: loss and the official metrics.
-
-    Each process scores its share of the segments; the logits are gathered so every process computes the same
-    metrics (and so takes the same early-stopping decision). Clips that cannot be decoded are left out and
-    counted as ``val_skipped``.
-    """
-    index, verb_np, noun_np = _gathered_logits(model, batches, world)
+    """Bin-centre frames of ``data.validation``, extract's resize + centre crop: loss and the official metrics, the
+    same on every process (the logits are gathered); undecodable clips are left out, counted as ``val_skipped``."""
+    index, logits = _gathered_logits(model, batches, world)  # (S',), (S', Cv + Cn)
     if len(index) == 0:
         raise FinetuneError("no validation clip could be decoded; check --videos (see the skipped-clip notes)")
     dataset = data.validation
-    verb_labels, noun_labels = dataset.verbs[index], dataset.nouns[index]
-    verb_loss, noun_loss = (
-        F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=label_smoothing).item()
-        for logits, labels in ((verb_np, verb_labels), (noun_np, noun_labels))
-    )
     unseen = None
     if data.unseen_participants is not None:
         unseen = np.array([dataset.participants[i] in data.unseen_participants for i in index], dtype=bool)
-    metrics = epic_metrics(verb_np, noun_np, verb_labels, noun_labels, tail_verbs=data.tail_verbs,
-                           tail_nouns=data.tail_nouns, unseen=unseen)
-    stats = {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss,
-             "val_skipped": float(len(dataset) - len(index))}
-    return {**stats, **{name: float(value) for name, value in metrics.items()}}
+    verb_logits, noun_logits = logits.split([model.temporal.args.n_verbs, model.temporal.args.n_nouns], dim=1)
+    metrics = validation_metrics(verb_logits, noun_logits, torch.from_numpy(dataset.verbs[index]),
+                                 torch.from_numpy(dataset.nouns[index]), label_smoothing, tail_verbs=data.tail_verbs,
+                                 tail_nouns=data.tail_nouns, unseen=unseen)
+    return {**metrics, "val_skipped": float(len(dataset) - len(index))}
 
 
-def _gathered_logits(model: ClipModel, batches: Iterable[dict],
-                     world: World) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment indices (S',), verb logits (S', Cv), noun logits (S', Cn)) of every decodable clip of every
-    process, in segment order whatever the sharding."""
+def _gathered_logits(model: ClipModel, batches: Iterable[dict], world: World) -> tuple[np.ndarray, torch.Tensor]:
+    """(segment indices (S',), host logits (S', Cv + Cn)) of every decodable clip of every process, in segment
+    order whatever the sharding."""
     model.eval()
     indices, logits = [], []
     for batch in batches:
@@ -722,26 +651,20 @@ def _gathered_logits(model: ClipModel, batches: Iterable[dict],
             verbs, nouns = model(clips)  # (v, Cv), (v, Cn)
             logits.append(torch.cat([verbs, nouns], dim=1).float())  # (v, Cv + Cn), where the model ran
         indices.append(batch["index"][valid])
-    n_verbs, n_nouns = model.temporal.args.n_verbs, model.temporal.args.n_nouns
+    width = model.temporal.args.n_verbs + model.temporal.args.n_nouns
     # The logits come to the host in one copy (a GPU waits for no per-batch read).
-    scores = torch.cat(logits).cpu().numpy() if logits else np.zeros((0, n_verbs + n_nouns), np.float32)
-    local = (torch.cat(indices).numpy(), scores[:, :n_verbs], scores[:, n_verbs:])  # (S',), (S', Cv), (S', Cn)
-    parts = world.gather_objects(local)
-    index = np.concatenate([p[0] for p in parts])
+    local = torch.cat(logits).cpu() if logits else torch.zeros(0, width)  # (S', Cv + Cn)
+    parts = world.gather_objects((torch.cat(indices).numpy(), local))
+    index = np.concatenate([part[0] for part in parts])
     order = np.argsort(index, kind="stable")  # segment order, whatever the sharding
-    verb_np = np.concatenate([p[1] for p in parts])[order]  # (S', Cv)
-    noun_np = np.concatenate([p[2] for p in parts])[order]  # (S', Cn)
-    return index[order], verb_np, noun_np
+    return index[order], torch.cat([part[1] for part in parts])[torch.from_numpy(order)]
 
 
 # ------------------------------------------------------------------------------- features that move together
 @torch.inference_mode()
 def measure_feature_stats(model: ClipModel, batches: Iterable[dict], world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (two (D,) float64 CPU tensors) of the encoder's features on ``batches``' frames.
-
-    Sums in float64, all-reduced over processes, so every process gets the same numbers. Undecodable clips are
-    left out.
-    """
+    """Per-dimension mean and std (two (D,) float64 CPU tensors) of the encoder's features on ``batches``' decodable
+    frames, summed in float64 over every process (each gets the same numbers)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, model.encoder.num_features, dtype=torch.float64, device=world.device)  # sum, sum of squares
@@ -773,11 +696,9 @@ def follow_feature_drift(temporal: TemporalModel, drift: dict[str, torch.Tensor]
                          std: torch.Tensor) -> None:
     """Move the temporal model's input mean/std by the change of the encoder's features since the start.
 
-    Per dimension, the change from the start encoder (``reference_*``) to the current one (``mean``, ``std``) is
-    taken as affine, f_now = a * f_start + b with a = std / reference_std and b = mean - a * reference_mean, and
-    applied to the stage-two statistics: mean' = a * stored_mean + b, std' = a * stored_std. For an encoder whose
-    features moved affinely, (f_now - mean') / std' == (f_start - stored_mean) / stored_std exactly: the head sees
-    the inputs it was trained on. An unchanged encoder gives a = 1, b = 0: the stored statistics, untouched.
+    Per dimension the change is taken as affine, f_now = a * f_start + b (a = std / reference_std, b = mean -
+    a * reference_mean), and applied to the stored statistics: mean' = a * stored_mean + b, std' = a * stored_std,
+    so the head sees the inputs it was trained on; an unchanged encoder keeps the stored statistics bit for bit.
     """
     ref_std = drift["reference_std"].clamp(min=DRIFT_MIN_STD)
     scale = std.clamp(min=DRIFT_MIN_STD) / ref_std  # (D,) a

@@ -20,12 +20,10 @@ from epicfeat.backbone import WeightsError, create_backbone, weights_name_of_sha
 from epicfeat.clips import (
     ClipAugment,
     SegmentRows,
-    apply_clip_cutmix,
     decode_clip,
     decode_threads,
     global_positions,
     load_clip_data,
-    sample_clip_cutmix,
     sample_row_offsets,
     sample_step_cutmix,
     segment_rows,
@@ -40,6 +38,8 @@ from epicfeat.finetune import (
     ClipModel,
     FinetuneError,
     World,
+    _paste_cutmix,
+    _StepClips,
     evaluate_clips,
     finetune,
     follow_feature_drift,
@@ -215,19 +215,24 @@ def test_step_cutmix_is_one_draw_per_global_step_whatever_the_processes():
 
 
 def test_clip_cutmix_pastes_one_box_into_every_frame_and_mixes_by_area():
-    clips = torch.arange(3.0).view(3, 1, 1, 1, 1).expand(3, 4, 3, 20, 30).contiguous()  # clip i is all i
+    """A training step's CutMix (one process): the partner's box in every frame, its labels weighed by the area."""
+    pixels = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1, 1).expand(3, 4, 3, 24, 24)  # clip i is all i
+    world = World(rank=0, size=1, device=torch.device("cpu"))
     for seed in range(20):
-        mix = sample_clip_cutmix(3, 20, 30, 1.0, seed)
-        if mix is None:
+        clips = _StepClips(pixels=pixels.clone(), valid=torch.ones(3, dtype=torch.bool), verbs=torch.arange(3),
+                           nouns=torch.arange(3))
+        _paste_cutmix(clips, 1.0, seed, world)
+        if clips.partner_verbs is None:
             continue
-        mixed = apply_clip_cutmix(clips, mix)  # (3, 4, 3, 20, 30)
-        for i in range(3):
-            from_partner = mixed[i] == mix.partner[i]
-            if mix.partner[i] != i:
+        for i, partner in enumerate(clips.partner_verbs.tolist()):  # clip i's partner (labels = clip numbers)
+            from_partner = clips.pixels[i] == partner
+            if partner != i:
                 share = from_partner[0, 0].float().mean().item()
-                assert share == pytest.approx(mix.fraction)  # the label weight is the pasted area
+                assert share == pytest.approx(clips.fraction)  # the label weight is the pasted area
             assert torch.equal(from_partner, from_partner[:1].expand_as(from_partner))  # same box in all frames
-    assert sample_clip_cutmix(3, 20, 30, 0.0, 0) is None and sample_clip_cutmix(1, 20, 30, 1.0, 0) is None
+    one_valid = torch.tensor([True, False, False])
+    assert sample_step_cutmix(torch.ones(3, dtype=torch.bool), 20, 30, 0.0, 0) is None
+    assert sample_step_cutmix(one_valid, 20, 30, 1.0, 0) is None
 
 
 # --------------------------------------------------------------------------------------------- the model
