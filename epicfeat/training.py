@@ -1,8 +1,5 @@
-"""The run scaffold both training commands share: `epicfeat train-temporal` and `epicfeat finetune`.
-
-In the spirit of torchvision's video classification reference: each command keeps what is its own (building its
-model and data, its ``train_one_epoch`` and its ``evaluate``); this module owns what every run does around them.
-A command reads:
+"""The run scaffold both training commands share (`epicfeat train-temporal`, `epicfeat finetune`): each command
+keeps its model, data, ``train_one_epoch`` and ``evaluate``; this module owns what every run does around them:
 
     folder = RunFolder(config.out, error=..., resumable=...)
     folder.check_start(config.resume)          --resume needs last.pt; a new run refuses a folder holding one
@@ -23,12 +20,8 @@ A command reads:
         plots = log.finish(state)                  metrics.csv and plots also when nothing was left to run
     result = TrainResult.of_run(folder, state, ...); print_summary(result)
 
-Bit-exact resume: ``TrainingState.capture`` saves the optimiser, the schedule's step, fp16's loss scale, the early
-stopping counters and every RNG state (``capture_rng_state``); ``restore`` puts back each of them, so on the
-deterministic CPU path a resumed run continues with the numbers an uninterrupted run would have drawn.
-
-Files are written only by the process that ``writes`` (rank 0 under torchrun); every process keeps the same
-history and early-stopping state, so all stop together.
+``TrainingState.capture`` / ``restore`` cover the optimiser, schedule step, loss scale, early stopping and every
+RNG, so a resumed run is bit-exact on the deterministic CPU path. Only the process that ``writes`` (rank 0) writes.
 """
 from __future__ import annotations
 
@@ -95,17 +88,13 @@ class RunFolder:
 # -------------------------------------------------------------------------------- seeds and determinism
 @contextlib.contextmanager
 def reproducible(seed: int, *, deterministic: bool) -> Iterator[None]:
-    """The run's block: every global RNG seeded, and deterministic kernels when asked (restored after)."""
+    """The run's block: Python's, numpy's and torch's global RNGs seeded (model init and dropout draw there), and
+    deterministic kernels when asked (restored after)."""
     with determinism(deterministic):
-        seed_everything(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
         yield
-
-
-def seed_everything(seed: int) -> None:
-    """Python's, numpy's and torch's global RNGs (CPU and every CUDA device): model init and dropout draw there."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -133,9 +122,8 @@ def determinism(enabled: bool) -> Iterator[None]:
 class LRSchedule:
     """Learning rate of optimiser step ``step`` (0-based): linear warm-up to ``peak``, then cosine to ``min_lr``.
 
-    warm-up:  lr(s) = peak * (s + 1) / warmup_steps                       for s < warmup_steps
+    warm-up:  lr(s) = peak * (s + 1) / warmup_steps                       for s < warmup_steps (never 0)
     cosine:   lr(s) = min_lr + (peak - min_lr) * (1 + cos(pi * p)) / 2,   p = (s - warmup_steps) / (total - warmup)
-    The first step already moves (peak / warmup_steps, not 0), and the last step's lr is small but not zero.
     """
 
     peak: float
@@ -161,10 +149,7 @@ class LRSchedule:
 @dataclass
 class EarlyStopping:
     """The best epoch by validation action top-1, and the stop after ``patience`` epochs without a better one.
-
-    Without validation (``train+validation`` runs) every epoch is the newest best and nothing stops early.
-    ``state()`` goes into last.pt's training_state and ``load()`` takes it back, so a resumed run decides the same.
-    """
+    Without validation every epoch is the newest best and nothing stops early. ``state()`` goes into last.pt."""
 
     patience: int  # 0: never stop early
     validated: bool
@@ -184,23 +169,21 @@ class EarlyStopping:
         self.stopped_early = self.validated and self.patience > 0 and self.epochs_without_improvement >= self.patience
         return improved
 
+    _STATE = ("best_epoch", "best_score", "epochs_without_improvement", "stopped_early")  # what last.pt keeps
+
     def state(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "best_score": self.best_score,
-                "epochs_without_improvement": self.epochs_without_improvement, "stopped_early": self.stopped_early}
+        return {name: getattr(self, name) for name in self._STATE}
 
     def load(self, state: dict[str, Any]) -> None:
-        for name in ("best_epoch", "best_score", "epochs_without_improvement", "stopped_early"):
+        for name in self._STATE:
             setattr(self, name, state[name])
 
 
 # ---------------------------------------------------------------------------------------- training state
 @dataclass
 class TrainingState:
-    """Where a run stands besides its weights: what last.pt's ``training_state`` and history hold.
-
-    ``generator`` is the run's own sampling generator (train-temporal's shuffling, rows and CutMix); ``scaler`` is
-    fp16's loss scaler (None, or a disabled one, elsewhere). ``epoch`` counts the completed epochs.
-    """
+    """Where a run stands besides its weights (last.pt's ``training_state`` and history). ``generator``: the run's
+    sampling generator; ``scaler``: fp16's loss scaler (None, or disabled, elsewhere); ``epoch``: completed epochs."""
 
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
@@ -224,9 +207,8 @@ class TrainingState:
         return state
 
     def restore(self, checkpoint: Checkpoint, folder: RunFolder, *, data_changed: str, console=None) -> None:
-        """Continue after ``checkpoint`` (last.pt): refused when this data gives another number of optimiser steps
-        (``data_changed`` says what the user should suspect); the weights are the command's to load. Says so on
-        ``console``."""
+        """Continue after ``checkpoint`` (last.pt; the weights are the command's to load): refused when this data
+        gives another number of optimiser steps (``data_changed`` says what to suspect)."""
         state = checkpoint.training_state
         saved_steps = state["scheduler"]["total_steps"]
         if saved_steps != self.schedule.total_steps:
@@ -275,18 +257,15 @@ class TrainingState:
 
 # --------------------------------------------------------------------------------------------- epoch log
 class EpochLog:
-    """What a run shows and writes after every epoch: best.pt / last.pt, metrics.csv, the plots (redrawn each
-    epoch, so a killed job keeps up-to-date PNGs), TensorBoard scalars, a progress bar and one line per epoch.
-
-    Only a process that ``writes`` (rank 0) touches files. Scalars are written only after an epoch's last.pt, so
-    a resumed run never logs an epoch twice.
-    """
+    """What a run shows and writes after every epoch: best.pt / last.pt, metrics.csv, the plots, TensorBoard
+    scalars (after last.pt, so a resumed run never logs an epoch twice), a progress bar and the epoch's line.
+    Only a process that ``writes`` (rank 0) touches files."""
 
     def __init__(self, folder: RunFolder, console, *, progress: bool, steps_per_epoch: int, title: str,
                  writes: bool = True):
         self.folder, self.console, self.writes = folder, console, writes
         self.steps_per_epoch, self.title = steps_per_epoch, title
-        self.progress = EpochProgress(console, enabled=progress and writes)
+        self.shows_progress = progress and writes
         self.plots: list[Path] | None = None  # the PNGs drawn by this call (None: none drawn yet)
         self._tensorboard = None
 
@@ -299,9 +278,24 @@ class EpochLog:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
-    def progress_bar(self, epoch: int, epochs: int, segments: int):
+    @contextlib.contextmanager
+    def progress_bar(self, epoch: int, epochs: int, segments: int) -> Iterator[Callable[[int], None]]:
         """The epoch's progress bar: a context giving ``advance(n)`` to call after each batch of n segments."""
-        return self.progress.epoch(epoch, epochs, segments)
+        if not self.shows_progress:
+            yield lambda n: None
+            return
+        bar = Progress(TextColumn(f"[bold]epoch {epoch}/{epochs}[/]"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("segments  {task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                       TimeRemainingColumn(), console=self.console, transient=True)
+        task = bar.add_task("train", total=segments, rate="")
+        started = time.perf_counter()
+
+        def advance(n: int) -> None:  # the bar shows the epoch's rate so far
+            rate = (bar.tasks[0].completed + n) / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:,.0f}/s")
+
+        with bar:
+            yield advance
 
     def end_epoch(self, row: dict[str, float], state: TrainingState, save: Callable[..., Any], first_step: int,
                   details: list[str] | None = None) -> None:
@@ -323,7 +317,7 @@ class EpochLog:
         write_csv(self.folder.metrics_csv, state.history)
         self.plots = self._plot(state)
         log_tensorboard(self._tensorboard, row, state.schedule, first_step, state.step)
-        self.progress.report(row, state.stopping, details)
+        self._report(row, state.stopping, details)
 
     def finish(self, state: TrainingState) -> list[Path]:
         """metrics.csv and the plots, also when a resumed run had no epoch left (killed before its CSV write)."""
@@ -333,6 +327,25 @@ class EpochLog:
         if self.plots is None and state.history:
             self.plots = self._plot(state)
         return list(self.plots or [])
+
+    def _report(self, row: dict[str, float], stopping: EarlyStopping, details: list[str] | None) -> None:
+        """One line per epoch: losses and top-1 accuracies, then ``details`` (default: lr, speed, epoch time)."""
+        if not self.shows_progress:
+            return
+        parts = [f"epoch {int(row['epoch'])}", f"train loss {row['train_loss']:.3f}"]
+        if "val_loss" in row:
+            parts += [
+                f"val loss {row['val_loss']:.3f}",
+                f"verb {row['all_verb_accuracy_at_1']:.1f}",
+                f"noun {row['all_noun_accuracy_at_1']:.1f}",
+                f"action {row['all_action_accuracy_at_1']:.1f}",
+            ]
+        if details is None:
+            details = [f"lr {row['lr']:.2e}", f"{row['train_segments_per_s']:,.0f} seg/s", f"{row['epoch_seconds']:.1f} s"]
+        marker = " [green]*best*[/]" if stopping.best_epoch == int(row["epoch"]) else ""
+        self.console.print("  ".join(parts + details) + marker, soft_wrap=True)
+        if stopping.stopped_early:
+            self.console.print(f"early stop: no better validation action top-1 for {stopping.patience} epochs")
 
     def _plot(self, state: TrainingState) -> list[Path]:
         """loss.png, accuracy.png and lr.png of the history so far (the lr curve: every optimiser step so far)."""
@@ -369,69 +382,6 @@ def log_tensorboard(writer, row: dict[str, float], schedule: LRSchedule, first_s
 def make_console(enabled: bool):
     """The run's console on stderr (quiet without --progress, and on every process but rank 0)."""
     return Console(stderr=True, quiet=not enabled)
-
-
-def _no_progress(n: int) -> None:
-    """The progress callback when no bar is shown."""
-
-
-class EpochProgress:
-    """One rich progress bar per epoch (segments, segments/s, ETA) and one result line after it."""
-
-    def __init__(self, console, *, enabled: bool):
-        self.console, self.enabled = console, enabled
-
-    @contextlib.contextmanager
-    def epoch(self, epoch: int, epochs: int, segments: int) -> Iterator[Callable[[int], None]]:
-        if not self.enabled:
-            yield _no_progress
-            return
-        bar = Progress(
-            TextColumn(f"[bold]epoch {epoch}/{epochs}[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("segments  {task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=True,
-        )
-        task = bar.add_task("train", total=segments, rate="")
-        with bar:
-            yield _BarAdvance(bar, task)
-
-    def report(self, row: dict[str, float], stopping: EarlyStopping, details: list[str] | None = None) -> None:
-        """One line per epoch: losses and top-1 accuracies, then ``details`` (default: lr, speed, epoch time)."""
-        if not self.enabled:
-            return
-        parts = [f"epoch {int(row['epoch'])}", f"train loss {row['train_loss']:.3f}"]
-        if "val_loss" in row:
-            parts += [
-                f"val loss {row['val_loss']:.3f}",
-                f"verb {row['all_verb_accuracy_at_1']:.1f}",
-                f"noun {row['all_noun_accuracy_at_1']:.1f}",
-                f"action {row['all_action_accuracy_at_1']:.1f}",
-            ]
-        if details is None:
-            details = [f"lr {row['lr']:.2e}", f"{row['train_segments_per_s']:,.0f} seg/s", f"{row['epoch_seconds']:.1f} s"]
-        marker = " [green]*best*[/]" if stopping.best_epoch == int(row["epoch"]) else ""
-        self.console.print("  ".join(parts + details) + marker, soft_wrap=True)
-        if stopping.stopped_early:
-            self.console.print(f"early stop: no better validation action top-1 for {stopping.patience} epochs")
-
-
-class _BarAdvance:
-    """``advance(n)``: n more segments done; the bar shows the epoch's rate so far."""
-
-    def __init__(self, bar, task):
-        self.bar, self.task = bar, task
-        self.started = time.perf_counter()
-
-    def __call__(self, n: int) -> None:
-        done = self.bar.tasks[0].completed + n
-        rate = done / max(time.perf_counter() - self.started, 1e-9)
-        self.bar.update(self.task, advance=n, rate=f"{rate:,.0f}/s")
 
 
 # ------------------------------------------------------------------------------------------------ result
