@@ -1,7 +1,5 @@
-"""Temporal-model checkpoints: one self-describing file, written atomically, loaded with ``weights_only=True``.
-
-A checkpoint holds only tensors, numbers, strings, lists, tuples and dicts, so ``torch.load(weights_only=True)``
-can read it without running any pickled code. Layout (a plain dict):
+"""Temporal-model checkpoints: one self-describing file, written atomically, loaded with ``weights_only=True``
+(only tensors, numbers, strings, lists, tuples and dicts: no pickled code runs). Layout (a plain dict):
 
     format, format_version, epicfeat_version
     model                  the TemporalModel state dict (its feature_mean / feature_std buffers included)
@@ -10,9 +8,7 @@ can read it without running any pickled code. Layout (a plain dict):
     verb_classes, noun_classes   class keys, index = class id
     feature_set, feature_set_key the FeatureSetIdentity (dict) of the features it was trained on, and its key
     epoch, metrics, history      completed epochs (1-based), this epoch's metrics, every epoch's metrics row
-    training_state         only in last.pt: optimizer, scheduler step, RNG states, early-stopping counters
-
-RNG states are stored as tensors (numpy's and Python's are converted), so a resumed run draws the same numbers.
+    training_state         only in last.pt: optimizer, scheduler step, RNG states (as tensors), early stopping
 """
 from __future__ import annotations
 
@@ -99,10 +95,8 @@ class Checkpoint:
         return model.to(device).eval()
 
     def backbone_weights(self, weights: str | None = None) -> str | None:
-        """What to build this model's frame encoder from (``epicfeat.encoder.create_encoder(weights=...)``):
-        ``weights`` when given; else this file for a finetune checkpoint (it carries the fine-tuned backbone its
-        feature set names by hash); else None, derived from the feature set's weights name. Whatever the source,
-        the encoder checks the weights' hash against the feature set's."""
+        """What to build this model's frame encoder from (``create_encoder(weights=...)``, which checks the hash):
+        ``weights`` when given, else this file for a finetune checkpoint (it carries its backbone), else None."""
         if weights is None and "backbone" in self.extra:
             return str(self.path)
         return weights
@@ -111,9 +105,8 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, *, model: TemporalModel, card: ModelCard, epoch: int,
                     metrics: Mapping[str, float], history: list[Mapping[str, float]],
                     training_state: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically (``epicfeat.files.atomic_write``): a kill at any moment leaves either the
-    previous file or the new one, never half of one. ``extra`` adds keys (``finetune`` stores its backbone there);
-    ``load_checkpoint`` reads the keys it knows and ignores the rest."""
+    """Write a checkpoint atomically (a kill leaves the previous file or the new one). ``extra`` adds keys
+    (finetune's backbone), which ``load_checkpoint`` keeps in ``Checkpoint.extra``."""
     path = Path(path)
     payload = {
         "format": FORMAT,
@@ -137,13 +130,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: TemporalModel, card: Mode
 
 
 def _crc32(enabled: bool):
-    """torch.save's CRC-32 of every zip entry, on or off (on when this torch cannot turn it off).
-
-    A resume file (last.pt, with training_state: ~200 MB for the seed model, written every epoch) is read back only
-    by ``torch.load``, which has skipped CRC checks since torch 1.4, and computing them was half of writing it
-    (0.36 s with, 0.19 s without, write + fsync, on a 2-core Xeon). best.pt, the file users ship and other zip
-    readers open, keeps them.
-    """
+    """torch.save's CRC-32 of every zip entry, on or off (on where this torch cannot turn it off): last.pt, read
+    back only by ``torch.load`` (which skips the checks), goes without; best.pt, which users ship, keeps them."""
     config = getattr(getattr(torch.utils, "serialization", None), "config", None)  # torch >= 2.6
     if enabled or config is None:
         return contextlib.nullcontext()
@@ -195,11 +183,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 
 def check_feature_set(checkpoint: Checkpoint, identity: Any) -> None:
-    """Refuse to pair a checkpoint with features from another feature set (other weights, fps, crop, ...).
-
-    ``identity`` is a ``FeatureSetIdentity`` (or its ``to_dict()``). A model trained on one feature set gives
-    meaningless scores on another, silently, so this is an error, never a warning.
-    """
+    """Refuse to pair a checkpoint with features of another feature set (``identity``: a ``FeatureSetIdentity`` or
+    its dict): a model gives meaningless scores on another set, silently, so this is an error, never a warning."""
     wanted, wanted_key = _identity_and_key(identity)
     if _canonical(wanted) == _canonical(checkpoint.feature_set):
         return
@@ -207,8 +192,7 @@ def check_feature_set(checkpoint: Checkpoint, identity: Any) -> None:
         k for k in set(wanted) | set(checkpoint.feature_set)
         if _canonical(wanted.get(k)) != _canonical(checkpoint.feature_set.get(k))
     )
-    # Weights are paired by content: the same weights_sha under another name (random-seed0 re-extracted from a
-    # file holding those weights, named sha-...) gives the same numbers. (finetune, issue 15)
+    # Weights are paired by content: the same weights_sha under another name (sha-...) gives the same numbers.
     if differing == ["weights"] and wanted.get("weights_sha"):
         return
     raise CheckpointError(

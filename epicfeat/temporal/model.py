@@ -4,21 +4,11 @@
                             (buffers, from the                     mean | max |               └► noun head (B, Cn)
                              training split)                       last | attention
 
-The standardisation lives in the model (two registered buffers saved in its state dict) because raw features from
-random-weight backbones have means around 13 and maxima around 140, which saturate LSTM gates: whoever evaluates,
-predicts with or exports a trained model must apply exactly the scaling it was trained with, and a checkpoint that
-carries it cannot get that wrong.
-
-The BiLSTM is a stack of single-layer bidirectional LSTMs with ``nn.Dropout`` between them, not one multi-layer
-``nn.LSTM``: cuDNN draws a multi-layer LSTM's inter-layer dropout from a dropout state of its own, which no RNG
-state captures, so a resumed run on a GPU drew other masks. Here every mask comes from torch's RNG (saved in
-last.pt), and on the CPU the numbers are those of ``nn.LSTM(num_layers=2, dropout=p)``: the same initial weights,
-the same masks, drawn in the same order.
-
-Precision. ``compute_dtype`` (float32 by default; not saved, set by whoever runs the model) is the dtype the LSTM
-computes in: each layer's fp32 weights are cast into one buffer (the layout cuDNN wants, so it need not compact
-them) and its input is cast, with autocast switched off, so bf16 means bf16 on every device (CUDA autocast would
-run the LSTM in fp16). Standardisation, pooling and the heads stay in float32. See ``epicfeat.temporal.precision``.
+The standardisation lives in the model (buffers in its state dict), so whoever evaluates, predicts or exports
+applies exactly the scaling it was trained with. The BiLSTM is single-layer BiLSTMs with ``nn.Dropout`` between
+them: every mask comes from torch's RNG (saved in last.pt; cuDNN's multi-layer dropout has a state of its own),
+and on the CPU the numbers equal ``nn.LSTM(num_layers=2, dropout=p)``'s. ``compute_dtype`` (not saved) is what the
+LSTM computes in, by explicit casts (see ``epicfeat.temporal.precision``); the rest stays float32.
 """
 from __future__ import annotations
 

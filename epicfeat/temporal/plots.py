@@ -1,10 +1,7 @@
-"""PNG plots of a training history, redrawn after every epoch: loss, validation accuracies and the learning rate.
+"""PNG plots of a training history (the rows metrics.csv holds): loss, validation accuracies, learning rate.
 
-Training redraws them after each epoch (so a job killed by a time limit leaves up-to-date plots), which must stay
-cheap: figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, nothing to close), the
-per-step learning-rate curve is thinned to at most ``_MAX_LR_POINTS`` points, and every PNG is replaced
-atomically (a kill mid-write leaves the previous plot, never a broken file). The inputs are the rows that
-``metrics.csv`` holds, so the same plots can be redrawn from a CSV later.
+Redrawn after every epoch, so cheap: matplotlib's object API on an Agg canvas (no pyplot state), the lr curve
+thinned to ``_MAX_LR_POINTS``, every PNG replaced atomically.
 """
 from __future__ import annotations
 
@@ -21,21 +18,15 @@ _ACCURACY_CURVES = (
     ("noun", "tab:orange"),
     ("action", "tab:green"),
 )
-_MAX_LR_POINTS = 2000  # a 50-epoch EPIC run has 33,650 steps; 2,000 points draw the same curve at 110 dpi
+_MAX_LR_POINTS = 2000  # a long run has tens of thousands of steps; 2,000 points draw the same curve
 
 
-def plot_training(
-    history: Sequence[Mapping[str, float]],
-    out_dir: str | Path,
-    *,
-    lr_curve: tuple[Sequence[float], Sequence[float]] | None = None,
-    title: str = "",
-) -> list[Path]:
+def plot_training(history: Sequence[Mapping[str, float]], out_dir: str | Path, *,
+                  lr_curve: tuple[Sequence[float], Sequence[float]] | None = None, title: str = "") -> list[Path]:
     """Write ``loss.png``, ``accuracy.png`` (when there was validation) and ``lr.png`` into ``out_dir``.
 
-    ``history`` holds one row per epoch (``epoch``, ``train_loss``, optional ``val_loss`` and official metric
-    names such as ``all_action_accuracy_at_1``). ``lr_curve`` is (x in epochs, lr) for every optimiser step; without
-    it the per-epoch ``lr`` column is drawn.
+    ``history``: one metrics row per epoch; ``lr_curve``: (x in epochs, lr) of every optimiser step (without it,
+    the rows' ``lr``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,13 @@
 """The precision stage two computes in: what ``precision: fp32 | bf16 | fp16 | auto`` means, on every device.
 
-The BiLSTM is where the time goes, and autocast cannot be trusted with it: on CUDA, autocast's RNN cast is
-hard-coded to float16, so ``autocast(dtype=torch.bfloat16)`` trains a cuDNN LSTM in fp16, without loss scaling
-(its output gradients at initialisation, median ~1e-5, lie below fp16's smallest normal number 6.1e-5). So the
-model casts explicitly instead (``TemporalModel.compute_dtype``): the LSTM's weights and input are cast to the
-compute dtype inside the forward (fp32 master weights stay with the optimiser, gradients flow back through the
-cast), with autocast switched off around it. The same code runs on the CPU and on a GPU, so what a GPU run
-computes in can be checked on a CPU.
+CUDA autocast runs RNNs in float16 whatever dtype it is given (without loss scaling), so the model casts the LSTM's
+weights and input explicitly instead (``TemporalModel.compute_dtype``), with autocast off around it; fp32 master
+weights stay with the optimiser. The same code runs on the CPU and on a GPU.
 
     fp32   everything in float32 (on a GPU, TF32 matmuls where torch allows them)
     bf16   the LSTM in bfloat16; standardisation, pooling, heads and losses in float32
     fp16   the LSTM in float16, with a GradScaler (loss scaling) so small gradients survive
     auto   bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), fp32 elsewhere
-
-Training, its validation and ``epicfeat evaluate`` all use the precision recorded in the run's config.
 """
 from __future__ import annotations
 
@@ -39,12 +33,8 @@ def recorded_precision(checkpoint) -> str:
 
 
 def supported_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
-    """(``precision`` if the LSTM trains in it on ``device``, else ``fp32``; a note saying why when it does not).
-
-    cuDNN runs bf16 LSTMs only from version 9.13 on, and some CPU builds lack half-precision LSTM kernels; a tiny
-    model's forward/backward, through the very casts training uses, finds out before the run instead of failing
-    in its first step.
-    """
+    """(``precision`` if the LSTM trains in it on ``device``, else ``fp32``; a note saying why when it does not),
+    found by a tiny model's forward/backward through training's casts (cuDNN runs bf16 LSTMs from 9.13 on)."""
     dtype = PRECISION_DTYPES[precision]
     if dtype == torch.float32:
         return precision, []
