@@ -29,7 +29,7 @@ from epicfeat.data.videos import find_videos
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess, codec_threads, decode_frames_at
 from epicfeat.temporal.checkpoint import ModelCard
-from epicfeat.temporal.data import bin_offsets, rows_of_segments
+from epicfeat.temporal.data import bin_offsets, join_rows
 
 
 class ClipError(EpicfeatError):
@@ -198,23 +198,16 @@ def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: P
 
 
 def segment_rows(store, segments: pd.DataFrame) -> tuple[pd.DataFrame, SegmentRows, int]:
-    """Segments whose video the feature set holds, with their stored rows' times (stage two's join), and how many
-    segments were dropped because the feature set lacks their video."""
-    complete = set(store.complete_videos())
-    stored = segments["video_id"].astype(str).isin(complete).to_numpy()
-    segments = segments[stored].reset_index(drop=True)
-    times, starts, counts = [], np.zeros(len(segments), np.int64), np.zeros(len(segments), np.int64)
-    offset = 0
-    for video_id, positions in segments.groupby("video_id", sort=True).indices.items():
-        pts = store.read(str(video_id)).pts  # (rows,) float64 seconds
-        lo, hi, _, _ = rows_of_segments(pts, segments["start_sec"].to_numpy()[positions],
-                                        segments["stop_sec"].to_numpy()[positions])  # (n,), (n,)
-        for position, first, stop in zip(positions, lo, hi):
-            times.append(pts[first:stop])
-            starts[position], counts[position] = offset, stop - first
-            offset += stop - first
+    """Segments whose video the feature set holds, with their stored rows' times (stage two's ``join_rows``), and
+    how many segments were dropped because the feature set lacks their video."""
+    join = join_rows(store, segments)
+    pts = {plan.video_id: np.asarray(plan.video.pts, np.float64) for plan in join.plans}
+    video_ids = segments["video_id"].astype(str).to_numpy()[join.keep]
+    first, count = join.lo[join.keep], (join.hi - join.lo)[join.keep]  # (S',) each
+    times = [pts[video][lo:lo + n] for video, lo, n in zip(video_ids, first, count)]
     packed = np.concatenate(times) if times else np.zeros(0, np.float64)  # (R,) seconds
-    return segments, SegmentRows(times=packed, start=starts, count=counts), int((~stored).sum())
+    rows = SegmentRows(times=packed, start=np.cumsum(count) - count, count=count)
+    return segments[join.keep].reset_index(drop=True), rows, int((~join.keep).sum())
 
 
 def decode_threads(config: FinetuneConfig) -> int:

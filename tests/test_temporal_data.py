@@ -1,5 +1,6 @@
 """Packing segments to stored rows by pts, the clamping rules, TSN sampling, gather and feature statistics."""
 import dataclasses
+import tempfile
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -150,12 +151,16 @@ def test_overlapping_segments_share_rows_and_only_needed_rows_are_packed():
     assert split.features.dtype == torch.float16 and split.features.is_contiguous()
 
 
-def test_pack_into_a_memmap_when_over_the_memory_budget(tmp_path):
+def test_pack_into_a_memmap_when_over_the_memory_budget(tmp_path, monkeypatch):
+    import epicfeat.temporal.data as data_module
+
     rng = np.random.default_rng(0)
     videos = {f"P01_0{v}": (rng.normal(size=(50, 16)).astype(np.float16), np.arange(50) * 0.1) for v in (1, 2)}
     segments = _segments([("a", "P01_01", 0.0, 1.2), ("b", "P01_02", 2.0, 4.0), ("c", "P01_01", 3.05, 3.3)])
     in_memory = pack_split(_MemoryStore(videos), segments, progress=False)
-    mapped = pack_split(_MemoryStore(videos), segments, progress=False, max_memory_bytes=0, memmap_dir=tmp_path)
+    monkeypatch.setattr(data_module, "_memory_budget", lambda: 0)  # every pack is over the budget
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mapped = pack_split(_MemoryStore(videos), segments, progress=False)
     assert in_memory.summary["memmapped"] == 0 and mapped.summary["memmapped"] == 1
     assert mapped.summary["packed_bytes"] == in_memory.summary["packed_bytes"] == (12 + 20 + 2) * 16 * 2  # rows 0..11, 31..32; 20..39
     assert torch.equal(mapped.features, in_memory.features)

@@ -111,20 +111,18 @@ class PackedSplit:
         return dataclasses.replace(self, **{name: tensor.to(device) for name, tensor in moved.items()})
 
 
-def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = True,
-               max_memory_bytes: int | None = None, memmap_dir: str | os.PathLike | None = None) -> PackedSplit:
+def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = True) -> PackedSplit:
     """Pack the rows ``segments`` (an annotation frame, order kept) cover in ``store`` into one float16 array.
 
     Counted in ``summary``, never raised: a segment with no row inside gets the row nearest its midpoint
     (``empty_clamped``), one ending past the video's last row the rows that exist (``past_end_clamped``, see
-    ``rows_of_segments``); a segment whose video is not complete in the store is dropped (``missing_video_*``).
-    Rows over ``max_memory_bytes`` (default: half the available memory) go to a memmap in ``memmap_dir``.
+    ``_rows_of_segments``); a segment whose video is not complete in the store is dropped (``missing_video_*``).
+    Rows over half the available memory go to a memmap in the temp folder.
     """
     _check_columns(segments)
-    join = _join_rows(store, segments)
+    join = join_rows(store, segments)
     row_start, total_rows = _place_videos(join.plans, join.lo, len(segments))
-    out, memmapped = _allocate(total_rows, join.feature_dim or store.identity.feature_dim, max_memory_bytes,
-                               memmap_dir)
+    out, memmapped = _allocate(total_rows, join.feature_dim or store.identity.feature_dim)
     _copy_videos(join.plans, out, progress)
     keep = join.keep
     kept = segments.loc[keep] if not keep.all() else segments
@@ -157,7 +155,7 @@ def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = 
 
 
 @dataclass(eq=False)
-class _RowJoin:
+class RowJoin:
     """Pass 1 of ``pack_split``: each segment's row range [lo, hi) in its video, and what to copy per video."""
 
     lo: np.ndarray  # (S,) int64 first row in the video
@@ -169,14 +167,15 @@ class _RowJoin:
     feature_dim: int | None = None
 
 
-def _join_rows(store: FeatureStore, segments: pd.DataFrame) -> _RowJoin:
-    """Pass 1: per video, which rows each segment owns (timestamps only; feature rows are read in pass 2)."""
+def join_rows(store: FeatureStore, segments: pd.DataFrame) -> RowJoin:
+    """Pass 1: per video, which rows each segment owns (timestamps only; feature rows are read in pass 2). Also
+    finetune's join (``epicfeat.clips.segment_rows``), so its clips are the frames stage two's rows came from."""
     complete = set(store.complete_videos())
     video_ids = segments["video_id"].astype(str).to_numpy()
     start_sec = segments["start_sec"].to_numpy(dtype=np.float64)
     stop_sec = segments["stop_sec"].to_numpy(dtype=np.float64)
     n = len(segments)
-    join = _RowJoin(lo=np.zeros(n, dtype=np.int64), hi=np.zeros(n, dtype=np.int64), keep=np.zeros(n, dtype=bool))
+    join = RowJoin(lo=np.zeros(n, dtype=np.int64), hi=np.zeros(n, dtype=np.int64), keep=np.zeros(n, dtype=bool))
     for video_id, positions in pd.Series(np.arange(n)).groupby(video_ids, sort=True):
         positions = positions.to_numpy()
         video = store.read(video_id) if video_id in complete else None
@@ -186,7 +185,7 @@ def _join_rows(store: FeatureStore, segments: pd.DataFrame) -> _RowJoin:
             continue
         _check_video(store, video_id, pts, int(video.features.shape[1]), join.feature_dim)
         join.feature_dim = int(video.features.shape[1])
-        lo, hi, n_empty, n_past = rows_of_segments(pts, start_sec[positions], stop_sec[positions])
+        lo, hi, n_empty, n_past = _rows_of_segments(pts, start_sec[positions], stop_sec[positions])
         join.counters["empty_clamped"] += n_empty
         join.counters["past_end_clamped"] += n_past
         join.lo[positions], join.hi[positions], join.keep[positions] = lo, hi, True
@@ -236,13 +235,12 @@ PACK_CACHE_VERSION = 1
 _PACK_LABEL_COLUMNS = ("verb_class", "noun_class")
 
 
-def cached_pack_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, progress: bool = True,
-                      cache_dir: str | os.PathLike | None = None) -> PackedSplit:
-    """``pack_split``, kept on disk in ``cache_dir`` (default ``<cache>/.packed/<feature set key>/``) as
-    ``<name>-<digest>/``: ``features.npy`` (memory-mapped on load) and ``index.pt``. The digest covers the segments
-    and the stored attributes of every video they need, so any change gives a fresh pack; written by rename."""
-    folder = Path(cache_dir) if cache_dir is not None else _default_pack_dir(store)
-    target = folder / f"{name}-{_pack_digest(store, segments)}"
+def cached_pack_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, progress: bool = True) -> PackedSplit:
+    """``pack_split``, kept on disk in ``<cache>/.packed/<feature set key>/<name>-<digest>/``: ``features.npy``
+    (memory-mapped on load) and ``index.pt``. The digest covers the segments and the stored attributes of every
+    video they need, so any change gives a fresh pack; written by rename."""
+    store_path = Path(store.path)
+    target = store_path.parent / ".packed" / store_path.name / f"{name}-{_pack_digest(store, segments)}"
     if (target / "index.pt").is_file():
         try:
             return _load_pack(target)
@@ -262,11 +260,6 @@ def packed_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, cach
     if cache:
         return cached_pack_split(store, segments, name, progress=progress)
     return pack_split(store, segments, progress=progress)
-
-
-def _default_pack_dir(store: Any) -> Path:
-    path = Path(store.path)
-    return path.parent / ".packed" / path.name
 
 
 def _pack_digest(store: Any, segments: pd.DataFrame) -> str:
@@ -364,12 +357,10 @@ def bin_offsets(counts: torch.Tensor, frames: int, *, train: bool,
     return (bins * counts + within) // frames  # (B, T)
 
 
-def rows_of_segments(pts: np.ndarray, start_sec: np.ndarray,
-                     stop_sec: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """Row range [lo, hi) of each segment of one video: rows with start_sec <= pts < stop_sec, else the row
-    nearest the midpoint, else (past the end) the last row; and how many were clamped (empty, past the end).
-    Finetune's clips use it too, so they decode the very frames stage two's rows came from."""
-    pts, start_sec, stop_sec = (np.asarray(a, np.float64) for a in (pts, start_sec, stop_sec))
+def _rows_of_segments(pts: np.ndarray, start_sec: np.ndarray,
+                      stop_sec: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Row range [lo, hi) of each segment of one video (float64 seconds): rows with start_sec <= pts < stop_sec,
+    else the row nearest the midpoint, else (past the end) the last row; and how many were clamped (empty, past)."""
     n = len(pts)
     lo = np.searchsorted(pts, start_sec - PTS_TOLERANCE, side="left")  # first row with pts >= start
     hi = np.searchsorted(pts, stop_sec - PTS_TOLERANCE, side="left")  # first row with pts >= stop
@@ -418,17 +409,12 @@ def _copy_needed_rows(plan: _VideoPlan, out: np.ndarray) -> None:
         destination += len(rows)
 
 
-def _allocate(
-    rows: int, dim: int, max_memory_bytes: int | None, memmap_dir: str | os.PathLike | None
-) -> tuple[np.ndarray, bool]:
+def _allocate(rows: int, dim: int) -> tuple[np.ndarray, bool]:
     """A (rows, dim) float16 array in RAM, or in a memmap file when it is larger than the memory budget."""
-    nbytes = rows * dim * 2
-    budget = max_memory_bytes if max_memory_bytes is not None else _default_memory_budget()
-    if budget is None or nbytes <= budget or rows == 0:
+    budget = _memory_budget()
+    if budget is None or rows * dim * 2 <= budget or rows == 0:
         return np.empty((rows, dim), dtype=np.float16), False
-    folder = Path(memmap_dir) if memmap_dir is not None else Path(tempfile.gettempdir())
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epicfeat-packed-{os.getpid()}-{uuid.uuid4().hex[:8]}.f16"
+    path = Path(tempfile.gettempdir()) / f"epicfeat-packed-{os.getpid()}-{uuid.uuid4().hex[:8]}.f16"
     array = np.memmap(path, dtype=np.float16, mode="w+", shape=(rows, dim))
     if os.name == "posix":
         # The mapping keeps the data; unlinking now means no multi-GB file is left behind by a crash or a kill.
@@ -436,7 +422,7 @@ def _allocate(
     return array, True
 
 
-def _default_memory_budget() -> int | None:
+def _memory_budget() -> int | None:
     """Half of the memory available now (Linux /proc/meminfo), or None (no limit) where that is unknown."""
     try:
         with open("/proc/meminfo") as meminfo:
