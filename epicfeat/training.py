@@ -1,27 +1,18 @@
-"""The run scaffold both training commands share (`epicfeat train-temporal`, `epicfeat finetune`): each command
-keeps its model, data, ``train_one_epoch`` and ``evaluate``; this module owns what every run does around them:
+"""The run scaffold train-temporal and finetune share: each command keeps its model, data, ``train_one_epoch`` and
+``evaluate``; this module owns what every run does around them, in this order:
 
-    folder = RunFolder(config.out, error=..., resumable=...)
-    folder.check_start(config.resume)          --resume needs last.pt; a new run refuses a folder holding one
+    folder = RunFolder(config.out, ...); folder.check_start(config.resume)
     with reproducible(config.seed, deterministic=config.deterministic):
-        ... the command builds its model, optimiser, data and LRSchedule ...
-        state = TrainingState(optimizer, schedule, EarlyStopping(...), generator, scaler)
-        if config.resume:
-            checkpoint = load_checkpoint(folder.last)
-            folder.check_resume_config(checkpoint.config, current)   names each changed key and what to do
-            state.restore(checkpoint, folder, ...)                   optimiser, step, history, stopping, RNG
+        state = TrainingState(optimizer, LRSchedule.per_step(...), EarlyStopping(...), generator, scaler)
+        on --resume: folder.check_resume_config(saved, current); state.restore(last.pt, folder, ...)
         with EpochLog(folder, console, ...) as log:
             for epoch in state.remaining_epochs(config.epochs):
-                first_step = state.step
-                with log.progress_bar(epoch, ...) as advance:
-                    ... the command's train_one_epoch(model, ..., state, ...) and evaluate -> the epoch's row ...
-                log.end_epoch(row, state, save, first_step)   history, early stopping, best.pt / last.pt,
-                                                              metrics.csv, plots, TensorBoard, the epoch line
-        plots = log.finish(state)                  metrics.csv and plots also when nothing was left to run
+                with log.progress_bar(epoch, ...) as advance: the command's train_one_epoch and evaluate -> row
+                log.end_epoch(row, state, save, first_step)   best.pt / last.pt, metrics.csv, plots, TensorBoard
+        plots = log.finish(state)
     result = TrainResult.of_run(folder, state, ...); print_summary(result)
 
-``TrainingState.capture`` / ``restore`` cover the optimiser, schedule step, loss scale, early stopping and every
-RNG, so a resumed run is bit-exact on the deterministic CPU path. Only the process that ``writes`` (rank 0) writes.
+A resumed run is bit-exact on the deterministic CPU path; only the process that ``writes`` (rank 0) writes files.
 """
 from __future__ import annotations
 
@@ -52,12 +43,8 @@ from epicfeat.temporal.checkpoint import Checkpoint, capture_rng_state, restore_
 
 # ------------------------------------------------------------------------------------------ the run folder
 class RunFolder:
-    """``out`` of one run: best.pt, last.pt, metrics.csv, tensorboard/, config.yaml, the plots.
-
-    ``error`` is the command's exception class (its messages reach the user as one line); ``resumable`` are the
-    config keys that may differ between a run and its resumption: where things are and how they run, not what
-    is learned.
-    """
+    """``out`` of one run: best.pt, last.pt, metrics.csv, tensorboard/, config.yaml, the plots. ``error``: the
+    command's exception class; ``resumable``: the config keys a resumption may change (not what is learned)."""
 
     def __init__(self, out: str | os.PathLike, *, error: type[EpicfeatError], resumable: frozenset[str]):
         self.out = Path(out)

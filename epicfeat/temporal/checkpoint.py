@@ -166,18 +166,11 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
             f"reads up to {FORMAT_VERSION}); upgrade epicfeat."
         )
     return Checkpoint(
-        path=path,
-        model_state=payload["model"],
-        model_args=TemporalModelArgs(**payload["model_args"]),
-        config=payload["config"],
-        verb_classes=tuple(payload["verb_classes"]),
-        noun_classes=tuple(payload["noun_classes"]),
-        feature_set=payload["feature_set"],
-        feature_set_key=payload["feature_set_key"],
-        epoch=payload["epoch"],
-        metrics=payload["metrics"],
-        history=payload["history"],
-        training_state=payload["training_state"],
+        path=path, model_state=payload["model"], model_args=TemporalModelArgs(**payload["model_args"]),
+        config=payload["config"], verb_classes=tuple(payload["verb_classes"]),
+        noun_classes=tuple(payload["noun_classes"]), feature_set=payload["feature_set"],
+        feature_set_key=payload["feature_set_key"], epoch=payload["epoch"], metrics=payload["metrics"],
+        history=payload["history"], training_state=payload["training_state"],
         extra={key: value for key, value in payload.items() if key not in _KNOWN_KEYS},
     )
 
