@@ -13,28 +13,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 # Official EPIC-100 metric names per curve; top-1 solid, top-5 dashed, one colour per task.
-_ACCURACY_CURVES = (
-    ("verb", "tab:blue"),
-    ("noun", "tab:orange"),
-    ("action", "tab:green"),
-)
+_ACCURACY_CURVES = (("verb", "tab:blue"), ("noun", "tab:orange"), ("action", "tab:green"))
 _MAX_LR_POINTS = 2000  # a long run has tens of thousands of steps; 2,000 points draw the same curve
 
 
 def plot_training(history: Sequence[Mapping[str, float]], out_dir: str | Path, *,
-                  lr_curve: tuple[Sequence[float], Sequence[float]] | None = None, title: str = "") -> list[Path]:
+                  lr_curve: tuple[Sequence[float], Sequence[float]], title: str = "") -> list[Path]:
     """Write ``loss.png``, ``accuracy.png`` (when there was validation) and ``lr.png`` into ``out_dir``.
-
-    ``history``: one metrics row per epoch; ``lr_curve``: (x in epochs, lr) of every optimiser step (without it,
-    the rows' ``lr``).
-    """
+    ``history``: one metrics row per epoch; ``lr_curve``: (x in epochs, lr) of every optimiser step."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f" — {title}" if title else ""
     written = [_save(_loss_figure(history, suffix), out_dir / "loss.png")]
     if _has(history, "all_action_accuracy_at_1"):
         written.append(_save(_accuracy_figure(history, suffix), out_dir / "accuracy.png"))
-    written.append(_save(_lr_figure(history, lr_curve, suffix), out_dir / "lr.png"))
+    written.append(_save(_lr_figure(lr_curve, suffix), out_dir / "lr.png"))
     return written
 
 
@@ -60,7 +53,7 @@ def _accuracy_figure(history: Sequence[Mapping[str, float]], suffix: str):
             if _has(history, name):
                 values = [row.get(name, math.nan) for row in history]
                 ax.plot(epochs, values, style, color=colour, marker="o", ms=3, label=f"{task} top-{k}")
-    best = max(history, key=_action_top1)
+    best = max(history, key=lambda row: row.get("all_action_accuracy_at_1", -1.0))
     ax.axvline(best["epoch"], color="grey", lw=0.8, ls=":", label=f"best epoch {best['epoch']}")
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"Validation accuracy{suffix}")
     ax.set_ylim(0, 100)
@@ -69,25 +62,16 @@ def _accuracy_figure(history: Sequence[Mapping[str, float]], suffix: str):
     return fig
 
 
-def _action_top1(row: Mapping[str, float]) -> float:
-    return row.get("all_action_accuracy_at_1", -1.0)
-
-
-def _lr_figure(history: Sequence[Mapping[str, float]], lr_curve: tuple[Sequence[float], Sequence[float]] | None,
-               suffix: str):
-    """The lr of every optimiser step (thinned to ``_MAX_LR_POINTS``), or of every epoch without ``lr_curve``."""
+def _lr_figure(lr_curve: tuple[Sequence[float], Sequence[float]], suffix: str):
+    """The lr of every optimiser step, thinned to ``_MAX_LR_POINTS``."""
     fig, ax = _figure((7, 3.5))
-    if lr_curve is not None:
-        every = max(1, -(-len(lr_curve[0]) // _MAX_LR_POINTS))  # keep every n-th step, and the last one
-        keep = list(range(0, len(lr_curve[0]), every))
-        if keep and keep[-1] != len(lr_curve[0]) - 1:
-            keep.append(len(lr_curve[0]) - 1)
-        ax.plot([lr_curve[0][i] for i in keep], [lr_curve[1][i] for i in keep], lw=1.2)
-        ax.set_xlabel("epoch (per optimiser step)")
-    else:
-        ax.plot([row["epoch"] for row in history], [row["lr"] for row in history], marker="o", ms=3)
-        ax.set_xlabel("epoch")
-    ax.set(ylabel="learning rate", title=f"Learning rate (warm-up, then cosine){suffix}")
+    every = max(1, -(-len(lr_curve[0]) // _MAX_LR_POINTS))  # keep every n-th step, and the last one
+    keep = list(range(0, len(lr_curve[0]), every))
+    if keep and keep[-1] != len(lr_curve[0]) - 1:
+        keep.append(len(lr_curve[0]) - 1)
+    ax.plot([lr_curve[0][i] for i in keep], [lr_curve[1][i] for i in keep], lw=1.2)
+    ax.set(xlabel="epoch (per optimiser step)", ylabel="learning rate",
+           title=f"Learning rate (warm-up, then cosine){suffix}")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax.grid(alpha=0.3)
     return fig
