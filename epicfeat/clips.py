@@ -69,8 +69,7 @@ SEEK_GAP_SECONDS = 2.0
 
 def decode_clip(path: Path, times: np.ndarray, decode: Preprocess, *, seek_gap: float = SEEK_GAP_SECONDS,
                 threads: int = 0) -> np.ndarray:
-    """uint8 (T, H, W, 3) frames at ``times``; runs of times more than ``seek_gap`` apart are decoded separately
-    (``decode_frames_at`` decodes forward through its whole span)."""
+    """uint8 (T, H, W, 3) frames at ``times``; times more than ``seek_gap`` apart are reached by a seek of their own."""
     order = np.argsort(times, kind="stable")  # (T,)
     ordered = times[order]
     breaks = np.flatnonzero(np.diff(ordered) > seek_gap) + 1  # where a new run starts
@@ -198,8 +197,7 @@ def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: P
 
 
 def segment_rows(store, segments: pd.DataFrame) -> tuple[pd.DataFrame, SegmentRows, int]:
-    """Segments whose video the feature set holds, with their stored rows' times (stage two's ``join_rows``), and
-    how many segments were dropped because the feature set lacks their video."""
+    """Segments whose video the feature set holds, their stored rows' times (``join_rows``), how many were dropped."""
     join = join_rows(store, segments)
     pts = {plan.video_id: np.asarray(plan.video.pts, np.float64) for plan in join.plans}
     video_ids = segments["video_id"].astype(str).to_numpy()[join.keep]

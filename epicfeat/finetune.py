@@ -366,8 +366,7 @@ def _reference_drift(run: _Run) -> dict[str, torch.Tensor]:
 
 
 def _score_start(run: _Run, folder: RunFolder, console) -> None:
-    """Epoch 0: the starting model, scored by the code that scores every epoch. It is best.pt until an epoch
-    beats it, so fine-tuning can never leave a best.pt worse than its start."""
+    """Epoch 0: the starting model, scored like every epoch; best.pt until an epoch beats it."""
     run.start_metrics = run.evaluate()
     run.state.stopping.update(0, run.start_metrics)
     if run.world.is_main:
@@ -593,8 +592,7 @@ def _backward_step(model: nn.Module, clips: _StepClips, settings: ClipStepSettin
 
 def _mean_gradient_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], valid: torch.Tensor,
                         world: World) -> None:
-    """Scale the summed gradients to the mean over every valid clip of the global batch, then step (none valid:
-    no step, the weights stay)."""
+    """Scale the summed gradients to the mean over every valid clip of the global batch, then step (if any)."""
     count = valid.sum().to(torch.float64)  # (), on the CPU with the batch
     if world.size > 1:
         count = world.all_reduce(count.to(world.device))
@@ -640,8 +638,7 @@ def evaluate_clips(model: ClipModel, batches: Iterable[dict], data: ClipData, wo
 
 
 def _gathered_logits(model: ClipModel, batches: Iterable[dict], world: World) -> tuple[np.ndarray, torch.Tensor]:
-    """(segment indices (S',), host logits (S', Cv + Cn)) of every decodable clip of every process, in segment
-    order whatever the sharding."""
+    """(segment indices (S',), host logits (S', Cv + Cn)) of every process's decodable clips, in segment order."""
     model.eval()
     indices, logits = [], []
     for batch in batches:

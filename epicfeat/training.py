@@ -75,8 +75,7 @@ class RunFolder:
 # -------------------------------------------------------------------------------- seeds and determinism
 @contextlib.contextmanager
 def reproducible(seed: int, *, deterministic: bool) -> Iterator[None]:
-    """The run's block: Python's, numpy's and torch's global RNGs seeded (model init and dropout draw there), and
-    deterministic kernels when asked (restored after)."""
+    """The run's block: global RNGs seeded (model init, dropout), deterministic kernels when asked (restored after)."""
     with determinism(deterministic):
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -223,8 +222,7 @@ class TrainingState:
             console.print(f"resuming {folder.last} after epoch {checkpoint.epoch} (step {self.step})")
 
     def set_lr(self) -> None:
-        """Every parameter group's lr for optimiser step ``step``: the schedule's, times the group's ``lr_scale``
-        (finetune's backbone group learns at backbone_lr / lr of the head's rate; 1 when a group has none)."""
+        """Every parameter group's lr for step ``step``: the schedule's times the group's ``lr_scale`` (default 1)."""
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -47,8 +47,7 @@ class CheckpointError(EpicfeatError):
 
 @dataclass(frozen=True)
 class ModelCard:
-    """What every checkpoint of a run says about its model besides the weights: the run's resolved config, the
-    class tables (index = class id) and the feature set it was trained on."""
+    """What a run's checkpoints say besides the weights: its resolved config, class tables and feature set."""
 
     config: Mapping[str, Any]
     verb_classes: tuple[str, ...]
@@ -105,8 +104,7 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, *, model: TemporalModel, card: ModelCard, epoch: int,
                     metrics: Mapping[str, float], history: list[Mapping[str, float]],
                     training_state: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically (a kill leaves the previous file or the new one). ``extra`` adds keys
-    (finetune's backbone), which ``load_checkpoint`` keeps in ``Checkpoint.extra``."""
+    """Write a checkpoint atomically; ``extra`` adds keys (finetune's backbone), loaded into ``Checkpoint.extra``."""
     path = Path(path)
     payload = {
         "format": FORMAT,

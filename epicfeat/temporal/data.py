@@ -129,28 +129,20 @@ def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = 
     row_count = (join.hi - join.lo)[keep]
     labelled = "verb_class" in segments.columns and "noun_class" in segments.columns
     summary = {
-        "segments": int(keep.sum()),
-        "rows": int(total_rows),
+        "segments": int(keep.sum()), "rows": int(total_rows),
         "segment_rows": int(row_count.sum()),  # > rows when overlapping segments share rows
-        "videos": len(join.plans),
-        **join.counters,
-        "missing_video_dropped": int((~keep).sum()),
-        "missing_videos": len(join.missing),
-        "packed_bytes": int(out.nbytes),
-        "memmapped": int(memmapped),
+        "videos": len(join.plans), **join.counters, "missing_video_dropped": int((~keep).sum()),
+        "missing_videos": len(join.missing), "packed_bytes": int(out.nbytes), "memmapped": int(memmapped),
     }
     return PackedSplit(
         features=torch.from_numpy(out),  # (R, D) float16, shares memory with `out` (RAM or memmap)
-        row_start=torch.from_numpy(row_start[keep]),
-        row_count=torch.from_numpy(row_count),
+        row_start=torch.from_numpy(row_start[keep]), row_count=torch.from_numpy(row_count),
         verb_labels=torch.tensor(kept["verb_class"].to_numpy(dtype=np.int64)) if labelled else None,
         noun_labels=torch.tensor(kept["noun_class"].to_numpy(dtype=np.int64)) if labelled else None,
         narration_ids=kept["narration_id"].astype(str).tolist(),
         participant_ids=kept["participant_id"].astype(str).tolist(),
         video_ids=kept["video_id"].astype(str).tolist(),
-        summary=summary,
-        feature_set=store.identity.to_dict(),
-        missing_video_ids=tuple(join.missing),
+        summary=summary, feature_set=store.identity.to_dict(), missing_video_ids=tuple(join.missing),
     )
 
 
