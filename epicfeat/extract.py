@@ -23,6 +23,7 @@ import errno
 import json
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -65,10 +66,6 @@ try:  # only --scheduler needs dask; machines without it (the GPU check's) run e
     from dask.distributed import Client, LocalCluster, get_worker
 except ImportError:
     dask = None
-try:  # the optional extra epicfeat[slurm], for --scheduler slurm
-    from dask_jobqueue import SLURMCluster
-except ImportError:
-    SLURMCluster = None
 
 
 @dataclass(frozen=True)
@@ -513,9 +510,7 @@ def _dask_client(config: ExtractConfig):
                                    dashboard_address=None, silence_logs=40)
         return Client(cluster), cluster
     if config.scheduler == "slurm":
-        if SLURMCluster is None:
-            raise EpicfeatError("--scheduler slurm needs dask-jobqueue, which is not installed: "
-                                "pip install 'epicfeat[slurm]' (or pip install dask-jobqueue)")
+        SLURMCluster = _slurm_cluster_class()
         # One job per GPU: one dask thread (one pipeline), a non-daemonic worker so that it may start its decode
         # processes on the job's CPUs. Queue, account and walltime come from dask's jobqueue config.
         cpus = config.decode_workers + 1 if config.decode_workers > 0 else 8
@@ -525,6 +520,21 @@ def _dask_client(config: ExtractConfig):
         cluster.scale(jobs=config.workers)
         return Client(cluster), cluster
     return Client(config.scheduler), None
+
+
+def _slurm_cluster_class() -> type:
+    """dask-jobqueue's SLURMCluster, imported only for ``--scheduler slurm``: importing it replaces Ctrl-C's handler
+    with a silent ``sys.exit()`` (dask_jobqueue/runner.py), which would end any run with exit 0; the handler is put
+    back."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise EpicfeatError("--scheduler slurm needs dask-jobqueue, which is not installed: "
+                            "pip install 'epicfeat[slurm]' (or pip install dask-jobqueue)") from None
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return SLURMCluster
 
 
 # ------------------------------------------------------------------------------------------------ reporting
