@@ -7,7 +7,7 @@ module before any ``epicfeat`` module, since importing it puts the checkout firs
 
     from common import machine_line, new_parser, row, synthetic_video, table, verdict, work_folder  # first import
 
-The API, stable (add to it rather than change it; ``bench_extract.py`` is to adopt it too):
+The API, stable (add to it rather than change it):
 
 Paths
     ``REPO``                    the checkout (this folder's parent), first on ``sys.path`` once this is imported,
