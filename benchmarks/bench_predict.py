@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--file-batch-size", type=int, default=8, help="the feature set's (extract) batch size")
     parser.add_argument("--device", default="cpu")
-    add_gpu(parser, "--device cuda (benchmarks/gpu_bench.sh's section; the camera's 30 frames/s then bound the live "
+    add_gpu(parser, "--device cuda (benchmarks/gpu_check.sh's step; the camera's 30 frames/s then bound the live "
                     "side, the file side shows the backbone's rate)", dry_run=False)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
                         help="backbone autocast, recorded in the feature set (extract's default on CPU with bf16)")
