@@ -1,6 +1,5 @@
 """Official EPIC-100 metrics on hand-computed cases: top-k, ties, action scores, top_n cut, tail/unseen subsets."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -176,17 +175,6 @@ def test_epic_metrics_without_subsets_and_with_empty_subsets():
     assert math.isnan(empty["tail_action_accuracy_at_1"]) and math.isnan(empty["unseen_verb_accuracy_at_1"])
     with pytest.raises(MetricsError, match="boolean mask of 4 segments"):
         epic_metrics(verbs, nouns, VERB_LABELS, NOUN_LABELS, unseen=np.array([0, 1, 1, 0]))
-
-
-def test_epic_metrics_is_fast_on_10k_segments():
-    rng = np.random.default_rng(0)
-    verbs = rng.normal(0, 3, (10_000, 97)).astype(np.float32)
-    nouns = rng.normal(0, 3, (10_000, 300)).astype(np.float32)
-    start = time.perf_counter()
-    epic_metrics(verbs, nouns, rng.integers(0, 97, 10_000), rng.integers(0, 300, 10_000),
-                 tail_verbs=range(50, 97), tail_nouns=range(100, 300), unseen=rng.random(10_000) < 0.1)
-    # ~0.3 s measured on this 2-core machine; sorting all 10,000 pairs per segment instead takes ~10 s.
-    assert time.perf_counter() - start < 5.0
 
 
 # ----------------------------------------------------------------------------------------------- diagnostics
