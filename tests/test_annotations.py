@@ -1,4 +1,5 @@
 """EPIC-100 annotation layer: the real files (exact counts), timestamp parsing, and every malformed-input error."""
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,6 @@ from epicfeat.data.annotations import (
     AnnotationError,
     ClassTable,
     EpicAnnotations,
-    parse_timestamp,
     read_class_table,
     read_segments,
     read_video_info,
@@ -57,9 +57,9 @@ def test_validation_segments(epic):
     assert val["verb_class"].max() < 97 and val["noun_class"].max() < 300
 
 
-def test_vectorised_timestamps_match_parse_timestamp(epic):
+def test_timestamps_are_exact_decimal_seconds(epic):
     val = epic.segments("validation")
-    expected = [parse_timestamp(text) for text in val["stop_timestamp"]]
+    expected = [float(int(t[:2]) * 3600 + int(t[3:5]) * 60 + Decimal(t[6:])) for t in val["stop_timestamp"]]
     assert val["stop_sec"].tolist() == expected  # bit-identical, not approximately
 
 
@@ -122,41 +122,6 @@ def test_video_ids(epic):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Timestamps
-
-
-@pytest.mark.parametrize("text, seconds", [
-    ("00:00:00.00", 0.0),
-    ("00:00:01.10", 1.1),
-    ("00:00:01.5", None),  # one fraction digit: invalid (below)
-    ("00:07:32.09", 452.09),  # 7*60 + float(32.09) would give 452.09000000000003
-    ("01:02:03.456", 3723.456),
-    ("00:59:59.999", 3599.999),
-    (" 00:00:02.86 ", 2.86),  # surrounding whitespace tolerated
-])
-def test_parse_timestamp_exact(text, seconds):
-    if seconds is None:
-        with pytest.raises(AnnotationError):
-            parse_timestamp(text)
-    else:
-        assert parse_timestamp(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "00:00:01", "0:00:01.00", "00:60:00.00", "00:00:60.00", "00:00:01.1234",
-                                  "00:00:01,50", "aa:bb:cc.dd", "-00:00:01.00", "00:00:01.00x"])
-def test_parse_timestamp_rejects(text):
-    with pytest.raises(AnnotationError, match="HH:MM:SS.ff"):
-        parse_timestamp(text)
-
-
-def test_parse_timestamp_rejects_non_strings():
-    with pytest.raises(AnnotationError):
-        parse_timestamp(None)
-    with pytest.raises(AnnotationError):
-        parse_timestamp(1.5)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Malformed files: each must raise AnnotationError naming the file, the row and the column
 
 HEADER = ("narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,"
@@ -185,6 +150,30 @@ def _with_cell(row: int, column: str, value: str) -> list[list[str]]:
     rows = [list(r) for r in ROWS]
     rows[row][COLUMN[column]] = value
     return rows
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("00:00:00.00", 0.0),
+    ("00:00:01.10", 1.1),
+    ("00:07:32.09", 452.09),  # 7*60 + float(32.09) would give 452.09000000000003
+    ("01:02:03.456", 3723.456),
+    ("00:59:59.999", 3599.999),
+    (" 00:00:02.86 ", 2.86),  # surrounding whitespace tolerated
+])
+def test_timestamps_exact(tmp_path, text, seconds):
+    rows = _with_cell(0, "start_timestamp", text)
+    rows[0][COLUMN["stop_timestamp"]] = text
+    segments = read_segments(_write_segments(tmp_path, rows), labelled=True)
+    assert segments["start_sec"].iloc[0] == segments["stop_sec"].iloc[0] == seconds
+
+
+@pytest.mark.parametrize("text", ["", "00:00:01", "0:00:01.00", "00:60:00.00", "00:00:60.00", "00:00:01.1234",
+                                  "00:00:01,50", "aa:bb:cc.dd", "-00:00:01.00", "00:00:01.00x",
+                                  "00:00:01.5"])  # one fraction digit
+def test_timestamps_rejected(tmp_path, text):
+    path = _write_segments(tmp_path, _with_cell(0, "start_timestamp", f'"{text}"'))
+    with pytest.raises(AnnotationError, match="HH:MM:SS.ff"):
+        read_segments(path, labelled=True)
 
 
 def _error(path: Path, **kwargs) -> str:

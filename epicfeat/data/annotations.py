@@ -11,10 +11,8 @@ turning a column into floats or objects; the validated columns are then converte
 from __future__ import annotations
 
 import io
-import re
 import warnings
 from dataclasses import dataclass
-from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 
@@ -22,18 +20,6 @@ import numpy as np
 import pandas as pd
 
 from epicfeat.errors import EpicfeatError
-
-__all__ = [
-    "AnnotationError",
-    "ClassTable",
-    "EpicAnnotations",
-    "SPLIT_FILES",
-    "parse_timestamp",
-    "read_class_table",
-    "read_id_list",
-    "read_segments",
-    "read_video_info",
-]
 
 SPLIT_FILES = {
     "train": "EPIC_100_train.csv",
@@ -59,26 +45,12 @@ OPTIONAL_TEXT_COLUMNS = ("narration_timestamp", "narration", "verb", "noun", "al
 
 # HH:MM:SS.ff or HH:MM:SS.fff. Minutes and seconds must be below 60; nothing else is a timestamp.
 _TIMESTAMP = r"(\d{2}):([0-5]\d):([0-5]\d)\.(\d{2,3})"
-_TIMESTAMP_RE = re.compile(_TIMESTAMP)
 _NON_NEGATIVE_INT = r"\+?\d{1,18}"  # 18 digits always fit int64
 _TIMESTAMP_ADVICE = "Timestamps must look like HH:MM:SS.ff or HH:MM:SS.fff (e.g. 00:01:02.35)."
 
 
 class AnnotationError(EpicfeatError):
     """A missing, unreadable or malformed EPIC-100 annotation file; the message says where and what to do."""
-
-
-def parse_timestamp(text: str) -> float:
-    """Parse an EPIC timestamp 'HH:MM:SS.ff' or 'HH:MM:SS.fff' into seconds.
-
-    The arithmetic is exact (Decimal); the only rounding is the final conversion to float, so
-    '00:00:01.10' gives exactly ``float('1.1')``. Raises ``AnnotationError`` for anything else.
-    """
-    match = _TIMESTAMP_RE.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None:
-        raise AnnotationError(f"invalid timestamp {text!r}. {_TIMESTAMP_ADVICE}")
-    hours, minutes, seconds, fraction = match.groups()
-    return float(int(hours) * 3600 + int(minutes) * 60 + Decimal(f"{seconds}.{fraction}"))
 
 
 @dataclass(frozen=True)
@@ -92,10 +64,7 @@ class ClassTable:
         return len(self.keys)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reading and reporting helpers
-
-
+# -------------------------------------------------------------------------------------- reading and reporting helpers
 def _read_csv(path: Path) -> pd.DataFrame:
     """Read a CSV with every cell as a string ('' for empty), or raise an AnnotationError saying why it can't."""
     try:
@@ -180,11 +149,8 @@ def _parse_non_negative_ints(path, frame, column, id_column, what: str = "a non-
 
 
 def _parse_timestamps(path, frame, column, id_column) -> pd.Series:
-    """Vectorised ``parse_timestamp`` of a whole column, returning float64 seconds.
-
-    Exactness: the time is first built as an integer number of milliseconds, and one float division by 1000 is
-    correctly rounded, so each value equals float(Decimal(...)) from ``parse_timestamp``.
-    """
+    """A column of 'HH:MM:SS.ff' / 'HH:MM:SS.fff' timestamps as float64 seconds, exact: integer milliseconds,
+    then one correctly rounded division ('00:07:32.09' is float('452.09'), not 7 * 60 + 32.09)."""
     parts = frame[column].str.strip().str.extract(f"^{_TIMESTAMP}$")  # (rows, 4): hh, mm, ss, fraction
     cell = _cell(frame, column)
     _fail_rows(path, frame, parts[0].isna(), column, lambda row: f"invalid timestamp {cell(row)}",
@@ -224,10 +190,7 @@ def _check_stop_after_start(path, frame, start: pd.Series, stop: pd.Series, star
                "A segment must stop at or after it starts: fix or remove the row.", id_column)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Public readers
-
-
+# ----------------------------------------------------------------------------------------------------- public readers
 def read_class_table(path: str | Path, name: str) -> ClassTable:
     """Read ``EPIC_100_verb_classes.csv`` or ``EPIC_100_noun_classes.csv`` (columns id, key, ...).
 
@@ -322,13 +285,12 @@ def read_video_info(path: str | Path) -> pd.DataFrame:
     cell = _cell(frame, "resolution")
     _fail_rows(path, frame, size[0].isna(), "resolution", lambda row: f"{cell(row)} is not WIDTHxHEIGHT",
                "Write it like 1920x1080.", ident)
-    info = pd.DataFrame({
+    return pd.DataFrame({
         "duration": numbers["duration"].to_numpy(),
         "fps": numbers["fps"].to_numpy(),
         "width": size[0].astype("int64").to_numpy() if len(frame) else np.zeros(0, np.int64),
         "height": size[1].astype("int64").to_numpy() if len(frame) else np.zeros(0, np.int64),
     }, index=pd.Index(frame["video_id"].str.strip(), name="video_id"))
-    return info
 
 
 def read_id_list(path: str | Path, column: str, *, table: ClassTable | None = None) -> pd.Series:
@@ -347,10 +309,7 @@ def read_id_list(path: str | Path, column: str, *, table: ClassTable | None = No
     return ids
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The annotation folder
-
-
+# ---------------------------------------------------------------------------------------------- the annotation folder
 class EpicAnnotations:
     """One EPIC-100 annotation folder (the ``EPIC_100_*.csv`` files), read lazily and cached.
 
