@@ -81,20 +81,10 @@ def _label_rank(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def _percent(hits: np.ndarray) -> float:
     """Official percentage: mean of the hits times 100; NaN for an empty subset (the official script errors)."""
-    if hits.size == 0:
-        return float("nan")
-    return float(hits.mean() * 100)
+    return float(hits.mean() * 100) if hits.size else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------- top-k
-def topk_accuracy(scores, labels, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
-    """Top-k accuracy in percent for each k, of scores (N, C) and labels (N,); k > C is a hit, N = 0 gives NaN."""
-    scores = _scores_2d(scores, "scores")
-    labels = _labels_1d(labels, len(scores), scores.shape[1], "labels")
-    rank = _label_rank(scores, labels)  # (N,)
-    return {int(k): _percent(rank < k) for k in ks}
-
-
+# ----------------------------------------------------------------------------------------------- actions
 def _candidate_pairs(n_verbs: int, n_nouns: int, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     """Matrix positions (verb_rank, noun_rank) with (verb_rank + 1) * (noun_rank + 1) <= top_n + 1.
 

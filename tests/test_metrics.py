@@ -10,19 +10,24 @@ from epicfeat.metrics import (
     epic_metrics,
     most_confused,
     per_class_accuracy,
-    topk_accuracy,
 )
 
 
 # ----------------------------------------------------------------------------------------------- top-k
+def _verb_accuracy(verb_scores, verb_labels):
+    """(all_verb_accuracy_at_1, _at_5) of verb scores, beside a one-class noun every segment gets right."""
+    n = len(verb_labels)
+    metrics = epic_metrics(verb_scores, np.zeros((n, 1)), np.array(verb_labels), np.zeros(n, dtype=np.int64))
+    return metrics["all_verb_accuracy_at_1"], metrics["all_verb_accuracy_at_5"]
+
+
 def test_topk_accuracy_small_hand_computed():
-    scores = np.array([[0.1, 0.7, 0.2],   # ranking 1, 2, 0
-                       [0.5, 0.3, 0.2],   # ranking 0, 1, 2
-                       [0.2, 0.3, 0.5],   # ranking 2, 1, 0
-                       [0.6, 0.1, 0.3]])  # ranking 0, 2, 1
-    labels = np.array([1, 1, 0, 2])
-    # top-1: hit only on row 0. top-2: rows 0, 1, 3. top-3: all. k above the class count: all (as official).
-    assert topk_accuracy(scores, labels, ks=(1, 2, 3, 5)) == {1: 25.0, 2: 75.0, 3: 100.0, 5: 100.0}
+    scores = np.array([[0.1, 0.7, 0.2, 0.0, 0.0, 0.0],   # label 1 ranks 1st
+                       [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # label 4 ranks 5th
+                       [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],   # label 5 ranks 6th
+                       [0.6, 0.1, 0.3, 0.0, 0.0, 0.0]])  # label 2 ranks 2nd
+    assert _verb_accuracy(scores, [1, 4, 5, 2]) == (25.0, 75.0)
+    assert _verb_accuracy(np.array([[0.1, 0.7, 0.2]]), [0]) == (0.0, 100.0)  # k above the class count: a hit
 
 
 def test_topk_ties_rank_the_higher_class_index_first():
@@ -30,15 +35,17 @@ def test_topk_ties_rank_the_higher_class_index_first():
     scores = np.array([[1.0, 1.0, 0.0],
                        [1.0, 1.0, 0.0],
                        [0.0, 0.0, 0.0]])
-    assert topk_accuracy(scores, np.array([0, 0, 0]), ks=(1, 2)) == {1: 0.0, 2: pytest.approx(200 / 3)}
-    assert topk_accuracy(scores, np.array([1, 1, 2]), ks=(1,)) == {1: 100.0}  # all-equal row predicts class 2
+    assert _verb_accuracy(scores, [0, 0, 0])[0] == 0.0
+    assert _verb_accuracy(scores, [1, 1, 2])[0] == 100.0  # all-equal row predicts class 2
+    six_equal = np.array([[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])  # class 0 ranks 6th, class 1 5th
+    assert _verb_accuracy(six_equal, [0])[1] == 0.0 and _verb_accuracy(six_equal, [1])[1] == 100.0
 
 
 def test_topk_refuses_nan_and_out_of_range_labels():
     with pytest.raises(MetricsError, match="NaN or infinite"):
-        topk_accuracy(np.array([[0.0, np.nan]]), np.array([0]))
+        _verb_accuracy(np.array([[0.0, np.nan]]), [0])
     with pytest.raises(MetricsError, match="label 2 of segment row 0 is outside 0..1"):
-        topk_accuracy(np.array([[0.0, 1.0]]), np.array([2]))
+        _verb_accuracy(np.array([[0.0, 1.0]]), [2])
 
 
 # ----------------------------------------------------------------------------------------------- action scores
