@@ -19,7 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import ResNet50_Weights
 
-from epicfeat.errors import EpicfeatError
+from epicfeat.errors import EpicfeatError, listed
 
 FEATURE_DIM = 2048
 
@@ -207,14 +207,9 @@ def _load(model: ResNet50Features, state_dict: Mapping[str, torch.Tensor], sourc
         if k in trunk and trunk[k].shape != expected[k].shape
     ]
     if missing or unexpected or wrong_shape:
-        def listing(label: str, items: list[str]) -> str:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            return f"{len(items)} {label}: {', '.join(items[:5])}{more}" if items else ""
-
-        problems = "; ".join(
-            p for p in (listing("missing", missing), listing("unexpected", unexpected),
-                        listing("with the wrong shape", wrong_shape)) if p
-        )
+        problems = "; ".join(f"{len(items)} {label}: {listed(items)}" for label, items in
+                             (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape))
+                             if items)
         raise WeightsError(
             f"{source}: not torchvision ResNet50 weights ({problems}); the file must hold a torchvision resnet50 "
             "state dict (keys like 'conv1.weight', 'layer4.2.bn3.running_var') or an epicfeat checkpoint"

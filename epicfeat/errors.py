@@ -7,3 +7,10 @@ checkpoint from another feature set. Its message must name the thing and say wha
 
 class EpicfeatError(Exception):
     """A problem with the user's input or environment, explained in the message."""
+
+
+def listed(items, shown: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more': the first ``shown`` items a message names."""
+    items = [str(item) for item in items]
+    head = ", ".join(items[:shown])
+    return head if len(items) <= shown else f"{head} and {len(items) - shown} more"

@@ -25,7 +25,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from epicfeat.errors import EpicfeatError
+from epicfeat.errors import EpicfeatError, listed
 from epicfeat.files import atomic_write
 
 SUBMISSION_VERSION = "0.2"
@@ -33,7 +33,6 @@ CHALLENGE = "action_recognition"
 SUBMISSION_MEMBER = "test.json"  # the one file inside the zip
 SLS_KEYS = ("sls_pt", "sls_tl", "sls_td")  # supervision levels: pretraining, training labels, training data
 PICKLE_PROTOCOL = 4  # readable by every Python the official scripts run on (protocol 5 needs 3.8+)
-_SHOWN = 5  # offending narration_ids named in a message
 _POWERS_OF_TEN = np.array([float(10**k) for k in range(23)])  # exact doubles 1e0..1e22
 
 
@@ -46,10 +45,8 @@ class EnsembleError(EpicfeatError):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _named(ids: Sequence[str]) -> str:
-    """'a, b, c' or 'a, b, c, d, e and 7 more'."""
-    shown = ", ".join(str(i) for i in ids[:_SHOWN])
-    return shown if len(ids) <= _SHOWN else f"{shown} and {len(ids) - _SHOWN} more"
+def _repeated(ids: Iterable[str]) -> list[str]:
+    return [i for i, count in Counter(ids).items() if count > 1]
 
 
 def _nonfinite_rows(scores: np.ndarray) -> np.ndarray:
@@ -126,13 +123,13 @@ def write_results_pickle(path: str | Path, verb_logits, noun_logits, narration_i
     if not (len(verbs) == len(nouns) == len(ids)):
         raise SubmissionError(f"{path}: {len(verbs)} verb rows, {len(nouns)} noun rows and {len(ids)} "
                               f"narration_ids; they must be one row per narration_id.")
-    repeated = [i for i, count in Counter(ids.tolist()).items() if count > 1]
+    repeated = _repeated(ids.tolist())
     if repeated:
-        raise SubmissionError(f"{path}: narration_id(s) repeated: {_named(repeated)}. Score each segment once.")
+        raise SubmissionError(f"{path}: narration_id(s) repeated: {listed(repeated)}. Score each segment once.")
     bad = sorted(set(_nonfinite_rows(verbs)) | set(_nonfinite_rows(nouns)))
     if bad:
         raise SubmissionError(f"{path}: NaN or infinite scores (after float32 conversion) for "
-                              f"{_named(ids[bad].tolist())}. Check the checkpoint; nothing was written.")
+                              f"{listed(ids[bad].tolist())}. Check the checkpoint; nothing was written.")
     results = {"verb_output": _PortableArray(log_softmax_rows(verbs)),
                "noun_output": _PortableArray(log_softmax_rows(nouns)), "narration_id": _PortableArray(ids)}
     return atomic_write(path, lambda f: pickle.dump(results, f, protocol=PICKLE_PROTOCOL))
@@ -169,23 +166,23 @@ def build_submission(verb_scores, noun_scores, narration_ids: Sequence[str], *, 
     if not (len(verbs) == len(nouns) == len(ids)):
         problems.append(f"{len(verbs)} verb rows, {len(nouns)} noun rows and {len(ids)} narration_ids "
                         f"(must be one row per narration_id)")
-    repeated_expected = [i for i, count in Counter(expected).items() if count > 1]
+    repeated_expected = _repeated(expected)
     if repeated_expected:
-        problems.append(f"the expected split lists narration_id(s) more than once: {_named(repeated_expected)}")
-    repeated = [i for i, count in Counter(ids).items() if count > 1]
+        problems.append(f"the expected split lists narration_id(s) more than once: {listed(repeated_expected)}")
+    repeated = _repeated(ids)
     if repeated:
-        problems.append(f"narration_id(s) scored more than once: {_named(repeated)}")
+        problems.append(f"narration_id(s) scored more than once: {listed(repeated)}")
     expected_set, id_set = set(expected), set(ids)
     unknown = [i for i in dict.fromkeys(ids) if i not in expected_set]
     if unknown:
-        problems.append(f"narration_id(s) not in the split: {_named(unknown)}")
+        problems.append(f"narration_id(s) not in the split: {listed(unknown)}")
     missing = [i for i in expected if i not in id_set]
     if missing:
-        problems.append(f"{len(missing)} narration_id(s) of the split have no scores: {_named(missing)}")
+        problems.append(f"{len(missing)} narration_id(s) of the split have no scores: {listed(missing)}")
     if len(verbs) == len(nouns) == len(ids):
         bad = sorted(set(_nonfinite_rows(verbs)) | set(_nonfinite_rows(nouns)))
         if bad:
-            problems.append(f"NaN or infinite scores for {_named([ids[row] for row in bad])}")
+            problems.append(f"NaN or infinite scores for {listed([ids[row] for row in bad])}")
     if problems:
         raise SubmissionError("cannot build the submission: " + "; ".join(problems) +
                               ". Score exactly the split's segments with a finite model and the class tables it "
@@ -222,7 +219,7 @@ def _check_submission_structure(submission: dict) -> None:
                       for task in ("verb", "noun") for value in entry[task].values())]
     if bad:
         raise SubmissionError(f"submission results need finite float 'verb' and 'noun' scores; bad entries: "
-                              f"{_named(bad)}. Build it with build_submission.")
+                              f"{listed(bad)}. Build it with build_submission.")
 
 
 def write_submission_zip(path: str | Path, submission: dict) -> Path:
