@@ -61,12 +61,6 @@ def export_hdf5(store: FeatureStore, out_path: str | os.PathLike) -> Path:
     return out_path
 
 
-def read_hdf5_attrs(obj) -> dict:
-    """The exact attribute dict of an exported HDF5 video group (or the identity of the file's root)."""
-    name = "featureset_json" if "featureset_json" in obj.attrs else "attrs_json"
-    return json.loads(obj.attrs[name])
-
-
 def _h5_write_attrs(obj, attrs: dict, *, all_name: str) -> None:
     obj.attrs[all_name] = json.dumps(attrs)
     for key, value in attrs.items():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from epicfeat.hdf5 import export_hdf5, read_hdf5_attrs
+from epicfeat.hdf5 import export_hdf5
 from epicfeat.store import (
     FLUSH_CHUNKS,
     NUMERIC_SETTINGS,
@@ -440,7 +440,7 @@ def test_hdf5_export_round_trips_exactly(store, tmp_path):
     assert out == tmp_path / "out" / "features.h5"
     assert sorted(p.name for p in out.parent.iterdir()) == ["features.h5"]  # no temp file left
     with h5py.File(out, "r") as h5:
-        assert read_hdf5_attrs(h5) == store.identity.to_dict()
+        assert json.loads(h5.attrs["featureset_json"]) == store.identity.to_dict()
         assert h5.attrs["key"] == store.path.name and h5.attrs["weights"] == "random-seed0"
         assert h5.attrs["fps"] == 10.0 and json.loads(h5.attrs["mean"]) == [0.485, 0.456, 0.406]
         assert sorted(h5["videos"]) == ["P06_01", "P06_02"]
@@ -451,7 +451,7 @@ def test_hdf5_export_round_trips_exactly(store, tmp_path):
             np.testing.assert_array_equal(group["pts"][:], video.pts)
             np.testing.assert_array_equal(group["frame_index"][:], video.frame_indices)
             assert group["pts"].dtype == np.float64 and group["frame_index"].dtype == np.int64
-            assert read_hdf5_attrs(group) == video.attrs
+            assert json.loads(group.attrs["attrs_json"]) == video.attrs
             assert group.attrs["source_fps"] == 59.94 and group.attrs["rows"] == video.rows
         assert json.loads(h5["videos"]["P06_02"].attrs["extra"]) == {"a": [1, 2]}
 
