@@ -5,10 +5,7 @@ where flock may be missing) and holding its owner's token, host and pid. Its own
 while it holds it; a claim not renewed for ``lease_s`` seconds is stale, and so is one whose process on this host
 no longer exists (a rerun after a kill need not wait out the lease). Another writer may break a stale claim and
 take the video over. Staleness compares the file's mtime with this host's clock, so clocks must agree to well
-within the lease (NTP does).
-
-``ClaimQueue`` is the job source built on it: it hands one writer the videos of a list one claim at a time, waits
-for the videos other writers hold, and takes over those whose writer died.
+within the lease (NTP does). ``ClaimQueue`` is the job source built on it.
 """
 from __future__ import annotations
 
@@ -32,28 +29,18 @@ DEFAULT_LEASE_S = 60.0
 
 
 class Claim:
-    """The right to write one video, held from ``take`` until ``release`` (or until its process ends).
-
-    While held, a daemon thread renews it every ``lease_s / 4`` seconds, so other writers see it alive however long
-    the video takes, whichever thread writes it. A writer publishes only while ``held()``: one cut off (paused,
-    NFS trouble) long enough for another writer to take the video over never publishes its copy.
-    """
+    """The right to write one video, held from ``take`` until ``release`` (or until its process ends); a daemon
+    thread renews it every ``lease_s / 4`` seconds. A writer publishes only while ``held()``."""
 
     def __init__(self, path: Path, video_id: str, token: str, lease_s: float):
         self.path, self.video_id, self.token, self.lease_s = path, video_id, token, lease_s
         self._ended = threading.Event()  # released, or found to be someone else's: renewing stops for good
         threading.Thread(target=self._keep_renewing, name=f"epicfeat-claim-{video_id}", daemon=True).start()
 
-    def __repr__(self) -> str:
-        return f"Claim({self.video_id!r}, token={self.token!r})"
-
     @classmethod
     def take(cls, folder: Path, video_id: str, *, lease_s: float = DEFAULT_LEASE_S) -> Claim | None:
-        """Claim ``video_id`` in ``folder``; None when another writer holds a fresh claim on it.
-
-        A stale claim is renamed aside under a unique name (one renamer wins), then the exclusive create is tried
-        again.
-        """
+        """Claim ``video_id`` in ``folder``; None when another writer holds a fresh claim on it (a stale one is
+        broken and taken over)."""
         folder.mkdir(exist_ok=True)
         path = folder / f"{video_id}.claim"
         token = unique_token()
@@ -65,7 +52,7 @@ class Claim:
                     return None
                 continue
             try:
-                owner = {"token": token, "video_id": video_id, "time": _now(), "host": socket.gethostname(),
+                owner = {"token": token, "video_id": video_id, "time": utc_now(), "host": socket.gethostname(),
                          "pid": os.getpid()}
                 os.write(fd, json.dumps(owner).encode())
                 os.fsync(fd)
@@ -127,16 +114,10 @@ def claim_owner(folder: Path, video_id: str, *, lease_s: float = DEFAULT_LEASE_S
 class ClaimQueue:
     """This writer's share of ``video_ids``: iterating yields a held ``Claim`` for each video it should write.
 
-    In order, it claims every video that is not complete and not held by a live writer. When only videos other
-    writers hold are left, it polls them (every ``lease_s / 8`` s, within [0.05, 2] s) until each is complete,
-    failed by another writer (a failure record carrying a claim token seen holding it, or written since the queue
-    was made), or free again because its holder died or gave up: then it claims that video and yields it. Videos
-    complete when the queue is made are skipped; a failure recorded before that is retried.
-
-    The consumer owns each yielded claim and releases it (``with claim:``) once the video is committed or its
-    failure recorded; claims renew themselves meanwhile, so the loop may hand them to other threads and run ahead.
-    ``others_completed`` and ``others_failed`` (video id -> that writer's failure record) grow as other writers
-    decide videos of the list while this one runs.
+    In order, it claims every video that is not complete and not held by a live writer, then polls the videos other
+    writers hold until each is complete, failed by another writer (``others_completed``, ``others_failed``: video id
+    -> failure record), or free again (then claimed and yielded). A failure recorded before the queue was made is
+    retried. The consumer releases each yielded claim once the video is committed or its failure recorded.
     """
 
     def __init__(self, store: FeatureStore, video_ids: Iterable[str], *, lease_s: float = DEFAULT_LEASE_S):
@@ -203,9 +184,8 @@ def _break_if_stale(path: Path, lease_s: float) -> bool:
     """Remove the claim at ``path`` if it is stale; True when the caller may try to create it again."""
     if not _is_stale(path, lease_s):
         return False  # a live writer holds it
-    # Rename, then delete: of several writers breaking it at once, one rename wins and the others see it gone.
-    # If its owner renewed it between our look and our rename, that owner finds its claim gone and discards its
-    # copy at commit: rare, and safe (never two publishers), at worst a video done twice.
+    # Rename, then delete: of several breakers one rename wins. An owner that renewed it meanwhile finds its claim
+    # gone and discards its copy at commit: never two publishers, at worst a video done twice.
     aside = path.with_name(f"{path.name}.stale.{unique_token()}")
     try:
         os.rename(path, aside)
@@ -244,5 +224,6 @@ def _read_token(path: Path) -> str | None:
         return None
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """Now in UTC, ISO 8601 to the millisecond (the time stamps in claims and feature sets)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
