@@ -16,26 +16,13 @@ that changes the numbers: backbone, weights, preprocessing, precision, run setti
         .trash/                           old copies moved aside by an overwrite, deleted right after
 
 A video is complete iff it is in ``videos/`` with ``complete: true``; partial iff a ``.partial/`` folder exists for
-it and it is not complete; failed iff it has a failure record and is not complete (recording
-a failure also removes the video's abandoned partial folders, so the three states never overlap).
+it and it is not complete; failed iff it has a failure record and is not complete (recording a failure removes the
+video's abandoned partial folders, so the three states never overlap).
 
-Why it is crash-safe and safe for many writers:
-  - A writer builds its video in its own ``.partial/`` folder and, on commit, writes the attributes (complete:
-    true included) and renames the folder into ``videos/``. A directory rename is atomic on a local POSIX file
-    system, so a video is either complete or absent; a SIGKILL at any moment leaves at most a partial folder.
-  - Processes writing *different* videos never touch the same file: each has its own folder, and the group
-    metadata (zarr.json of the set and of ``videos/``) is created once, by ``create``, before any writer exists.
-  - Missing chunks read back silently as the fill value in Zarr, so ``features`` and ``pts`` use NaN and
-    ``frame_index`` uses -1 as fill value: a lost chunk shows up in ``verify`` as NaN / a bad index, not as zeros.
-  - Metadata is never consolidated: there is nothing to keep in step when videos are added.
-  - Every writer holds the video's claim (``claim``; extract processes, dask workers and SLURM jobs on NFS or
-    Lustre alike): so every other partial folder of that video is a leftover, removed by the claim's holder only,
-    and a commit publishes only if the claim is still its own and every chunk it wrote is on disk. A writer cut off
-    past its lease never publishes.
-  - At commit the sha256 of every chunk of features (and of all pts and frame_index) is stored in the video's
-    attributes; ``verify`` recomputes them, so flipped bits that still decode are caught.
-  - Failure records are one file each (temporary name + rename), so records from many NFS clients never
-    interleave; the same failure of the same file is recorded once.
+A writer holds the video's claim (claims.py), builds the video in its own ``.partial/`` folder and commits by renaming
+it into ``videos/`` (atomic on POSIX: a kill leaves at most a partial folder), only while the claim is still its own
+and every chunk it wrote is on disk. Missing chunks read back as the fill value, so NaN / -1 fill values make a lost
+chunk visible to ``verify``, which also recomputes the sha256 of every chunk stored at commit.
 """
 from __future__ import annotations
 
@@ -55,14 +42,13 @@ import numpy as np
 import zarr
 
 from epicfeat import __version__
-from epicfeat.claims import DEFAULT_LEASE_S, Claim, claim_owner, unique_token
+from epicfeat.claims import DEFAULT_LEASE_S, Claim, claim_owner, unique_token, utc_now
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 
 #: Bytes per chunk of ``features`` at most: about 1 MiB is the documented sweet spot for Zarr chunks.
 FEATURE_CHUNK_BYTES = 1 << 20
-#: Chunks buffered before a write (4 MiB), so Zarr writes them in one call (concurrently) and the per-write
-#: overhead (resizing three arrays) is paid once per 4 chunks, not per batch.
+#: Chunks buffered before a write (4 MiB): one Zarr write (and one resize of three arrays) per 4 chunks, not per batch.
 FLUSH_CHUNKS = 4
 #: Rows per chunk of ``pts`` and ``frame_index`` (8 bytes a row: 128 KiB chunks, a few per hour of video).
 INDEX_CHUNK_ROWS = 16384
@@ -145,12 +131,8 @@ class FeatureSetIdentity:
         fps = "all" if self.fps is None else f"{self.fps:g}"
         readable = f"{self.backbone}_{self.weights}_fps{fps}_r{self.resize}c{self.crop}_{self.dtype}"
         readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable)[:100]
-        return f"{readable}_{self.short_hash()}"
-
-    def short_hash(self) -> str:
-        """First 8 hex digits of the sha256 of the canonical JSON of all fields."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+        return f"{readable}_{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
 
     def to_dict(self) -> dict:
         """A JSON-safe dict of every field (tuples become lists)."""
@@ -197,17 +179,11 @@ class FeatureStore:
         self.path = Path(path)
         self.identity = identity
 
-    def __repr__(self) -> str:
-        return f"FeatureStore({str(self.path)!r})"
-
     # ----------------------------------------------------------------------------------------- open / create
     @classmethod
     def create(cls, cache_dir: str | os.PathLike, identity: FeatureSetIdentity) -> "FeatureStore":
-        """The feature set for ``identity`` under ``cache_dir``: created if new, else opened and checked.
-
-        The set is built in a temporary folder and renamed into place, so a set folder is never half made and
-        several processes may call ``create`` at once: one rename wins and the others open its result.
-        """
+        """The feature set for ``identity`` under ``cache_dir``: created if new (built aside and renamed into place,
+        so several processes may call it at once), else opened and checked."""
         cache_dir = Path(cache_dir)
         path = cache_dir / identity.key()
         if not path.exists():
@@ -288,15 +264,9 @@ class FeatureStore:
 
     # ------------------------------------------------------------------------------------------- writing
     def writer(self, video_id: str, *, attrs: dict, claim: Claim | None = None, overwrite: bool = False) -> "VideoWriter":
-        """A writer for one video (use it as a context manager); removes the video's abandoned partial folders.
-
-        ``attrs`` should hold ``SOURCE_ATTRS`` (source_path, source_fps, duration, width, height); the store adds
-        rows, provenance and complete. A complete video is refused unless ``overwrite=True``.
-
-        ``claim``: the caller's claim on the video (what extract holds while it decodes); the caller releases it.
-        Without one the writer claims the video itself and releases it when closed; a video a live writer holds
-        is refused. Holding the claim, the writer removes every other partial folder of the video (no one else may
-        write it), and its commit publishes only while the claim is still held.
+        """A writer for one video (a context manager); ``attrs`` should hold ``SOURCE_ATTRS``. A complete video is
+        refused unless ``overwrite=True``. ``claim``: the caller's claim on the video, which the caller releases;
+        without one the writer claims the video itself until closed. Removes the video's abandoned partial folders.
         """
         _check_video_id(video_id)
         if not overwrite and self.is_complete(video_id):
@@ -335,14 +305,10 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------------- failures
     def record_failure(self, video_id: str, reason: str, *, path: str | os.PathLike | None = None,
                        claim: Claim | None = None) -> None:
-        """Write one failure record and drop the video's abandoned partial folders (failed, not partial).
-
-        A failure equal to the video's latest record (same reason and path: a rerun met the same broken file) is
-        not recorded again. Each record is its own file, written under a temporary name and renamed: records from
-        any number of processes on any number of NFS clients cannot interleave or tear (O_APPEND does not promise
-        that over NFS). ``claim``, the writer's claim on the video, is recorded, so that a process waiting on it
-        knows the video failed. Without one the video is claimed for the moment; if a live writer holds it, that
-        writer's folder is left alone.
+        """Write one failure record (its own file, renamed in: NFS appends can interleave) and drop the video's
+        abandoned partial folders. The same failure as the latest record is not recorded again. ``claim`` (the
+        writer's) is recorded so that writers waiting on it know the video failed; without one the video is claimed
+        for the moment, and a live writer's folder is left alone.
         """
         own = self.claim(video_id) if claim is None and _VIDEO_ID.match(video_id) else None
         holder = claim or own
@@ -536,12 +502,8 @@ class FeatureStore:
 
 
 class VideoWriter:
-    """Writes one video into its own ``.partial/`` folder; ``commit`` makes it complete in one rename.
-
-    Rows are buffered until they fill ``FLUSH_CHUNKS`` whole chunks, so every chunk is written once and memory
-    stays at a few MiB however long the video. Leaving the ``with`` block without ``commit``
-    (an exception, a kill) leaves a partial folder and no complete video. Made by ``FeatureStore.writer``.
-    """
+    """Writes one video into its own ``.partial/`` folder; ``commit`` makes it complete in one rename. Rows are
+    buffered into whole chunks (each written once). Made by ``FeatureStore.writer``."""
 
     def __init__(self, store: FeatureStore, claim: Claim, *, attrs: dict, overwrite: bool, own_claim: bool):
         self.store, self.claim, self.video_id, self.overwrite = store, claim, claim.video_id, overwrite
@@ -615,7 +577,7 @@ class VideoWriter:
                            "preprocessing": {"fps": identity.fps, "resize": identity.resize, "crop": identity.crop,
                                              "mean": identity.mean, "std": identity.std},
                            "epicfeat_version": __version__},
-            "completed_at": _now(),
+            "completed_at": utc_now(),
             "complete": True,
         }))
         _fsync_tree(self.folder)  # the rename must never publish data still only in the page cache
@@ -654,8 +616,7 @@ class VideoWriter:
                                      "while writing (another writer removed the folder?); not published")
 
     def close(self) -> None:
-        """Release the writer (and the claim it took itself). Without a commit the partial folder stays, a
-        leftover that the video's next claim holder removes."""
+        """Release the writer (and the claim it took itself); without a commit its partial folder is left over."""
         if self._closed:
             return
         self._closed = True
@@ -723,7 +684,7 @@ def _build_empty_set(folder: Path, identity: FeatureSetIdentity) -> None:
     root.create_group(_VIDEOS)
     (folder / _PARTIAL).mkdir()
     marker = {"format": "epicfeat feature set", "layout_version": _LAYOUT_VERSION, "key": identity.key(),
-              "identity": identity.to_dict(), "epicfeat_version": __version__, "created": _now()}
+              "identity": identity.to_dict(), "epicfeat_version": __version__, "created": utc_now()}
     atomic_write_text(folder / _MARKER, json.dumps(marker, indent=2) + "\n")
 
 
@@ -743,10 +704,6 @@ def _verify_row_count(rows: int, attrs: dict, fps: float | None) -> list[str]:
 def _check_video_id(video_id: str) -> None:
     if not isinstance(video_id, str) or not _VIDEO_ID.match(video_id):
         raise StoreError(f"video id {video_id!r} cannot be stored: use letters, digits, '_', '-' or '.', e.g. P01_01")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _json_safe(value: Any) -> Any:
