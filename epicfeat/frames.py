@@ -1,23 +1,11 @@
-"""The decode room: video files to frames with exact timestamps, and the decode processes of ``extract``.
+"""The decode room: video files to model input (uint8 crops with exact timestamps), for extract, finetune, predict.
 
-Everything that turns a video file into model input lives here, so that ``extract``, ``finetune`` and ``predict``
-cannot drift apart. It imports no torch, so the decode processes stay light (no 2 s and 200 MB of torch each):
+It imports no torch, so the decode processes stay light. ``iter_frames`` streams a video once in constant memory;
+``decode_frames_at`` fetches the frames shown at given times; ``Preprocess`` is the one preprocessing definition;
+``decode_video`` turns a ``VideoJob`` into events and ``DecodePool`` runs it in spawned processes.
 
-* ``iter_frames`` streams a video once, front to back, in constant memory, and yields ``FrameBatch`` es of sampled
-  frames, each with its 0-based frame index and its presentation timestamp in seconds (read from the stream's pts,
-  never inferred by counting frames).
-* ``decode_frames_at`` fetches the frames shown at a few given times (one seek, then forward decoding).
-* ``Preprocess`` is the one preprocessing definition: shorter side to ``resize``, centre ``crop`` (uint8, done
-  here with swscale while decoding); the encoder normalises with the feature set's mean and std.
-* ``decode_video`` turns one ``VideoJob`` into events (``VideoStarted``, ``FramesDecoded``..., ``VideoEnded``), and
-  ``DecodePool`` runs it in spawned processes that hand their images over through shared memory.
-
-Time origin: every time in seconds is measured from the start of the video stream (its first pts, FFmpeg's
-``start_time``, computed exactly instead of rounded to microseconds), so the first frame is at exactly 0.0 s. The
-audio stream plays no part: with B-frames and no edit list an H.264 stream starts a few ticks after an audio track
-that starts at 0, and counting from the audio would shift every row by those frames depending on whether the file
-has sound (EPIC's files do, their 640x360 copies may not). For ordinary MP4s, EPIC's included, the video starts at
-pts 0 and nothing changes; for files whose first pts is not 0 (MPEG-TS, edited MP4s) the offset is subtracted.
+Every time in seconds counts from the video stream's first pts (exactly), never from the audio's: an H.264 stream
+with B-frames starts a few ticks after its audio, and rows must not move with whether a file has sound.
 """
 from __future__ import annotations
 
@@ -155,13 +143,8 @@ class FrameBatch:
 
 # ------------------------------------------------------------------------------------------------ preprocessing
 class Resizer:
-    """Resize + centre crop with two cached swscale contexts.
-
-    Scaling in the decoder's own pixel format and then converting the small frame to RGB runs about five times
-    faster than one combined scale-and-convert call (measured 640x360 -> 455x256: ~5,300 vs ~900 frames/s on one
-    core), with a mean difference of about one grey level. A reformatter is reused across frames because
-    ``VideoFrame.reformat`` builds a new swscale context on every call (so keep one Resizer per stream).
-    """
+    """Resize + centre crop: scale in the decoder's pixel format, then convert the small frame to RGB (about five
+    times faster than one combined call). Keep one per stream: each reformatter caches its swscale context."""
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
@@ -180,7 +163,6 @@ class Resizer:
         rgb = rows[:, : width * 3].reshape(height, width, 3)  # (height, width, 3)
         crop = self.preprocess.crop
         return rgb[top : top + crop, left : left + crop]  # (crop, crop, 3) view into the frame
-
 
 
 # ---------------------------------------------------------------------------------------------- opening files
@@ -224,9 +206,8 @@ def _open_video(path: Path, threads: int = 0) -> Iterator[tuple[av.container.Inp
         container.close()
 
 
-def _time_origin(container: av.container.InputContainer, stream: VideoStream | None = None) -> Fraction:
+def _time_origin(stream: VideoStream) -> Fraction:
     """The video stream's start in seconds, exactly (0 when it does not say); audio streams never count."""
-    stream = stream if stream is not None else container.streams.video[0]
     if stream.start_time is None or not stream.time_base:
         return Fraction(0)
     return stream.start_time * stream.time_base
@@ -238,7 +219,7 @@ def probe_video(path: str | Path) -> VideoMeta:
     with _open_video(path) as (container, stream):
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if stream.duration is not None and stream.start_time is not None:
-            duration = float((stream.start_time + stream.duration) * stream.time_base - _time_origin(container, stream))
+            duration = float((stream.start_time + stream.duration) * stream.time_base - _time_origin(stream))
         elif container.duration is not None:
             duration = container.duration / av.time_base
         elif stream.frames and rate:
@@ -262,15 +243,11 @@ def _decoded_frames(
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     """Yield (pts in stream ticks, frame) in presentation order, from the current read position to the end.
 
-    Damage becomes a VideoError that says where decoding stopped. With frame threading FFmpeg's decoder does not
-    report a broken packet, so the demuxer's view is checked too: a packet flagged corrupt (the cut-off last
-    packet of a truncated MP4), or fewer packets than the container's index declares (frames missing at the end).
-
-    A frame without a pts (raw H.264/HEVC elementary streams carry none) is placed one frame duration after the
-    previous frame: its decoder-reported duration, else the stream's nominal frame period; a first frame without
-    pts is placed at the stream's start. Containers such as MP4 always carry pts, so this rule never applies there.
+    Damage becomes a VideoError that says where decoding stopped. A threaded decoder does not report a broken
+    packet, so the demuxer is checked too: a packet flagged corrupt, or fewer packets than the index declares.
+    A frame without pts (raw H.264/HEVC streams) is placed one frame duration after the previous one.
     """
-    origin = _time_origin(container, stream)
+    origin = _time_origin(stream)
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     nominal_ticks = round(1 / (rate * stream.time_base)) if rate and stream.time_base else 0
     previous: tuple[int, int] | None = None  # (pts, duration) of the last frame, in stream ticks
@@ -315,58 +292,16 @@ def _decoded_frames(
         raise failure(f"the container lists {stream.frames} frames but only {packets_read} could be read, ending")
 
 
-class _Batcher:
-    """Collects sampled frames into FrameBatches of up to ``batch_size`` (one fresh array per batch)."""
-
-    def __init__(self, batch_size: int, image_shape: tuple[int, ...]):
-        self.batch_size, self.image_shape = batch_size, image_shape
-        self._new()
-
-    def _new(self):
-        self.images = np.empty((self.batch_size, *self.image_shape), np.uint8)  # (B, crop, crop, 3)
-        self.indices: list[int] = []
-        self.pts: list[float] = []
-        self.sources: list[np.ndarray] = []
-
-    def add(self, index: int, seconds: float, image: np.ndarray, source: np.ndarray | None = None) -> FrameBatch | None:
-        self.images[len(self.indices)] = image
-        self.indices.append(index)
-        self.pts.append(seconds)
-        if source is not None:
-            self.sources.append(source)
-        return self.flush() if len(self.indices) == self.batch_size else None
-
-    def flush(self) -> FrameBatch | None:
-        if not self.indices:
-            return None
-        n = len(self.indices)
-        batch = FrameBatch(
-            frame_indices=np.array(self.indices, np.int64),
-            pts=np.array(self.pts, np.float64),
-            images=self.images[:n],
-            sources=self.sources or None,
-        )
-        self._new()
-        return batch
-
-
 def iter_frames(
     path: str | Path, *, fps: float | None, preprocess: Preprocess, batch_size: int = 64, threads: int = 0,
     keep_source: bool = False,
 ) -> Iterator[FrameBatch]:
     """Stream a video once, front to back, in constant memory, yielding batches of sampled, preprocessed frames.
 
-    Sampling: targets k/fps seconds (k = 0, 1, ...); each target takes the first frame whose time is >= the target,
-    and a frame is used at most once: targets that would land on the same frame (a frame rate below ``fps``, or a
-    gap in variable-frame-rate video) give one row, and sampling continues at the first target after that frame.
-    ``fps=None`` keeps every frame. Frame times are ``pts * time_base`` minus the video stream's start (see the module
-    docstring) and are compared with the targets in exact rational arithmetic, so a frame exactly on a target (the
-    5th frame of 50 fps video at fps=10) is taken, never its neighbour. Only kept frames are resized and converted
-    to RGB; dropped frames are decoded (the codec needs them) but cost nothing more.
-
-    ``frame_indices`` are 0-based positions of the frames in presentation (decoding output) order. Codec threading
-    is on (``threads=0``: FFmpeg's choice). Raises VideoError naming the file when it is missing, empty, not a
-    video, has no decodable video stream, or is truncated/corrupt (with the time decoding failed at).
+    Sampling: target k takes the first frame at or after k/fps seconds (compared exactly, as fractions), and a
+    frame is used at most once (a rate below ``fps`` or a gap in VFR video gives one row); ``fps=None`` keeps every
+    frame. ``frame_indices`` count frames in presentation order; ``threads=0`` lets FFmpeg choose codec threads.
+    Raises VideoError naming the file and the reason (missing, empty, not a video, no decoder, truncated, corrupt).
     """
     if fps is not None and fps <= 0:
         raise ValueError(f"fps must be positive or None, got {fps}")
@@ -375,11 +310,12 @@ def iter_frames(
     path = Path(path)
     rate = Fraction(fps) if fps is not None else None  # exact value of the float the caller gave
     resizer = Resizer(preprocess)
-    batcher = _Batcher(batch_size, (preprocess.crop, preprocess.crop, 3))
+    images = np.empty((batch_size, preprocess.crop, preprocess.crop, 3), np.uint8)  # the batch being filled
+    rows: list[tuple[int, float, np.ndarray | None]] = []  # its (index, seconds, source) so far
     # keep_source (predict's annotated video): each sampled frame also as full-size RGB, one reused context.
     source_rgb = VideoReformatter() if keep_source else None
     with _open_video(path, threads) as (container, stream):
-        origin, time_base = _time_origin(container, stream), stream.time_base
+        origin, time_base = _time_origin(stream), stream.time_base
         next_target = 0  # k of the next target time k / fps
         for index, (pts, frame) in enumerate(_decoded_frames(path, container, stream, from_start=True)):
             time = pts * time_base - origin  # exact seconds (Fraction)
@@ -388,80 +324,63 @@ def iter_frames(
                     continue
                 next_target = math.floor(time * rate) + 1  # first target strictly after this frame
             source = source_rgb.reformat(frame, format="rgb24").to_ndarray() if source_rgb is not None else None
-            batch = batcher.add(index, float(time), resizer(frame), source)
-            if batch is not None:
-                yield batch
-    batch = batcher.flush()
-    if batch is not None:
-        yield batch
+            images[len(rows)] = resizer(frame)
+            rows.append((index, float(time), source))
+            if len(rows) == batch_size:
+                yield _frame_batch(rows, images)
+                images, rows = np.empty_like(images), []
+    if rows:
+        yield _frame_batch(rows, images)
 
 
-def decode_frames_at(
-    path: str | Path, times: Sequence[float], preprocess: Preprocess | None, *, threads: int = 0
-) -> FrameBatch:
+def _frame_batch(rows: list[tuple[int, float, np.ndarray | None]], images: np.ndarray) -> FrameBatch:
+    """The batch of ``rows`` [(index, seconds, full-size source or None)] and the first ``len(rows)`` images."""
+    indices, seconds, sources = zip(*rows)
+    return FrameBatch(frame_indices=np.array(indices, np.int64), pts=np.array(seconds, np.float64),
+                      images=images[: len(rows)], sources=None if sources[0] is None else list(sources))
+
+
+def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Preprocess, *, threads: int = 0
+                     ) -> FrameBatch:
     """The frames shown at the given times (seconds from the video stream's start), in the order of ``times``.
 
-    For each time, the first frame whose time is >= it (times past the end get the last frame, times before the
-    start the first). Seeks once to the keyframe before ``min(times)`` and decodes forward, so a handful of frames
-    from a long video costs one GOP of decoding plus the span the times cover. ``preprocess=None`` returns the
-    full-resolution RGB frames (n, H, W, 3) instead of resized crops.
-
-    ``frame_indices`` are exact when decoding started at the first frame (``min(times)`` <= 0, or the seek landed
-    there); after a seek into the video the index of a frame is unknown without decoding everything before it,
-    and is reported as -1 rather than guessed from the frame rate.
+    For each time, the first frame at or after it (times past the end get the last frame). Seeks once to the
+    keyframe before ``min(times)`` and decodes forward. ``frame_indices`` are -1 after a seek into the video (an
+    index is unknown without decoding everything before it), exact when decoding started at the first frame.
     """
     path = Path(path)
     wanted = np.asarray(times, dtype=np.float64).reshape(-1)  # (n,)
-    with _open_video(path, threads) as (container, stream):  # threads: codec threads (0: FFmpeg's choice)
-        if preprocess is None:
-            shape: tuple[int, ...] = (stream.codec_context.height, stream.codec_context.width, 3)
-        else:
-            shape = (preprocess.crop, preprocess.crop, 3)
-        images = np.empty((len(wanted), *shape), np.uint8)  # (n, H, W, 3)
-        pts = np.zeros(len(wanted), np.float64)
-        indices = np.full(len(wanted), -1, np.int64)
+    images = np.empty((len(wanted), preprocess.crop, preprocess.crop, 3), np.uint8)  # (n, crop, crop, 3)
+    pts = np.zeros(len(wanted), np.float64)
+    indices = np.full(len(wanted), -1, np.int64)
+    with _open_video(path, threads) as (container, stream):
         if len(wanted) == 0:
             return FrameBatch(frame_indices=indices, pts=pts, images=images)
-        resizer = Resizer(preprocess) if preprocess is not None else None
+        resizer = Resizer(preprocess)
         order = np.argsort(wanted, kind="stable")  # requested times, earliest first
-        origin = _time_origin(container, stream)
+        ordered = wanted[order]
+        origin = _time_origin(stream)
         frames, index_known = _frames_from(path, container, stream, origin, float(wanted[order[0]]))
-
-        def convert(frame: av.VideoFrame) -> np.ndarray:
-            return resizer(frame) if resizer is not None else frame.to_ndarray(format="rgb24")
-
+        decoded = ((count if index_known else -1, float(frame_pts * stream.time_base - origin), frame)
+                   for count, (frame_pts, frame) in enumerate(frames))
+        current = next(decoded, None)  # (index, seconds, frame)
+        if current is None:
+            raise VideoError(f"{path}: no frame could be decoded; the file is probably damaged")
         done = 0  # requested times (in `order`) already given a frame
-        last = None  # (index, seconds, frame) of the latest decoded frame, for times past the end
-        for count, (frame_pts, frame) in enumerate(frames):
-            seconds = float(frame_pts * stream.time_base - origin)
-            index = count if index_known else -1
-            image = None
-            while done < len(order) and wanted[order[done]] <= seconds:
-                if image is None:
-                    image = convert(frame)  # convert a frame once, however many times ask for it
-                slot = order[done]
-                images[slot], pts[slot], indices[slot] = image, seconds, index
-                done += 1
-            if done == len(order):
-                break
-            last = (index, seconds, frame)
-        if done < len(order):
-            if last is None:
-                raise VideoError(f"{path}: no frame could be decoded; the file is probably damaged")
-            index, seconds, frame = last
-            image = convert(frame)
-            for slot in order[done:]:
-                images[slot], pts[slot], indices[slot] = image, seconds, index
+        while done < len(order):
+            following = next(decoded, None)
+            # The times at or before this frame, or all that are left when it is the last frame.
+            upto = len(order) if following is None else int(np.searchsorted(ordered, current[1], "right"))
+            if upto > done:
+                slots = order[done:upto]
+                images[slots], pts[slots], indices[slots] = resizer(current[2]), current[1], current[0]
+                done = upto
+            current = following
     return FrameBatch(frame_indices=indices, pts=pts, images=images)
 
 
-def _frames_from(
-    path: Path,
-    container: av.container.InputContainer,
-    stream: VideoStream,
-    origin: Fraction,
-    earliest: float,
-) -> tuple[Iterator[tuple[int, av.VideoFrame]], bool]:
+def _frames_from(path: Path, container: av.container.InputContainer, stream: VideoStream, origin: Fraction,
+                 earliest: float) -> tuple[Iterator[tuple[int, av.VideoFrame]], bool]:
     """Decoded frames starting at or before ``earliest`` seconds, and whether frame counting starts at frame 0.
 
     Seeks to the keyframe before ``earliest``. With B-frames a container may seek by decoding time and land on a
@@ -491,7 +410,6 @@ def _seek(path: Path, container: av.container.InputContainer, ticks: int, stream
         container.seek(ticks, stream=stream, backward=True, any_frame=False)
     except av.FFmpegError as err:
         raise VideoError(f"{path}: cannot seek in this file ({err.strerror}); remux or re-copy it") from None
-
 
 
 # ------------------------------------------------------------------------------- whole videos for extract
@@ -538,10 +456,7 @@ class VideoEnded:
 
 
 def decode_video(job: VideoJob, settings: DecodeSettings) -> Iterator[VideoStarted | FramesDecoded | VideoEnded]:
-    """One video front to back: VideoStarted, FramesDecoded..., VideoEnded (never raises: a failure is its end).
-
-    The one place that opens a job's source, so other kinds of sources (frame folders, tars) plug in here.
-    """
+    """One video front to back: VideoStarted, FramesDecoded..., VideoEnded (never raises: a failure is its end)."""
     rows, last_pts = 0, -1.0
     try:
         meta = probe_video(job.path)
@@ -591,10 +506,9 @@ def codec_threads(decoders: int, requested: int = 0) -> int:
 
 
 class _SharedSlots:
-    """A decode process's ring of shared-memory buffers, each holding one batch of images for the parent, which
-    copies them out as the batch arrives (instead of unpickling them from the pipe). There are as many slots as
-    batches a worker may decode ahead (counted by its semaphore), taken in order: a slot is never written while
-    the parent reads it."""
+    """A decode process's ring of shared-memory buffers, one batch of images each, which the parent copies out
+    (instead of unpickling them from the pipe). One slot per batch a worker may decode ahead (its semaphore counts
+    them), taken in order, so a slot is never written while the parent reads it."""
 
     def __init__(self, shape: tuple[int, ...], names: list[str] | None = None):
         size = int(np.prod(shape))  # (batch_size, crop, crop, 3) bytes
@@ -656,11 +570,10 @@ class _Worker:
 class DecodePool:
     """Decode processes fed from one queue of videos: whichever worker is free takes the next video.
 
-    Each worker holds at most two videos (the one it decodes and the next), so no worker sets the pace. Workers
-    are spawned (not forked: the parent runs zarr's event-loop thread and an OpenMP pool) when the pool is made,
-    so they import PyAV while the parent loads the model. A worker that dies (a decoder crash, the OOM killer)
-    costs its video one retry on a fresh worker (it starts over with a new VideoStarted); a second death fails that
-    video, never the run. ``workers=0`` decodes in this process instead.
+    Each worker holds at most two videos (the one it decodes and the next). Workers are spawned, not forked (the
+    parent runs zarr's event-loop thread and an OpenMP pool). A worker that dies costs its video one retry on a
+    fresh worker (starting over with a new VideoStarted); a second death fails that video, never the run.
+    ``workers=0`` decodes in this process instead.
     """
 
     def __init__(self, workers: int, settings: DecodeSettings):

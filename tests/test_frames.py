@@ -278,12 +278,12 @@ def test_decode_frames_at_takes_first_frame_at_or_after_each_time(videos):
     np.testing.assert_array_equal(got.images, every.images[expected])  # the very same pixels as extraction
 
 
-def test_decode_frames_at_from_the_start_knows_indices_and_full_resolution(videos):
-    got = decode_frames_at(videos["59.94"], [0.0, 0.1], None)
+def test_decode_frames_at_from_the_start_knows_indices(videos):
+    got = decode_frames_at(videos["59.94"], [0.0, 0.1], SMALL)
 
     assert got.frame_indices.tolist() == [0, 6]  # 0.1 s -> frame 6 at 0.1001 s
     assert got.pts.tolist() == [0.0, 6 * 1001 / 60000]
-    assert got.images.shape == (2, 48, 64, 3)
+    assert got.images.shape == (2, SMALL.crop, SMALL.crop, 3)
     assert [_frame_number(image) for image in got.images] == [0, 6]
 
 
