@@ -9,29 +9,18 @@ What it writes under ``out_dir``::
                                          tail verbs/nouns and unseen participants: the real files' exact schemas
     synthetic_dataset.json               completion marker (spec + seed), written last
 
-The planted signal. Every segment shows one coloured shape on a muted, textured "kitchen" background (each
-participant has their own palette; the camera shakes a little; gaps between segments show only the background):
+The planted signal: each segment shows one coloured shape on the participant's muted, textured "kitchen" background
+(the camera shakes a little; gaps show only the background). The **noun** is the shape and colour; the **verbs**
+come in pairs that are exact time reversals (grow / shrink, move-right / move-left, fade-in / fade-out), so a model
+blind to frame order is at chance within a pair and a temporal model is not. The object and its motion stay inside
+the centre square of the 16:9 frame, which a centre crop keeps.
 
-* the **noun** is the object's appearance: a distinct colour and shape per class;
-* the **verb** comes in pairs that are exact time reversals of each other: grow / shrink (size), move-right /
-  move-left (position), fade-in / fade-out (opacity). The object's state is a straight-line interpolation from a
-  start state to an end state, and a verb's partner swaps the two, so the partner's frames are the same frames in
-  reverse order. A model that sees frames without their order (one frame, or an average of frames) is at chance
-  between the two verbs of a pair; a temporal model is not.
+Timing follows EPIC: 'HH:MM:SS.ff' timestamps; a segment covers the frames with start <= t < stop (no frame lies
+within 2 ms of a boundary, so any rounding agrees); ``start_frame``/``stop_frame`` are 1-based frame numbers; frame
+rates mix 59.94, 50 and 30 fps, and ``EPIC_100_video_info.csv`` holds each file's real fps and duration.
 
-Everything the random-weight ResNet50 of the demo must see (object and its whole motion) stays inside the centre
-square of the 16:9 frame, because a centre crop cuts the sides off.
-
-Timing follows EPIC: timestamps are 'HH:MM:SS.ff'; a segment covers the frames whose presentation time t satisfies
-start <= t < stop (no frame lies within 2 ms of a boundary, so any sensible rounding agrees); ``start_frame`` and
-``stop_frame`` are the 1-based numbers (as in EPIC's extracted ``frame_0000000001.jpg``) of its first and last frame.
-Frame rates mix 59.94 (60000/1001), 50 and 30 fps like EPIC, and ``EPIC_100_video_info.csv`` holds each file's real
-fps and duration (frames / fps).
-
-Deterministic from the seed: the same spec and seed give identical CSVs and identical video bytes (x264 runs on one
-thread and without macroblock-tree rate control; both made its output vary otherwise). Frames are rendered and
-encoded one at a time, so memory stays flat whatever the spec. The default spec generates in about 10-15 s on 2 cores,
-``SyntheticSpec.tiny()`` in about 1 s.
+Deterministic from the seed: the same spec and seed give identical CSVs and identical video bytes. Frames are
+rendered and encoded one at a time, so memory stays flat whatever the spec.
 """
 from __future__ import annotations
 
@@ -53,16 +42,6 @@ import numpy as np
 
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
-
-__all__ = [
-    "NOUN_LOOKS",
-    "SyntheticDataset",
-    "SyntheticDatasetError",
-    "SyntheticSpec",
-    "VERB_PAIRS",
-    "generate_synthetic_dataset",
-    "write_synthetic_video",
-]
 
 GENERATOR_VERSION = 1  # bump whenever the output for a given spec + seed changes, so old folders are regenerated
 MARKER_FILE = "synthetic_dataset.json"
@@ -191,10 +170,7 @@ class SyntheticDataset:
     annotations: Path
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The plan: every video, segment, label and object motion, decided before any pixel is drawn.
-
-
+# --------------------------------- the plan: every video, segment, label and motion, decided before any pixel is drawn
 @dataclass(frozen=True)
 class _ObjectState:
     x: float  # centre, pixels from the frame's left edge
@@ -369,10 +345,7 @@ def _plan(spec: SyntheticSpec, seed: int) -> list[_Video]:
     return videos
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Pixels
-
-
+# -------------------------------------------------------------------------------------------------------------- pixels
 def _upsample(grid: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear upsampling of a coarse (h, w, c) grid to (height, width, c): smooth blotches for textures."""
 
@@ -499,20 +472,11 @@ def _encode_video(path: Path, video: _Video, spec: SyntheticSpec, seed: int) -> 
         container.mux(stream.encode(None))  # flush delayed (B-)frames
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# CSVs in the EPIC schemas
-
-
-def _clock(centiseconds: int) -> str:
-    """'HH:MM:SS.ff' (EPIC's start/stop timestamps)."""
-    seconds, hundredths = divmod(centiseconds, 100)
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{hundredths:02d}"
-
-
-def _clock_ms(milliseconds: int) -> str:
-    """'HH:MM:SS.fff' (EPIC's narration timestamps)."""
-    seconds, thousandths = divmod(milliseconds, 1000)
-    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{thousandths:03d}"
+# -------------------------------------------------------------------------------------------- CSVs in the EPIC schemas
+def _clock(ticks: int, digits: int = 2) -> str:
+    """'HH:MM:SS.ff' from centiseconds (start/stop), or with ``digits=3`` 'HH:MM:SS.fff' from milliseconds."""
+    seconds, fraction = divmod(ticks, 10**digits)
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{fraction:0{digits}d}"
 
 
 def _csv_text(header: list[str], rows: list[list]) -> str:
@@ -521,10 +485,6 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _verb_keys() -> list[str]:
-    return [verb for forward, reverse, _ in VERB_PAIRS for verb in (forward, reverse)]
 
 
 def _tail_classes(counts: list[int]) -> list[int]:
@@ -540,7 +500,7 @@ def _tail_classes(counts: list[int]) -> list[int]:
 
 def _annotation_files(videos: list[_Video], spec: SyntheticSpec) -> dict[str, str]:
     """Every EPIC_100_*.csv as {file name: text}."""
-    verb_keys = _verb_keys()
+    verb_keys = [verb for forward, reverse, _ in VERB_PAIRS for verb in (forward, reverse)]
     noun_keys = [NOUN_LOOKS[n][0] for n in range(spec.nouns)]
     segment_header = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
                       "stop_timestamp", "start_frame", "stop_frame"]
@@ -548,7 +508,7 @@ def _annotation_files(videos: list[_Video], spec: SyntheticSpec) -> dict[str, st
     rows: dict[str, list[list]] = {"train": [], "validation": [], "test": []}
     for video in videos:
         for s in video.segments:
-            row = [s.narration_id, video.participant_id, video.video_id, _clock_ms(s.narration_ms),
+            row = [s.narration_id, video.participant_id, video.video_id, _clock(s.narration_ms, 3),
                    _clock(s.start_cs), _clock(s.stop_cs), s.first_frame + 1, s.last_frame + 1]
             if video.split != "test":
                 verb, noun = verb_keys[s.verb], noun_keys[s.noun]
@@ -586,10 +546,7 @@ def _annotation_files(videos: list[_Video], spec: SyntheticSpec) -> dict[str, st
     return files
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The folder: reuse a complete dataset, regenerate anything else we own, never touch a folder we do not own.
-
-
+# ------------------------- the folder: reuse a complete dataset, regenerate one we wrote, never touch a foreign folder
 def _identity(spec: SyntheticSpec, seed: int) -> dict:
     return {"generator": "epicfeat.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
             "spec": spec.to_dict()}
