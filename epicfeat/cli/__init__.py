@@ -21,14 +21,10 @@ app = typer.Typer(
 )
 
 
-def _register() -> None:
-    # Imported here so `epicfeat --help` stays the only place that needs every command module.
-    from epicfeat.cli import commands  # noqa: F401
-
-
 def main() -> None:
     """Console entry point: user-facing errors become one clear message and exit code 2, never a traceback."""
-    _register()
+    from epicfeat.cli import commands  # noqa: F401  (registers every command: only the entry point needs them all)
+
     try:
         exit_code = app(standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except EpicfeatError as err:
@@ -40,20 +36,19 @@ def main() -> None:
             _interrupted()
         if not _is_click(err, "ClickException"):
             raise
-        _fail(f"error: {_usage_message(err)}\n{_usage_hint(err)}", code=getattr(err, "exit_code", 2))
+        _fail(f"error: {_usage(err)}", code=getattr(err, "exit_code", 2))
     sys.exit(exit_code if isinstance(exit_code, int) else 0)
 
 
 def _interrupted() -> None:
-    typer.secho(f"interrupted: completed work is kept; {_resume_hint(sys.argv[1:])}", err=True)
-    sys.exit(130)
-
-
-def _resume_hint(args: list[str]) -> str:
+    args = sys.argv[1:]
     # Training runs continue only when asked (a re-run without --resume refuses to overwrite the folder).
     if args and args[0] in ("train-temporal", "finetune") and "--resume" not in args:
-        return "run the same command with --resume to continue from the last finished epoch."
-    return "re-run the same command to resume."
+        hint = "run the same command with --resume to continue from the last finished epoch."
+    else:
+        hint = "re-run the same command to resume."
+    typer.secho(f"interrupted: completed work is kept; {hint}", err=True)
+    sys.exit(130)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -65,12 +60,9 @@ def _is_click(err: BaseException, name: str) -> bool:
     return any(klass.__name__ == name for klass in type(err).__mro__)
 
 
-def _usage_message(err: Exception) -> str:
+def _usage(err: Exception) -> str:
+    """click's message on one line (whatever it wrapped), then where the options are."""
     message = err.format_message() if hasattr(err, "format_message") else str(err)
-    return " ".join(message.split())  # one line, whatever click wrapped
-
-
-def _usage_hint(err: Exception) -> str:
     ctx = getattr(err, "ctx", None)
     command = ctx.command_path if ctx is not None else "epicfeat"
-    return f"Try '{command} --help' for the options and their defaults."
+    return f"{' '.join(message.split())}\nTry '{command} --help' for the options and their defaults."
