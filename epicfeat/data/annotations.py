@@ -1,12 +1,8 @@
 """EPIC-KITCHENS-100 annotation files: segments, class tables, video info, tail classes, unseen participants.
 
-Every reader validates its file completely and raises ``AnnotationError`` naming the file, the row (1-based data
-row, header not counted, plus the row's narration_id or video_id), the column and what to do. Checks are
-vectorised pandas operations (the train CSV has ~67k rows); a failing check reports its first offending row and
-how many others share the problem.
-
-CSVs are read with every column as a string, so a malformed cell is reported by our checks instead of silently
-turning a column into floats or objects; the validated columns are then converted to their real dtypes.
+Every reader validates its file completely (vectorised) and raises ``AnnotationError`` naming the file, the first
+bad row (1-based, header not counted, with its narration_id or video_id), how many others share the problem, the
+column and what to do. Cells are read as strings, so a malformed one is reported, never silently coerced.
 """
 from __future__ import annotations
 
@@ -311,11 +307,8 @@ def read_id_list(path: str | Path, column: str, *, table: ClassTable | None = No
 
 # ---------------------------------------------------------------------------------------------- the annotation folder
 class EpicAnnotations:
-    """One EPIC-100 annotation folder (the ``EPIC_100_*.csv`` files), read lazily and cached.
-
-    ``train_file`` overrides the train CSV's name, e.g. ``"EPIC_100_uda_source_train.csv"`` (a 16,115-row real
-    subset with the same schema) when the full ``EPIC_100_train.csv`` is not available.
-    """
+    """One EPIC-100 annotation folder (the ``EPIC_100_*.csv`` files), read lazily and cached. ``train_file``
+    replaces the train CSV, e.g. ``"EPIC_100_uda_source_train.csv"`` (a real subset with the same schema)."""
 
     def __init__(self, root: str | Path, *, train_file: str = SPLIT_FILES["train"]):
         self.root = Path(root)
@@ -370,10 +363,7 @@ class EpicAnnotations:
         return frozenset(read_id_list(path, "participant_id"))
 
     def segments(self, split: str) -> pd.DataFrame:
-        """Validated segments of "train", "validation", "test" or "train+validation" (see ``read_segments``).
-
-        Returns a fresh copy each call (the parsed file is cached).
-        """
+        """A fresh copy of the validated segments of "train", "validation", "test" or "train+validation"."""
         if split == "train+validation":
             return pd.concat([self.segments("train"), self.segments("validation")], ignore_index=True)
         if split not in self.split_files:

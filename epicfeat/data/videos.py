@@ -18,8 +18,6 @@ from pathlib import Path
 
 from epicfeat.errors import EpicfeatError
 
-__all__ = ["VideoLookup", "VideoRootError", "find_videos"]
-
 VIDEO_EXTENSION = ".mp4"  # compared case-insensitively
 
 
