@@ -260,6 +260,10 @@ def test_class_ids_unchecked_without_tables(tmp_path):
 def test_header_only_file_gives_empty_typed_frame(tmp_path):
     segments = read_segments(_write_segments(tmp_path, rows=[]), labelled=True, verbs=VERBS, nouns=NOUNS)
     assert len(segments) == 0 and segments["start_sec"].dtype == np.float64
+    info_path = tmp_path / "EPIC_100_video_info.csv"
+    info_path.write_text("video_id,duration,fps,resolution\n")
+    info = read_video_info(info_path)
+    assert len(info) == 0 and info["fps"].dtype == np.float64 and info["width"].dtype == np.int64
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -151,8 +151,6 @@ def _parse_timestamps(path, frame, column, id_column) -> pd.Series:
     cell = _cell(frame, column)
     _fail_rows(path, frame, parts[0].isna(), column, lambda row: f"invalid timestamp {cell(row)}",
                _TIMESTAMP_ADVICE, id_column)
-    if len(frame) == 0:
-        return pd.Series(np.zeros(0), index=frame.index, dtype="float64")
     millis = (parts[0].astype("int64") * 3_600_000 + parts[1].astype("int64") * 60_000
               + parts[2].astype("int64") * 1000 + parts[3].str.ljust(3, "0").astype("int64"))
     return (millis / 1000.0).astype("float64")
@@ -284,8 +282,8 @@ def read_video_info(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame({
         "duration": numbers["duration"].to_numpy(),
         "fps": numbers["fps"].to_numpy(),
-        "width": size[0].astype("int64").to_numpy() if len(frame) else np.zeros(0, np.int64),
-        "height": size[1].astype("int64").to_numpy() if len(frame) else np.zeros(0, np.int64),
+        "width": size[0].astype("int64").to_numpy(),
+        "height": size[1].astype("int64").to_numpy(),
     }, index=pd.Index(frame["video_id"].str.strip(), name="video_id"))
 
 
