@@ -296,7 +296,6 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
     ({"segment_seconds": (0.05, 1.0)}, "at least 2 frames at 30 fps"),
     ({"frame_rates": ("fast",)}, "'fast' is not a number"),
     ({"frame_rates": ("100",)}, "frame rate 100 fps leaves no centisecond"),
-    ({"verb_pair_weights": (1.0, 1.0)}, "needs 3 positive weights"),
 ])
 def test_bad_spec_is_a_clear_error(changes, message):
     with pytest.raises(SyntheticDatasetError, match=re.escape(message)):

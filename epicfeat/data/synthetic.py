@@ -69,6 +69,7 @@ VERB_PAIRS: tuple[tuple[str, str, str], ...] = (
     ("move-right", "move-left", "position"),
     ("fade-in", "fade-out", "visibility"),
 )
+VERB_PAIR_WEIGHTS = (0.5, 0.32, 0.18)  # how often each pair is drawn; a pair's two verbs share it equally
 
 TAIL_SHARE = 0.2  # tail classes: the rarest classes that together hold at most this share of training segments
 _BOUNDARY_CLEARANCE = Fraction(2, 1000)  # seconds between any frame time and a segment boundary
@@ -100,8 +101,6 @@ class SyntheticSpec:
     # Frame rates, cycled over the videos in id order: EPIC is mostly 59.94, then 50, a few 30.
     frame_rates: tuple[str, ...] = ("60000/1001", "50", "60000/1001", "30")
     nouns: int = 8  # at most len(NOUN_LOOKS)
-    noun_imbalance: float = 1.0  # noun class k is drawn with weight 1 / (k + 1) ** noun_imbalance
-    verb_pair_weights: tuple[float, ...] = (0.5, 0.32, 0.18)  # one per VERB_PAIRS entry; a pair's verbs share it
     crf: int = 20  # x264 quality (lower = better, bigger files)
 
     def __post_init__(self):
@@ -142,10 +141,6 @@ class SyntheticSpec:
                  f"{float(slowest):g} fps.")
         if not 1 <= self.nouns <= len(NOUN_LOOKS):
             fail(f"nouns must be 1..{len(NOUN_LOOKS)}, got {self.nouns}.")
-        if self.noun_imbalance < 0:
-            fail(f"noun_imbalance must be >= 0, got {self.noun_imbalance}.")
-        if len(self.verb_pair_weights) != len(VERB_PAIRS) or min(self.verb_pair_weights) <= 0:
-            fail(f"verb_pair_weights needs {len(VERB_PAIRS)} positive weights, got {self.verb_pair_weights}.")
         if not 0 <= self.crf <= 51:
             fail(f"crf must be 0..51, got {self.crf}.")
 
@@ -155,10 +150,6 @@ class SyntheticSpec:
         return cls(seen_participants=1, train_videos_per_participant=2, validation_videos_per_participant=1,
                    test_videos_per_participant=1, unseen_videos=1, segments_per_video=(3, 4),
                    segment_seconds=(0.5, 1.0), gap_seconds=(0.1, 0.3))
-
-    def to_dict(self) -> dict:
-        """JSON-safe fields (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 @dataclass(frozen=True)
@@ -217,16 +208,6 @@ def _apportion(total: int, weights) -> list[int]:
     order = np.argsort(-(quotas - counts), kind="stable")  # largest remainders first, ties by class id
     counts[order[: total - counts.sum()]] += 1
     return counts.tolist()
-
-
-def _verb_weights(spec: SyntheticSpec) -> list[float]:
-    # verb ids: pair p gives ids 2p (forward) and 2p + 1 (reverse), equally frequent so that within a pair an
-    # order-blind model cannot do better than a coin toss.
-    return [weight / 2 for weight in spec.verb_pair_weights for _ in range(2)]
-
-
-def _noun_weights(spec: SyntheticSpec) -> list[float]:
-    return [1.0 / (k + 1) ** spec.noun_imbalance for k in range(spec.nouns)]
 
 
 def _stage_half(spec: SyntheticSpec) -> float:
@@ -325,8 +306,11 @@ def _plan(spec: SyntheticSpec, seed: int) -> list[_Video]:
     labels: dict[str, list[tuple[int, int]]] = {}
     for split in ("train", "validation", "test"):
         total = sum(len(timing) for (_, _, s), (timing, _) in zip(table, timings) if s == split)
-        verbs = np.repeat(np.arange(2 * len(VERB_PAIRS)), _apportion(total, _verb_weights(spec)))
-        nouns = np.repeat(np.arange(spec.nouns), _apportion(total, _noun_weights(spec)))
+        # Verb ids 2p and 2p + 1 (pair p, forward and reverse) are equally frequent: an order-blind model can only
+        # toss a coin within a pair. Noun class k is drawn with weight 1 / (k + 1).
+        verb_weights = [weight / 2 for weight in VERB_PAIR_WEIGHTS for _ in range(2)]
+        verbs = np.repeat(np.arange(2 * len(VERB_PAIRS)), _apportion(total, verb_weights))
+        nouns = np.repeat(np.arange(spec.nouns), _apportion(total, [1 / (k + 1) for k in range(spec.nouns)]))
         labels[split] = list(zip(rng.permutation(verbs).tolist(), rng.permutation(nouns).tolist()))
 
     videos = []
@@ -547,11 +531,6 @@ def _annotation_files(videos: list[_Video], spec: SyntheticSpec) -> dict[str, st
 
 
 # ------------------------- the folder: reuse a complete dataset, regenerate one we wrote, never touch a foreign folder
-def _identity(spec: SyntheticSpec, seed: int) -> dict:
-    return {"generator": "epicfeat.data.synthetic", "version": GENERATOR_VERSION, "seed": seed,
-            "spec": spec.to_dict()}
-
-
 def _complete_dataset(root: Path, identity: dict) -> bool:
     """True when ``root`` holds a finished dataset of exactly this spec and seed with all its files present."""
     try:
@@ -597,7 +576,8 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, spec: Synt
     seed = int(seed)
     root = Path(out_dir)
     dataset = SyntheticDataset(root=root, videos=root / "videos", annotations=root / "annotations")
-    identity = _identity(spec, seed)
+    spec_fields = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples become lists, as read back
+    identity = {"generator": "epicfeat.data.synthetic", "version": GENERATOR_VERSION, "seed": seed, "spec": spec_fields}
     if _complete_dataset(root, identity):
         return dataset
 
