@@ -35,18 +35,15 @@ class FrameEncoder(nn.Module):
         super().__init__()
         if precision not in PRECISION_DTYPES:
             raise ValueError(f"precision must be one of {', '.join(PRECISION_DTYPES)}; got {precision!r}")
-        self.precision, self.channels_last = precision, channels_last
+        self.precision = precision
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # The kernels (oneDNN's bf16 ones above all) depend on the layout of both the input and the weights.
-        self.backbone = backbone.to(memory_format=self._layout)
+        self.backbone = backbone.to(memory_format=self.memory_format)
         self.num_features: int = backbone.num_features
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255,
                              persistent=False)
         self.register_buffer("pixel_inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255),
                              persistent=False)
-
-    @property
-    def _layout(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the stages that train (recomputed in backward instead of kept)."""
@@ -54,7 +51,7 @@ class FrameEncoder(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         pixels = (images.float() - self.pixel_mean) * self.pixel_inv_std  # (N, 3, H, W) float32
-        pixels = pixels.contiguous(memory_format=self._layout)
+        pixels = pixels.contiguous(memory_format=self.memory_format)
         dtype = PRECISION_DTYPES[self.precision]
         with torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return self.backbone(pixels).float()  # (N, D)

@@ -99,7 +99,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_only_t
 
 def test_create_encoder_builds_the_identity_s_encoder_and_refuses_other_weights(backbone):
     folded = create_encoder(_identity(backbone, fold_bn=True, precision="bf16", channels_last=False), CPU)
-    assert (folded.precision, folded.channels_last, folded.training) == ("bf16", False, False)
+    assert (folded.precision, folded.memory_format, folded.training) == ("bf16", torch.contiguous_format, False)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     trainable = create_encoder(_identity(backbone, fold_bn=True), CPU, trainable=True)  # folded norms cannot train
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in trainable.modules()) == 53
