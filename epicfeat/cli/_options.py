@@ -38,7 +38,8 @@ def config_command(cls: type, run: Callable[[Any], Any] | str, *, arguments: tup
     ``run`` is imported when the command runs, so ``epicfeat --help`` imports no torch. ``arguments`` names fields
     taken as positional arguments (``predict SOURCE``); ``config_file`` False: no ``--config``."""
     hints = typing.get_type_hints(cls)
-    parameters = [_parameter(f, hints[f.name], positional=f.name in arguments) for f in _cli_fields(cls)]
+    parameters = [_parameter(f, hints[f.name], positional=f.name in arguments)
+                  for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
     parameters.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # typer wants arguments first
     if config_file:  # first of the options: a recipe is the starting point that the flags after it adjust
         first_option = sum(p.default is inspect.Parameter.empty for p in parameters)
@@ -68,10 +69,6 @@ def help_text(field: dataclasses.Field) -> str:
     else:
         default = _show(field.default)
     return f"{text} (default: {default})" if default else text
-
-
-def _cli_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 
 def _parameter(field: dataclasses.Field, hint: Any, *, positional: bool) -> inspect.Parameter:
