@@ -31,22 +31,17 @@ def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
     the file cannot be read (not Linux): fp32 is the safe choice."""
     try:
         with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        pass
-    return False
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` is bf16 on a GPU and on a CPU with native bf16 (``native_bf16_cpu``), else fp32; others are kept."""
-    if precision == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()):
-            return "bf16"
-        return "fp32"
-    return precision
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()) else "fp32"
 
 
 @contextlib.contextmanager
