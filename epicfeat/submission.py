@@ -67,8 +67,7 @@ def log_softmax_rows(scores) -> np.ndarray:
 
     Computed in float64 and rounded once, so the same scores always give bit-identical files.
     """
-    wide = np.asarray(scores, dtype=np.float64)  # (N, C)
-    return _log_softmax(wide).astype(np.float32)
+    return _log_softmax(np.asarray(scores, dtype=np.float64)).astype(np.float32)  # (N, C)
 
 
 class _PortableArray:
