@@ -98,9 +98,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
         errors = []
-        for option in non_none:
+        for option in [a for a in args if a is not type(None)]:
             try:
                 return _coerce(value, option)
             except (TypeError, ValueError) as err:
