@@ -88,7 +88,8 @@ def _cli_type(hint: Any, name: str) -> tuple[Any, dict[str, Any]]:
     base = _base(hint)
     origin, args = typing.get_origin(base), typing.get_args(base)
     if origin is typing.Literal:
-        return _choices(name, args), {"case_sensitive": False}
+        choices = enum.Enum(f"{name.title().replace('_', '')}Choice", {v: v for v in args}, type=str)
+        return choices, {"case_sensitive": False}
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return list[_base(args[0])], {}
     if origin is tuple:
@@ -112,10 +113,6 @@ def _base(hint: Any) -> Any:
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
         return inner
     return hint
-
-
-def _choices(name: str, values: tuple[str, ...]) -> type[enum.Enum]:
-    return enum.Enum(f"{name.title().replace('_', '')}Choice", {v: v for v in values}, type=str)
 
 
 def _from_cli(value: Any) -> Any:
