@@ -164,10 +164,8 @@ def _torchvision_state_dict(weights: str, enum: ResNet50_Weights) -> Mapping[str
         if was_cached:
             problem = f"the cached file {cached} cannot be read ({type(err).__name__}: {err}); delete it and "
         else:
-            problem = (
-                f"{file_name} is not in torch hub's cache ({cached}) and downloading it failed "
-                f"({type(err).__name__}: {err}); "
-            )
+            problem = (f"{file_name} is not in torch hub's cache ({cached}) and downloading it failed "
+                       f"({type(err).__name__}: {err}); ")
         raise WeightsError(
             f"--weights {weights}: {problem}get the file on a machine with internet and copy it to that path:\n"
             f"  mkdir -p {cached.parent} && curl -L -o {cached} {enum.url}\n"
@@ -201,11 +199,8 @@ def _load(model: ResNet50Features, state_dict: Mapping[str, torch.Tensor], sourc
     expected = model.state_dict()
     missing = [k for k in expected if k not in trunk]
     unexpected = [k for k in trunk if k not in expected]
-    wrong_shape = [
-        f"{k} {tuple(trunk[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in expected
-        if k in trunk and trunk[k].shape != expected[k].shape
-    ]
+    wrong_shape = [f"{k} {tuple(trunk[k].shape)} (expected {tuple(expected[k].shape)})"
+                   for k in expected if k in trunk and trunk[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
         problems = "; ".join(f"{len(items)} {label}: {listed(items)}" for label, items in
                              (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape))
