@@ -37,11 +37,9 @@ if TYPE_CHECKING:  # torch is never imported here: decode processes run without 
 
 # swscale's bilinear filter; on downscaling it widens to cover every source pixel (no aliasing like nearest).
 _INTERPOLATION = "BILINEAR"
-# First bytes of the ISO media boxes an MP4/MOV file starts with: a file that starts like this but cannot be
-# opened is a damaged or incomplete MP4, not some other kind of file.
+# The ISO media boxes an MP4/MOV file starts with: such a file that cannot be opened is a damaged MP4.
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
-# A video whose last row falls this far (s) short of where the container or the annotations say it ends is
-# reported as truncated / too short instead of being cached as if complete.
+# A video whose last row is this far (s) short of its container's or annotations' end is reported, not cached.
 END_TOLERANCE_S = 1.0
 #: Batches each decode process may decode ahead of the parent (memory: 4 x batch x crop^2 x 3 bytes per process).
 PREFETCH_BATCHES = 4
@@ -127,7 +125,6 @@ class VideoMeta:
     width: int
     height: int
     codec: str
-    frames: int | None  # frame count the container declares (None when it does not say)
 
 
 @dataclass
@@ -233,7 +230,6 @@ def probe_video(path: str | Path) -> VideoMeta:
             width=stream.codec_context.width,
             height=stream.codec_context.height,
             codec=stream.codec_context.name,
-            frames=stream.frames or None,
         )
 
 
@@ -383,9 +379,8 @@ def _frames_from(path: Path, container: av.container.InputContainer, stream: Vid
                  earliest: float) -> tuple[Iterator[tuple[int, av.VideoFrame]], bool]:
     """Decoded frames starting at or before ``earliest`` seconds, and whether frame counting starts at frame 0.
 
-    Seeks to the keyframe before ``earliest``. With B-frames a container may seek by decoding time and land on a
-    keyframe shown after ``earliest``; then it seeks again from one second earlier, doubling the margin, down to
-    the start of the stream.
+    A container may seek by decoding time and land on a keyframe shown after ``earliest`` (B-frames): then it seeks
+    again from further back (1 s, doubling), down to the start of the stream.
     """
     first_pts = stream.start_time
     margin = 0.0
