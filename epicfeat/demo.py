@@ -40,7 +40,6 @@ from epicfeat.temporal.train import train_temporal
 
 @dataclass(frozen=True)
 class DemoResult:
-    out: Path
     dataset: Path
     feature_set: Path
     checkpoints: dict[int, Path]  # frames -> best.pt
@@ -87,7 +86,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     with say("deploy", "6/6 predict over a validation video and export to ONNX"):
         predicted, exported = _deploy(config, dataset, checkpoints[max(config.frames)], deploy)
 
-    result = DemoResult(out=out, dataset=dataset.root, feature_set=feature_set, checkpoints=checkpoints,
+    result = DemoResult(dataset=dataset.root, feature_set=feature_set, checkpoints=checkpoints,
                         evaluation=evaluation, submission=submission.submission_zip, metrics=metrics, seconds=seconds,
                         deploy=deploy, predict_fps=predicted.frames_per_second,
                         onnx_max_abs_diff={check.model: check.max_abs_diff for check in exported.checks})

@@ -565,11 +565,9 @@ def _clear_folder(root: Path) -> None:
 
 def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, spec: SyntheticSpec = SyntheticSpec(),
                                workers: int | None = None) -> SyntheticDataset:
-    """Write (or reuse) a synthetic EPIC-KITCHENS-100 dataset under ``out_dir``; see the module docstring.
-
-    A folder that already holds a complete dataset of the same spec and seed is returned as is. A dataset of
-    another spec or seed, or a half-written one (no completion marker), is deleted and generated again. A non-empty
-    folder that holds anything else raises ``SyntheticDatasetError``.
+    """Write a synthetic EPIC-KITCHENS-100 dataset under ``out_dir``, or reuse the complete one of this spec and seed
+    there. Another spec's or a half-written dataset is replaced; a folder holding anything else raises
+    ``SyntheticDatasetError``.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise SyntheticDatasetError(f"seed must be a non-negative integer, got {seed!r}.")
@@ -616,12 +614,8 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, spec: Synt
 
 def write_synthetic_video(path: str | Path, *, seconds: float, width: int = 640, height: int = 360,
                           fps: str = "60000/1001", seed: int = 0, crf: int = 20) -> Path:
-    """One H.264 video in the dataset's look, ``round(seconds * fps)`` frames long, without annotations.
-
-    For benchmarks and tests that need a video of a given size, rate and length: the segments (one object at a
-    time growing, moving or fading, 1-2 s each) are planned as for a train video of ``generate_synthetic_dataset``.
-    The same arguments give the same bytes. Written under a temporary name and renamed, so a killed run never
-    leaves half a video at ``path``.
+    """One H.264 video in the dataset's look, ``round(seconds * fps)`` frames long, without annotations, for
+    benchmarks and tests. The same arguments give the same bytes; a killed run never leaves half a video at ``path``.
     """
     if not seconds > 0:
         raise SyntheticDatasetError(f"write_synthetic_video: seconds must be > 0, got {seconds!r}.")
