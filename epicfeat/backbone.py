@@ -24,7 +24,7 @@ from epicfeat.errors import EpicfeatError, listed
 FEATURE_DIM = 2048
 
 # --weights names for torchvision's ImageNet weights. "imagenet" is the better V2 recipe (80.9% top-1).
-_TORCHVISION_WEIGHTS = {
+TORCHVISION_WEIGHTS = {
     "imagenet": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
     "imagenet1k_v2": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
     "imagenet1k_v1": ("imagenet1k_v1", ResNet50_Weights.IMAGENET1K_V1),
@@ -124,8 +124,8 @@ def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Feat
     """
     weights = str(weights)
     state_dict, source = None, ""
-    if weights in _TORCHVISION_WEIGHTS:
-        name, enum = _TORCHVISION_WEIGHTS[weights]
+    if weights in TORCHVISION_WEIGHTS:
+        name, enum = TORCHVISION_WEIGHTS[weights]
         state_dict, source = _torchvision_state_dict(weights, enum), f"torchvision {enum}"
     elif weights == "random":
         name = f"random-seed{seed}"

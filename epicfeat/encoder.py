@@ -12,15 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from epicfeat.backbone import WeightsError, create_backbone, fold_batch_norms
+from epicfeat.backbone import TORCHVISION_WEIGHTS, WeightsError, create_backbone, fold_batch_norms
 from epicfeat.devices import PRECISION_DTYPES, cuda_settings
 
 #: "fp32" on a GPU is real fp32: TF32 stays off around every model call, as each identity records (``tf32``).
 TF32 = False
 
-# Weights names a feature set can be re-created from without being told where the weights are.
+# Besides torchvision's names, the weights a feature set can be re-created from without being told where they are.
 _RANDOM_WEIGHTS = re.compile(r"random-seed(\d+)")
-_TORCHVISION_NAMES = ("imagenet1k_v1", "imagenet1k_v2")
 
 
 class FrameEncoder(nn.Module):
@@ -84,7 +83,7 @@ def create_encoder(feature_set: Mapping[str, Any], device: torch.device, *, weig
     """
     recorded = str(feature_set["weights"])
     random_seed = _RANDOM_WEIGHTS.fullmatch(recorded)
-    if weights is None and random_seed is None and recorded not in _TORCHVISION_NAMES:
+    if weights is None and random_seed is None and recorded not in TORCHVISION_WEIGHTS:
         raise WeightsError(f"the features were extracted with backbone weights {recorded!r}: pass --weights PATH "
                            "with that weights file (the one given to `epicfeat extract`)")
     if seed is None:
