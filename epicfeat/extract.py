@@ -6,10 +6,8 @@ One pipeline, run by every writer of a cache:
     claims the videos        spawned decode processes,      normalise, backbone,      Zarr, checksums, one
     one at a time            batches in shared memory       float16 rows              commit per video
 
-Scale-out is N copies of this pipeline on one cache: N ``epicfeat extract`` processes, a SLURM array, or
-dask.distributed (``--scheduler``), which places one pipeline on each worker. The claims divide the videos: each is
-written by one writer; a writer that finds only videos others hold waits for them, and takes over those whose
-writer died (its claim went stale).
+Scale-out is N copies of this pipeline on one cache: N ``epicfeat extract`` processes, a SLURM array, or one per
+dask worker (``--scheduler``); the claims divide the videos (claims.py).
 
 Every model batch has exactly ``batch_size`` rows (a video's last batch is padded with black frames), so a frame's
 features do not depend on the frames that shared its batch; a video is committed as soon as its last row is
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 import av
+import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -73,7 +72,6 @@ class VideoResult:
     """A video this run decided: committed (``reason`` empty) or failed (why)."""
 
     video_id: str
-    path: str = ""
     rows: int = 0
     duration: float = 0.0  # seconds of source video covered
     reason: str = ""
@@ -153,8 +151,7 @@ def device_description(device: torch.device) -> str:
 
 
 def resolve_fold_bn(fold_bn: bool | None, device: torch.device) -> bool:
-    """``None`` (auto) folds batch norms on a CPU, where ResNet50 runs 1.3x faster so, and not on a GPU, where the
-    folded model ran 0.86x as fast (H200, bf16 + channels_last: 13.3k vs 15.5k frames/s)."""
+    """``None`` (auto) folds batch norms on a CPU, where ResNet50 runs faster so, and not on a GPU (slower there)."""
     return device.type == "cpu" if fold_bn is None else fold_bn
 
 
@@ -193,10 +190,8 @@ def select_videos(config: ExtractConfig) -> tuple[list[VideoJob], list[str]]:
         durations = annotations.video_info["duration"].astype(float).to_dict()
         if not config.video_ids:
             splits = ("train", "validation", "test") if config.split == "all" else (config.split,)
-            for split in splits:
-                segments = annotations.segments(split)
-                for video_id, stop in segments.groupby("video_id")["stop_sec"].max().items():
-                    needed_until[video_id] = max(stop, needed_until.get(video_id, 0.0))
+            segments = pd.concat([annotations.segments(split) for split in splits])
+            needed_until = segments.groupby("video_id")["stop_sec"].max().astype(float).to_dict()
     elif not config.video_ids:
         raise EpicfeatError("--split needs the annotation CSVs: pass --annotations DIR, or list --video-ids")
     video_ids = list(config.video_ids) or sorted(needed_until)
@@ -239,7 +234,7 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
         todo = [job for job in jobs if job.video_id not in start.skipped]
         encoder = build_encoder(backbone, identity.to_dict(), device)
         with _Progress(todo, enabled=config.progress) as progress:
-            result = run_pipeline(start.store, todo, encoder, pool, config, progress)
+            result = Pipeline(start.store, todo, encoder, config, progress).run(pool)
     return _summarize(start, jobs, missing, [result])
 
 
@@ -275,19 +270,10 @@ def _summarize(start: _Start, jobs: list[VideoJob], missing: list[str],
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
-def run_pipeline(store: FeatureStore, jobs: Sequence[VideoJob], encoder: FrameEncoder, pool: DecodePool,
-                 config: ExtractConfig, progress: _Progress) -> PipelineResult:
-    """This writer's share of ``jobs``: claim each video, decode it (``pool``), encode every batch and write it into
-    ``store``, committing each video as its last row is written. Returns once every video is decided, by this
-    writer or by another sharing the cache."""
-    return _Pipeline(store, jobs, encoder, config, progress).run(pool)
-
-
-class _Pipeline:
-    """One copy of the pipeline: the videos it has claimed, their open writers, and what it decided.
-
-    A problem with one video (its writer cannot be made, its claim was lost, a write fails) is that video's
-    failure, recorded in the store; only a full disk or quota stops the run (every later video would fail too).
+class Pipeline:
+    """One copy of the pipeline: ``run`` claims each video of ``jobs``, decodes it, encodes every batch and writes it
+    into ``store``, committing each video as its last row is written; it returns once every video is decided, by this
+    writer or another. A problem with one video is that video's failure; only a full disk or quota stops the run.
     """
 
     def __init__(self, store: FeatureStore, jobs: Sequence[VideoJob], encoder: FrameEncoder, config: ExtractConfig,
@@ -321,7 +307,7 @@ class _Pipeline:
                 self._drop_writer(video_id)
             for claim in list(self.claims.values()):
                 claim.release()
-        failed_by_others = tuple(VideoResult(v, str(self.jobs[v].path), reason=record.get("reason", ""))
+        failed_by_others = tuple(VideoResult(v, reason=record.get("reason", ""))
                                  for v, record in self.claim_queue.others_failed.items())
         return PipelineResult(tuple(self.results), failed_by_others)
 
@@ -375,7 +361,7 @@ class _Pipeline:
         with self._per_video(video_id):
             writer.commit()
             del self._writers[video_id]
-            self.results.append(VideoResult(video_id, str(self.jobs[video_id].path), writer.rows, meta.duration))
+            self.results.append(VideoResult(video_id, writer.rows, meta.duration))
             self._decide(video_id)
 
     @contextlib.contextmanager
@@ -395,9 +381,8 @@ class _Pipeline:
     def _fail(self, video_id: str, reason: str) -> None:
         """Record the video's failure (with its path), drop its writer, release its claim."""
         self._drop_writer(video_id)
-        path = self.jobs[video_id].path
-        self.store.record_failure(video_id, reason, path=path, claim=self.claims.get(video_id))
-        self.results.append(VideoResult(video_id, str(path), reason=reason))
+        self.store.record_failure(video_id, reason, path=self.jobs[video_id].path, claim=self.claims.get(video_id))
+        self.results.append(VideoResult(video_id, reason=reason))
         self._decide(video_id)
 
     def _drop_writer(self, video_id: str) -> None:
@@ -498,7 +483,7 @@ def _pipeline_on_worker(config: ExtractConfig, store_path: str, jobs: list[Video
     workers = 0 if multiprocessing.current_process().daemon else decode_workers_for(config.decode_workers, len(jobs))
     with DecodePool(workers, decode_settings(config, workers)) as pool:
         encoder = build_encoder(backbone, identity.to_dict(), device)
-        return run_pipeline(store, jobs, encoder, pool, config, _Progress([], enabled=False))
+        return Pipeline(store, jobs, encoder, config, _Progress([], enabled=False)).run(pool)
 
 
 def _dask_client(config: ExtractConfig):
