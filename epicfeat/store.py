@@ -240,12 +240,15 @@ class FeatureStore:
 
     def is_complete(self, video_id: str) -> bool:
         """True iff the video is in ``videos/`` and marked complete (its rename was the last step of a commit)."""
-        attrs = self._stored_attrs(video_id)
-        return attrs is not None and attrs.get("complete") is True
+        return self.video_attrs(video_id).get("complete") is True
 
     def video_attrs(self, video_id: str) -> dict:
         """The stored attributes of a video ({} when it has none): rows, duration, provenance, checksums, ..."""
-        return self._stored_attrs(video_id) or {}
+        # Read the group's zarr.json directly: listing hundreds of videos must not open hundreds of Zarr groups.
+        try:
+            return json.loads((self.path / _VIDEOS / video_id / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            return {}
 
     def partial_videos(self) -> list[str]:
         """Sorted ids of videos that were started but are not complete (a crash, an abort, or a live writer)."""
@@ -347,11 +350,9 @@ class FeatureStore:
     def info(self) -> dict:
         """Counts for `cache info`: videos complete / partial / failed, rows, hours of video, bytes on disk."""
         complete = self.complete_videos()
-        rows, seconds = 0, 0.0
-        for video_id in complete:
-            attrs = self._stored_attrs(video_id) or {}
-            rows += int(attrs.get("rows", 0))
-            seconds += float(attrs.get("duration") or 0.0)
+        attrs = [self.video_attrs(video_id) for video_id in complete]
+        rows = sum(int(a.get("rows", 0)) for a in attrs)
+        seconds = sum(float(a.get("duration") or 0.0) for a in attrs)
         return {"key": self.path.name, "path": str(self.path), "identity": self.identity.to_dict(),
                 "videos_complete": len(complete), "videos_partial": len(self.partial_videos()),
                 "videos_failed": len(self.failures()), "rows": rows, "hours": seconds / 3600,
@@ -442,13 +443,13 @@ class FeatureStore:
         problems = []
         sums = checksums.get("features") or []
         step = int(checksums.get("features_chunk_rows") or features.chunks[0])
-        bad_rows, first_bad, mismatched, unreadable = 0, None, [], []
+        bad_rows, first_bad, mismatched = 0, None, []
         for index, start in enumerate(range(0, features.shape[0], step)):
             try:
                 block = np.asarray(features[start : start + step])  # (<=step, dim)
             except Exception as err:
-                unreadable.append(f"chunk {index} (rows {start}-{start + step - 1}) cannot be read "
-                                  f"({type(err).__name__}: {err})")
+                problems.append(f"features chunk {index} (rows {start}-{start + step - 1}) cannot be read "
+                                f"({type(err).__name__}: {err}); re-extract the video")
                 continue
             if index < len(sums) and hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != sums[index]:
                 mismatched.append(index)
@@ -456,7 +457,6 @@ class FeatureStore:
             if bad.any():
                 first_bad = start + int(np.flatnonzero(bad)[0]) if first_bad is None else first_bad
                 bad_rows += int(bad.sum())
-        problems += [f"features {u}; re-extract the video" for u in unreadable]
         if mismatched:
             shown = ", ".join(str(i) for i in mismatched[:10]) + (" ..." if len(mismatched) > 10 else "")
             problems.append(f"features: {len(mismatched)} chunk(s) do not match the checksum stored at commit "
@@ -468,14 +468,6 @@ class FeatureStore:
         return problems
 
     # ------------------------------------------------------------------------------------------- internals
-    def _stored_attrs(self, video_id: str) -> dict | None:
-        # Read the group's zarr.json directly: listing hundreds of videos must not open hundreds of Zarr groups.
-        meta = self.path / _VIDEOS / video_id / "zarr.json"
-        try:
-            return json.loads(meta.read_text()).get("attributes", {})
-        except (OSError, ValueError):
-            return None
-
     def _read_failures(self, pattern: str) -> list[dict]:
         """The failure records whose file names match ``pattern``; each is written whole (renamed in) or not at all."""
         records = []
@@ -653,9 +645,7 @@ class VideoWriter:
 # ------------------------------------------------------------------------------------------------- lookup
 def open_feature_set(cache: str | os.PathLike, key: str | None = None, *, option: str = "--feature-set") -> FeatureStore:
     """The one feature set a command works on: ``key`` (a key under ``cache`` or a folder), or the only one there.
-
-    ``option`` is the flag that names a set in the calling command, so the error says what to type.
-    """
+    ``option``: the calling command's flag for a set, named in the errors."""
     cache = Path(cache)
     if key is not None:
         folder = Path(key) if (Path(key) / _MARKER).is_file() else cache / key
