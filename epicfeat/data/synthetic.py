@@ -29,10 +29,8 @@ import dataclasses
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -563,8 +561,8 @@ def _clear_folder(root: Path) -> None:
     (root / MARKER_FILE).unlink(missing_ok=True)
 
 
-def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, spec: SyntheticSpec = SyntheticSpec(),
-                               workers: int | None = None) -> SyntheticDataset:
+def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0,
+                               spec: SyntheticSpec = SyntheticSpec()) -> SyntheticDataset:
     """Write a synthetic EPIC-KITCHENS-100 dataset under ``out_dir``, or reuse the complete one of this spec and seed
     there. Another spec's or a half-written dataset is replaced; a folder holding anything else raises
     ``SyntheticDatasetError``.
@@ -588,15 +586,8 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, spec: Synt
         (dataset.annotations / name).write_text(text)
         files.append(f"annotations/{name}")
     paths = [dataset.videos / video.participant_id / f"{video.video_id}.MP4" for video in videos]
-    # Each video is rendered and encoded on its own (one x264 thread, for identical bytes), so videos are spread over
-    # processes: one per core by default. Spawned, so a parent holding torch's OpenMP pool is never forked.
-    workers = min(len(videos), workers or os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_encode_video, paths, videos, [spec] * len(videos), [seed] * len(videos)))
-    else:
-        for path, video in zip(paths, videos):
-            _encode_video(path, video, spec, seed)
+    for path, video in zip(paths, videos):
+        _encode_video(path, video, spec, seed)
     files += [path.relative_to(root).as_posix() for path in paths]
 
     splits = ("train", "validation", "test")
