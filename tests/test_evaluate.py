@@ -172,6 +172,38 @@ def test_an_ensemble_of_heads_scores_each_member_on_the_rows_and_context_it_was_
     assert np.abs(other - scores[1][0]).max() > 1e-3
 
 
+def test_compare_runs_tabulates_each_runs_official_metrics_epoch_time_and_parameters(trained, tmp_path):
+    from epicfeat.temporal.compare import CompareError, compare_runs, main
+
+    dataset, cache, checkpoints = trained
+    lstm = checkpoints[0].parent  # a real train-temporal run folder
+    transformer = tmp_path / "runs" / "head_transformer"
+    transformer.mkdir(parents=True)
+    _with_head(checkpoints[1], transformer / "best.pt", "transformer", 8, Context(1.0, 2))
+    shutil.copy(checkpoints[1].parent / "metrics.csv", transformer / "metrics.csv")
+    table = compare_runs([lstm, transformer], annotations=dataset.annotations, cache=cache, out=tmp_path / "cmp",
+                         device="cpu", progress=False)
+    assert table["run"].tolist() == [lstm.name, "head_transformer"] and table["head"].tolist() == ["lstm", "transformer"]
+    assert table["T"].tolist() == [4, 8] and table["context_s"].tolist() == [0.0, 1.0]
+    direct = evaluate(_config(EvaluateConfig, trained, tmp_path / "direct", checkpoints=(transformer / "best.pt",)))
+    assert table["action@1"][1] == direct.metrics["all_action_accuracy_at_1"]
+    assert table["verb@5"][1] == direct.metrics["all_verb_accuracy_at_5"]
+    model = load_checkpoint(transformer / "best.pt").create_model()
+    assert table["parameters"][1] == sum(p.numel() for p in model.parameters())
+    assert (table["epoch_s"] > 0).all() and table["epochs"].tolist() == [1, 1]
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [row["head"] for row in saved] == ["lstm", "transformer"]
+    assert "| run | head | T |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    with pytest.raises(CompareError, match="no best.pt"):
+        compare_runs([tmp_path], annotations=dataset.annotations, cache=cache, out=tmp_path / "x", progress=False)
+    command = [sys.executable, "-m", "epicfeat.temporal.compare", "--annotations", str(dataset.annotations),
+               "--cache", str(cache), "--out", str(tmp_path / "y"), str(tmp_path / "nothing")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing'}: no best.pt / metrics.csv; pass train-temporal run folders (--out of each run)"]
+
+
 def test_submit_writes_the_leaderboard_zip_with_every_test_segment(trained, tmp_path):
     dataset, _, checkpoints = trained
     result = submit(_config(SubmitConfig, trained, tmp_path / "sub"))

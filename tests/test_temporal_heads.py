@@ -222,3 +222,19 @@ def test_each_heads_onnx_export_equals_pytorch(head, context_frames, tmp_path):
     np.testing.assert_allclose(got_verbs, verbs.numpy(), atol=TOLERANCE["temporal_head"])
     np.testing.assert_allclose(got_nouns, nouns.numpy(), atol=TOLERANCE["temporal_head"])
     assert np.ptp(got_verbs) > 1e-3  # distinct logits: a constant model would pass trivially
+
+
+# ------------------------------------------------------------------------------------------ bench's timings
+def test_time_heads_gives_each_heads_epoch_time_model_share_and_parameters():
+    from epicfeat.temporal.compare import time_heads
+
+    train = _planted_split(60, seed=1)
+    rows = time_heads(train, heads=HEADS, frames=4, batch_size=20, device=torch.device("cpu"), n_verbs=N_VERBS,
+                      n_nouns=N_NOUNS, hidden=8, width=16, attention_heads=4)
+    assert [row["head"] for row in rows] == list(HEADS)
+    for row in rows:
+        assert row["epoch_s"] > 0 and row["model_s"] > 0 and row["model_share"] == row["model_s"] / row["epoch_s"]
+        assert (row["steps"], row["segments"], row["rows"]) == (3, 60, 4)
+    parameters = {row["head"]: row["parameters"] for row in rows}
+    assert parameters["mean"] == (DIM + 1) * (N_VERBS + N_NOUNS)  # two linear classifiers of a row
+    assert parameters["lstm"] > parameters["mean"] and parameters["transformer"] > parameters["attentive"]
