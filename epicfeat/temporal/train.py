@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -388,9 +389,15 @@ class StepGraph:
         if plan.weights.device.type == "cuda":
             _make_capturable(optimizer, plan.weights.device)
             optimizer.zero_grad(set_to_none=True)  # the captured backward's gradients live in the graph's memory
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # checkpoints write meanwhile
-                step(self.inputs, self.whole)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # checkpoints write meanwhile
+                    step(self.inputs, self.whole)
+                self.graph = graph
+            except RuntimeError as err:  # a capture this CUDA / cuDNN refuses: the same step, eagerly
+                warnings.warn(f"stage two: the step could not be captured as a CUDA graph, it runs eagerly "
+                              f"({str(err).splitlines()[0]})", RuntimeWarning, stacklevel=2)
+                optimizer.zero_grad(set_to_none=True)
 
     def __call__(self, plan: EpochPlan, batch: slice) -> None:
         for static, source in zip(self.inputs.tensors(), plan.tensors()):
