@@ -7,9 +7,11 @@
         _resume(...)                        last.pt: feature set and config checks, TrainingState.restore
         _train_epochs(...)                  for each epoch left: train_one_epoch, evaluate, EpochLog.end_epoch
 
-CutMix pastes a time span (features have no pixels): a partner's rows over round((1 - lam) * T) steps, the losses
-mixed by span / T. The epoch is a device-side loop: splits uploaded once, the sampling generator with them, nothing
-read back until the epoch's mean losses.
+CutMix pastes a time span (features have no pixels): a partner's rows over round((1 - lam) * L) steps, the losses
+mixed by span / L. The epoch is a device-side loop: splits uploaded once, the sampling generator with them, the
+epoch's draws made at its start (``plan_epoch``), nothing read back until its mean losses; on a GPU its full steps
+replay one captured CUDA graph (``StepGraph``). Checkpoints and the epoch's files are written by the epoch log's
+writer thread from host copies, while the next epoch trains.
 """
 from __future__ import annotations
 
@@ -323,7 +325,7 @@ def train_one_epoch(model: TemporalModel, split: PackedSplit, state: TrainingSta
     model.train()
     plan = plan_epoch(split, settings, state.generator, device)
     loss_sums = torch.zeros(2, device=device)  # (2,) sums over the epoch's segments: verb, noun
-    step = functools.partial(optimiser_step, model, split, state, settings, loss_sums)
+    step = functools.partial(_optimiser_step, model, split, state, settings, loss_sums)
     graph = None
     for index, begin in enumerate(range(0, len(split), settings.batch_size)):
         end = min(begin + settings.batch_size, len(split))
@@ -342,7 +344,7 @@ def train_one_epoch(model: TemporalModel, split: PackedSplit, state: TrainingSta
     return {"train_loss": verb + noun, "train_verb_loss": verb, "train_noun_loss": noun}
 
 
-def optimiser_step(model: TemporalModel, split: PackedSplit, state: TrainingState, settings: StepSettings,
+def _optimiser_step(model: TemporalModel, split: PackedSplit, state: TrainingState, settings: StepSettings,
                    loss_sums: torch.Tensor, plan: EpochPlan, batch: slice) -> None:
     """One optimiser step on the plan's segments ``batch``: the micro-batches' forward and backward (gradients
     accumulate from None or zero), the losses added to ``loss_sums`` (2,), the optimiser's step."""
@@ -378,7 +380,7 @@ class StepGraph:
     """A full optimiser step captured once as a CUDA graph, then replayed: per step the host copies the step's
     slice of the plan into the graph's static inputs, sets the lr and launches the graph, instead of ~300 ops.
 
-    The optimiser must be capturable with its lr in a device tensor (``prepare_capturable``; ``set_lr`` fills it).
+    The optimiser must be capturable with its lr in a device tensor (``_make_capturable``; ``set_lr`` fills it).
     Elsewhere than CUDA the same static-input step runs eagerly: the CPU rehearses everything but the capture."""
 
     def __init__(self, step: Callable[[EpochPlan, slice], None], plan: EpochPlan, size: int,
