@@ -5,7 +5,8 @@ A clip's times and augmentation come from seeds derived from (seed, epoch, segme
 
     load_clip_data(...)       annotations -> ClipData: train / validation / statistics datasets, what was dropped
       segment_rows(...)       the stored rows' times of every segment (stage two's join of segments to rows)
-    ClipDataset[i]            T frames of segment i decoded at its rows' times: uint8 (T, H, W, 3)
+    ClipDataset[i]            T frames of segment i decoded at its rows' times: uint8 (T, H, W, 3) (K + T + K
+                              with the stage-two model's context)
     ClipAugment(clip, seed)   the seed's augmentations, ONE set of parameters for all T frames
     sample_step_cutmix(...)   one CutMix box for every frame of a step's global batch, the same in every process
 """
@@ -29,7 +30,7 @@ from epicfeat.data.videos import find_videos
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import Preprocess, codec_threads, decode_frames_at
 from epicfeat.temporal.checkpoint import ModelCard
-from epicfeat.temporal.data import bin_offsets, join_rows
+from epicfeat.temporal.data import Context, join_rows, sequence_offsets
 
 
 class ClipError(EpicfeatError):
@@ -42,25 +43,29 @@ def derive_seed(*numbers: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- clip times
-def sample_row_offsets(count: int, frames: int, *, train: bool, generator: torch.Generator | None) -> np.ndarray:
-    """T positions in a segment's ``count`` stored rows by stage two's ``bin_offsets`` (same bins, same draws)."""
-    return bin_offsets(torch.tensor([count]), frames, train=train, generator=generator)[0].numpy()  # (1, T) -> (T,)
-
-
 @dataclass(frozen=True)
 class SegmentRows:
     """The stored rows' times of every segment, packed like ``PackedSplit``: segment s owns
-    ``times[start[s] : start[s] + count[s]]`` (seconds, the feature set's pts, count >= 1). Stored times, never a
-    nominal k / fps grid: at 59.94 fps that grid puts other rows into some segments."""
+    ``times[start[s] : start[s] + count[s]]`` (seconds, the feature set's pts, count >= 1), and with a context the
+    ``before[s]`` rows right before them and the ``after[s]`` right after them. Stored times, never a nominal
+    k / fps grid: at 59.94 fps that grid puts other rows into some segments."""
 
     times: np.ndarray  # (R,) float64 seconds
     start: np.ndarray  # (S,) int64
     count: np.ndarray  # (S,) int64, >= 1
+    context: Context = Context()
+    before: np.ndarray | None = None  # (S,) int64, with a context
+    after: np.ndarray | None = None  # (S,) int64, with a context
 
     def clip_times(self, segment: int, frames: int, *, train: bool, generator: torch.Generator | None) -> np.ndarray:
-        """(T,) seconds: the rows stage two would sample for this segment (same bins, same draws)."""
-        first, count = int(self.start[segment]), int(self.count[segment])
-        return self.times[first + sample_row_offsets(count, frames, train=train, generator=generator)]  # (T,)
+        """(L,) seconds: the rows stage two would sample for this segment and its context (same bins, same draws)."""
+        around = {}
+        if self.context.frames:
+            around = dict(before=torch.tensor([int(self.before[segment])]),
+                          after=torch.tensor([int(self.after[segment])]), context_frames=self.context.frames)
+        offsets = sequence_offsets(torch.tensor([int(self.count[segment])]), frames, train=train, generator=generator,
+                                   **around)  # (1, L)
+        return self.times[int(self.start[segment]) + offsets[0].numpy()]  # (L,)
 
 
 #: Sampled times further apart than this are reached by a seek of their own, not by decoding every frame between.
@@ -81,7 +86,7 @@ def decode_clip(path: Path, times: np.ndarray, decode: Preprocess, *, seek_gap: 
 
 # ------------------------------------------------------------------------------------------------ dataset
 class ClipDataset(torch.utils.data.Dataset):
-    """Segment i -> its T decoded frames (uint8, resized by ``decode``), labels, and the seed of its augmentation.
+    """Segment i -> its L decoded frames (uint8, resized by ``decode``), labels, and the seed of its augmentation.
 
     A video that cannot be read gives ``valid=False`` and a black clip, never an exception: the training loop
     skips and counts it, and every batch keeps its shape (DDP processes never disagree about a step).
@@ -112,16 +117,16 @@ class ClipDataset(torch.utils.data.Dataset):
         time_seed = derive_seed(self.seed, self.epoch, index, 0)
         aug_seed = derive_seed(self.seed, self.epoch, index, 1)
         generator = torch.Generator().manual_seed(time_seed)
-        times = self.rows.clip_times(index, self.frames, train=self.train, generator=generator)  # (T,)
+        times = self.rows.clip_times(index, self.frames, train=self.train, generator=generator)  # (L,)
         error = ""
         try:
             images = decode_clip(self.video_paths[self.video_ids[index]], times, self.decode,
                                  threads=self.decode_threads)  # (T, H, W, 3)
         except Exception as err:  # any damage in any file: skip this clip, never end the epoch
             error = f"{self.video_ids[index]}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            images = np.zeros((self.frames, self.decode.crop, self.decode.crop, 3), np.uint8)
+            images = np.zeros((len(times), self.decode.crop, self.decode.crop, 3), np.uint8)
         return {
-            "clip": torch.from_numpy(images),  # (T, H, W, 3) uint8
+            "clip": torch.from_numpy(images),  # (L, H, W, 3) uint8
             "verb": int(self.verbs[index]),
             "noun": int(self.nouns[index]),
             "index": index,
@@ -146,10 +151,12 @@ class ClipData:
     unseen_participants: frozenset[str] | None
 
 
-def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: Preprocess) -> ClipData:
+def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: Preprocess, *,
+                   context: Context = Context()) -> ClipData:
     """Annotations -> clip datasets of the segments whose videos exist and are complete in ``store`` (the others are
     dropped and counted). ``card``: the start's (same class tables); ``preprocess``: the feature set's (training
-    decodes a resize x resize square for RandomResizedCrop, evaluation extract's resize + centre crop)."""
+    decodes a resize x resize square for RandomResizedCrop, evaluation extract's resize + centre crop); ``context``:
+    the start model's (its frames are decoded too)."""
     if config.annotations is None or config.videos is None:
         raise ClipError("pass --annotations DIR (EPIC_100_*.csv) and --videos DIR (the folder holding P01/, ...)")
     annotations = EpicAnnotations(config.annotations, train_file=config.train_file)
@@ -171,7 +178,7 @@ def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: P
         if not found.all():
             notes.append(f"{int((~found).sum())} {name} segments dropped: {len(lookup.missing)} videos not under "
                          f"{config.videos} ({', '.join(lookup.missing[:5])}{'...' if len(lookup.missing) > 5 else ''})")
-        segments, rows, not_stored = segment_rows(store, segments[found].reset_index(drop=True))
+        segments, rows, not_stored = segment_rows(store, segments[found].reset_index(drop=True), context)
         if not_stored:
             notes.append(f"{not_stored} {name} segments dropped: their videos are not (completely) in feature set "
                          f"{store.identity.key()} (extract them, or stage two never saw them either)")
@@ -196,16 +203,21 @@ def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: P
     )
 
 
-def segment_rows(store, segments: pd.DataFrame) -> tuple[pd.DataFrame, SegmentRows, int]:
-    """Segments whose video the feature set holds, their stored rows' times (``join_rows``), how many were dropped."""
-    join = join_rows(store, segments)
+def segment_rows(store, segments: pd.DataFrame,
+                 context: Context = Context()) -> tuple[pd.DataFrame, SegmentRows, int]:
+    """Segments whose video the feature set holds, their stored rows' times and their ``context``'s (``join_rows``),
+    how many were dropped."""
+    join = join_rows(store, segments, context_seconds=context.seconds)
     pts = {plan.video_id: np.asarray(plan.video.pts, np.float64) for plan in join.plans}
-    video_ids = segments["video_id"].astype(str).to_numpy()[join.keep]
-    first, count = join.lo[join.keep], (join.hi - join.lo)[join.keep]  # (S',) each
-    times = [pts[video][lo:lo + n] for video, lo, n in zip(video_ids, first, count)]
+    keep = join.keep
+    video_ids = segments["video_id"].astype(str).to_numpy()[keep]
+    first, end = (join.lo - join.before)[keep], (join.hi + join.after)[keep]  # (S',) each: context included
+    times = [pts[video][lo:hi] for video, lo, hi in zip(video_ids, first, end)]
     packed = np.concatenate(times) if times else np.zeros(0, np.float64)  # (R,) seconds
-    rows = SegmentRows(times=packed, start=np.cumsum(count) - count, count=count)
-    return segments[join.keep].reset_index(drop=True), rows, int((~join.keep).sum())
+    offset = np.cumsum(end - first) - (end - first)  # (S',) where each segment's rows begin in `packed`
+    around = dict(context=context, before=join.before[keep], after=join.after[keep]) if context.frames else {}
+    rows = SegmentRows(times=packed, start=offset + join.before[keep], count=(join.hi - join.lo)[keep], **around)
+    return segments[keep].reset_index(drop=True), rows, int((~keep).sum())
 
 
 def decode_threads(config: FinetuneConfig) -> int:

@@ -14,6 +14,7 @@ from epicfeat.recipes import ConfigError, option
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ExportFormat = Literal["onnx", "torchscript", "coreml"]
 POOLINGS = ("mean", "max", "last", "attention")
+HEADS = ("lstm", "transformer", "attentive", "mean")
 SLS_TL_FULL_TEMPORAL = 3  # trained on segment start/stop times and verb/noun labels
 
 
@@ -102,12 +103,32 @@ class TrainTemporalConfig:
         True, "Keep each packed split on disk (<cache>/.packed/<feature set>/) so later runs on the same feature set "
         "and segments (other T, resumes) load it in seconds instead of re-reading Zarr."
     )
+    context_seconds: float = option(
+        0.0, "Context: the head also sees rows from this many seconds before and after each segment (marked as "
+        "context by a learned vector); 0: the segment's rows only."
+    )
+    context_frames: int = option(
+        8, "Rows sampled from each side's context with --context-seconds > 0, by the segment's rule (a random row in "
+        "each of K equal bins when training, bin centres otherwise)."
+    )
     # --- model (TemporalModelArgs)
-    hidden: int = option(512, "LSTM units per direction.")
-    layers: int = option(2, "Stacked BiLSTM layers.")
-    lstm_dropout: float = option(0.3, "Dropout between LSTM layers.")
-    dropout: float = option(0.5, "Dropout before the verb / noun heads.")
-    pooling: Literal["mean", "max", "last", "attention"] = option("mean", "Temporal pooling of the BiLSTM outputs.")
+    head: Literal["lstm", "transformer", "attentive", "mean"] = option(
+        "lstm", "Temporal head: lstm (the seed's BiLSTM), transformer (a pre-norm transformer encoder with learned "
+        "positions), attentive (learned queries cross-attending to the rows), mean (TSN: the classifiers' scores of "
+        "each row averaged; cannot see order)."
+    )
+    hidden: int = option(512, "LSTM units per direction (--head lstm).")
+    layers: int = option(2, "Stacked BiLSTM layers (--head lstm).")
+    lstm_dropout: float = option(0.3, "Dropout between LSTM layers (--head lstm).")
+    pooling: Literal["mean", "max", "last", "attention"] = option(
+        "mean", "Pooling of the BiLSTM outputs over the segment's rows (--head lstm)."
+    )
+    width: int = option(512, "Model width of the transformer and attentive heads (rows are projected to it).")
+    depth: int = option(2, "Transformer encoder layers (--head transformer).")
+    attention_heads: int = option(8, "Attention heads of the transformer and attentive heads (must divide --width).")
+    attention_dropout: float = option(0.1, "Dropout inside the transformer and attentive blocks.")
+    queries: int = option(1, "Learned queries of the attentive head; their outputs are concatenated.")
+    dropout: float = option(0.5, "Dropout before the verb / noun classifiers.")
     # --- optimisation (the seed's recipe)
     epochs: int = option(50, "Maximum epochs (the LR schedule spans all of them).")
     lr: float = option(1.5e-4, "Peak AdamW learning rate, reached at the end of the warm-up.")
@@ -139,12 +160,21 @@ class TrainTemporalConfig:
     progress: bool = option(True, "Rich progress bars, per-epoch lines and the summary table.")
 
     def __post_init__(self) -> None:
-        positive = ("frames", "hidden", "layers", "epochs", "batch_size", "micro_batch_size", "eval_batch_size")
+        positive = ("frames", "hidden", "layers", "width", "depth", "attention_heads", "queries", "context_frames",
+                    "epochs", "batch_size", "micro_batch_size", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.width % self.attention_heads:
+            raise ConfigError(f"attention_heads ({self.attention_heads}) must divide width ({self.width})")
+        if self.context_seconds < 0:
+            raise ConfigError(f"context_seconds must be >= 0, got {self.context_seconds}")
+        if not all(0 <= getattr(self, name) < 1 for name in ("dropout", "lstm_dropout", "attention_dropout")):
+            raise ConfigError("dropout, lstm_dropout and attention_dropout must be in [0, 1)")
         if self.train_splits not in ("train", "train+validation"):
             raise ConfigError(f"train_splits must be 'train' or 'train+validation', got {self.train_splits!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

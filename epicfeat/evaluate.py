@@ -3,15 +3,18 @@
     evaluate(config)                        validation (or train) split -> official metrics, results pickle, plots
     submit(config)                          test split -> the leaderboard's submission zip (+ results pickle)
       _load_members(config, annotations)    checkpoints, checked against the class tables
-      _score(config, members, split)        pack the split once, score every checkpoint at its own T, ensemble
+      _score(config, members, split)        pack the split once per context, score every checkpoint at its own T
+                                            and context, ensemble
 
-Each checkpoint is scored in the precision its training validated in (``--precision`` overrides it). The files
+Each checkpoint is scored in the precision its training validated in (``--precision`` overrides it), on the rows
+it was trained to read (its T, and the context around each segment when it had one). The files
 hold per-row log-probabilities and the metrics are computed on exactly those values. Every file is written
 atomically: a refusal leaves no half-written file.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -244,7 +247,11 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
     for _, ckpt in members:
         check_feature_set(ckpt, store.identity)  # so an ensemble's members all read the same features
     segments = annotations.segments(split)
-    packed = packed_split(store, segments, split, cache=config.pack_cache, progress=config.progress)
+    # One pack per context's seconds (the rows around the segments differ); they hold the same segments.
+    contexts = {ckpt.model_args.context.seconds: ckpt.model_args.context for _, ckpt in members}
+    packs = {seconds: packed_split(store, segments, split, cache=config.pack_cache, progress=config.progress,
+                                   context=context) for seconds, context in contexts.items()}
+    packed = packs[first.model_args.context.seconds]
     if len(packed) == 0:
         raise ScoringError(
             f"none of the {len(segments)} {split} segments has features in feature set {store.path}: extract their "
@@ -255,7 +262,9 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
     for name, (_, ckpt) in zip(_member_names([path for path, _ in members]), members):
         model = ckpt.create_model(device)
         model.compute_dtype = PRECISION_DTYPES[_precision(config, ckpt)]
-        verb, noun = score_split(model, packed, frames=_frames(ckpt), batch_size=config.batch_size, device=device)
+        context = ckpt.model_args.context  # its seconds' pack, sampled with its K
+        rows = dataclasses.replace(packs[context.seconds], context=context)
+        verb, noun = score_split(model, rows, frames=_frames(ckpt), batch_size=config.batch_size, device=device)
         scored.append((name, verb.cpu().numpy(), noun.cpu().numpy()))  # (N, Cv), (N, Cn)
     weights = np.ones(len(members)) if config.ensemble_weights is None else np.asarray(config.ensemble_weights)
     if len(scored) == 1:

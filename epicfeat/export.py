@@ -2,8 +2,9 @@
 
 Two models per format, plus ``classes.json`` (class names and every preprocessing setting):
 
-* ``temporal_head``: features (1, T, 2048) float32 -> verb_logits (1, Cv), noun_logits (1, Cn).
-* ``full_model``: frames (1, T, 3, crop, crop) float32 RGB 0..255 -> the same logits (normalisation, backbone,
+* ``temporal_head``: features (1, L, D) float32 -> verb_logits (1, Cv), noun_logits (1, Cn); L = T, or K + T + K
+  for a head trained with context (classes.json's ``window`` says which rows).
+* ``full_model``: frames (1, L, 3, crop, crop) float32 RGB 0..255 -> the same logits (normalisation, backbone,
   rounding to the stored dtype and head inside).
 
 The TorchScript full model computes in the feature set's precision and equals ``predict``; ONNX and CoreML have no
@@ -92,7 +93,7 @@ class FullModel(nn.Module):
 class _Models:
     checkpoint: Checkpoint
     preprocess: Preprocess
-    window: int
+    window: int  # L: the rows (frames) per window the models take
     head: nn.Module
     encoder: FrameEncoder  # predict's: the feature set's precision, channels-last
     features: torch.Tensor  # (1, T, D) float32 check input of the head
@@ -128,7 +129,7 @@ class _Models:
 def build_models(config: ExportConfig) -> _Models:
     """The checkpoint's head and encoder (matching its feature set) and seeded check inputs."""
     checkpoint = load_checkpoint(config.checkpoint)
-    window = checkpoint.window
+    window = checkpoint.sequence_length  # rows per window, context included
     preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()
     # As predict runs it by default: channels-last, not compiled (tracing needs the plain modules).
@@ -237,19 +238,25 @@ def _metadata(models: _Models, config: ExportConfig, result: ExportResult, full_
         "format": config.format,
         "inputs": {
             "temporal_head": {"name": "features", "shape": list(models.features.shape), "dtype": "float32",
-                              "precision": "fp32", "what": "T ResNet50 features of the window, oldest first"},
+                              "precision": "fp32", "what": "the window's L rows of features, oldest first"},
             "full_model": {"name": "frames", "shape": [1, models.window, 3, models.preprocess.crop,
                                                        models.preprocess.crop],
                            "dtype": "float32", "precision": full_precision,
-                           "what": "T frames of the window, oldest first, RGB 0..255, shorter side resized then "
+                           "what": "the window's L frames, oldest first, RGB 0..255, shorter side resized then "
                                    "centre crop"},
         },
         "outputs": ["verb_logits", "noun_logits"],
         "window": {
-            "frames": models.window,
+            "frames": checkpoint.window,
+            "context_seconds": checkpoint.model_args.context.seconds,
+            "context_frames": checkpoint.model_args.context.frames,
+            "rows": models.window,
+            "head": checkpoint.model_args.head,
             "rule": "the T rows are the bin centres of the window's rows, as epicfeat evaluate samples a segment: "
                     "row (2k + 1) * n // (2T) of the n rows in the window, k = 0..T-1 (epicfeat predict "
-                    "--window-seconds; its default 2.0 s is the median EPIC-100 validation segment)",
+                    "--window-seconds; its default 2.0 s is the median EPIC-100 validation segment). With context "
+                    "(K > 0) the rows are K bin centres of the context_seconds before the window, the T, then K of "
+                    "the context_seconds after it (a side without rows repeats the window's edge row)",
         },
         "preprocessing": preprocessing,
         "feature_set": checkpoint.feature_set_key,

@@ -1,4 +1,4 @@
-"""``epicfeat finetune``: the frame encoder and the stage-two BiLSTM trained end to end on decoded clips.
+"""``epicfeat finetune``: the frame encoder and the stage-two head trained end to end on decoded clips.
 
     finetune(config)                    what `epicfeat finetune` calls (every torchrun process does)
       load_start(config)                the train-temporal checkpoint, its feature set's encoder and store
@@ -9,8 +9,8 @@
                                         evaluate_clips), then EpochLog.end_epoch
       _result(...)                      the FinetuneResult, its summary table, and judge(): did it help
 
-A clip's T frames are those of the rows stage two sampled for its segment (``epicfeat.clips``), so epoch 0
-reproduces ``epicfeat evaluate`` on the start. Checkpoints are train-temporal checkpoints plus a ``backbone`` state
+A clip's T frames (and its context's) are those of the rows stage two sampled for its segment (``epicfeat.clips``),
+so epoch 0 reproduces ``epicfeat evaluate`` on the start. Checkpoints are train-temporal checkpoints plus a ``backbone`` state
 dict, so ``epicfeat extract --weights best.pt`` caches the fine-tuned features. Under torchrun each process
 (``World``) takes its share of every global batch; losses are normalised by the global count of valid clips and
 CutMix is drawn over the global batch, so N processes make one process's update. Only rank 0 writes files.
@@ -118,6 +118,11 @@ def load_start(config: FinetuneConfig) -> Start:
             f"{config.checkpoint}: trained on {identity.get('backbone')} features of {checkpoint.model_args.input_dim} "
             "dimensions; finetune trains the ResNet50 backbone (2048-d) only"
         )
+    args = checkpoint.model_args
+    if args.fixed_length and config.frames not in (None, args.frames):
+        raise FinetuneError(f"--frames {config.frames}: {config.checkpoint}'s {args.head} head reads exactly "
+                            f"{args.frames} rows per segment (learned positions or its context's layout); leave "
+                            "--frames out")
     encoder = create_encoder(identity, torch.device("cpu"), weights=checkpoint.backbone_weights(config.weights),
                              trainable=True)  # the weights' hash is checked
     try:
@@ -308,7 +313,8 @@ def _prepare(config: FinetuneConfig, start: Start, world: World) -> _Run:
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
     # --- data: segments whose video exists; decoded on the fly in worker processes
-    data = load_clip_data(config, start.checkpoint.card, start.store, start.preprocess)
+    data = load_clip_data(config, start.checkpoint.card, start.store, start.preprocess,
+                          context=start.checkpoint.model_args.context)
     sampler = torch.utils.data.DistributedSampler(
         data.train, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed, drop_last=False
     )

@@ -4,8 +4,10 @@
     ``window_seconds`` ──► every ``stride`` frames: T rows sampled as evaluate samples a segment ──► temporal head
 
 A prediction's scores are what ``evaluate`` gives the segment [window_start, window_end) (``SegmentWindow``, with
-evaluate's own sampling code). Each prediction is one flushed timeline line; an error after the first frame ends
-the run with the outputs kept and ``PredictResult.error`` saying what happened.
+evaluate's own sampling code); a head trained with context also reads the rows of the context's seconds before
+and after that segment, so its window ends that many seconds before the newest row. Each prediction is one
+flushed timeline line; an error after the first frame ends the run with the outputs kept and
+``PredictResult.error`` saying what happened.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_fr
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
 from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
-from epicfeat.temporal.data import PTS_TOLERANCE, bin_offsets
+from epicfeat.temporal.data import PTS_TOLERANCE, Context, sequence_offsets
 from epicfeat.temporal.precision import recorded_precision
 
 TIMELINE_SUFFIXES = (".csv", ".jsonl")
@@ -50,7 +52,7 @@ class Prediction:
     time: float  # seconds (source clock) of the newest row in the window
     window_start: float  # the window is the segment [window_start, window_end) in seconds, as evaluate cuts one
     window_end: float
-    rows: int  # sampled rows inside the window (the T bins are spread over them)
+    rows: int  # rows inside the window (the T bins are spread over them; context rows not counted)
     frame_index: int  # source frame index of the newest row
     verbs: tuple[tuple[str, float], ...]  # (class, probability), best first
     nouns: tuple[tuple[str, float], ...]
@@ -124,10 +126,12 @@ def top_predictions(verb_logits: np.ndarray, noun_logits: np.ndarray, verb_class
 
 # ------------------------------------------------------------------------------------------------ the window
 @functools.lru_cache(maxsize=256)
-def evaluation_offsets(rows: int, frames: int) -> tuple[int, ...]:
-    """Positions (0..rows-1) of the T rows ``evaluate`` reads from a segment of ``rows`` rows (stage two's
-    ``bin_offsets``): bin centres."""
-    offsets = bin_offsets(torch.tensor([rows]), frames, train=False)  # (1, T)
+def evaluation_offsets(rows: int, frames: int, before: int = 0, after: int = 0,
+                       context: Context = Context()) -> tuple[int, ...]:
+    """Positions (relative to the segment's first row) of the rows ``evaluate`` reads from a segment of ``rows``
+    rows with ``before`` / ``after`` rows of context around it (stage two's ``sequence_offsets``): bin centres."""
+    offsets = sequence_offsets(torch.tensor([rows]), frames, train=False, before=torch.tensor([before]),
+                               after=torch.tensor([after]), context_frames=context.frames)  # (1, K + T + K)
     return tuple(int(o) for o in offsets[0])
 
 
@@ -144,11 +148,13 @@ class SegmentWindow:
 
     The window is [end - seconds, end), where end is the end of the newest row's sampling slot: (k + 1) / fps for
     the row of target k / fps, or the newest time + the gap to the previous row when every frame is kept. So at
-    10 fps a 1.6 s window holds exactly 16 rows. It is ``ready`` once the stream covers the whole window.
+    10 fps a 1.6 s window holds exactly 16 rows. It is ``ready`` once the stream covers the whole window. With a
+    ``context`` of S seconds the window ends S seconds earlier, and the S seconds before and after it are its
+    context (at the stream's start, what there is of it: as at a video's start).
     """
 
-    def __init__(self, seconds: float, frames: int, fps: float | None):
-        self.seconds, self.frames, self.fps = seconds, frames, fps
+    def __init__(self, seconds: float, frames: int, fps: float | None, context: Context = Context()):
+        self.seconds, self.frames, self.fps, self.context = seconds, frames, fps, context
         self.rows: collections.deque[_Row] = collections.deque()
         self.first_pts: float | None = None
         self.gap = 0.0  # fps None: seconds between the two newest rows
@@ -158,7 +164,8 @@ class SegmentWindow:
             self.gap = row.pts - self.rows[-1].pts
         self.first_pts = row.pts if self.first_pts is None else self.first_pts
         self.rows.append(row)
-        while self.rows[0].pts < self.start - PTS_TOLERANCE:  # the newest row always stays (start <= its pts)
+        # the newest row always stays (start - S <= its pts)
+        while self.rows[0].pts < self.start - self.context.seconds - PTS_TOLERANCE:
             self.rows.popleft()
 
     @property
@@ -169,17 +176,30 @@ class SegmentWindow:
         return (math.floor(newest * self.fps + PTS_TOLERANCE) + 1) / self.fps  # end of the newest row's slot
 
     @property
+    def stop(self) -> float:
+        """Where the segment read ends: the stream's end, or S seconds before it with a context."""
+        return self.end - self.context.seconds
+
+    @property
     def start(self) -> float:
-        return self.end - self.seconds
+        return self.stop - self.seconds
 
     @property
     def ready(self) -> bool:
         return bool(self.rows) and self.end > self.rows[-1].pts and self.start >= self.first_pts - PTS_TOLERANCE
 
+    def segment_rows(self) -> tuple[int, int]:
+        """(first, end) positions in ``rows`` of the segment's rows: evaluate's join, start <= pts < stop."""
+        pts = np.array([row.pts for row in self.rows])  # (n,) seconds, ascending
+        first, end = np.searchsorted(pts, [self.start - PTS_TOLERANCE, self.stop - PTS_TOLERANCE], side="left")
+        return int(first), int(end)
+
     def sample(self) -> torch.Tensor:
-        """The T sampled rows' features, oldest first: (1, T, 2048)."""
-        rows = [self.rows[i].features for i in evaluation_offsets(len(self.rows), self.frames)]
-        return torch.stack(rows)[None]  # (1, T, 2048)
+        """The sampled rows' features, oldest first: (1, K + T + K, D); the rows before ``start`` and from ``stop``
+        on are the context (the window keeps no row older than start - S, and the newest ends the context)."""
+        first, end = self.segment_rows()
+        offsets = evaluation_offsets(end - first, self.frames, first, len(self.rows) - end, self.context)
+        return torch.stack([self.rows[first + i].features for i in offsets])[None]  # (1, L, D)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -432,7 +452,8 @@ def _require_pillow() -> None:
 
 def _overlay_lines(prediction: Prediction | None, window: SegmentWindow, live_fps: float) -> list[str]:
     if prediction is None:
-        return [f"warming up: {window.end - window.first_pts:.1f}/{window.seconds:g} s of window", "", "",
+        covered, needed = window.end - window.first_pts, window.seconds + window.context.seconds
+        return [f"warming up: {covered:.1f}/{needed:g} s of window", "", "",
                 f"{live_fps:.1f} FPS"]
     (verb, verb_p), (noun, noun_p) = prediction.verbs[0], prediction.nouns[0]
     action_verb, action_noun, action_p = prediction.actions[0]
@@ -541,7 +562,7 @@ def predict(config: PredictConfig) -> PredictResult:
             "feature_set": checkpoint.feature_set_key, "window": checkpoint.window,
             "window_seconds": config.window_seconds, "stride": config.stride, "fps_sampled": fps}
     outputs = _Outputs(config, checkpoint, meta, models.preprocess, fps)
-    window = SegmentWindow(config.window_seconds, checkpoint.window, fps)
+    window = SegmentWindow(config.window_seconds, checkpoint.window, fps, checkpoint.model_args.context)
     started = time.perf_counter()
     try:
         _stream(config, batches, models, window, outputs, result, started)
@@ -593,7 +614,8 @@ class Models:
             self.checkpoint.verb_classes, self.checkpoint.noun_classes, top_k,
         )
         newest = window.rows[-1]
-        return Prediction(time=newest.pts, window_start=window.start, window_end=window.end, rows=len(window.rows),
+        first, end = window.segment_rows()
+        return Prediction(time=newest.pts, window_start=window.start, window_end=window.stop, rows=end - first,
                           frame_index=newest.frame_index, verbs=verbs, nouns=nouns, actions=actions)
 
 
@@ -701,7 +723,7 @@ def _warm_up(models: Models, batch_size: int) -> None:
     """One untimed pass of each model: the one-off costs (kernel selection, autotuning, compiling) stay untimed."""
     crop = models.preprocess.crop
     features = models.features(np.zeros((batch_size, crop, crop, 3), np.uint8))  # (B, D)
-    models.head(features[:1].expand(models.checkpoint.window, -1)[None])  # (1, T, D)
+    models.head(features[:1].expand(models.checkpoint.sequence_length, -1)[None])  # (1, L, D)
 
 
 def print_summary(result: PredictResult) -> None:

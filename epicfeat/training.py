@@ -24,6 +24,7 @@ import math
 import os
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -204,6 +205,9 @@ class TrainingState:
                 "another --out"
             )
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a captured step's lr tensor, loaded to the CPU: a number again
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].item()
         if self.scaler is not None and self.scaler.is_enabled() and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step = state["scheduler"]["step"]
@@ -222,10 +226,14 @@ class TrainingState:
             console.print(f"resuming {folder.last} after epoch {checkpoint.epoch} (step {self.step})")
 
     def set_lr(self) -> None:
-        """Every parameter group's lr for step ``step``: the schedule's times the group's ``lr_scale`` (default 1)."""
+        """Every parameter group's lr for step ``step``: the schedule's times the group's ``lr_scale`` (default 1);
+        an lr held in a tensor (a captured step reads it there) is filled in place."""
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+            else:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def remaining_epochs(self, epochs: int) -> Iterator[int]:
         """The epochs still to run: those after the last completed one, none once early stopping has decided."""
@@ -241,10 +249,54 @@ class TrainingState:
 
 
 # --------------------------------------------------------------------------------------------- epoch log
+class BackgroundWriter:
+    """One thread that writes a run's files in the order they are submitted while training goes on. What it is
+    given must not change afterwards (host copies); a failed write is raised by the next ``submit`` or ``wait``."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epicfeat-writer")
+        self._pending: list[Future] = []
+
+    def submit(self, write: Callable[..., Any], /, *args, **kwargs) -> Future:
+        self._raise_failures(wait=False)
+        future = self._pool.submit(write, *args, **kwargs)
+        self._pending.append(future)
+        return future
+
+    def wait(self) -> None:
+        """Until every write submitted so far is on disk."""
+        self._raise_failures(wait=True)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _raise_failures(self, *, wait: bool) -> None:
+        done = [f for f in self._pending if wait or f.done()]
+        self._pending = [f for f in self._pending if f not in done]
+        for future in done:
+            future.result()  # re-raises the write's exception here
+
+
+def host_copy(value: Any) -> Any:
+    """``value`` (tensors in nested dicts / lists) with every tensor copied to the host: a snapshot later steps
+    cannot change (a CPU tensor is copied too)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
 class EpochLog:
     """What a run shows and writes after every epoch: best.pt / last.pt, metrics.csv, the plots, TensorBoard
     scalars (after last.pt, so a resumed run never logs an epoch twice), a progress bar and the epoch's line.
-    Only a process that ``writes`` (rank 0) touches files."""
+    Only a process that ``writes`` (rank 0) touches files. The CSV, plots and TensorBoard are written by
+    ``writer``, off the training's path (a command's ``save`` may use it too); leaving the log waits for them."""
 
     def __init__(self, folder: RunFolder, console, *, progress: bool, steps_per_epoch: int, title: str,
                  writes: bool = True):
@@ -252,6 +304,7 @@ class EpochLog:
         self.steps_per_epoch, self.title = steps_per_epoch, title
         self.shows_progress = progress and writes
         self.plots: list[Path] | None = None  # the PNGs drawn by this call (None: none drawn yet)
+        self.writer = BackgroundWriter()
         self._tensorboard = None
 
     def __enter__(self) -> EpochLog:
@@ -260,8 +313,11 @@ class EpochLog:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        try:
+            self.writer.close()  # a run that stops (finished, killed by an exception) leaves its files complete
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
 
     @contextlib.contextmanager
     def progress_bar(self, epoch: int, epochs: int, segments: int) -> Iterator[Callable[[int], None]]:
@@ -295,23 +351,30 @@ class EpochLog:
         improved = state.stopping.update(epoch, row)  # every process has the same metrics: all stop together
         if not self.writes:
             return
-        fields = {"epoch": epoch, "metrics": row, "history": state.history}
+        history = [dict(r) for r in state.history]  # the writer's copy: the run appends to its own
+        fields = {"epoch": epoch, "metrics": dict(row), "history": history}
         if improved:
             save(self.folder.best, **fields)
         save(self.folder.last, **fields, training_state=state.capture())
-        write_csv(self.folder.metrics_csv, state.history)
-        self.plots = self._plot(state)
-        log_tensorboard(self._tensorboard, row, state.schedule, first_step, state.step)
+        self.writer.submit(self._write_files, history, dict(row), state.schedule, first_step, state.step)
         self._report(row, state.stopping, details)
 
     def finish(self, state: TrainingState) -> list[Path]:
         """metrics.csv and the plots, also when a resumed run had no epoch left (killed before its CSV write)."""
         if not self.writes:
             return []
+        self.writer.wait()
         write_csv(self.folder.metrics_csv, state.history)
         if self.plots is None and state.history:
-            self.plots = self._plot(state)
+            self.plots = self._plot(state.history, state.schedule, state.step)
         return list(self.plots or [])
+
+    def _write_files(self, history: list[dict[str, float]], row: dict[str, float], schedule: LRSchedule,
+                     first_step: int, step: int) -> None:
+        """The writer's part of an epoch's end: metrics.csv, the plots, TensorBoard (after last.pt, in order)."""
+        write_csv(self.folder.metrics_csv, history)
+        self.plots = self._plot(history, schedule, step)
+        log_tensorboard(self._tensorboard, row, schedule, first_step, step)
 
     def _report(self, row: dict[str, float], stopping: EarlyStopping, details: list[str] | None) -> None:
         """One line per epoch: losses and top-1 accuracies, then ``details`` (default: lr, speed, epoch time)."""
@@ -332,11 +395,11 @@ class EpochLog:
         if stopping.stopped_early:
             self.console.print(f"early stop: no better validation action top-1 for {stopping.patience} epochs")
 
-    def _plot(self, state: TrainingState) -> list[Path]:
+    def _plot(self, history: list[dict[str, float]], schedule: LRSchedule, step: int) -> list[Path]:
         """loss.png, accuracy.png and lr.png of the history so far (the lr curve: every optimiser step so far)."""
-        steps = range(state.step)
-        lr_curve = ([s / self.steps_per_epoch for s in steps], [state.schedule(s) for s in steps])
-        return plots.plot_training(state.history, self.folder.out, lr_curve=lr_curve, title=self.title)
+        steps = range(step)
+        lr_curve = ([s / self.steps_per_epoch for s in steps], [schedule(s) for s in steps])
+        return plots.plot_training(history, self.folder.out, lr_curve=lr_curve, title=self.title)
 
 
 def write_csv(path: Path, history: list[dict[str, float]]) -> None:

@@ -16,7 +16,8 @@ from epicfeat.evaluate import EvaluateConfig, ScoringError, SubmitConfig, evalua
 from epicfeat.metrics import epic_metrics
 from epicfeat.submission import SubmissionError, log_softmax_rows
 from epicfeat.temporal.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from epicfeat.temporal.data import pack_split
+from epicfeat.temporal.data import Context, pack_split
+from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 from epicfeat.store import open_feature_set
 from epicfeat.temporal.train import TrainTemporalConfig, score_split, train_temporal
 
@@ -55,12 +56,12 @@ def _config(cls, trained, out, **values):
     return cls(out=out, device="cpu", progress=False, **values)
 
 
-def _direct_logits(trained, checkpoint, split):
+def _direct_logits(trained, checkpoint, split, context=Context()):
     """Logits of one checkpoint by a direct model call on the packed split (what evaluate must reproduce)."""
     dataset, cache, _ = trained
     ckpt = load_checkpoint(checkpoint)
     packed = pack_split(open_feature_set(cache, None), EpicAnnotations(dataset.annotations).segments(split),
-                        progress=False)
+                        context=context, progress=False)
     model = ckpt.create_model()
     model.compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ckpt.config["precision"]]
     verb, noun = score_split(model, packed, frames=ckpt.config["frames"], batch_size=7, device=torch.device("cpu"))
@@ -128,6 +129,79 @@ def test_an_ensemble_of_two_checkpoints_equals_the_hand_averaged_scores(trained,
     assert [m["weight"] for m in saved["members"]] == [0.25, 0.75]
     assert [m["frames"] for m in saved["members"]] == [4, 8]
     assert "ensemble" in result.metrics_table.read_text()
+
+
+def _with_head(checkpoint, path, head, frames, context):
+    """A checkpoint of ``head`` (random weights) in place of ``checkpoint``'s model: its card and feature statistics,
+    ``frames`` rows per segment and ``context`` around them."""
+    ckpt = load_checkpoint(checkpoint)
+    args = TemporalModelArgs(head=head, input_dim=ckpt.model_args.input_dim, frames=frames, width=16,
+                             attention_heads=4, context_seconds=context.seconds, context_frames=context.frames,
+                             n_verbs=ckpt.model_args.n_verbs, n_nouns=ckpt.model_args.n_nouns)
+    torch.manual_seed(3)
+    model = create_temporal_model(args, ckpt.model_state["feature_mean"], ckpt.model_state["feature_std"])
+    if model.context_marker is not None:
+        torch.nn.init.normal_(model.context_marker)
+    card = dataclasses.replace(ckpt.card, config={**ckpt.config, "frames": frames, "head": head,
+                                                  "context_seconds": context.seconds,
+                                                  "context_frames": context.frames})
+    return save_checkpoint(path, model=model, card=card, epoch=1, metrics={}, history=[])
+
+
+def test_an_ensemble_of_heads_scores_each_member_on_the_rows_and_context_it_was_trained_with(trained, tmp_path):
+    """A BiLSTM of T=4 without context, a transformer of T=8 and an attentive probe of T=4 each with its own
+    context: each member reads its own pack (its context's rows) at its own K + T + K."""
+    _, _, checkpoints = trained
+    contexts = {"transformer": Context(1.0, 2), "attentive": Context(0.5, 3)}
+    members = [checkpoints[0],
+               _with_head(checkpoints[1], tmp_path / "transformer.pt", "transformer", 8, contexts["transformer"]),
+               _with_head(checkpoints[0], tmp_path / "attentive.pt", "attentive", 4, contexts["attentive"])]
+    result = evaluate(_config(EvaluateConfig, trained, tmp_path / "ev", checkpoints=tuple(members),
+                              ensemble_mode="logits"))
+    scores = [_direct_logits(trained, members[0], "validation")[1:],
+              _direct_logits(trained, members[1], "validation", contexts["transformer"])[1:],
+              _direct_logits(trained, members[2], "validation", contexts["attentive"])[1:]]
+    verb = _log_softmax(sum(v for v, _ in scores) / 3)
+    noun = _log_softmax(sum(n for _, n in scores) / 3)
+    with open(result.results_pickle, "rb") as f:
+        results = pickle.load(f)
+    np.testing.assert_allclose(results["verb_output"], verb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results["noun_output"], noun, rtol=1e-5, atol=1e-5)
+    # the same K rows from another context's seconds give other scores: the seconds it trained with are what counts
+    other = _direct_logits(trained, members[1], "validation", Context(0.3, 2))[1]
+    assert np.abs(other - scores[1][0]).max() > 1e-3
+
+
+def test_compare_runs_tabulates_each_runs_official_metrics_epoch_time_and_parameters(trained, tmp_path):
+    from epicfeat.temporal.compare import CompareError, compare_runs, main
+
+    dataset, cache, checkpoints = trained
+    lstm = checkpoints[0].parent  # a real train-temporal run folder
+    transformer = tmp_path / "runs" / "head_transformer"
+    transformer.mkdir(parents=True)
+    _with_head(checkpoints[1], transformer / "best.pt", "transformer", 8, Context(1.0, 2))
+    shutil.copy(checkpoints[1].parent / "metrics.csv", transformer / "metrics.csv")
+    table = compare_runs([lstm, transformer], annotations=dataset.annotations, cache=cache, out=tmp_path / "cmp",
+                         device="cpu", progress=False)
+    assert table["run"].tolist() == [lstm.name, "head_transformer"] and table["head"].tolist() == ["lstm", "transformer"]
+    assert table["T"].tolist() == [4, 8] and table["context_s"].tolist() == [0.0, 1.0]
+    direct = evaluate(_config(EvaluateConfig, trained, tmp_path / "direct", checkpoints=(transformer / "best.pt",)))
+    assert table["action@1"][1] == direct.metrics["all_action_accuracy_at_1"]
+    assert table["verb@5"][1] == direct.metrics["all_verb_accuracy_at_5"]
+    model = load_checkpoint(transformer / "best.pt").create_model()
+    assert table["parameters"][1] == sum(p.numel() for p in model.parameters())
+    assert (table["epoch_s"] > 0).all() and table["epochs"].tolist() == [1, 1]
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [row["head"] for row in saved] == ["lstm", "transformer"]
+    assert "| run | head | T |" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    with pytest.raises(CompareError, match="no best.pt"):
+        compare_runs([tmp_path], annotations=dataset.annotations, cache=cache, out=tmp_path / "x", progress=False)
+    command = [sys.executable, "-m", "epicfeat.temporal.compare", "--annotations", str(dataset.annotations),
+               "--cache", str(cache), "--out", str(tmp_path / "y"), str(tmp_path / "nothing")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing'}: no best.pt / metrics.csv; pass train-temporal run folders (--out of each run)"]
 
 
 def test_submit_writes_the_leaderboard_zip_with_every_test_segment(trained, tmp_path):

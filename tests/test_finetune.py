@@ -24,7 +24,6 @@ from epicfeat.clips import (
     decode_threads,
     global_positions,
     load_clip_data,
-    sample_row_offsets,
     sample_step_cutmix,
     segment_rows,
 )
@@ -49,7 +48,7 @@ from epicfeat.finetune import (
 from epicfeat.frames import Preprocess
 from epicfeat.store import FeatureStore
 from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
-from epicfeat.temporal.data import PackedSplit, pack_split
+from epicfeat.temporal.data import Context, PackedSplit, pack_split
 from epicfeat.temporal.train import TrainTemporalConfig, load_training_data, score_split, train_temporal
 
 FRAMES = 4
@@ -119,10 +118,29 @@ def test_clip_rows_use_the_bins_of_stage_two(count):
     rows = SegmentRows(times=pts, start=np.array([0]), count=np.array([count]))
     for train in (False, True):
         expected = split.sample_rows(torch.tensor([0]), FRAMES, train=train, generator=torch.Generator().manual_seed(5))
-        offsets = sample_row_offsets(count, FRAMES, train=train, generator=torch.Generator().manual_seed(5))
-        np.testing.assert_array_equal(offsets, expected[0].numpy())
         times = rows.clip_times(0, FRAMES, train=train, generator=torch.Generator().manual_seed(5))
         np.testing.assert_array_equal(times, pts[expected[0].numpy()])
+
+
+def test_clip_times_with_context_are_the_rows_stage_two_reads_around_each_segment(synthetic_dataset, stage_two):
+    """A head trained with context: a clip's K + T + K times are the stored rows stage two gathers for the segment
+    and its context (same bins, same draws)."""
+    root, checkpoint_path = stage_two
+    store = load_start(_config(synthetic_dataset, checkpoint_path, root / "unused")).store
+    segments = EpicAnnotations(synthetic_dataset.annotations).segments("validation")
+    context = Context(0.7, 2)
+    kept, rows, dropped = segment_rows(store, segments, context)
+    packed = pack_split(store, segments, context=context, progress=False)
+    assert dropped == 0 and len(kept) == len(packed) and packed.context_before.min() > 0
+    for s, video_id in enumerate(kept["video_id"]):
+        video = store.read(video_id)
+        for train in (False, True):
+            times = rows.clip_times(s, FRAMES, train=train, generator=torch.Generator().manual_seed(s))  # (L,)
+            expected = packed.gather(torch.tensor([s]), FRAMES, train=train,
+                                     generator=torch.Generator().manual_seed(s))[0]  # (L, D)
+            assert times.shape == (2 + FRAMES + 2,)
+            read = np.searchsorted(np.asarray(video.pts), times)  # the stored rows at those times
+            np.testing.assert_array_equal(np.asarray(video.features[:])[read], expected.numpy())
 
 
 def test_clip_frames_are_the_stored_rows_of_stage_two_at_59_94_fps(synthetic_dataset, stage_two):
@@ -608,6 +626,37 @@ def test_epoch_0_scores_like_evaluate_and_stays_best_when_an_epoch_is_worse(synt
     assert best.feature_set == start.feature_set  # the start's own features still pair with it
     check_feature_set(best, FeatureStore.open(root / "cache" / start.feature_set_key).identity)
     assert load_checkpoint(out / "last.pt").epoch == 1  # the worse epoch is kept only as last.pt
+
+
+def test_a_transformer_head_with_context_starts_where_evaluate_scores_it(synthetic_dataset, stage_two, tmp_path):
+    """Another head, with context: epoch 0's clips (K + T + K decoded frames) score as evaluate scores the stored
+    features; --frames must be the head's own T."""
+    from epicfeat.configs import EvaluateConfig
+    from epicfeat.evaluate import evaluate as evaluate_command
+    from epicfeat.temporal.checkpoint import save_checkpoint
+    from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
+
+    root, checkpoint_path = stage_two
+    start = load_checkpoint(checkpoint_path)
+    args = TemporalModelArgs(head="transformer", input_dim=2048, frames=FRAMES, width=16, attention_heads=4,
+                             context_seconds=0.7, context_frames=2, n_verbs=start.model_args.n_verbs,
+                             n_nouns=start.model_args.n_nouns)
+    torch.manual_seed(0)
+    model = create_temporal_model(args, start.model_state["feature_mean"], start.model_state["feature_std"])
+    torch.nn.init.normal_(model.context_marker)
+    checkpoint = save_checkpoint(tmp_path / "transformer.pt", model=model, card=start.card, epoch=1, metrics={},
+                                 history=[])
+    scored = evaluate_command(EvaluateConfig(checkpoints=(checkpoint,), annotations=synthetic_dataset.annotations,
+                                             cache=root / "cache", out=tmp_path / "evaluate", device="cpu",
+                                             progress=False))
+    with pytest.raises(FinetuneError, match=f"reads exactly {FRAMES} rows per segment"):
+        finetune(_config(synthetic_dataset, checkpoint, tmp_path / "bad", frames=FRAMES + 1, cache=root / "cache"))
+    result = finetune(_config(synthetic_dataset, checkpoint, tmp_path / "ft", trainable_stages=0, precision="fp32",
+                              cache=root / "cache"))
+    for key, value in scored.metrics.items():
+        if "accuracy" in key and not np.isnan(value):
+            assert result.start_metrics[key] == pytest.approx(value, abs=1e-9), key
+    assert load_checkpoint(tmp_path / "ft" / "last.pt").model_args == args
 
 
 def test_the_verdict_says_by_how_much_fine_tuning_helped():

@@ -213,13 +213,15 @@ def _timestamp(seconds: float) -> str:
     return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision, head, context_seconds", [("fp32", "lstm", 0.0), ("bf16", "lstm", 0.0),
+                                                              ("fp32", "transformer", 0.5)])
 def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluate(synthetic_dataset, tmp_path,
-                                                                                  precision):
+                                                                                  precision, head, context_seconds):
     """extract + evaluate on segments [window_start, window_end) of predict's windows give predict's scores.
 
     A 1.5 s window at 10 fps holds 15 rows and T=8 bin centres ((2k + 1) * 15 // 16) read rows 0, 2, ..., 14: not the
-    last 8 rows, so the test tells the two samplings apart. A run trained in bf16 is scored in bf16 by both."""
+    last 8 rows, so the test tells the two samplings apart. A run trained in bf16 is scored in bf16 by both. A head
+    trained with context reads the same rows around the window as evaluate reads around the segment."""
     import pickle
     import shutil
 
@@ -238,9 +240,13 @@ def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluat
     stored = torch.from_numpy(np.asarray(store.read(video_id).features)).float()  # (rows, 2048)
     annotations = EpicAnnotations(synthetic_dataset.annotations)
     verbs, nouns = annotations.verbs.keys, annotations.nouns.keys
-    args = TemporalModelArgs(hidden=16, layers=1, n_verbs=len(verbs), n_nouns=len(nouns))
+    args = TemporalModelArgs(head=head, frames=T, hidden=16, layers=1, width=16, attention_heads=4,
+                             context_seconds=context_seconds, context_frames=3 if context_seconds else 0,
+                             n_verbs=len(verbs), n_nouns=len(nouns))
     torch.manual_seed(1)
     model = create_temporal_model(args, stored.mean(0), stored.std(0)).eval()
+    if model.context_marker is not None:
+        torch.nn.init.normal_(model.context_marker)
     card = ModelCard(config={"frames": T, "precision": precision}, verb_classes=verbs, noun_classes=nouns,
                      feature_set=store.identity.to_dict(), feature_set_key=store.identity.key())
     checkpoint = save_checkpoint(tmp_path / "best.pt", model=model, card=card, epoch=1, metrics={}, history=[])
@@ -250,6 +256,8 @@ def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluat
                                    top_k=max(len(verbs), len(nouns)), device="cpu", progress=False))
     # Default batch size: the feature set's (32), short batches padded like extract's: bit-identical features.
     assert result.notes == [] and len(result.predictions) > 5 and {p.rows for p in result.predictions} == {15}
+    # With context the window ends S seconds before the newest row: those rows are its context after it.
+    assert all(p.time < p.window_end + context_seconds <= p.time + 0.1 + 1e-9 for p in result.predictions)
 
     # The validation split: one segment per prediction, cut exactly as its window.
     folder = tmp_path / "annotations"
@@ -274,7 +282,10 @@ def test_a_segment_cut_as_a_window_gets_the_same_scores_from_predict_and_evaluat
         predicted_nouns = dict(p.nouns)
         np.testing.assert_allclose([predicted_verbs[v] for v in verbs], np.exp(verb_log_probs), rtol=2e-6, atol=1e-7)
         np.testing.assert_allclose([predicted_nouns[n] for n in nouns], np.exp(noun_log_probs), rtol=2e-6, atol=1e-7)
-    assert len({p.verbs[0][0] for p in result.predictions} | {p.nouns[0][0] for p in result.predictions}) > 2
+    verb_probs = np.array([[dict(p.verbs)[v] for v in verbs] for p in result.predictions])  # (windows, Cv)
+    assert np.ptp(verb_probs, axis=0).max() > 1e-3  # the windows' scores differ: the comparison means something
+    if head == "lstm":
+        assert len({p.verbs[0][0] for p in result.predictions} | {p.nouns[0][0] for p in result.predictions}) > 2
 
 
 # ------------------------------------------------------------------------------------------------ nothing lost

@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from epicfeat.temporal.data import PackedSplit, PackError, cached_pack_split, feature_stats, pack_split
+from epicfeat.temporal.data import (
+    Context,
+    PackedSplit,
+    PackError,
+    cached_pack_split,
+    feature_stats,
+    pack_split,
+    sequence_offsets,
+)
 
 
 # --- a tiny in-memory stand-in for FeatureStore (same duck type: complete_videos, read, identity) -------------
@@ -245,6 +253,65 @@ def test_gather_returns_the_sampled_rows():
     assert torch.equal(train_batch, features[split.sample_rows(segments, 4, train=True, generator=gen_b)])
     moved = split.to("cpu")
     assert moved is not split and torch.equal(moved.gather(segments, 4, train=False), batch)
+
+
+# --- context: the rows around a segment --------------------------------------------------------------------------
+
+
+def test_context_rows_are_packed_around_each_segment_and_sampled_k_then_t_then_k(tmp_path):
+    store = _MemoryStore({"P01_01": _video(np.arange(30) * 0.1, video_number=1)})  # rows 0..29 at 0.0 .. 2.9 s
+    segments = _segments([("a", "P01_01", 1.0, 1.5), ("b", "P01_01", 0.0, 0.3), ("c", "P01_01", 2.7, 3.0)])
+    split = pack_split(store, segments, context=Context(0.4, 2), progress=False)
+    # a: rows 10..14, its context 6..9 (pts >= 0.6) and 15..18 (pts < 1.9); b starts the video, c ends it.
+    assert split.context_before.tolist() == [4, 0, 4] and split.context_after.tolist() == [4, 4, 0]
+    rows = split.gather(torch.arange(3), 4, train=False)[:, :, 0].long()  # (3, K + T + K) in-video row numbers
+    assert rows.tolist() == [
+        [7, 9, 10, 11, 13, 14, 16, 18],  # bin centres of each side's 4 rows, and of the segment's 5
+        [0, 0, 0, 1, 1, 2, 4, 6],  # no row before the video's first: its edge row repeats
+        [24, 26, 27, 28, 28, 29, 29, 29],  # ... nor after its last
+    ]
+    drawn = split.sample_rows(torch.zeros(200, dtype=torch.int64), 4, train=True,
+                              generator=torch.Generator().manual_seed(0))  # (200, 8) packed positions of a
+    in_video = split.features[drawn.reshape(-1), 0].long().reshape(200, 8)
+    assert set(in_video[:, :2].flatten().tolist()) == {6, 7, 8, 9}  # training draws stay on their side
+    assert set(in_video[:, 2:6].flatten().tolist()) == {10, 11, 12, 13, 14}
+    assert set(in_video[:, 6:].flatten().tolist()) == {15, 16, 17, 18}
+    without = pack_split(store, segments, progress=False)
+    assert without.context_before is None and without.gather(torch.arange(3), 4, train=False).shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="context_before / context_after"):
+        dataclasses.replace(without, context=Context(0.4, 2))
+
+
+def test_sequence_offsets_without_context_are_the_bin_offsets():
+    counts = torch.tensor([5, 3])
+    assert sequence_offsets(counts, 4, train=False).tolist() == [[0, 1, 3, 4], [0, 1, 1, 2]]
+    with_context = sequence_offsets(counts, 4, train=False, before=torch.tensor([2, 0]), after=torch.tensor([0, 6]),
+                                    context_frames=1)
+    assert with_context.tolist() == [[-1, 0, 1, 3, 4, 4], [0, 0, 1, 1, 2, 6]]  # K = 1: each side's centre row
+    with pytest.raises(ValueError, match="both be > 0 or both 0"):
+        Context(1.0, 0)
+
+
+def test_a_pack_with_context_is_cached_apart_from_one_without(tmp_path):
+    store_module = pytest.importorskip("epicfeat.store")
+    identity = store_module.FeatureSetIdentity(
+        weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=4,
+        decoder="pyav-test", device="cpu", tf32=False, batch_size=8, channels_last=False, compile=False,
+        fold_bn=True)
+    store = store_module.FeatureStore.create(tmp_path / "cache", identity)
+    with store.writer("P01_01", attrs={"source_fps": 50.0, "duration": 3.0}) as writer:
+        writer.append(_video(np.arange(30) / 10)[0], np.arange(30) / 10, np.arange(30) * 5)
+        writer.commit()
+    segments = _segments([("a", "P01_01", 1.0, 1.5, 1, 2)])
+    plain = cached_pack_split(store, segments, "train", progress=False)
+    context = cached_pack_split(store, segments, "train", context=Context(0.5, 2), progress=False)
+    again = cached_pack_split(store, segments, "train", context=Context(0.5, 3), progress=False)  # same rows, K = 3
+    assert len(list((tmp_path / "cache" / ".packed" / store.path.name).iterdir())) == 2
+    assert len(plain.features) == 5 and len(context.features) == 15  # rows 5..19
+    assert again.summary["loaded_from_cache"] == 1 and again.context == Context(0.5, 3)
+    assert again.context_before.tolist() == [5] and again.context_after.tolist() == [5]
+    assert again.gather(torch.tensor([0]), 2, train=False)[0, :, 0].tolist() == [5, 7, 9, 11, 13, 15, 17, 19]
 
 
 # --- statistics -------------------------------------------------------------------------------------------------

@@ -13,15 +13,14 @@ from epicfeat.temporal.checkpoint import CheckpointError, load_checkpoint
 from epicfeat.temporal.data import PackedSplit
 from epicfeat.temporal.train import (
     LRSchedule,
-    TimeCutMix,
+    StepSettings,
     TrainError,
     TrainingData,
-    StepSettings,
     TrainTemporalConfig,
-    apply_time_cutmix,
+    cutmix_cross_entropy,
     fit,
     mixed_cross_entropy,
-    sample_time_cutmix,
+    plan_epoch,
     train_one_epoch,
 )
 from epicfeat.training import EarlyStopping, EpochLog, TrainingState
@@ -131,41 +130,76 @@ def test_training_sets_the_lr_per_step(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- CutMix
-def test_time_cutmix_pastes_the_partners_span_and_mixes_labels_by_its_length():
-    features = torch.tensor([[0.0, 1, 2, 3], [10, 11, 12, 13]]).unsqueeze(-1)  # (2, 4, 1)
-    mix = TimeCutMix(partner=torch.tensor([1, 0]), start=1, span=2, frames=4)
-    mixed = apply_time_cutmix(features, mix)
-    assert mixed.squeeze(-1).tolist() == [[0, 11, 12, 3], [10, 1, 2, 13]]
-    assert features.squeeze(-1).tolist()[0] == [0, 1, 2, 3]  # the input is left alone
-    assert mix.fraction == 0.5
+def _distinct_split(segments: int, frames: int) -> PackedSplit:
+    """Segment s owns rows s * T ... s * T + T - 1 and has verb s: T bins of one row each sample every row, and
+    row // T says whose a row is."""
+    count = torch.full((segments,), frames, dtype=torch.int64)
+    return PackedSplit(features=torch.arange(segments * frames, dtype=torch.float16).unsqueeze(1),
+                       row_start=torch.arange(segments) * frames, row_count=count,
+                       verb_labels=torch.arange(segments), noun_labels=torch.arange(segments) % 3,
+                       narration_ids=[str(i) for i in range(segments)], participant_ids=["P01"] * segments,
+                       video_ids=["P01_01"] * segments)
 
+
+def test_the_epoch_plan_pastes_a_partners_span_per_micro_batch_and_weights_its_labels_by_the_span():
+    frames = 8
+    split = _distinct_split(24, frames)
+    settings = StepSettings(frames=frames, batch_size=10, micro_batch_size=5, cutmix_alpha=1.0)
+    plan = plan_epoch(split, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    own, partner = plan.verb_targets.T  # (S,) each: the segment at each position of the epoch, its partner
+    assert sorted(own.tolist()) == list(range(24))  # every segment once, in a random order
+    assert torch.equal(plan.noun_targets, plan.verb_targets % 3)  # the partner's noun too
+    assert torch.allclose(plan.weights.sum(1), torch.ones(24))
+    # Steps 10 and 20 start new batches: micro-batches are positions 0-4, 5-9, 10-14, 15-19 and 20-23.
+    micro_batches = [range(0, 5), range(5, 10), range(10, 15), range(15, 20), range(20, 24)]
+    mixed_spans = 0
+    for positions in micro_batches:
+        members = sorted(own[list(positions)].tolist())
+        assert sorted(partner[list(positions)].tolist()) == members  # partners: a permutation of the micro-batch
+        pasted = [(plan.rows[p] // frames != own[p]).nonzero().flatten().tolist() for p in positions]
+        spans = {round(plan.weights[p, 1].item() * frames) for p in positions}
+        assert len(spans) == 1  # one span per micro-batch ...
+        (span,) = spans
+        for p, steps in zip(positions, pasted):
+            if partner[p] != own[p]:  # ... at one start: the partner's rows at those steps, the own rows elsewhere
+                assert len(steps) == span and steps == list(range(steps[0], steps[0] + span)) if span else not steps
+                assert torch.equal(plan.rows[p], torch.where(plan.rows[p] // frames == own[p],
+                                                             own[p] * frames, partner[p] * frames)
+                                   + torch.arange(frames))
+                mixed_spans += bool(span)
+    assert mixed_spans > 5
+    without = plan_epoch(split, dataclasses.replace(settings, cutmix_alpha=0.0), torch.Generator().manual_seed(0),
+                         torch.device("cpu"))
+    assert torch.equal(without.rows // frames, without.verb_targets[:, :1].expand(-1, frames))
+    assert torch.equal(without.weights, torch.tensor([[1.0, 0.0]]).expand(24, 2))
+
+
+def test_cutmix_spans_follow_beta_one_and_fit_the_sequence():
+    split = _distinct_split(400, 10)
+    settings = StepSettings(frames=10, batch_size=400, micro_batch_size=2, cutmix_alpha=1.0)
+    plan = plan_epoch(split, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    fractions = plan.weights[::2, 1]  # (200,) one per micro-batch
+    assert set((fractions * 10).round().tolist()) <= set(range(11))
+    assert fractions.mean().item() == pytest.approx(0.5, abs=0.05)  # E[1 - lam] = 1/2 for Beta(1, 1)
+
+
+def test_cutmix_losses_mix_the_two_cross_entropies_by_the_partners_share():
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
-    labels = torch.tensor([0, 1])
+    labels, partners = torch.tensor([0, 1]), torch.tensor([1, 0])
     own = (math.log(1 + math.exp(-2)) + math.log(2)) / 2  # CE of rows 0 and 1 against their own labels
     partner = (2 + math.log(1 + math.exp(-2)) + math.log(2)) / 2  # against the partner's labels [1, 0]
-    partners = labels[mix.partner]  # (2,) [1, 0]
-    assert mixed_cross_entropy(logits, labels, partners, mix.fraction, 0.0).item() == pytest.approx(
-        0.5 * own + 0.5 * partner)
-    quarter = dataclasses.replace(mix, span=1)
-    assert mixed_cross_entropy(logits, labels, partners, quarter.fraction, 0.0).item() == pytest.approx(
+    assert mixed_cross_entropy(logits, labels, partners, 0.5, 0.0).item() == pytest.approx(0.5 * own + 0.5 * partner)
+    assert mixed_cross_entropy(logits, labels, partners, 0.25, 0.0).item() == pytest.approx(
         0.75 * own + 0.25 * partner)
     assert mixed_cross_entropy(logits, labels, None, 0.0, 0.0).item() == pytest.approx(own)
-
-
-def test_sampled_cutmix_spans_fit_the_sequence_and_follow_beta_one():
-    generator = torch.Generator().manual_seed(0)
-    fractions = []
-    for _ in range(400):
-        mix = sample_time_cutmix(6, 10, 1.0, generator)
-        if mix is None:  # span rounded to 0: nothing mixed
-            fractions.append(0.0)
-            continue
-        assert 0 <= mix.span <= 10 and 0 <= mix.start and mix.start + mix.span <= 10  # 0: nothing mixed
-        assert sorted(mix.partner.tolist()) == list(range(6))
-        assert mix.fraction == mix.span / 10
-        fractions.append(mix.fraction)
-    assert np.mean(fractions) == pytest.approx(0.5, abs=0.05)  # E[1 - lam] = 1/2 for Beta(1, 1)
-    assert sample_time_cutmix(6, 10, 0.0, generator) is None
+    # With label smoothing, per input: torch's cross-entropy of each target, mixed.
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 5, (6, 2), generator=torch.Generator().manual_seed(1))
+    share = torch.rand(6, generator=torch.Generator().manual_seed(2))
+    expected = sum(w * torch.nn.functional.cross_entropy(logits, t, label_smoothing=0.1, reduction="none")
+                   for w, t in ((1 - share, targets[:, 0]), (share, targets[:, 1])))
+    mixed = cutmix_cross_entropy(logits, targets, torch.stack([1 - share, share], 1), 0.1)
+    assert torch.allclose(mixed, expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- learning + outputs

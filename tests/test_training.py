@@ -180,6 +180,42 @@ def test_the_epoch_log_writes_best_only_when_improved_and_every_file_every_epoch
                         0.1 / 6)  # warm-up round(1.5 * 4) = 6 steps
 
 
+def test_the_epoch_files_are_written_off_the_training_path_and_complete_when_the_log_closes(tmp_path, monkeypatch):
+    """end_epoch returns while its CSV, plots and TensorBoard are still being written (a writer thread); leaving
+    the log waits for them, and a write that failed is raised there, never lost."""
+    import threading
+
+    import epicfeat.temporal.plots as plots
+
+    folder = _folder(tmp_path)
+    folder.out.mkdir()
+    _, state = _model_and_state(0)
+    release, drawing = threading.Event(), threading.Event()
+    draw = plots.plot_training
+
+    def slow_plot(*args, **kwargs):
+        drawing.set()
+        assert release.wait(timeout=60)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_training", slow_plot)
+    row = {"epoch": 1, "step": 2, "lr": 0.01, "train_loss": 1.0, "all_action_accuracy_at_1": 5.0}
+    with EpochLog(folder, make_console(False), progress=False, steps_per_epoch=2, title="t") as log:
+        state.step = 2
+        log.end_epoch(row, state, lambda path, **fields: None, 0)
+        assert drawing.wait(timeout=60) and not (folder.out / "loss.png").exists()  # returned mid-drawing
+        row["train_loss"] = 9.0  # the run goes on with its own copies: the files show the epoch as it ended
+        release.set()
+    assert sorted(p.name for p in folder.out.glob("*.png")) == ["accuracy.png", "loss.png", "lr.png"]
+    with open(folder.metrics_csv) as f:
+        assert [float(r["train_loss"]) for r in csv.DictReader(f)] == [1.0]
+
+    monkeypatch.setattr(plots, "plot_training", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError), EpochLog(folder, make_console(False), progress=False, steps_per_epoch=2,
+                                                     title="t") as log:
+        log.end_epoch(dict(row, epoch=2), state, lambda path, **fields: None, 2)
+
+
 def test_a_process_that_does_not_write_keeps_the_same_state_and_no_files(tmp_path):
     folder = _folder(tmp_path)
     _, state = _model_and_state(0)

@@ -3,7 +3,7 @@
 
     format, format_version, epicfeat_version
     model                  the TemporalModel state dict (its feature_mean / feature_std buffers included)
-    model_args             TemporalModelArgs as a dict
+    model_args             TemporalModelArgs as a dict (the head, its sizes, the context it reads)
     config                 the resolved TrainTemporalConfig as a dict (paths as strings)
     verb_classes, noun_classes   class keys, index = class id
     feature_set, feature_set_key the FeatureSetIdentity (dict) of the features it was trained on, and its key
@@ -87,8 +87,13 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path} does not record its window length (config 'frames')")
         return frames
 
+    @property
+    def sequence_length(self) -> int:
+        """L = K + T + K: the rows the model reads per window, its context's included."""
+        return self.model_args.context.sequence_length(self.window)
+
     def create_model(self, device: torch.device | str = "cpu") -> TemporalModel:
-        """The trained model in eval mode, standardisation included."""
+        """The trained model (its head) in eval mode, standardisation included."""
         model = create_temporal_model(self.model_args)
         model.load_state_dict(self.model_state)
         return model.to(device).eval()

@@ -8,10 +8,15 @@
 
 A batch is then one ``index_select`` (``PackedSplit.gather``), on the CPU or on the GPU holding the split.
 Segments join rows by the stored timestamps (``start_sec <= pts < stop_sec``), never by counting frames.
+
+With a ``Context`` the pack also holds the rows ``seconds`` before and after each segment (``context_before`` /
+``context_after`` of them, packed right before and after its own), and a sampled sequence is K + T + K rows:
+K from the context before, the segment's T, K from the context after (``sequence_offsets``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +54,29 @@ class PackError(EpicfeatError):
     """A split that cannot be packed from a feature set (bad columns, unusable stored timestamps)."""
 
 
+@dataclass(frozen=True)
+class Context:
+    """The rows around a segment that a head also sees: ``frames`` (K) rows from the ``seconds`` before the segment
+    and K from the ``seconds`` after it, sampled by the segment's rule. ``Context()``: none."""
+
+    seconds: float = 0.0
+    frames: int = 0
+
+    def __post_init__(self) -> None:
+        if self.seconds < 0 or self.frames < 0 or (self.seconds > 0) != (self.frames > 0):
+            raise ValueError(f"context: seconds and frames must both be > 0 or both 0, got {self.seconds}, "
+                             f"{self.frames}")
+
+    @classmethod
+    def of_config(cls, config: Any) -> Context:
+        """A train-temporal config's context (its ``context_seconds``; ``context_frames`` only with seconds > 0)."""
+        return cls(config.context_seconds, config.context_frames if config.context_seconds > 0 else 0)
+
+    def sequence_length(self, frames: int) -> int:
+        """Rows a head reads per segment of ``frames`` (T) sampled rows: K + T + K."""
+        return frames + 2 * self.frames
+
+
 @dataclass(repr=False, eq=False)
 class PackedSplit:
     """One split packed contiguously in memory (or a local memmap); built by ``pack_split`` (or by hand in tests)."""
@@ -64,10 +92,17 @@ class PackedSplit:
     summary: dict[str, int] = field(default_factory=dict)
     feature_set: dict = field(default_factory=dict)  # FeatureSetIdentity.to_dict() of the store it came from
     missing_video_ids: tuple[str, ...] = ()  # videos the split needs that the store lacks (run extract for them)
+    context: Context = Context()  # what sample_rows reads around each segment
+    context_before: torch.Tensor | None = None  # (S,) int64 rows packed right before each segment's (with context)
+    context_after: torch.Tensor | None = None  # (S,) int64 rows packed right after each segment's (with context)
 
     def __post_init__(self) -> None:
         n = len(self.row_start)
-        names = ("row_count", "narration_ids", "participant_ids", "video_ids", "verb_labels", "noun_labels")
+        if self.context.frames and (self.context_before is None or self.context_after is None):
+            raise ValueError("PackedSplit: sampling with context needs the context_before / context_after counts "
+                             "(pack the split with that context)")
+        names = ("row_count", "narration_ids", "participant_ids", "video_ids", "verb_labels", "noun_labels",
+                 "context_before", "context_after")
         lengths = {name: len(getattr(self, name)) for name in names if getattr(self, name) is not None}
         wrong = {name: length for name, length in lengths.items() if length != n}
         if wrong:
@@ -93,26 +128,35 @@ class PackedSplit:
 
     def sample_rows(self, segments: torch.Tensor, frames: int, *, train: bool,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """Rows of ``features`` to read for each segment: (B, T) int64, by ``bin_offsets``."""
+        """Rows of ``features`` to read for each segment: (B, L) int64, L = K + T + K (``sequence_offsets``)."""
         segments = torch.as_tensor(segments, dtype=torch.int64, device=self.row_count.device)
         starts = self.row_start[segments].unsqueeze(1)  # (B, 1)
-        return starts + bin_offsets(self.row_count[segments], frames, train=train, generator=generator)  # (B, T)
+        around = {}
+        if self.context.frames:
+            around = dict(before=self.context_before[segments], after=self.context_after[segments],
+                          context_frames=self.context.frames)
+        offsets = sequence_offsets(self.row_count[segments], frames, train=train, generator=generator, **around)
+        return starts + offsets  # (B, L)
 
     def gather(self, segments: torch.Tensor, frames: int, **sampling: Any) -> torch.Tensor:
-        """Features of ``frames`` rows per segment, (B, T, D) float16; ``sampling``: ``sample_rows``'s keywords."""
-        rows = self.sample_rows(segments, frames, **sampling)  # (B, T)
-        picked = self.features.index_select(0, rows.reshape(-1))  # (B * T, D)
-        return picked.reshape(rows.shape[0], rows.shape[1], self.features.shape[1])  # (B, T, D)
+        """Features of the sampled rows of each segment, (B, L, D) float16; ``sampling``: ``sample_rows``'s
+        keywords."""
+        rows = self.sample_rows(segments, frames, **sampling)  # (B, L)
+        picked = self.features.index_select(0, rows.reshape(-1))  # (B * L, D)
+        return picked.reshape(rows.shape[0], rows.shape[1], self.features.shape[1])  # (B, L, D)
 
     def to(self, device: torch.device | str) -> PackedSplit:
         """The same split with its tensors on ``device`` (a GPU can hold a whole packed split)."""
-        tensors = ("features", "row_start", "row_count", "verb_labels", "noun_labels")
+        tensors = ("features", "row_start", "row_count", "verb_labels", "noun_labels", "context_before",
+                   "context_after")
         moved = {name: getattr(self, name) for name in tensors if getattr(self, name) is not None}
         return dataclasses.replace(self, **{name: tensor.to(device) for name, tensor in moved.items()})
 
 
-def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = True) -> PackedSplit:
-    """Pack the rows ``segments`` (an annotation frame, order kept) cover in ``store`` into one float16 array.
+def pack_split(store: FeatureStore, segments: pd.DataFrame, *, context: Context = Context(),
+               progress: bool = True) -> PackedSplit:
+    """Pack the rows ``segments`` (an annotation frame, order kept) cover in ``store``, and those of their
+    ``context``, into one float16 array.
 
     Counted in ``summary``, never raised: a segment with no row inside gets the row nearest its midpoint
     (``empty_clamped``), one ending past the video's last row the rows that exist (``past_end_clamped``, see
@@ -120,7 +164,7 @@ def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = 
     Rows over half the available memory go to a memmap in the temp folder.
     """
     _check_columns(segments)
-    join = join_rows(store, segments)
+    join = join_rows(store, segments, context_seconds=context.seconds)
     row_start, total_rows = _place_videos(join.plans, join.lo, len(segments))
     out, memmapped = _allocate(total_rows, join.feature_dim or store.identity.feature_dim)
     _copy_videos(join.plans, out, progress)
@@ -143,6 +187,8 @@ def pack_split(store: FeatureStore, segments: pd.DataFrame, *, progress: bool = 
         participant_ids=kept["participant_id"].astype(str).tolist(),
         video_ids=kept["video_id"].astype(str).tolist(),
         summary=summary, feature_set=store.identity.to_dict(), missing_video_ids=tuple(join.missing),
+        context=context, **({"context_before": torch.from_numpy(join.before[keep]),
+                             "context_after": torch.from_numpy(join.after[keep])} if context.frames else {}),
     )
 
 
@@ -153,21 +199,25 @@ class RowJoin:
     lo: np.ndarray  # (S,) int64 first row in the video
     hi: np.ndarray  # (S,) int64 one past the last row in the video
     keep: np.ndarray  # (S,) bool: the segment's video is in the store
+    before: np.ndarray  # (S,) int64 context rows [lo - before, lo) (0 without context)
+    after: np.ndarray  # (S,) int64 context rows [hi, hi + after) (0 without context)
     plans: list[_VideoPlan] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # videos not (completely) in the store, or without rows
     counters: dict[str, int] = field(default_factory=lambda: {"empty_clamped": 0, "past_end_clamped": 0})
     feature_dim: int | None = None
 
 
-def join_rows(store: FeatureStore, segments: pd.DataFrame) -> RowJoin:
-    """Pass 1: per video, which rows each segment owns (timestamps only; feature rows are read in pass 2). Also
-    finetune's join (``epicfeat.clips.segment_rows``), so its clips are the frames stage two's rows came from."""
+def join_rows(store: FeatureStore, segments: pd.DataFrame, *, context_seconds: float = 0.0) -> RowJoin:
+    """Pass 1: per video, which rows each segment owns and which rows of its ``context_seconds`` before and after it
+    (timestamps only; feature rows are read in pass 2). Also finetune's join (``epicfeat.clips.segment_rows``), so
+    its clips are the frames stage two's rows came from."""
     complete = set(store.complete_videos())
     video_ids = segments["video_id"].astype(str).to_numpy()
     start_sec = segments["start_sec"].to_numpy(dtype=np.float64)
     stop_sec = segments["stop_sec"].to_numpy(dtype=np.float64)
     n = len(segments)
-    join = RowJoin(lo=np.zeros(n, dtype=np.int64), hi=np.zeros(n, dtype=np.int64), keep=np.zeros(n, dtype=bool))
+    join = RowJoin(lo=np.zeros(n, dtype=np.int64), hi=np.zeros(n, dtype=np.int64), keep=np.zeros(n, dtype=bool),
+                   before=np.zeros(n, dtype=np.int64), after=np.zeros(n, dtype=np.int64))
     for video_id, positions in pd.Series(np.arange(n)).groupby(video_ids, sort=True):
         positions = positions.to_numpy()
         video = store.read(video_id) if video_id in complete else None
@@ -178,11 +228,14 @@ def join_rows(store: FeatureStore, segments: pd.DataFrame) -> RowJoin:
         _check_video(store, video_id, pts, int(video.features.shape[1]), join.feature_dim)
         join.feature_dim = int(video.features.shape[1])
         lo, hi, n_empty, n_past = _rows_of_segments(pts, start_sec[positions], stop_sec[positions])
+        before, after = _context_rows(pts, lo, hi, start_sec[positions] - context_seconds,
+                                      stop_sec[positions] + context_seconds)
         join.counters["empty_clamped"] += n_empty
         join.counters["past_end_clamped"] += n_past
         join.lo[positions], join.hi[positions], join.keep[positions] = lo, hi, True
-        join.plans.append(_VideoPlan(video_id=str(video_id), video=video, needed=_needed_rows(len(pts), lo, hi),
-                                     positions=positions))
+        join.before[positions], join.after[positions] = before, after
+        needed = _needed_rows(len(pts), lo - before, hi + after)
+        join.plans.append(_VideoPlan(video_id=str(video_id), video=video, needed=needed, positions=positions))
     return join
 
 
@@ -223,22 +276,24 @@ def _place_videos(plans: list[_VideoPlan], local_lo: np.ndarray, n_segments: int
 
 
 #: Bump when the layout of a cached pack changes: older caches are then rebuilt, never misread.
-PACK_CACHE_VERSION = 1
+PACK_CACHE_VERSION = 2
 _PACK_LABEL_COLUMNS = ("verb_class", "noun_class")
 
 
-def cached_pack_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, progress: bool = True) -> PackedSplit:
+def cached_pack_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, context: Context = Context(),
+                      progress: bool = True) -> PackedSplit:
     """``pack_split``, kept on disk in ``<cache>/.packed/<feature set key>/<name>-<digest>/``: ``features.npy``
-    (memory-mapped on load) and ``index.pt``. The digest covers the segments and the stored attributes of every
-    video they need, so any change gives a fresh pack; written by rename."""
+    (memory-mapped on load) and ``index.pt``. The digest covers the segments, the context's seconds and the stored
+    attributes of every video they need, so any change gives a fresh pack; written by rename."""
     store_path = Path(store.path)
-    target = store_path.parent / ".packed" / store_path.name / f"{name}-{_pack_digest(store, segments)}"
+    target = store_path.parent / ".packed" / store_path.name / f"{name}-{_pack_digest(store, segments, context)}"
     if (target / "index.pt").is_file():
         try:
-            return _load_pack(target)
+            # The rows packed depend on the context's seconds (in the digest); K is how they are sampled.
+            return dataclasses.replace(_load_pack(target), context=context)
         except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError):
             shutil.rmtree(target, ignore_errors=True)  # unreadable (disk trouble, a foreign file): pack again
-    split = pack_split(store, segments, progress=progress)
+    split = pack_split(store, segments, context=context, progress=progress)
     try:
         _save_pack(split, target)
     except OSError:
@@ -246,28 +301,29 @@ def cached_pack_split(store: FeatureStore, segments: pd.DataFrame, name: str, *,
     return split
 
 
-def packed_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, cache: bool,
-                 progress: bool) -> PackedSplit:
-    """The split ``name`` packed, through the on-disk cache when ``cache``: train-temporal's and evaluate's reader."""
+def packed_split(store: FeatureStore, segments: pd.DataFrame, name: str, *, cache: bool, progress: bool,
+                 context: Context = Context()) -> PackedSplit:
+    """The split ``name`` packed with ``context``, through the on-disk cache when ``cache``: train-temporal's and
+    evaluate's reader."""
     if cache:
-        return cached_pack_split(store, segments, name, progress=progress)
-    return pack_split(store, segments, progress=progress)
+        return cached_pack_split(store, segments, name, context=context, progress=progress)
+    return pack_split(store, segments, context=context, progress=progress)
 
 
-def _pack_digest(store: Any, segments: pd.DataFrame) -> str:
+def _pack_digest(store: Any, segments: pd.DataFrame, context: Context) -> str:
     columns = [c for c in (*_REQUIRED_COLUMNS, *_PACK_LABEL_COLUMNS) if c in segments.columns]
     table = segments[columns].to_csv(index=False).encode()
     complete = set(store.complete_videos())
     needed = sorted({str(v) for v in segments["video_id"]})
     attrs = {v: (store.video_attrs(v) if v in complete else None) for v in needed}
-    content = json.dumps({"version": PACK_CACHE_VERSION, "identity": store.identity.to_dict(), "videos": attrs},
-                         sort_keys=True, default=str).encode()
+    content = json.dumps({"version": PACK_CACHE_VERSION, "identity": store.identity.to_dict(), "videos": attrs,
+                          "context_seconds": context.seconds}, sort_keys=True, default=str).encode()
     return hashlib.sha256(table + b"\0" + content).hexdigest()[:16]
 
 
 #: What index.pt holds besides the feature set (saved as JSON text: weights_only loads no arbitrary values).
 _INDEX_FIELDS = ("row_start", "row_count", "verb_labels", "noun_labels", "narration_ids", "participant_ids",
-                 "video_ids", "summary", "missing_video_ids")
+                 "video_ids", "summary", "missing_video_ids", "context_before", "context_after")
 
 
 def _save_pack(split: PackedSplit, target: Path) -> None:
@@ -332,7 +388,8 @@ def bin_offsets(counts: torch.Tensor, frames: int, *, train: bool,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, T) int64 positions in [0, count) of the T rows read from segments of ``counts`` (B,) rows: T equal bins,
     a uniform draw in each when training (from ``generator``, CPU or the counts' device), else each bin's centre.
-    The one TSN rule: stage two's, finetune's clips' and predict's windows'. Fewer rows than bins repeat rows."""
+    The one TSN rule (``sequence_offsets`` applies it to a segment and its context). Fewer rows than bins repeat
+    rows."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     device = counts.device
@@ -347,6 +404,32 @@ def bin_offsets(counts: torch.Tensor, frames: int, *, train: bool,
     # exact integer arithmetic, no float64. The minimum guards float32 rounding of v up to count.
     within = torch.minimum((uniform * counts).long(), counts - 1)  # (B, T) j in [0, count)
     return (bins * counts + within) // frames  # (B, T)
+
+
+def sequence_offsets(counts: torch.Tensor, frames: int, *, train: bool, generator: torch.Generator | None = None,
+                     before: torch.Tensor | None = None, after: torch.Tensor | None = None,
+                     context_frames: int = 0) -> torch.Tensor:
+    """(B, K + T + K) int64 positions, relative to each segment's first row, of the rows a head reads: K from the
+    ``before`` (B,) rows right before the segment, T from its ``counts`` (B,) rows, K from the ``after`` (B,) rows
+    right after it, each side by ``bin_offsets`` (drawn in that order: segment, before, after). A side without rows
+    repeats the segment's edge row (a segment at the start or end of its video). K = 0: ``bin_offsets`` alone.
+    Stage two's, finetune's clips' and predict's windows' one rule."""
+    segment = bin_offsets(counts, frames, train=train, generator=generator)  # (B, T) in [0, count)
+    if not context_frames:
+        return segment
+    sampled = functools.partial(bin_offsets, frames=context_frames, train=train, generator=generator)
+    rows_before = sampled(before.clamp(min=1)) - before.unsqueeze(1)  # (B, K) in [-before, 0); 0 when none
+    rows_after = sampled(after.clamp(min=1)) + (counts - (after == 0).long()).unsqueeze(1)  # (B, K) from count on
+    return torch.cat([rows_before, segment, rows_after], dim=1)  # (B, K + T + K)
+
+
+def _context_rows(pts: np.ndarray, lo: np.ndarray, hi: np.ndarray, context_start: np.ndarray,
+                  context_stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(before, after) (S,) int64: rows from ``context_start`` up to each segment's first row ``lo``, and from its
+    end ``hi`` up to ``context_stop`` (seconds, the segment's times widened by the context; 0 rows without it)."""
+    first = np.searchsorted(pts, context_start - PTS_TOLERANCE, side="left")  # first row with pts >= start - S
+    end = np.searchsorted(pts, context_stop - PTS_TOLERANCE, side="left")  # first row with pts >= stop + S
+    return np.maximum(lo - first, 0).astype(np.int64), np.maximum(end - hi, 0).astype(np.int64)
 
 
 def _rows_of_segments(pts: np.ndarray, start_sec: np.ndarray,

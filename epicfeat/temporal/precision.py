@@ -1,12 +1,15 @@
 """The precision stage two computes in: what ``precision: fp32 | bf16 | fp16 | auto`` means, on every device.
 
 CUDA autocast runs RNNs in float16 whatever dtype it is given (without loss scaling), so the model casts the LSTM's
-weights and input explicitly instead (``TemporalModel.compute_dtype``), with autocast off around it; fp32 master
-weights stay with the optimiser. The same code runs on the CPU and on a GPU.
+weights and input explicitly instead (``TemporalModel.compute_dtype``), with autocast off around it; the attention
+heads run under autocast to the dtype asked for (autocast does what it says for them). fp32 master weights stay with
+the optimiser. The same code runs on the CPU and on a GPU.
 
     fp32   everything in float32 (on a GPU, TF32 matmuls where torch allows them)
-    bf16   the LSTM in bfloat16; standardisation, pooling, heads and losses in float32
-    fp16   the LSTM in float16, with a GradScaler (loss scaling) so small gradients survive
+    bf16   the head's temporal layers in bfloat16 (the LSTM; the attention heads' matmuls, their layer norms and
+           softmax in float32); standardisation, pooling, classifiers and losses in float32 (``mean`` has no such
+           layers: it is float32 in every precision)
+    fp16   the same in float16, with a GradScaler (loss scaling) so small gradients survive
     auto   bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), fp32 elsewhere
 """
 from __future__ import annotations
@@ -34,7 +37,8 @@ def recorded_precision(checkpoint) -> str:
 
 def supported_precision(precision: str, device: torch.device) -> tuple[str, list[str]]:
     """(``precision`` if the LSTM trains in it on ``device``, else ``fp32``; a note saying why when it does not),
-    found by a tiny model's forward/backward through training's casts (cuDNN runs bf16 LSTMs from 9.13 on)."""
+    found by a tiny model's forward/backward through training's casts (cuDNN runs bf16 LSTMs from 9.13 on). The
+    LSTM is the head that can lack kernels: every head follows its answer."""
     dtype = PRECISION_DTYPES[precision]
     if dtype == torch.float32:
         return precision, []

@@ -7,19 +7,23 @@
         _resume(...)                        last.pt: feature set and config checks, TrainingState.restore
         _train_epochs(...)                  for each epoch left: train_one_epoch, evaluate, EpochLog.end_epoch
 
-CutMix pastes a time span (features have no pixels): a partner's rows over round((1 - lam) * T) steps, the losses
-mixed by span / T. The epoch is a device-side loop: splits uploaded once, the sampling generator with them, nothing
-read back until the epoch's mean losses.
+CutMix pastes a time span (features have no pixels): a partner's rows over round((1 - lam) * L) steps, the losses
+mixed by span / L. The epoch is a device-side loop: splits uploaded once, the sampling generator with them, the
+epoch's draws made at its start (``plan_epoch``), nothing read back until its mean losses; on a GPU its full steps
+replay one captured CUDA graph (``StepGraph``). Checkpoints and the epoch's files are written by the epoch log's
+writer thread from host copies, while the next epoch trains.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,8 +40,8 @@ from epicfeat.temporal.checkpoint import ModelCard, check_feature_set, load_chec
 from epicfeat.temporal.data import PackedSplit, feature_stats, packed_split
 from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.precision import grad_scaler, resolve_temporal_precision, supported_precision
-from epicfeat.training import (EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState, TrainResult,
-                               make_console, print_summary, reproducible)
+from epicfeat.training import (BackgroundWriter, EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState,
+                               TrainResult, host_copy, make_console, print_summary, reproducible)
 
 
 class TrainError(EpicfeatError):
@@ -63,13 +67,14 @@ class TrainingData:
 class StepSettings:
     """What one optimiser step does: T rows of each of ``batch_size`` segments, run as micro-batches of
     ``micro_batch_size`` whose gradients accumulate, time-span CutMix of Beta(``cutmix_alpha``) (0: none), and
-    cross-entropy with ``label_smoothing``."""
+    cross-entropy with ``label_smoothing``; ``graphs``: each epoch's full steps replay one captured step."""
 
     frames: int
     batch_size: int
     micro_batch_size: int
     label_smoothing: float = 0.0
     cutmix_alpha: float = 0.0
+    graphs: bool = False  # replay full steps from a captured CUDA graph (``StepGraph``; needs no fp16 loss scaling)
 
 
 # --------------------------------------------------------------------------------------------- entry points
@@ -192,23 +197,26 @@ def _prepare(config: TrainTemporalConfig, data: TrainingData, device: torch.devi
     )
     model = create_temporal_model(model_args, *feature_stats(train_on_device)).to(device)
     model.compute_dtype = PRECISION_DTYPES[config.precision]
-    # Fused AdamW: one kernel for all 17 M parameters on a GPU instead of a loop of small ones.
+    # Fused AdamW: one kernel for all 17 M parameters instead of a loop of small ones (and no host read per step).
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cuda", "cpu"))
     batch_size = min(config.batch_size, len(data.train))
     if batch_size < config.batch_size:
         notes.append(f"effective batch {config.batch_size} exceeds the {len(data.train)} training segments: every "
                      f"optimiser step uses the whole set ({batch_size}); small sets need a smaller --batch-size or "
                      "more epochs")
+    scaler = grad_scaler(config.precision, device)  # fp16 only; a no-op otherwise
+    # CUDA graphs: the step's ~300 launches become one; not with fp16's scaler (it reads the GPU each step), nor
+    # with the split left on the CPU (each batch is copied over).
+    graphs = device.type == "cuda" and not scaler.is_enabled() and train_on_device.device == device
     settings = StepSettings(frames=config.frames, batch_size=batch_size,
                             micro_batch_size=min(config.micro_batch_size, batch_size),
-                            label_smoothing=config.label_smoothing, cutmix_alpha=config.cutmix_alpha)
+                            label_smoothing=config.label_smoothing, cutmix_alpha=config.cutmix_alpha, graphs=graphs)
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     schedule = LRSchedule.per_step(lr=config.lr, min_lr=config.min_lr, warmup_epochs=config.warmup_epochs,
                                    epochs=config.epochs, steps_per_epoch=steps_per_epoch)
     stopping = EarlyStopping(patience=config.patience, validated=data.validation is not None)
-    state = TrainingState(optimizer, schedule, stopping, generator,
-                          scaler=grad_scaler(config.precision, device))  # fp16 only; a no-op otherwise
+    state = TrainingState(optimizer, schedule, stopping, generator, scaler=scaler)
     unseen = _unseen_mask(data.validation, data.unseen_participants) if data.validation is not None else None
     return _Run(config=config, data=data, device=device, train_on_device=train_on_device,
                 val_on_device=val_on_device, model=model, settings=settings, steps_per_epoch=steps_per_epoch,
@@ -246,14 +254,34 @@ def _train_epochs(run: _Run, folder: RunFolder, console) -> list[Path]:
     card = ModelCard(config=config_to_dict(dataclasses.replace(config, resume=False)), verb_classes=data.verb_classes,
                      noun_classes=data.noun_classes, feature_set=data.feature_set,
                      feature_set_key=data.feature_set_key)
-    save = functools.partial(save_checkpoint, model=run.model, card=card)
     with EpochLog(folder, console, progress=config.progress, steps_per_epoch=run.steps_per_epoch,
                   title=folder.out.name) as log:
+        save = functools.partial(_save_in_background, log.writer, run.model, card)
         for epoch in run.state.remaining_epochs(config.epochs):
             first_step = run.state.step
             row = _run_epoch(run, epoch, log)
             log.end_epoch(row, run.state, save, first_step)
     return log.finish(run.state)
+
+
+@dataclass(frozen=True)
+class _ModelSnapshot:
+    """What ``save_checkpoint`` reads of a model (its args, its state dict), as host copies taken at one moment."""
+
+    args: TemporalModelArgs
+    state: dict[str, torch.Tensor]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+
+def _save_in_background(writer: BackgroundWriter, model: TemporalModel, card: ModelCard, path: Path, *,
+                        training_state: dict[str, Any] | None = None, **fields: Any) -> None:
+    """``save_checkpoint`` on the epoch log's writer thread: the weights and training state copied to the host now
+    (tens of ms), written and fsynced there while the next epoch trains (last.pt: ~200 MB at EPIC size)."""
+    snapshot = _ModelSnapshot(model.args, host_copy(model.state_dict()))
+    writer.submit(save_checkpoint, path, model=snapshot, card=card, training_state=host_copy(training_state),
+                  **fields)
 
 
 def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
@@ -277,70 +305,132 @@ def _run_epoch(run: _Run, epoch: int, log: EpochLog) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------- one epoch / eval
+#: Eager steps at the start of each epoch before its step is captured: lazy initialisation (the optimiser's state,
+#: cuDNN's and cuBLAS's handles and workspaces) must happen outside a capture. They are real steps of the epoch.
+GRAPH_WARMUP_STEPS = 2
+
+
 def train_one_epoch(model: TemporalModel, split: PackedSplit, state: TrainingState, settings: StepSettings,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass over ``split`` in a random order: its mean losses; ``state.step`` counts the optimiser steps.
 
-    Each step's ``batch_size`` segments run as micro-batches whose losses are weighted by their share of the step.
-    Order, rows and CutMix are drawn from ``state.generator`` where the split is (the epoch's CutMix spans in one
-    host draw at its start); the losses are read back once, at its end (fp16's scaler syncs each step).
+    The epoch's draws (order, rows, CutMix) are made at its start in a few whole-epoch ops (``plan_epoch``), so a
+    step is slices of the plan, one gather, the model, the losses and the optimiser, and nothing is read back until
+    the epoch's mean losses (fp16's scaler syncs each step). With ``settings.graphs`` the full steps after
+    ``GRAPH_WARMUP_STEPS`` replay one captured step (``StepGraph``). Each step's ``batch_size`` segments run as
+    micro-batches whose losses are weighted by their share of the step.
     """
-    generator, optimizer, scaler = state.generator, state.optimizer, state.scaler
+    optimizer = state.optimizer
     device = next(model.parameters()).device
     model.train()
-    order = torch.randperm(len(split), generator=generator, device=generator.device)  # (S,) the epoch's order
-    full, rest = divmod(len(split), settings.batch_size)
-    micro_batches = full * math.ceil(settings.batch_size / settings.micro_batch_size) + \
-        math.ceil(rest / settings.micro_batch_size)
-    spans = draw_cutmix_spans(micro_batches, settings.frames, settings.cutmix_alpha, generator)  # (M,) or None
-    loss_sums = torch.zeros(3, device=device)  # (3,) segment-weighted sums: total, verb, noun
-    micro_index = 0
-    for batch in order.split(settings.batch_size):  # (B,) each
+    plan = plan_epoch(split, settings, state.generator, device)
+    loss_sums = torch.zeros(2, device=device)  # (2,) sums over the epoch's segments: verb, noun
+    step = functools.partial(_optimiser_step, model, split, state, settings, loss_sums)
+    graph = None
+    for index, begin in enumerate(range(0, len(split), settings.batch_size)):
+        end = min(begin + settings.batch_size, len(split))
         state.set_lr()
-        optimizer.zero_grad(set_to_none=True)
-        for micro in batch.split(settings.micro_batch_size):  # (b,) each
-            span = spans[micro_index] if spans is not None else None
-            micro_index += 1
-            losses = _micro_batch_losses(model, split, micro, span, settings, generator, device)  # (3,)
-            weighted = losses[0] * (len(micro) / len(batch))
-            (scaler.scale(weighted) if scaler is not None else weighted).backward()
-            loss_sums += losses.detach() * len(micro)
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
-            scaler.update()
+        if settings.graphs and end - begin == settings.batch_size and index >= GRAPH_WARMUP_STEPS:
+            graph = graph or StepGraph(step, plan, settings.batch_size, optimizer)  # captured once an epoch, not run
+            graph(plan, slice(begin, end))
         else:
-            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with _side_stream(device) if settings.graphs else contextlib.nullcontext():
+                step(plan, slice(begin, end))
         state.step += 1
         if on_batch is not None:
-            on_batch(len(batch))
-    total, verb, noun = (loss_sums / len(split)).tolist()  # the epoch's one device sync
-    return {"train_loss": total, "train_verb_loss": verb, "train_noun_loss": noun}
+            on_batch(end - begin)
+    verb, noun = (loss_sums / len(split)).tolist()  # the epoch's one device sync
+    return {"train_loss": verb + noun, "train_verb_loss": verb, "train_noun_loss": noun}
 
 
-def _micro_batch_losses(model: TemporalModel, split: PackedSplit, micro: torch.Tensor, span: torch.Tensor | None,
-                        settings: StepSettings, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """One micro-batch of segment ids (b,): sampled rows, CutMix, gather, forward; (3,) total, verb, noun losses."""
-    frames = settings.frames
-    segments = micro.to(split.device)  # no-op when the generator lives with the data
-    rows = split.sample_rows(segments, frames, train=True, generator=generator)  # (b, T)
-    mix = sample_time_cutmix(len(micro), frames, settings.cutmix_alpha, generator, span=span)
-    if mix is not None:
-        # CutMix on the row indices: pasting the partner's rows of the span before the one gather equals
-        # pasting its features after it, without two more (b, T, D) copies.
-        rows = apply_time_cutmix(rows.unsqueeze(-1), mix).squeeze(-1)  # (b, T)
-    features = split.features.index_select(0, rows.reshape(-1))  # (b * T, D) float16
-    features = _to(features.reshape(len(micro), frames, -1), device)  # (b, T, D)
-    verbs = _to(split.verb_labels.index_select(0, segments), device)  # (b,)
-    nouns = _to(split.noun_labels.index_select(0, segments), device)  # (b,)
+def _optimiser_step(model: TemporalModel, split: PackedSplit, state: TrainingState, settings: StepSettings,
+                   loss_sums: torch.Tensor, plan: EpochPlan, batch: slice) -> None:
+    """One optimiser step on the plan's segments ``batch``: the micro-batches' forward and backward (gradients
+    accumulate from None or zero), the losses added to ``loss_sums`` (2,), the optimiser's step."""
+    scaler = state.scaler
+    for first in range(batch.start, batch.stop, settings.micro_batch_size):
+        part = slice(first, min(first + settings.micro_batch_size, batch.stop))
+        losses = _micro_batch_losses(model, split, plan, part, settings.label_smoothing)  # (2,) verb, noun sums
+        weighted = losses.sum() / (batch.stop - batch.start)  # the micro-batch's share of the step's mean loss
+        (scaler.scale(weighted) if scaler is not None else weighted).backward()
+        loss_sums += losses.detach()
+    if scaler is not None:
+        scaler.step(state.optimizer)  # skips the step when fp16 gradients overflowed, then adjusts the scale
+        scaler.update()
+    else:
+        state.optimizer.step()
+
+
+def _micro_batch_losses(model: TemporalModel, split: PackedSplit, plan: EpochPlan, part: slice,
+                        label_smoothing: float) -> torch.Tensor:
+    """The plan's segments ``part``: one gather, forward, CutMix's cross-entropies; (2,) verb, noun loss sums."""
+    rows = plan.rows[part]  # (b, L), CutMix already pasted
+    features = split.features.index_select(0, rows.reshape(-1))  # (b * L, D) float16
+    device = plan.weights.device
+    features = _to(features.reshape(rows.shape[0], rows.shape[1], -1), device)  # (b, L, D)
     verb_logits, noun_logits = model(features)  # (b, Cv), (b, Cn)
-    partner = mix.partner.to(device) if mix is not None else None  # (b,) each sequence's CutMix partner
-    fraction = mix.fraction if mix is not None else 0.0
-    verb_loss, noun_loss = (
-        mixed_cross_entropy(logits.float(), labels, labels[partner] if partner is not None else None, fraction,
-                            settings.label_smoothing)
-        for logits, labels in ((verb_logits, verbs), (noun_logits, nouns))
-    )
-    return torch.stack([verb_loss + noun_loss, verb_loss, noun_loss])  # (3,)
+    weights = plan.weights[part]  # (b, 2)
+    losses = torch.stack([cutmix_cross_entropy(verb_logits, plan.verb_targets[part], weights, label_smoothing),
+                          cutmix_cross_entropy(noun_logits, plan.noun_targets[part], weights, label_smoothing)])
+    return losses.sum(dim=1)  # (2, b) -> (2,)
+
+
+class StepGraph:
+    """A full optimiser step captured once as a CUDA graph, then replayed: per step the host copies the step's
+    slice of the plan into the graph's static inputs, sets the lr and launches the graph, instead of ~300 ops.
+
+    The optimiser must be capturable with its lr in a device tensor (``_make_capturable``; ``set_lr`` fills it).
+    Elsewhere than CUDA the same static-input step runs eagerly: the CPU rehearses everything but the capture."""
+
+    def __init__(self, step: Callable[[EpochPlan, slice], None], plan: EpochPlan, size: int,
+                 optimizer: torch.optim.Optimizer):
+        self.inputs = EpochPlan(*(tensor[:size].clone() for tensor in plan.tensors()))  # static (B, ...) each
+        self.step, self.optimizer, self.whole = step, optimizer, slice(0, size)
+        self.graph = None
+        if plan.weights.device.type == "cuda":
+            _make_capturable(optimizer, plan.weights.device)
+            optimizer.zero_grad(set_to_none=True)  # the captured backward's gradients live in the graph's memory
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # checkpoints write meanwhile
+                    step(self.inputs, self.whole)
+                self.graph = graph
+            except RuntimeError as err:  # a capture this CUDA / cuDNN refuses: the same step, eagerly
+                warnings.warn(f"stage two: the step could not be captured as a CUDA graph, it runs eagerly "
+                              f"({str(err).splitlines()[0]})", RuntimeWarning, stacklevel=2)
+                optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, plan: EpochPlan, batch: slice) -> None:
+        for static, source in zip(self.inputs.tensors(), plan.tensors()):
+            static.copy_(source[batch])
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step(self.inputs, self.whole)
+
+
+def _make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """A captured optimiser step reads its step count and lr from device memory: capturable, the lr a device tensor
+    (``TrainingState.set_lr`` fills it in place)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not (isinstance(group["lr"], torch.Tensor) and group["lr"].device == device):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[None]:
+    """Eager steps of a graphed epoch run on a side stream, as CUDA graphs' warm-up must (nothing elsewhere)."""
+    if device.type != "cuda":
+        yield
+        return
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
 
 
 @torch.inference_mode()
@@ -382,21 +472,60 @@ def validation_metrics(verb_logits: torch.Tensor, noun_logits: torch.Tensor, ver
     return {"val_loss": verb_loss + noun_loss, "val_verb_loss": verb_loss, "val_noun_loss": noun_loss, **metrics}
 
 
-# ------------------------------------------------------------------------------------------ time-span CutMix
+# ---------------------------------------------------------------------------------- the epoch's draws, CutMix
 @dataclass(frozen=True)
-class TimeCutMix:
-    """Steps [start, start + span) of sequence i come from sequence partner[i] (start, span: ints or 0-d device
-    tensors, never read back by a training step; a span of 0 mixes nothing)."""
+class EpochPlan:
+    """An epoch's draws, in its order: segment s reads ``rows[s]`` of the split (its CutMix partner's rows already
+    pasted over the span), and its loss is ``weights[s]`` times the cross-entropies against ``*_targets[s]``."""
 
-    partner: torch.Tensor  # (B,) int64, a permutation of the batch
-    start: int | torch.Tensor
-    span: int | torch.Tensor
-    frames: int
+    rows: torch.Tensor  # (S, L) int64 rows of split.features, where the split is
+    verb_targets: torch.Tensor  # (S, 2) int64: the segment's label, its partner's
+    noun_targets: torch.Tensor  # (S, 2) int64
+    weights: torch.Tensor  # (S, 2) float32: 1 - f, f (f: the partner's share of the sequence; 0 without CutMix)
 
-    @property
-    def fraction(self) -> float | torch.Tensor:
-        """Share of each mixed sequence that comes from its partner: the weight of the partner's labels."""
-        return self.span / self.frames
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.rows, self.verb_targets, self.noun_targets, self.weights
+
+
+def plan_epoch(split: PackedSplit, settings: StepSettings, generator: torch.Generator,
+               device: torch.device) -> EpochPlan:
+    """The epoch's order, rows and CutMix, drawn from ``generator`` where it lives in a few ops for all segments;
+    targets and weights on ``device`` (the model's). CutMix: each micro-batch one span round((1 - lam) * L),
+    lam ~ Beta(alpha, alpha), at a start uniform in [0, L - span], pasted from a random partner in the micro-batch."""
+    where = generator.device  # the split's device in train-temporal
+    order = torch.randperm(len(split), generator=generator, device=where).to(split.device)  # (S,) the epoch's order
+    rows = split.sample_rows(order, settings.frames, train=True, generator=generator)  # (S, L)
+    verbs, nouns = split.verb_labels[order], split.noun_labels[order]  # (S,) each
+    partner = torch.arange(len(split), device=where)  # (S,) position of each segment's partner: itself
+    share = torch.zeros(len(split), device=where)  # (S,) the partner's share f
+    if settings.cutmix_alpha > 0:
+        length = rows.shape[1]
+        micro, count = _micro_batch_index(len(split), settings, where)  # (S,) each position's micro-batch; M
+        spans = draw_cutmix_spans(count, length, settings.cutmix_alpha, generator)  # (M,)
+        uniform = torch.rand(count, generator=generator, device=where)  # (M,)
+        starts = torch.minimum((uniform * (length - spans + 1)).long(), length - spans)  # (M,) in [0, L - span]
+        # A random partner inside each micro-batch: its positions sorted by (micro-batch, a uniform key).
+        keys = micro.double() + torch.rand(len(split), generator=generator, device=where, dtype=torch.float64)
+        partner = torch.argsort(keys, stable=True)  # (S,) a permutation within each micro-batch
+        steps = torch.arange(length, device=where)  # (L,)
+        start, span = starts[micro].unsqueeze(1), spans[micro].unsqueeze(1)  # (S, 1) each
+        inside = ((steps >= start) & (steps < start + span)).to(rows.device)  # (S, L)
+        # Pasting the partner's rows before the one gather equals pasting its features after it.
+        rows = torch.where(inside, rows[partner.to(rows.device)], rows)  # (S, L)
+        share = spans[micro] / length  # (S,)
+    partner = partner.to(verbs.device)
+    targets = [_to(torch.stack([labels, labels[partner]], dim=1), device) for labels in (verbs, nouns)]  # (S, 2)
+    weights = _to(torch.stack([1.0 - share, share], dim=1).float(), device)  # (S, 2)
+    return EpochPlan(rows=rows, verb_targets=targets[0], noun_targets=targets[1], weights=weights)
+
+
+def _micro_batch_index(segments: int, settings: StepSettings, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(S,) the micro-batch each position of the epoch falls in (each step splits its batch anew), and their count."""
+    per_step = math.ceil(settings.batch_size / settings.micro_batch_size)
+    position = torch.arange(segments, device=device)  # (S,)
+    micro = (position // settings.batch_size) * per_step + (position % settings.batch_size) // settings.micro_batch_size
+    full, rest = divmod(segments, settings.batch_size)
+    return micro, full * per_step + math.ceil(rest / settings.micro_batch_size)
 
 
 def draw_cutmix_spans(count: int, frames: int, alpha: float, generator: torch.Generator) -> torch.Tensor | None:
@@ -409,39 +538,26 @@ def draw_cutmix_spans(count: int, frames: int, alpha: float, generator: torch.Ge
     return torch.from_numpy(np.rint((1.0 - lam) * frames).astype(np.int64)).to(generator.device)
 
 
-def sample_time_cutmix(batch: int, frames: int, alpha: float, generator: torch.Generator, *,
-                       span: torch.Tensor | None = None) -> TimeCutMix | None:
-    """A batch's CutMix: ``span`` (default: one drawn by ``draw_cutmix_spans``), a start uniform in
-    [0, T - span] and a random partner per sequence, all on the generator's device; None without CutMix."""
-    if alpha <= 0 or batch < 2:
-        return None
-    device = generator.device
-    if span is None:
-        span = draw_cutmix_spans(1, frames, alpha, generator)[0]  # () int64
-    uniform = torch.rand((), generator=generator, device=device)  # ()
-    start = torch.minimum((uniform * (frames - span + 1)).long(), frames - span)  # () in [0, T - span]
-    partner = torch.randperm(batch, generator=generator, device=device)  # (B,)
-    return TimeCutMix(partner=partner, start=start, span=span, frames=frames)
-
-
-def apply_time_cutmix(features: torch.Tensor, mix: TimeCutMix) -> torch.Tensor:
-    """features (B, T, D) -> (B, T, D) with each sequence's span replaced by its partner's rows at those steps."""
-    steps = torch.arange(features.shape[1], device=features.device)  # (T,)
-    start = torch.as_tensor(mix.start, device=features.device)
-    inside = (steps >= start) & (steps < start + torch.as_tensor(mix.span, device=features.device))  # (T,)
-    partners = features.index_select(0, mix.partner.to(features.device))  # (B, T, D)
-    return torch.where(inside[None, :, None], partners, features)  # (B, T, D)
+def cutmix_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                         label_smoothing: float) -> torch.Tensor:
+    """CutMix's loss per input, (b,): sum_k weights[:, k] * CE(logits, targets[:, k]) with label smoothing, for
+    logits (b, C), targets and weights (b, K) whose weights sum to 1 per input. One log-softmax for all K targets:
+    smoothing's term, the mean log-probability, does not depend on the target."""
+    log_probs = torch.log_softmax(logits.float(), dim=1)  # (b, C)
+    picked = (log_probs.gather(1, targets) * weights).sum(dim=1)  # (b,)
+    return -(1.0 - label_smoothing) * picked - label_smoothing * log_probs.mean(dim=1)  # (b,)
 
 
 def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor | None,
                         fraction: float | torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """CutMix's loss: (1 - f) * CE(logits, labels) + f * CE(logits, partner_labels), f the partner's share of each
-    input (a time span here, a box's area in finetune); CE(logits, labels) without partners (no CutMix)."""
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    """CutMix's mean loss: (1 - f) * CE(logits, labels) + f * CE(logits, partner_labels), f the partner's share of
+    each input (a box's area in finetune), by ``cutmix_cross_entropy``; CE(logits, labels) without partners."""
     if partner_labels is None:
-        return loss
-    partner_loss = F.cross_entropy(logits, partner_labels, label_smoothing=label_smoothing)
-    return (1.0 - fraction) * loss + fraction * partner_loss
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    fraction = torch.as_tensor(fraction, dtype=torch.float32, device=logits.device)
+    weights = torch.stack([1.0 - fraction, fraction]).expand(len(labels), 2)  # (b, 2)
+    targets = torch.stack([labels, partner_labels], dim=1)  # (b, 2)
+    return cutmix_cross_entropy(logits, targets, weights, label_smoothing).mean()
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
