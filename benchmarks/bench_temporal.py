@@ -58,6 +58,7 @@ from epicfeat.frames import Preprocess, decode_frames_at
 from epicfeat.extract import ExtractConfig, feature_set_identity
 from epicfeat.metrics import epic_metrics
 from epicfeat.store import FeatureStore
+from epicfeat.temporal.compare import time_heads
 from epicfeat.temporal.data import PackedSplit, feature_stats, pack_split
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.precision import grad_scaler, supported_precision
@@ -102,6 +103,11 @@ def parse_args(argv=None):
     parser.add_argument("--only-loop", action="store_true",
                         help="run only the real-loop section(s): no Zarr feature set, no loader / e2e timings")
     parser.add_argument("--out", type=Path, default=None, help="also save the real-loop numbers as JSON to this file")
+    parser.add_argument("--heads", default="",
+                        help="GPU section: also time these heads side by side, comma-separated (e.g. "
+                             "lstm,transformer,attentive,mean; default: none)")
+    parser.add_argument("--heads-segments", type=int, default=10_000,
+                        help="--heads: train segments of each head's epoch (default: %(default)s)")
     add_seed(parser)
     return parser.parse_args(argv)
 
@@ -564,7 +570,7 @@ def epic_size_splits(annotations: EpicAnnotations, device: torch.device, seed: i
     return layout_split(features, train, video_info), layout_split(features, validation, video_info)
 
 
-def run_gpu_real_loop(args, device: torch.device) -> list[dict]:
+def run_gpu_real_loop(args, device: torch.device) -> tuple[list[dict], PackedSplit]:
     """EPIC-100's real size on the GPU: 3.6 M rows built on the device, 67,217 / 9,668 segments at their real rows.
     On a CPU (``--gpu-device cpu``) a dry run of the same code: 600 train / 200 validation segments, own rows only."""
     train_file = "EPIC_100_train.csv" if (args.annotations / "EPIC_100_train.csv").is_file() else TRAIN_FILE
@@ -592,7 +598,21 @@ def run_gpu_real_loop(args, device: torch.device) -> list[dict]:
                             batch_size=args.batch_size, micro_batch_size=args.batch_size, seed=args.seed,
                             warmup_segments=2000 if cuda else 100, repeats=args.loop_repeats,
                             launch_steps=(4, 12) if cuda else (1, 3))
-    return [{**result, "metrics_s": metrics_seconds}]
+    return [{**result, "metrics_s": metrics_seconds}], train
+
+
+def time_gpu_heads(args, train: PackedSplit, device: torch.device) -> list[dict]:
+    """``--heads``: each head's epoch (train_one_epoch, eager) and the model alone on the first --heads-segments
+    segments of the real loop's train split, side by side."""
+    subset = first_segments(train, min(args.heads_segments, len(train)))
+    heads = time_heads(subset, heads=args.heads.split(","), frames=args.frames, batch_size=args.batch_size,
+                       device=device, precision=args.gpu_precision)
+    print(f"\nHeads side by side ({len(subset):,} segments, T={args.frames}, batch {args.batch_size}, "
+          f"{args.gpu_precision}, eager steps)")
+    for r in heads:
+        row(f"  {r['head']}", f"{r['epoch_s']:.2f} s per epoch",
+            f"model alone {r['model_s']:.2f} s (share {r['model_share']:.2f}); {r['parameters']:,} parameters")
+    return heads
 
 
 # --- printing -----------------------------------------------------------------------------------------------------
@@ -749,12 +769,16 @@ def main(argv=None) -> int:
         print()
         device = gpu_device(args.gpu_device)
         if device is not None:
-            results = run_gpu_real_loop(args, device)
+            results, train = run_gpu_real_loop(args, device)
             print_real_loop(results, "GPU")
-            if args.out:
+            report = {"machine": machine_line(), "device": str(device), "real_loop": results}
+            if args.out:  # saved before the heads, so that a failure there keeps the real loop's numbers
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"machine": machine_line(), "device": str(device),
-                                                "real_loop": results}, indent=2))
+                args.out.write_text(json.dumps(report, indent=2))
+            if args.heads:
+                report["heads"] = time_gpu_heads(args, train, device)
+                if args.out:
+                    args.out.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -44,9 +44,11 @@ av.__version__, \"zarr\", zarr.__version__, \"timm\", timm.__version__)"; comman
 test_device=$([ "$device" = cpu ] && echo cpu || echo cuda)
 step cuda_tests 110 env EPICFEAT_TEST_CUDA_DEVICE="$test_device" \
     python3 -m pytest -q -m cuda -p no:cacheprovider tests
-# Stage two at EPIC-100's size: epoch and validation seconds, peak memory, the model's share.
-step temporal 60 python3 benchmarks/bench_temporal.py --only-loop --loop-segments 0 --loop-repeats 2 --gpu \
-    --gpu-device "$device" --annotations .gpu_annotations --out "$work/temporal.json"
+# Stage two at EPIC-100's size: epoch and validation seconds, peak memory, the model's share; then each head's
+# epoch side by side on 5,000 segments.
+step temporal 75 python3 benchmarks/bench_temporal.py --only-loop --loop-segments 0 --loop-repeats 2 --gpu \
+    --gpu-device "$device" --annotations .gpu_annotations --out "$work/temporal.json" \
+    --heads lstm,transformer,attentive,mean --heads-segments $([ "$device" = cpu ] && echo 20 || echo 5000)
 # Stage one: ResNet50 variants, decode workers alone and end to end at 1080p and 640x360, GPU-busy share.
 step extract 100 python3 benchmarks/bench_extract.py --quick --gpu --gpu-device "$device" --skip-memory \
     --skip-compile --workdir "$work/extract" --out "$work/extract.json"
@@ -54,6 +56,6 @@ step extract 100 python3 benchmarks/bench_extract.py --quick --gpu --gpu-device 
 step finetune 70 python3 benchmarks/bench_finetune.py --gpu --gpu-device "$device" --skip-cpu \
     --workdir "$work/finetune" --out "$work/finetune.json"
 # predict: frames/s from a camera (FFmpeg's lavfi at 30 fps) and from a file, beside the backbone alone.
-step predict 45 python3 benchmarks/bench_predict.py --device "$device" --seconds 3 --out "$work/predict.json"
+step predict 40 python3 benchmarks/bench_predict.py --device "$device" --frames 16 --seconds 3 --out "$work/predict.json"
 
 python3 benchmarks/gpu_report.py "$work" "$out" "$device" 2>&1 | tee -a "$log"

@@ -43,7 +43,15 @@ def markdown(report: dict) -> str:
                   f"| validation (evaluate) | {r['validate']:.2f} s |",
                   f"| train + validate | {r['epoch'] + r['validate']:.2f} s |",
                   f"| model alone, the epoch's steps | {r['model_step'] * r['steps']:.2f} s |",
-                  f"| peak memory | {r.get('peak_gib', float('nan')):.1f} GiB |", ""]
+                  f"| peak memory | {r.get('peak_gib', float('nan')):.1f} GiB |",
+                  f"| the same epoch without the CUDA graph | {r.get('eager_epoch', float('nan')):.2f} s |",
+                  f"| launches per step (a graph = 1) | {r.get('launches_per_step', float('nan')):.0f} |",
+                  f"| epic_metrics alone, 9,668 segments | {1000 * r.get('metrics_s', float('nan')):.0f} ms |", ""]
+    heads = report["temporal"].get("heads", [])
+    if heads:
+        lines += ["| head (eager steps) | epoch | model alone | parameters |", "|---|---|---|---|"]
+        lines += [f"| {h['head']} | {h['epoch_s']:.2f} s | {h['model_s']:.2f} s | {h['parameters']:,} |" for h in heads]
+        lines.append("")
     gpu = report["extract"].get("gpu", {})
     variants = gpu.get("model", {}).get("variants", {})
     if variants:
