@@ -108,7 +108,7 @@ class TimmFeatures(nn.Module):
         super().__init__()
         self.model = model
         self.name, self.data_config = name, data_config
-        # Models with a pre-logits layer (e.g. ConvNeXt's head MLP) pool to head_hidden_size, the others to num_features.
+        # A model with a pre-logits layer (a head MLP) pools to head_hidden_size, the others to num_features.
         self.num_features: int = getattr(model, "head_hidden_size", None) or model.num_features
         self.weights_name = "random"
         self.weights_sha = ""
