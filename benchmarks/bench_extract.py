@@ -63,6 +63,7 @@ ROWS_FPS = 10.0  # extract's default rows per second
 BATCH = 64  # extract's default batch size
 TARGET_E2E_RATIO = 0.95  # end to end / slowest stage alone
 TARGET_VS_STRAIGHT = 0.9  # the extract CLI / a straight decode -> backbone loop, every backbone
+GPU_BACKBONES = ("timm:resnet18", "timm:vit_tiny_patch16_224", "timm:convnext_tiny")  # the GPU section's model steps
 TARGET_MEMORY_GROWTH = 0.10  # 10-minute peak within 10 % of the 1-minute peak
 
 
@@ -157,16 +158,18 @@ def decode_pool(root: Path, ids: list[str], workers: int, threads: int | None = 
 
 
 # ------------------------------------------------------------------------------------- 2. model step alone
-def encoder_for(device: torch.device, *, fold_bn: bool | None = None, batch_size: int = BATCH) -> FrameEncoder:
+def encoder_for(device: torch.device, *, fold_bn: bool | None = None, batch_size: int = BATCH,
+                backbone: str = "resnet50") -> FrameEncoder:
     """The encoder extract builds on ``device`` (random weights, its precision, channels_last, fold_bn)."""
-    config = ExtractConfig(weights="random", device=str(device), fold_bn=fold_bn, batch_size=batch_size)
-    backbone = create_backbone("random")
-    return build_encoder(backbone, extract.feature_set_identity(config, backbone, device).to_dict(), device)
+    config = extract.resolved(ExtractConfig(backbone=backbone, weights="random", device=str(device), fold_bn=fold_bn,
+                                            batch_size=batch_size), device)
+    model = extract.backbone_of(config)
+    return build_encoder(model, extract.feature_set_identity(config, model, device).to_dict(), device)
 
 
-def encode_rows_per_s(encoder: FrameEncoder, repeats: int, batch: int = BATCH) -> float:
+def encode_rows_per_s(encoder: FrameEncoder, repeats: int, batch: int = BATCH, crop: int = 224) -> float:
     """Extract's model step on uint8 host frames (to the device, normalise, backbone, float16 back): rows/s."""
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8))
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8))
     step = lambda: encoder.encode(images.permute(0, 3, 1, 2), pad_to=batch).cpu()  # noqa: E731
     step()  # warm-up: oneDNN / cuDNN pick their kernels
     times = []
@@ -464,6 +467,14 @@ def gpu_section(args, workdir: Path) -> dict:
                                                                      batch=8 if dry else BATCH)}
     print(f"  {elapsed()} extract's step (encode, batch 64, uint8 in, float16 out, fold_bn auto): "
           f"{variants['extract_step_b64']['rows_per_s']:,.0f} frames/s", flush=True)
+    gpu["backbones"] = {}  # extract's step of other backbones at their pretrained input size (a few seconds each)
+    for backbone in GPU_BACKBONES:
+        encoder = encoder_for(device, backbone=backbone, batch_size=8 if dry else BATCH)
+        crop = encoder.backbone.data_config["input_size"][-1]
+        rate = gpu["backbones"][backbone] = {"feature_dim": encoder.num_features, "crop": crop, "rows_per_s":
+                                             encode_rows_per_s(encoder, 2 if dry else 20, 8 if dry else BATCH, crop)}
+        print(f"  {elapsed()} extract's step, {backbone} ({rate['feature_dim']}-d, {crop} px): "
+              f"{rate['rows_per_s']:,.0f} frames/s", flush=True)
     workers = max(1, available_cores() - 1)
     config = ExtractConfig(weights="random", device=str(device), decode_workers=workers)
     gpu["decode_workers"], gpu["end_to_end"] = {}, {}
