@@ -395,7 +395,7 @@ def vs_straight(args, workdir: Path) -> dict:
     results = {}
     for backbone in args.backbones:
         for precision in precisions:
-            for count in (1, args.many):
+            for count in dict.fromkeys((1, args.many)):  # --many 1: one comparison
                 root = workdir / "links" / f"straight{count}"
                 ids = link_copies(path, root, count)
                 paths = [str(root / "P90" / f"{video_id}.MP4") for video_id in ids]

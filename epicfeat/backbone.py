@@ -200,7 +200,13 @@ def canonical_backbone(backbone: str) -> str:
             known = timm.list_models(pretrained=True) + timm.list_models()
             raise BackboneError(f"--backbone {backbone}: timm has no model {name!r}{_close_matches(name, known)}; "
                                 "`python -c \"import timm; print(timm.list_models('*vit*'))\"` lists them")
-        cfg = timm.models.get_pretrained_cfg(name)
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError:  # "Invalid pretrained tag"
+            architecture = name.partition(".")[0]
+            raise BackboneError(f"--backbone {backbone}: timm has no pretrained tag {name.partition('.')[2]!r} for "
+                                f"{architecture}; its tags: {listed(timm.list_pretrained(architecture + '.*'), 8)}"
+                                ) from None
         return f"{TIMM}{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else backbone
     if backbone.startswith("torchvision:"):
         raise BackboneError(f"--backbone {backbone}: torchvision video backbones are not available yet; use resnet50 "

@@ -168,6 +168,12 @@ def test_an_unknown_name_lists_close_matches(tmp_path):
         assert "close matches" in done.stderr and match in done.stderr, done.stderr
 
 
+def test_an_unknown_pretrained_tag_lists_the_model_s_tags():
+    with pytest.raises(Exception, match="no pretrained tag 'bogus' for vit_tiny_patch16_224; its tags: "
+                                        "vit_tiny_patch16_224.augreg_in21k, vit_tiny_patch16_224.augreg_in21k_ft_in1k"):
+        canonical_backbone("timm:vit_tiny_patch16_224.bogus")
+
+
 def test_a_missing_timm_names_the_package_to_install(tmp_path):
     shadow = tmp_path / "no_timm" / "timm"
     shadow.mkdir(parents=True)
