@@ -198,7 +198,8 @@ def canonical_backbone(backbone: str) -> str:
         name = backbone[len(TIMM):]
         if not timm.is_model(name):
             known = timm.list_models(pretrained=True) + timm.list_models()
-            raise BackboneError(f"--backbone {backbone}: timm has no model {name!r}{_close_matches(name, known)}; "
+            matches = _close_matches(name, known, prefix={n: TIMM + n for n in known})
+            raise BackboneError(f"--backbone {backbone}: timm has no model {name!r}{matches}; "
                                 "`python -c \"import timm; print(timm.list_models('*vit*'))\"` lists them")
         try:
             cfg = timm.models.get_pretrained_cfg(name)
@@ -211,15 +212,16 @@ def canonical_backbone(backbone: str) -> str:
     if backbone.startswith("torchvision:"):
         raise BackboneError(f"--backbone {backbone}: torchvision video backbones are not available yet; use resnet50 "
                             "or timm:<model name>")
-    timm_names = []
     try:
         import timm
 
-        timm_names = [TIMM + n for n in timm.list_models()]
+        timm_names = timm.list_models()
     except ImportError:
-        pass
-    raise BackboneError(f"--backbone {backbone}: not a backbone{_close_matches(backbone, [RESNET50, *timm_names])}; "
-                        "give resnet50 or timm:<model name> (any timm image model)")
+        timm_names = []
+    matches = _close_matches(backbone, [RESNET50, *timm_names],
+                             prefix={n: TIMM + n for n in timm_names if n != RESNET50})  # resnet50: ours
+    raise BackboneError(f"--backbone {backbone}: not a backbone{matches}; give resnet50 or timm:<model name> (any timm "
+                        "image model)")
 
 
 def pretrained_data_config(backbone: str) -> dict:
@@ -248,9 +250,13 @@ def _import_timm(backbone: str):
     return timm
 
 
-def _close_matches(name: str, known: list[str]) -> str:
-    matches = difflib.get_close_matches(name, sorted(set(known)), n=5, cutoff=0.6)
-    return f" (close matches: {', '.join(matches)})" if matches else ""
+def _close_matches(name: str, known: list[str], prefix: dict[str, str] | None = None) -> str:
+    """' (close matches: a, b)': the names that start with ``name``, else the most similar (shown through
+    ``prefix``, e.g. with "timm:")."""
+    known = sorted(set(known))
+    matches = [k for k in known if k.startswith(name)][:5] or difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    shown = [(prefix or {}).get(m, m) for m in matches]
+    return f" (close matches: {', '.join(shown)})" if shown else ""
 
 
 def _create_resnet50(weights: str, seed: int) -> ResNet50Features:
