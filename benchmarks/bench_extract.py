@@ -2,6 +2,7 @@
 
     python benchmarks/bench_extract.py                  # CPU sections 1-5 (about 6 minutes on 2 cores; --quick: 3)
     python benchmarks/bench_extract.py --vs-straight    # the extract CLI vs a straight PyAV -> ResNet50 loop
+    ... --vs-straight --backbones resnet50,timm:resnet18,timm:vit_tiny_patch16_224   # the same, per backbone
     python benchmarks/bench_extract.py --gpu            # the GPU section (about 80 s on a 16-core H200 host)
     python benchmarks/bench_extract.py --gpu --gpu-device cpu   # its dry run on a CPU, tiny sizes
     ... --out FILE.json                                 # every number as JSON as well
@@ -61,6 +62,8 @@ from epicfeat.store import VideoWriter
 ROWS_FPS = 10.0  # extract's default rows per second
 BATCH = 64  # extract's default batch size
 TARGET_E2E_RATIO = 0.95  # end to end / slowest stage alone
+TARGET_VS_STRAIGHT = 0.9  # the extract CLI / a straight decode -> backbone loop, every backbone
+GPU_BACKBONES = ("timm:resnet18", "timm:vit_tiny_patch16_224", "timm:convnext_tiny")  # the GPU section's model steps
 TARGET_MEMORY_GROWTH = 0.10  # 10-minute peak within 10 % of the 1-minute peak
 
 
@@ -155,16 +158,18 @@ def decode_pool(root: Path, ids: list[str], workers: int, threads: int | None = 
 
 
 # ------------------------------------------------------------------------------------- 2. model step alone
-def encoder_for(device: torch.device, *, fold_bn: bool | None = None, batch_size: int = BATCH) -> FrameEncoder:
+def encoder_for(device: torch.device, *, fold_bn: bool | None = None, batch_size: int = BATCH,
+                backbone: str = "resnet50") -> FrameEncoder:
     """The encoder extract builds on ``device`` (random weights, its precision, channels_last, fold_bn)."""
-    config = ExtractConfig(weights="random", device=str(device), fold_bn=fold_bn, batch_size=batch_size)
-    backbone = create_backbone("random")
-    return build_encoder(backbone, extract.feature_set_identity(config, backbone, device).to_dict(), device)
+    config = extract.resolved(ExtractConfig(backbone=backbone, weights="random", device=str(device), fold_bn=fold_bn,
+                                            batch_size=batch_size), device)
+    model = extract.backbone_of(config)
+    return build_encoder(model, extract.feature_set_identity(config, model, device).to_dict(), device)
 
 
-def encode_rows_per_s(encoder: FrameEncoder, repeats: int, batch: int = BATCH) -> float:
+def encode_rows_per_s(encoder: FrameEncoder, repeats: int, batch: int = BATCH, crop: int = 224) -> float:
     """Extract's model step on uint8 host frames (to the device, normalise, backbone, float16 back): rows/s."""
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8))
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8))
     step = lambda: encoder.encode(images.permute(0, 3, 1, 2), pad_to=batch).cpu()  # noqa: E731
     step()  # warm-up: oneDNN / cuDNN pick their kernels
     times = []
@@ -362,51 +367,66 @@ _STRAIGHT_LOOP = r"""
 import sys, numpy as np, torch
 from pathlib import Path
 from epicfeat.backbone import create_backbone
-from epicfeat.frames import Preprocess, iter_frames
-precision, paths = sys.argv[1], sys.argv[2:]
-preprocess = Preprocess()
-model = create_backbone("random").eval().to(memory_format=torch.channels_last)
+from epicfeat.configs import ExtractConfig
+from epicfeat.extract import preprocess_of
+from epicfeat.frames import iter_frames
+backbone, precision, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
+preprocess = preprocess_of(ExtractConfig(backbone=backbone, weights="random"))  # the backbone's pretrained one
+model = create_backbone("random", backbone=backbone).eval().to(memory_format=torch.channels_last)
 mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255
 std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255
 dtype = torch.bfloat16 if precision == "bf16" else None
 for path in paths:
     for batch in iter_frames(Path(path), fps=10.0, preprocess=preprocess, batch_size=64):
-        pixels = (torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() - mean) / std  # (n, 3, 224, 224)
+        pixels = (torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() - mean) / std  # (n, 3, crop, crop)
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             features = model(pixels.contiguous(memory_format=torch.channels_last)).float().numpy().astype(np.float16)
 """
 
 
 def vs_straight(args, workdir: Path) -> dict:
-    """The extract CLI (fresh cache) against a straight iter_frames -> ResNet50 loop, both timed from launch to exit,
-    on one video and on ``--many``; interleaved, twice. Extract runs as it is (CPU: batch norms folded) and with
-    --no-fold-bn (torchvision's modules, as the straight loop runs them: the pipeline's own cost)."""
+    """The extract CLI (fresh cache) against a straight iter_frames -> backbone loop of the same backbone and
+    preprocessing, both timed from launch to exit, on one video and on ``--many``; interleaved, twice; for every
+    ``--backbones``. Extract runs as it is (CPU: resnet50's batch norms folded) and, for resnet50, with --no-fold-bn
+    too (torchvision's modules, as the straight loop runs them: the pipeline's own cost)."""
     clip = min(12.0, args.seconds)
     path = make_videos([Video("P92_01", 640, 360, clip, max(1, round(args.seconds / clip)))], workdir)["640x360"]
+    precisions = args.precisions or (("fp32", "bf16") if native_bf16_cpu() else ("fp32",))
     results = {}
-    for precision in ("fp32", "bf16") if native_bf16_cpu() else ("fp32",):
-        for count in (1, args.many):
-            root = workdir / "links" / f"straight{count}"
-            ids = link_copies(path, root, count)
-            paths = [str(root / "P90" / f"{video_id}.MP4") for video_id in ids]
-            extract_cli = [sys.executable, "-m", "epicfeat", "extract", "--videos", str(root), "--video-ids",
-                           ",".join(ids), "--weights", "random", "--precision", precision, "--no-progress"]
-            variants = {"straight": [sys.executable, "-c", _STRAIGHT_LOOP, precision, *paths],
-                        "extract": extract_cli, "extract_no_fold_bn": [*extract_cli, "--no-fold-bn"]}
-            times = {name: [] for name in variants}
-            for _ in range(2):
-                for name, command in variants.items():
-                    times[name].append(_timed(command, workdir))
-            rows = round(count * clip * max(1, round(args.seconds / clip)) * ROWS_FPS)
-            rate = {name: rows / statistics.mean(t) for name, t in times.items()}
-            result = results[f"{precision} x{count}"] = {
-                "rows": rows, **{f"{name}_rows_per_s": r for name, r in rate.items()},
-                "ratio": rate["extract"] / rate["straight"],
-                "ratio_no_fold_bn": rate["extract_no_fold_bn"] / rate["straight"]}
-            print(f"  {precision}, {count} x {args.seconds:g} s of 640x360 ({rows} rows): straight loop "
-                  f"{rate['straight']:.1f} rows/s, extract {rate['extract']:.1f} (ratio {result['ratio']:.2f} "
-                  f"{verdict(result['ratio'], 1.0)}), extract --no-fold-bn {rate['extract_no_fold_bn']:.1f} "
-                  f"(ratio {result['ratio_no_fold_bn']:.2f})", flush=True)
+    for backbone in args.backbones:
+        for precision in precisions:
+            for count in dict.fromkeys((1, args.many)):  # --many 1: one comparison
+                root = workdir / "links" / f"straight{count}"
+                ids = link_copies(path, root, count)
+                paths = [str(root / "P90" / f"{video_id}.MP4") for video_id in ids]
+                extract_cli = [sys.executable, "-m", "epicfeat", "extract", "--videos", str(root), "--video-ids",
+                               ",".join(ids), "--backbone", backbone, "--weights", "random", "--precision", precision,
+                               "--no-progress"]
+                variants = {"straight": [sys.executable, "-c", _STRAIGHT_LOOP, backbone, precision, *paths],
+                            "extract": extract_cli}
+                if backbone == "resnet50":
+                    variants["extract_no_fold_bn"] = [*extract_cli, "--no-fold-bn"]
+                times = {name: [] for name in variants}
+                for _ in range(2):
+                    for name, command in variants.items():
+                        times[name].append(_timed(command, workdir))
+                rows = round(count * clip * max(1, round(args.seconds / clip)) * ROWS_FPS)
+                rate = {name: rows / statistics.mean(t) for name, t in times.items()}
+                result = results[f"{backbone} {precision} x{count}"] = {
+                    "backbone": backbone, "precision": precision, "videos": count, "rows": rows,
+                    **{f"{name}_rows_per_s": r for name, r in rate.items()},
+                    **{f"ratio{name[len('extract'):]}": r / rate["straight"] for name, r in rate.items()
+                       if name != "straight"}}
+                no_fold = (f", extract --no-fold-bn {rate['extract_no_fold_bn']:.1f} (ratio "
+                           f"{result['ratio_no_fold_bn']:.2f})" if "extract_no_fold_bn" in rate else "")
+                print(f"  {backbone}, {precision}, {count} x {args.seconds:g} s of 640x360 ({rows} rows): straight "
+                      f"loop {rate['straight']:.1f} rows/s, extract {rate['extract']:.1f} (ratio "
+                      f"{result['ratio']:.2f} {verdict(result['ratio'], TARGET_VS_STRAIGHT)}){no_fold}", flush=True)
+    print(table(["backbone", "precision", "videos", "rows", "straight rows/s", "extract rows/s",
+                 f"ratio (>= {TARGET_VS_STRAIGHT})"],
+                [[r["backbone"], r["precision"], r["videos"], r["rows"], f"{r['straight_rows_per_s']:.1f}",
+                  f"{r['extract_rows_per_s']:.1f}", f"{r['ratio']:.2f} {verdict(r['ratio'], TARGET_VS_STRAIGHT)}"]
+                 for r in results.values()]))
     return results
 
 
@@ -447,6 +467,14 @@ def gpu_section(args, workdir: Path) -> dict:
                                                                      batch=8 if dry else BATCH)}
     print(f"  {elapsed()} extract's step (encode, batch 64, uint8 in, float16 out, fold_bn auto): "
           f"{variants['extract_step_b64']['rows_per_s']:,.0f} frames/s", flush=True)
+    gpu["backbones"] = {}  # extract's step of other backbones at their pretrained input size (a few seconds each)
+    for backbone in GPU_BACKBONES:
+        encoder = encoder_for(device, backbone=backbone, batch_size=8 if dry else BATCH)
+        crop = encoder.backbone.data_config["input_size"][-1]
+        rate = gpu["backbones"][backbone] = {"feature_dim": encoder.num_features, "crop": crop, "rows_per_s":
+                                             encode_rows_per_s(encoder, 2 if dry else 20, 8 if dry else BATCH, crop)}
+        print(f"  {elapsed()} extract's step, {backbone} ({rate['feature_dim']}-d, {crop} px): "
+              f"{rate['rows_per_s']:,.0f} frames/s", flush=True)
     workers = max(1, available_cores() - 1)
     config = ExtractConfig(weights="random", device=str(device), decode_workers=workers)
     gpu["decode_workers"], gpu["end_to_end"] = {}, {}
@@ -497,6 +525,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vs-straight", action="store_true", help="only: the extract CLI vs a straight loop")
     parser.add_argument("--seconds", type=float, default=60.0, help="--vs-straight: seconds of each video (60)")
     parser.add_argument("--many", type=int, default=3, help="--vs-straight: videos of the second comparison (3)")
+    parser.add_argument("--backbones", type=lambda s: s.split(","), default=["resnet50"],
+                        help="--vs-straight: comma-separated backbones, e.g. resnet50,timm:resnet18 (resnet50)")
+    parser.add_argument("--precisions", type=lambda s: s.split(","), default=None,
+                        help="--vs-straight: fp32,bf16 (default: both where the CPU has native bf16, else fp32)")
     return parser.parse_args(argv)
 
 

@@ -1,12 +1,19 @@
-"""The backbone: torchvision's ResNet50 up to global average pooling, giving 2048-d frame features.
+"""The backbone: frames -> one pooled feature vector per frame, by name (``create_backbone``).
+
+* ``resnet50``: torchvision's ResNet50 up to global average pooling (2048-d), the seed's and the default;
+* ``timm:<model name>``: any timm image model, the feature being its pooled pre-logits (``num_classes=0``).
 
 Every backbone carries ``weights_name`` (readable; a file's weights are named by their hash) and ``weights_sha``
-(a hash of its tensors), which go into the feature set's identity, so features of different weights never mix.
+(a hash of its tensors), which go into the feature set's identity, so features of different weights never mix, and
+``data_config``: the preprocessing its pretrained weights expect (timm's keys: input_size, interpolation, crop_pct,
+crop_mode, mean, std).
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,17 +29,30 @@ from torchvision.models import ResNet50_Weights
 from epicfeat.errors import EpicfeatError, listed
 
 FEATURE_DIM = 2048
+RESNET50 = "resnet50"
+TIMM = "timm:"
 
-# --weights names for torchvision's ImageNet weights. "imagenet" is the better V2 recipe (80.9% top-1).
+# --weights names for torchvision's ImageNet weights. "imagenet" (= "pretrained") is the better V2 recipe (80.9%).
 TORCHVISION_WEIGHTS = {
+    "pretrained": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
     "imagenet": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
     "imagenet1k_v2": ("imagenet1k_v2", ResNet50_Weights.IMAGENET1K_V2),
     "imagenet1k_v1": ("imagenet1k_v1", ResNet50_Weights.IMAGENET1K_V1),
 }
 
 
+# The seed's preprocessing (shorter side 256, centre crop 224, ImageNet statistics), in timm's terms. The decode room
+# resizes with swscale's bilinear filter, the interpolation torchvision's ImageNet recipe uses too.
+RESNET50_DATA_CONFIG = {"input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 224 / 256,
+                        "crop_mode": "center", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
 class WeightsError(EpicfeatError):
     """Backbone weights that cannot be found or loaded; the message says where they were expected and what to do."""
+
+
+class BackboneError(EpicfeatError):
+    """A backbone name that names no model, or whose library is not installed."""
 
 
 class ResNet50Features(nn.Module):
@@ -43,6 +63,8 @@ class ResNet50Features(nn.Module):
     """
 
     num_features = FEATURE_DIM
+    name = RESNET50
+    data_config = RESNET50_DATA_CONFIG
 
     def __init__(self):
         super().__init__()
@@ -77,6 +99,35 @@ class ResNet50Features(nn.Module):
         return torch.flatten(self.avgpool(x), 1)  # (N, 2048, 1, 1) -> (N, 2048)
 
 
+class TimmFeatures(nn.Module):
+    """A timm image model without its classifier: (N, 3, H, W) -> (N, D) pooled pre-logits, with the frame
+    encoder's seam (``num_features``, ``set_grad_checkpointing``, ``stages``). ``model`` holds timm's module, so
+    ``self.model.state_dict()`` is a timm state dict."""
+
+    def __init__(self, name: str, model: nn.Module, data_config: dict):
+        super().__init__()
+        self.model = model
+        self.name, self.data_config = name, data_config
+        # A model with a pre-logits layer (a head MLP) pools to head_hidden_size, the others to num_features.
+        self.num_features: int = getattr(model, "head_hidden_size", None) or model.num_features
+        self.weights_name = "random"
+        self.weights_sha = ""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def stages(self) -> list[nn.Module]:
+        """timm's coarse layer groups in order (stem, stages or blocks, final norm), as finetune trains the last."""
+        from timm.models import group_modules
+
+        groups = group_modules(self.model, self.model.group_matcher(coarse=True))  # group id -> module names
+        modules = dict(self.model.named_modules())
+        return [nn.ModuleList([modules[n] for n in names]) for _, names in sorted(groups.items())]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)  # (N, 3, H, W) -> (N, D): num_classes=0 leaves the pooled pre-logits
+
+
 def fold_batch_norms(model: ResNet50Features) -> ResNet50Features:
     """An inference copy of ``model`` with every batch norm folded into the convolution before it.
 
@@ -84,6 +135,9 @@ def fold_batch_norms(model: ResNet50Features) -> ResNet50Features:
     The features equal the unfolded ones up to rounding (hence ``fold_bn`` in a feature set's identity). The copy
     keeps the weights' name and hash.
     """
+    if not isinstance(model, ResNet50Features):
+        raise EpicfeatError(f"--fold-bn folds ResNet50's batch norms only; {model.name} has no such pairs: drop "
+                            "--fold-bn (the default folds them for resnet50 on a CPU only)")
     if model.training:
         raise ValueError("fold_batch_norms needs a model in eval mode: training batch norms use batch statistics")
     folded = copy.deepcopy(model)
@@ -115,14 +169,97 @@ def weights_identity(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Features:
-    """Build the ResNet50 feature backbone in eval mode, with ``weights_name`` and ``weights_sha`` set.
+def create_backbone(weights: str = "pretrained", *, backbone: str = RESNET50, seed: int = 0,
+                    crop: int | None = None) -> nn.Module:
+    """Build ``backbone`` (``resnet50`` or ``timm:<model name>``) in eval mode, with ``weights_name``,
+    ``weights_sha``, ``num_features`` and ``data_config`` set.
 
-    ``weights``: ``"imagenet"`` (= ``"imagenet1k_v2"``) or ``"imagenet1k_v1"`` (torch hub's cache, or downloaded
-    there); ``"random"`` (torchvision's init drawn with ``seed``, the global RNG untouched); or the path of a
-    ResNet50 state dict or of an epicfeat checkpoint holding a ``"backbone"`` state dict.
+    ``weights``: ``"pretrained"`` (the backbone's default pretrained weights, through its library's cache: torch hub
+    for resnet50, whose ``"imagenet"`` = ``"imagenet1k_v2"`` and ``"imagenet1k_v1"`` name them too, the Hugging Face
+    hub for timm); ``"random"`` (the library's init drawn with ``seed``, the global RNG untouched); or the path of a
+    state dict (``.safetensors`` too) or of an epicfeat checkpoint holding a ``"backbone"`` state dict. ``crop``: the
+    input size, for models built for one (ViTs) when it is not their pretrained one.
     """
     weights = str(weights)
+    backbone = canonical_backbone(backbone)
+    if backbone == RESNET50:
+        return _create_resnet50(weights, seed)
+    return _create_timm(backbone, weights, seed, crop)
+
+
+def canonical_backbone(backbone: str) -> str:
+    """``resnet50``, or ``timm:<architecture>.<pretrained tag>`` (the tag timm defaults to written out, so that the
+    name fixes the pretrained weights and preprocessing); an unknown name lists the close matches."""
+    backbone = str(backbone).strip()
+    if backbone == RESNET50:
+        return backbone
+    if backbone.startswith(TIMM):
+        timm = _import_timm(backbone)
+        name = backbone[len(TIMM):]
+        if not timm.is_model(name):
+            known = timm.list_models(pretrained=True) + timm.list_models()
+            matches = _close_matches(name, known, prefix={n: TIMM + n for n in known})
+            raise BackboneError(f"--backbone {backbone}: timm has no model {name!r}{matches}; "
+                                "`python -c \"import timm; print(timm.list_models('*vit*'))\"` lists them")
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except RuntimeError:  # "Invalid pretrained tag"
+            architecture = name.partition(".")[0]
+            raise BackboneError(f"--backbone {backbone}: timm has no pretrained tag {name.partition('.')[2]!r} for "
+                                f"{architecture}; its tags: {listed(timm.list_pretrained(architecture + '.*'), 8)}"
+                                ) from None
+        return f"{TIMM}{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else backbone
+    if backbone.startswith("torchvision:"):
+        raise BackboneError(f"--backbone {backbone}: torchvision video backbones are not available yet; use resnet50 "
+                            "or timm:<model name>")
+    try:
+        import timm
+
+        timm_names = timm.list_models()
+    except ImportError:
+        timm_names = []
+    matches = _close_matches(backbone, [RESNET50, *timm_names],
+                             prefix={n: TIMM + n for n in timm_names if n != RESNET50})  # resnet50: ours
+    raise BackboneError(f"--backbone {backbone}: not a backbone{matches}; give resnet50 or timm:<model name> (any timm "
+                        "image model)")
+
+
+def pretrained_data_config(backbone: str) -> dict:
+    """The preprocessing the pretrained weights of ``backbone`` (a canonical name) expect, in timm's keys, without
+    building the model: input_size (3, H, W), interpolation, crop_pct, crop_mode, mean, std."""
+    if backbone == RESNET50:
+        return dict(RESNET50_DATA_CONFIG)
+    timm = _import_timm(backbone)
+    cfg = timm.models.get_pretrained_cfg(backbone[len(TIMM):])
+    return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+
+
+def resize_for(data_config: dict, crop: int) -> int:
+    """The shorter side before a centre crop of ``crop``: timm's eval transform, floor(crop / crop_pct)."""
+    return math.floor(crop / data_config["crop_pct"])
+
+
+def _import_timm(backbone: str):
+    try:
+        import timm
+        import timm.data
+        import timm.models
+    except ImportError as err:
+        raise BackboneError(f"--backbone {backbone} needs the timm package, which is not installed ({err}): "
+                            "pip install timm (or pip install -e . in epicfeat's folder)") from None
+    return timm
+
+
+def _close_matches(name: str, known: list[str], prefix: dict[str, str] | None = None) -> str:
+    """' (close matches: a, b)': the names that start with ``name``, else the most similar (shown through
+    ``prefix``, e.g. with "timm:")."""
+    known = sorted(set(known))
+    matches = [k for k in known if k.startswith(name)][:5] or difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    shown = [(prefix or {}).get(m, m) for m in matches]
+    return f" (close matches: {', '.join(shown)})" if shown else ""
+
+
+def _create_resnet50(weights: str, seed: int) -> ResNet50Features:
     state_dict, source = None, ""
     if weights in TORCHVISION_WEIGHTS:
         name, enum = TORCHVISION_WEIGHTS[weights]
@@ -130,18 +267,89 @@ def create_backbone(weights: str = "imagenet", *, seed: int = 0) -> ResNet50Feat
     elif weights == "random":
         name = f"random-seed{seed}"
     else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(
-                f"--weights {weights!r}: no such file, and not one of imagenet, imagenet1k_v1, random; give a "
-                "ResNet50 state dict / epicfeat checkpoint path, or one of those names"
-            )
+        path = _weights_file(weights, "pretrained, imagenet, imagenet1k_v1, random", "ResNet50 state dict")
         state_dict, source, name = _state_dict_from_file(path), str(path), None  # named by content, below
     with torch.random.fork_rng(devices=[]):  # the random init must not move the caller's RNG streams
         torch.manual_seed(seed)
         model = ResNet50Features()
     if state_dict is not None:
-        _load(model, state_dict, source)
+        trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}  # ImageNet's classifier
+        _load(model, trunk, source, "torchvision ResNet50 weights (keys like 'conv1.weight', "
+                                    "'layer4.2.bn3.running_var')")
+    return _named(model, name)
+
+
+def _create_timm(backbone: str, weights: str, seed: int, crop: int | None) -> TimmFeatures:
+    timm = _import_timm(backbone)
+    name = backbone[len(TIMM):]
+    cfg = timm.models.get_pretrained_cfg(name)
+    data_config = pretrained_data_config(backbone)
+    kwargs = {"num_classes": 0}  # no classifier: forward gives the pooled pre-logits
+    if crop is not None and crop != data_config["input_size"][-1] and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = crop  # position embeddings for this input (timm resamples pretrained ones)
+    if weights in TORCHVISION_WEIGHTS and weights != "pretrained":
+        raise WeightsError(f"--weights {weights} names torchvision's ResNet50 weights; {backbone} takes pretrained "
+                           "(timm's default pretrained weights), random or PATH")
+    state_dict, source, weights_name = None, "", "pretrained"
+    if weights == "pretrained":
+        model = _timm_pretrained(timm, backbone, cfg, kwargs)
+    else:
+        if weights == "random":
+            weights_name = f"random-seed{seed}"
+        else:
+            path = _weights_file(weights, "pretrained, random", f"{backbone} state dict")
+            state_dict, source, weights_name = _state_dict_from_file(path), str(path), None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    features = TimmFeatures(backbone, model, data_config)
+    if state_dict is not None:
+        if all(k.startswith("model.") for k in state_dict):  # an epicfeat checkpoint's TimmFeatures state dict
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
+        classifier = cfg.classifier if cfg is not None else "head"
+        classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        trunk = {k: v for k, v in state_dict.items() if not k.startswith(tuple(c + "." for c in classifiers))}
+        _load(model, trunk, source, f"timm {name} weights (a state dict of timm.create_model({name!r}))")
+    return _named(features, weights_name)
+
+
+def _timm_pretrained(timm, backbone: str, cfg, kwargs: dict) -> nn.Module:
+    """timm's pretrained weights the normal way: the Hugging Face hub's cache (or torch hub's, for weights timm
+    fetches by URL), else a download into it."""
+    name = backbone[len(TIMM):]
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as err:  # no network, proxy, HTTP error, unreadable file: all end the same way
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        if cfg is not None and cfg.hf_hub_id:
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            repo = cfg.hf_hub_id
+            folder = Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+            where = (f"the Hugging Face hub's cache ({folder}) does not hold them and downloading failed ({reason}). "
+                     f"On a machine with internet run\n  hf download {repo} model.safetensors\nand copy the folder "
+                     f"{folder.name} of its cache to {folder} here (HF_HOME moves the cache), or download\n"
+                     f"  https://huggingface.co/{repo}/resolve/main/model.safetensors\nand pass --weights that file")
+        elif cfg is not None and cfg.url:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+            where = (f"torch hub's cache does not hold {cached.name} and downloading failed ({reason}). On a machine "
+                     f"with internet fetch it and copy it to that path:\n  mkdir -p {cached.parent} && curl -L -o "
+                     f"{cached} {cfg.url}\n(TORCH_HOME moves the cache), or pass --weights that file")
+        else:
+            where = f"timm knows no pretrained weights for it ({reason})"
+        raise WeightsError(f"--weights pretrained for {backbone}: {where}. --weights random gives seeded random "
+                           "weights (tests, the demo)") from None
+
+
+def _weights_file(weights: str, names: str, what: str) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"--weights {weights!r}: no such file, and not one of {names}; give a {what} / epicfeat "
+                           "checkpoint path, or one of those names")
+    return path
+
+
+def _named(model: nn.Module, name: str | None) -> nn.Module:
     model.weights_sha = weights_identity(model)
     model.weights_name = name if name is not None else weights_name_of_sha(model.weights_sha)
     return model.eval()
@@ -176,11 +384,15 @@ def _torchvision_state_dict(weights: str, enum: ResNet50_Weights) -> Mapping[str
 
 def _state_dict_from_file(path: Path) -> Mapping[str, torch.Tensor]:
     try:
+        if path.suffix == ".safetensors":  # the Hugging Face hub's format (timm's weights)
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and "unsupported global" errors all mean: not a weights file
         raise WeightsError(
-            f"{path}: cannot be read as PyTorch weights ({type(err).__name__}: {err}); give a ResNet50 state dict "
-            "saved with torch.save(model.state_dict(), path), or an epicfeat checkpoint"
+            f"{path}: cannot be read as PyTorch weights ({type(err).__name__}: {err}); give a state dict "
+            "(.safetensors, or saved with torch.save(model.state_dict(), path)), or an epicfeat checkpoint"
         ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("backbone"), Mapping):
         obj = obj["backbone"]  # an epicfeat (finetune) checkpoint
@@ -193,20 +405,17 @@ def _state_dict_from_file(path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-def _load(model: ResNet50Features, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load a ResNet50 state dict strictly, ignoring the ImageNet classifier (fc.*)."""
-    trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+def _load(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, what: str) -> None:
+    """Load ``state_dict`` strictly; a mismatch names the missing, unexpected and wrongly shaped keys (both shapes)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in trunk]
-    unexpected = [k for k in trunk if k not in expected]
-    wrong_shape = [f"{k} {tuple(trunk[k].shape)} (expected {tuple(expected[k].shape)})"
-                   for k in expected if k in trunk and trunk[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k].shape)})"
+                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
         problems = "; ".join(f"{len(items)} {label}: {listed(items)}" for label, items in
                              (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape))
                              if items)
-        raise WeightsError(
-            f"{source}: not torchvision ResNet50 weights ({problems}); the file must hold a torchvision resnet50 "
-            "state dict (keys like 'conv1.weight', 'layer4.2.bn3.running_var') or an epicfeat checkpoint"
-        )
-    model.load_state_dict(trunk, strict=True)
+        raise WeightsError(f"{source}: not {what} ({problems}); the file must hold such a state dict or an epicfeat "
+                           "checkpoint")
+    model.load_state_dict(state_dict, strict=True)

@@ -31,18 +31,27 @@ class ExtractConfig:
     annotations: Path | None = option(None, "Folder with EPIC_100_*.csv (needed for --split).")
     cache: Path = option(Path("cache"), "Folder of feature sets: <cache>/<feature set key>/.")
     # what defines the feature set (all of it goes into the feature set's identity)
+    backbone: str = option(
+        "resnet50", "resnet50 (torchvision's ResNet50, 2048-d) | timm:<model name> (any timm image model, e.g. "
+        "timm:vit_small_patch14_dinov2.lvd142m or timm:convnext_tiny; its pooled pre-logits). The preprocessing "
+        "defaults come from the model's pretrained configuration."
+    )
     weights: str = option(
-        "imagenet", "imagenet | imagenet1k_v1 | random | PATH of a state dict or epicfeat checkpoint."
+        "pretrained", "pretrained (the backbone's default pretrained weights, through torch hub's or the Hugging "
+        "Face hub's cache; resnet50's = imagenet = imagenet1k_v2) | imagenet1k_v1 (resnet50) | random (seeded) | PATH "
+        "of a state dict (.safetensors too) or epicfeat checkpoint."
     )
     seed: int = option(0, "Seed of --weights random.")
     fps: float | None = option(10.0, "Feature rows per second of video.")
-    resize: int = option(256, "Shorter side before the centre crop.")
-    crop: int = option(224, "Centre crop size (pixels).")
-    mean: tuple[float, float, float] = option(
-        (0.485, 0.456, 0.406), "Normalisation mean per RGB channel (ImageNet).", cli=False
+    resize: int | None = option(
+        None, "Shorter side before the centre crop; default: crop / the backbone's pretrained crop_pct (resnet50: 256)."
     )
-    std: tuple[float, float, float] = option(
-        (0.229, 0.224, 0.225), "Normalisation std per RGB channel (ImageNet).", cli=False
+    crop: int | None = option(None, "Centre crop size (pixels); default: the backbone's pretrained input size (224).")
+    mean: tuple[float, float, float] | None = option(
+        None, "Normalisation mean per RGB channel; default: the backbone's pretrained one (ImageNet's).", cli=False
+    )
+    std: tuple[float, float, float] | None = option(
+        None, "Normalisation std per RGB channel; default: the backbone's pretrained one (ImageNet's).", cli=False
     )
     precision: Precision = option(
         "auto", "Backbone compute precision; auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), "
@@ -59,8 +68,9 @@ class ExtractConfig:
     channels_last: bool = option(True, "Channels-last memory layout for the backbone (faster convolutions).")
     compile: bool = option(False, "torch.compile the backbone (GPU; pays off on long runs).")
     fold_bn: bool | None = option(
-        None, "Fold each batch norm into the convolution before it; default auto: on a CPU (ResNet50 1.3x faster "
-        "there), off on a GPU (0.86x there). The features equal torchvision's unfolded modules up to rounding; the "
+        None, "Fold each batch norm of resnet50 into the convolution before it; default auto: on a CPU (1.3x faster "
+        "there), off on a GPU (0.86x there) and for other backbones. The features equal torchvision's unfolded modules "
+        "up to rounding; the "
         "resolved choice is part of the feature set, and predict and export follow it."
     )
     scheduler: str | None = option(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from epicfeat.backbone import TORCHVISION_WEIGHTS, WeightsError, create_backbone, fold_batch_norms
+from epicfeat.backbone import RESNET50, TORCHVISION_WEIGHTS, WeightsError, create_backbone, fold_batch_norms
 from epicfeat.devices import PRECISION_DTYPES, cuda_settings
 
 #: "fp32" on a GPU is real fp32: TF32 stays off around every model call, as each identity records (``tf32``).
@@ -78,19 +78,21 @@ def create_encoder(feature_set: Mapping[str, Any], device: torch.device, *, weig
                    seed: int | None = None, trainable: bool = False) -> FrameEncoder:
     """The encoder ``feature_set`` (an identity dict) was extracted with, on ``device``, in eval mode.
 
-    ``weights`` None derives them from the identity's name (``random-seedN``, ``imagenet1k_v1/v2``); otherwise a
+    The backbone is the identity's (``resnet50``, ``timm:<name>``). ``weights`` None derives them from the
+    identity's name (``random-seedN``, ``pretrained``, ``imagenet1k_v1/v2``); otherwise a
     name, ``random`` (with ``seed``, default the identity's N) or a path. They must hash to ``weights_sha``.
     """
     recorded = str(feature_set["weights"])
     random_seed = _RANDOM_WEIGHTS.fullmatch(recorded)
-    if weights is None and random_seed is None and recorded not in TORCHVISION_WEIGHTS:
+    if weights is None and random_seed is None and recorded not in TORCHVISION_WEIGHTS:  # "pretrained" is there
         raise WeightsError(f"the features were extracted with backbone weights {recorded!r}: pass --weights PATH "
                            "with that weights file (the one given to `epicfeat extract`)")
     if seed is None:
         seed = int(random_seed.group(1)) if random_seed else 0
     if weights is None:
         weights = "random" if random_seed else recorded
-    backbone = create_backbone(weights, seed=seed)
+    backbone = create_backbone(weights, backbone=feature_set.get("backbone", RESNET50), seed=seed,
+                               crop=feature_set.get("crop"))
     if backbone.weights_sha != feature_set["weights_sha"]:
         raise WeightsError(
             f"backbone weights {backbone.weights_name} (hash {backbone.weights_sha}) are not the ones the features "

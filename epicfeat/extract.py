@@ -36,7 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from epicfeat import __version__
-from epicfeat.backbone import create_backbone
+from epicfeat.backbone import RESNET50, canonical_backbone, create_backbone, pretrained_data_config, resize_for
 from epicfeat.claims import Claim, ClaimQueue
 from epicfeat.configs import ExtractConfig
 from epicfeat.data.annotations import EpicAnnotations
@@ -134,6 +134,8 @@ class _Start:
 
 # ------------------------------------------------------------------------------------------------- planning
 def preprocess_of(config: ExtractConfig) -> Preprocess:
+    """How ``config``'s frames become model input (its backbone's pretrained preprocessing unless overridden)."""
+    config = resolved(config, torch.device("cpu"))  # the preprocessing does not depend on the device
     return Preprocess(resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
 
 
@@ -150,15 +152,46 @@ def device_description(device: torch.device) -> str:
     return f"{device.type}-{torch.backends.cpu.get_cpu_capability()}"
 
 
-def resolve_fold_bn(fold_bn: bool | None, device: torch.device) -> bool:
-    """``None`` (auto) folds batch norms on a CPU, where ResNet50 runs faster so, and not on a GPU (slower there)."""
-    return device.type == "cpu" if fold_bn is None else fold_bn
+def resolve_fold_bn(fold_bn: bool | None, device: torch.device, backbone: str = RESNET50) -> bool:
+    """``None`` (auto) folds ResNet50's batch norms on a CPU, where it runs faster so, and not on a GPU (slower
+    there); other backbones are never folded."""
+    if fold_bn and backbone != RESNET50:
+        raise EpicfeatError(f"--fold-bn folds ResNet50's batch norms only, not {backbone}'s: drop --fold-bn")
+    return device.type == "cpu" and backbone == RESNET50 if fold_bn is None else fold_bn
 
 
 def resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
-    """``config`` with its ``auto`` settings (precision, fold_bn) resolved for ``device``, as the identity records."""
-    return dataclasses.replace(config, precision=resolve_precision(config.precision, device),
-                               fold_bn=resolve_fold_bn(config.fold_bn, device))
+    """``config`` with everything left to the backbone or the device resolved, as the identity records it: the
+    backbone's canonical name, its pretrained preprocessing (crop, resize, mean, std), precision and fold_bn."""
+    backbone = canonical_backbone(config.backbone)
+    data = pretrained_data_config(backbone)
+    _check_decodable(backbone, data, config.weights)
+    crop = config.crop or data["input_size"][-1]
+    return dataclasses.replace(
+        config, backbone=backbone, crop=crop, resize=config.resize or resize_for(data, crop),
+        mean=tuple(config.mean or data["mean"]), std=tuple(config.std or data["std"]),
+        precision=resolve_precision(config.precision, device),
+        fold_bn=resolve_fold_bn(config.fold_bn, device, backbone),
+    )
+
+
+def _check_decodable(backbone: str, data: dict, weights: str) -> None:
+    """Refuse pretrained weights whose preprocessing the decode room cannot apply: it resizes the shorter side with
+    swscale's bilinear filter and cuts a centre crop (frames.Preprocess). Random weights expect nothing."""
+    if weights == "random":
+        return
+    if data["interpolation"] != "bilinear" or data["crop_mode"] != "center":
+        raise EpicfeatError(
+            f"{backbone}'s pretrained preprocessing resizes with {data['interpolation']} interpolation and a "
+            f"{data['crop_mode']} crop; epicfeat's decoder resizes with bilinear interpolation and a centre crop only, "
+            "so its features would not be the ones the weights were trained for. Bicubic resizing in the decoder is "
+            "not built yet; --weights random runs the pipeline with this backbone meanwhile"
+        )
+
+
+def backbone_of(config: ExtractConfig) -> torch.nn.Module:
+    """The backbone ``config`` (resolved) names, with its weights."""
+    return create_backbone(config.weights, backbone=config.backbone, seed=config.seed, crop=config.crop)
 
 
 def feature_set_identity(config: ExtractConfig, backbone: torch.nn.Module,
@@ -172,10 +205,10 @@ def feature_set_identity(config: ExtractConfig, backbone: torch.nn.Module,
     config = resolved(config, device)
     return FeatureSetIdentity(
         weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=config.fps, resize=config.resize,
-        crop=config.crop, mean=tuple(config.mean), std=tuple(config.std), feature_dim=backbone.num_features,
-        precision=config.precision, decoder=decoder_version(), device=device_description(device), tf32=TF32,
-        batch_size=config.batch_size, channels_last=config.channels_last, compile=config.compile,
-        fold_bn=config.fold_bn,
+        crop=config.crop, mean=config.mean, std=config.std, backbone=backbone.name,
+        feature_dim=backbone.num_features, precision=config.precision, decoder=decoder_version(),
+        device=device_description(device), tf32=TF32, batch_size=config.batch_size,
+        channels_last=config.channels_last, compile=config.compile, fold_bn=config.fold_bn,
     )
 
 
@@ -228,7 +261,7 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
     workers = decode_workers_for(config.decode_workers, len(jobs))
     # The decode processes start first: they import PyAV while the model loads.
     with DecodePool(workers, decode_settings(config, workers)) as pool:
-        backbone = create_backbone(config.weights, seed=config.seed)
+        backbone = backbone_of(config)
         identity = feature_set_identity(config, backbone, device)
         start = _open_feature_set(config, identity, missing, started)
         todo = [job for job in jobs if job.video_id not in start.skipped]
@@ -465,7 +498,7 @@ def _worker_device(config: ExtractConfig, name: object) -> torch.device:
 def _worker_identity(config: ExtractConfig, dask_worker) -> dict:
     """The identity a worker would compute (``client.run`` passes the worker as ``dask_worker``)."""
     device = _worker_device(config, dask_worker.name)
-    return feature_set_identity(config, create_backbone(config.weights, seed=config.seed), device).to_dict()
+    return feature_set_identity(config, backbone_of(resolved(config, device)), device).to_dict()
 
 
 def _pipeline_on_worker(config: ExtractConfig, store_path: str, jobs: list[VideoJob]) -> PipelineResult:
@@ -473,7 +506,7 @@ def _pipeline_on_worker(config: ExtractConfig, store_path: str, jobs: list[Video
     device = _worker_device(config, get_worker().name)
     config = resolved(config, device)
     store = FeatureStore.open(store_path)
-    backbone = create_backbone(config.weights, seed=config.seed)
+    backbone = backbone_of(config)
     identity = feature_set_identity(config, backbone, device)
     if identity != store.identity:
         raise EpicfeatError(f"dask worker {get_worker().name} would compute other numbers ({identity.to_dict()}) "

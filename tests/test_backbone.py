@@ -6,6 +6,7 @@ import torch
 
 from epicfeat.backbone import (FEATURE_DIM, ResNet50Features, WeightsError, create_backbone, fold_batch_norms,
                                weights_identity)
+from epicfeat.errors import EpicfeatError
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +184,22 @@ def test_imagenet_weights_are_read_from_the_hub_cache_without_network(random_see
     with pytest.raises(WeightsError, match="cannot be read") as caught:
         create_backbone("imagenet1k_v1")
     assert str(cache / "resnet50-0676ba61.pth") in str(caught.value) and "delete it" in str(caught.value)
+
+
+def test_timm_random_weights_are_seeded_leave_the_rng_alone_and_expose_the_encoder_seam():
+    state = torch.random.get_rng_state()
+    a = create_backbone("random", backbone="timm:resnet18", seed=0)
+    again = create_backbone("random", backbone="timm:resnet18", seed=0)
+    other = create_backbone("random", backbone="timm:resnet18", seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert a.weights_sha == again.weights_sha != other.weights_sha and a.weights_name == "random-seed0"
+    assert a.name == "timm:resnet18.a1_in1k" and a.num_features == 512 and not a.training
+    assert a.data_config["interpolation"] == "bicubic" and a.data_config["crop_pct"] == 0.95
+    stages = a.stages()  # timm's coarse groups: the stem, layer1 .. layer4
+    assert len(stages) == 5 and stages[-1][0] is a.model.layer4[0].conv1
+    with torch.inference_mode():
+        assert a(torch.zeros(2, 3, 32, 32)).shape == (2, 512)  # pooled pre-logits, no classifier
+    a.set_grad_checkpointing(True)
+    assert a.model.grad_checkpointing is True
+    with pytest.raises(EpicfeatError, match="folds ResNet50's batch norms only"):
+        fold_batch_norms(a)

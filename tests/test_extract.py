@@ -29,6 +29,7 @@ from epicfeat.extract import (
     feature_set_identity,
     preprocess_of,
     resolve_fold_bn,
+    resolved,
 )
 from epicfeat.frames import DecodePool, FramesDecoded, iter_frames
 from epicfeat.recipes import save_config
@@ -115,7 +116,8 @@ def test_rows_match_the_decoded_stream_and_a_direct_model_call(videos, reference
     assert attrs["preprocess"] == preprocess_of(config(videos, Path("unused"))).identity()
     assert attrs["preprocess"]["interpolation"] == "swscale_bilinear" and attrs["decoder"].startswith("pyav-")
     assert [r.video_id for r in summary.done] and summary.rows == sum(len(v[1]) for v in rows.values())
-    cfg = config(videos, Path("unused"))
+    cfg = resolved(config(videos, Path("unused")), torch.device("cpu"))  # the backbone's mean and std filled in
+    assert (cfg.mean, cfg.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # resnet50's: ImageNet's
     backbone = fold_batch_norms(create_backbone("random", seed=0).eval())  # as extract runs it (fold_bn)
     for video_id, path in [("P01_01", videos / "P01/P01_01.MP4"), ("P02_01", videos / "P02/videos/P02_01.mp4")]:
         batches = list(iter_frames(path, fps=10.0, preprocess=preprocess_of(cfg), batch_size=1000))

@@ -1,4 +1,4 @@
-"""``epicfeat extract``: stage one, videos → ResNet50 features in a Zarr feature set."""
+"""``epicfeat extract``: stage one, videos → backbone features (ResNet50 or any timm model) in a Zarr feature set."""
 import typer
 
 from epicfeat.cli._options import config_command
@@ -16,5 +16,6 @@ def _run(cfg: ExtractConfig) -> None:
 
 extract = config_command(
     ExtractConfig, _run,
-    doc="Stream videos through ResNet50 and cache per-frame 2048-d features (resumable: re-run to continue).",
+    doc="Stream videos through a backbone (resnet50 or timm:<model>) and cache per-frame features (resumable: re-run "
+    "to continue).",
 )

@@ -1,0 +1,225 @@
+"""`--backbone`: timm image models through the whole pipeline at their own feature width, resnet50 unchanged, and
+clear answers to bad names, a missing timm, weights of the wrong shape and no internet."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+
+from epicfeat.backbone import (RESNET50, TimmFeatures, WeightsError, canonical_backbone, create_backbone,
+                               pretrained_data_config)
+from epicfeat.configs import ExtractConfig
+from epicfeat.encoder import create_encoder
+from epicfeat.extract import extract_features, resolved
+from epicfeat.frames import Preprocess, iter_frames
+from epicfeat.store import FeatureStore
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CPU = torch.device("cpu")
+RESNET18 = "timm:resnet18"
+VIT = "timm:vit_tiny_patch16_224"
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def epicfeat(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    return subprocess.run(["epicfeat", *map(str, args)], capture_output=True, text=True, env=env or CHILD_ENV)
+
+
+def _extract(dataset, cache: Path, backbone: str, **overrides) -> FeatureStore:
+    values = dict(split="all", videos=dataset.videos, annotations=dataset.annotations, cache=cache, backbone=backbone,
+                  weights="random", crop=32, fps=10.0, precision="fp32", batch_size=16, decode_workers=0,
+                  device="cpu", progress=False)
+    summary = extract_features(ExtractConfig(**{**values, **overrides}))
+    assert summary.ok
+    return FeatureStore.open(summary.store)
+
+
+# ------------------------------------------------------------------------------------- names and preprocessing
+def test_timm_names_are_canonical_and_their_preprocessing_comes_from_the_pretrained_config():
+    assert canonical_backbone(RESNET50) == RESNET50
+    assert canonical_backbone(RESNET18) == "timm:resnet18.a1_in1k"  # timm's default tag, written out
+    assert canonical_backbone("timm:resnet18.tv_in1k") == "timm:resnet18.tv_in1k"
+    config = resolved(ExtractConfig(backbone=VIT, weights="random", crop=64), CPU)
+    assert config.backbone == "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert (config.mean, config.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # not ImageNet's: the model's own
+    assert config.resize == 71 and config.fold_bn is False  # floor(64 / crop_pct 0.9); never folded
+    defaults = resolved(ExtractConfig(backbone="timm:resnet18.tv_in1k", weights="random"), CPU)
+    assert (defaults.crop, defaults.resize) == (224, 256)  # input size 224, crop_pct 0.875
+    seed = resolved(ExtractConfig(weights="random"), CPU)  # resnet50: the seed's preprocessing
+    assert (seed.resize, seed.crop, seed.mean, seed.std, seed.fold_bn) == (256, 224, (0.485, 0.456, 0.406),
+                                                                            (0.229, 0.224, 0.225), True)
+    assert pretrained_data_config(RESNET50)["interpolation"] == "bilinear"
+
+
+def test_pretrained_weights_needing_bicubic_resizing_are_refused_and_random_ones_run():
+    """The decoder resizes bilinearly only; resnet18.a1_in1k's weights were trained on bicubic resizing."""
+    with pytest.raises(Exception, match="bicubic interpolation.*bilinear interpolation and a centre crop only"):
+        resolved(ExtractConfig(backbone=RESNET18, weights="pretrained"), CPU)
+    resolved(ExtractConfig(backbone=RESNET18, weights="random"), CPU)
+    resolved(ExtractConfig(backbone="timm:resnet18.tv_in1k", weights="pretrained"), CPU)  # bilinear: fine
+
+
+# ---------------------------------------------------------------------------------- the features themselves
+def test_resnet50_features_are_torchvision_s_resnet50_bit_for_bit(synthetic_dataset, tmp_path):
+    """The default backbone computes exactly torchvision's resnet50 (fc dropped) on the decoded frames."""
+    store = _extract(synthetic_dataset, tmp_path, RESNET50, fold_bn=False, video_ids=("P01_01",), split="train")
+    assert store.identity.backbone == RESNET50 and store.identity.feature_dim == 2048
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet50().eval()
+    resnet.fc = torch.nn.Identity()
+    _assert_rows_equal_the_model(store, synthetic_dataset, resnet.to(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("backbone, width", [(RESNET18, 512), (VIT, 192)])
+def test_timm_rows_are_the_model_s_pooled_pre_logits_at_its_width(synthetic_dataset, tmp_path, backbone, width):
+    store = _extract(synthetic_dataset, tmp_path, backbone, video_ids=("P01_01",), split="train")
+    assert store.identity.feature_dim == width and store.read("P01_01").features.shape[1] == width
+    name = store.identity.backbone[len("timm:"):]
+    kwargs = {"img_size": 32} if backbone == VIT else {}  # a ViT is built for its input size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=0, **kwargs).eval()
+    _assert_rows_equal_the_model(store, synthetic_dataset, model.to(memory_format=torch.channels_last))
+    encoder = create_encoder(store.identity.to_dict(), CPU)  # what predict, export and finetune build
+    assert isinstance(encoder.backbone, TimmFeatures) and encoder.num_features == width
+
+
+def _assert_rows_equal_the_model(store: FeatureStore, dataset, model: torch.nn.Module) -> None:
+    identity = store.identity
+    preprocess = Preprocess.from_identity(identity.to_dict())
+    video = next(dataset.videos.rglob("P01_01.*"))
+    images = np.concatenate([b.images for b in iter_frames(video, fps=10.0, preprocess=preprocess, batch_size=999)])
+    pixels = torch.zeros((identity.batch_size, 3, identity.crop, identity.crop))  # (B, 3, crop, crop): a padded batch
+    pixels[:4] = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float()
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (identity.mean, identity.std))
+    pixels = ((pixels - mean) * (1.0 / std)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        direct = model(pixels)[:4].numpy().astype(np.float16)  # (4, D)
+    np.testing.assert_array_equal(np.asarray(store.read("P01_01").features[:4]), direct)
+
+
+# ------------------------------------------------------------------- any width through the commands after it
+def test_a_vit_feature_set_runs_through_train_evaluate_predict_and_export(synthetic_dataset, tmp_path):
+    """192-d rows: train-temporal, evaluate, predict and export follow the stored width (console script)."""
+    store = _extract(synthetic_dataset, tmp_path / "cache", VIT)
+    data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
+    trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 4, "--hidden", 8, "--epochs",
+                       1, "--batch-size", 8, "--micro-batch-size", 8, "--device", "cpu", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = tmp_path / "run" / "best.pt"
+    assert torch.load(checkpoint, weights_only=False)["model_args"]["input_dim"] == 192
+    evaluated = epicfeat("evaluate", *data, "--checkpoint", checkpoint, "--out", tmp_path / "eval", "--device", "cpu",
+                         "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    video = next(synthetic_dataset.videos.rglob("P01_01.*"))
+    predicted = epicfeat("predict", video, "--checkpoint", checkpoint, "--timeline",
+                         tmp_path / "timeline.jsonl", "--max-seconds", 2, "--device", "cpu", "--no-progress")
+    assert predicted.returncode == 0, predicted.stderr
+    assert (tmp_path / "timeline.jsonl").read_text().count("\n") >= 1
+    exported = epicfeat("export", "--checkpoint", checkpoint, "--format", "torchscript", "--out", tmp_path / "ts")
+    assert exported.returncode == 0, exported.stderr
+    assert store.identity.feature_dim == 192
+
+
+def test_a_checkpoint_is_refused_on_another_backbone_s_cache_naming_both(synthetic_dataset, tmp_path):
+    vit = _extract(synthetic_dataset, tmp_path / "cache", VIT)
+    resnet = _extract(synthetic_dataset, tmp_path / "cache", RESNET18)
+    data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
+    trained = epicfeat("train-temporal", *data, "--feature-set", vit.path.name, "--out", tmp_path / "run",
+                       "--frames", 2, "--hidden", 8, "--epochs", 1, "--batch-size", 8, "--micro-batch-size", 8,
+                       "--device", "cpu", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    refused = epicfeat("evaluate", *data, "--feature-set", resnet.path.name, "--checkpoint", tmp_path / "run/best.pt",
+                       "--out", tmp_path / "eval", "--device", "cpu", "--no-progress")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "timm-vit_tiny_patch16_224" in refused.stderr and "timm-resnet18" in refused.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="finetune.py (issue 23's file) refuses every backbone but resnet50 (load_start)")
+def test_finetune_trains_a_timm_image_backbone(synthetic_dataset, tmp_path):
+    from epicfeat.configs import FinetuneConfig, TrainTemporalConfig
+    from epicfeat.finetune import load_start
+    from epicfeat.temporal.train import train_temporal
+
+    _extract(synthetic_dataset, tmp_path / "cache", RESNET18)
+    result = train_temporal(TrainTemporalConfig(
+        annotations=synthetic_dataset.annotations, cache=tmp_path / "cache", out=tmp_path / "run", frames=2, hidden=8,
+        epochs=1, batch_size=8, micro_batch_size=8, device="cpu", progress=False))
+    start = load_start(FinetuneConfig(checkpoint=result.best_checkpoint, videos=synthetic_dataset.videos,
+                                      annotations=synthetic_dataset.annotations, cache=tmp_path / "cache"))
+    assert start.encoder.num_features == 512 and len(start.encoder.backbone.stages()) >= 2
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_an_unknown_name_lists_close_matches(tmp_path):
+    for name, match in (("timm:vit_tiny_patch16_2244", "timm:vit_tiny_patch16_224"),
+                        ("timm:convnext_tinny", "convnext_tiny"), ("resnet5", "resnet50")):
+        done = epicfeat("extract", "--backbone", name, "--video-ids", "P01_01", "--videos", tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "close matches" in done.stderr and match in done.stderr, done.stderr
+
+
+def test_an_unknown_pretrained_tag_lists_the_model_s_tags():
+    with pytest.raises(Exception, match="no pretrained tag 'bogus' for vit_tiny_patch16_224; its tags: "
+                                        "vit_tiny_patch16_224.augreg_in21k, vit_tiny_patch16_224.augreg_in21k_ft_in1k"):
+        canonical_backbone("timm:vit_tiny_patch16_224.bogus")
+
+
+def test_a_missing_timm_names_the_package_to_install(tmp_path):
+    shadow = tmp_path / "no_timm" / "timm"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'timm'\")\n")
+    env = {**CHILD_ENV, "PYTHONPATH": os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])}
+    done = epicfeat("extract", "--backbone", RESNET18, "--weights", "random", "--video-ids", "P01_01", "--videos",
+                    tmp_path, "--cache", tmp_path / "cache", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "needs the timm package" in done.stderr and "pip install timm" in done.stderr
+
+
+def test_weights_of_the_wrong_shape_name_both_shapes(synthetic_dataset, tmp_path):
+    from safetensors.torch import save_file
+
+    vit_small = tmp_path / "vit_small.safetensors"  # a ViT-S (384-d) file given for a ViT-Ti (192-d)
+    save_file(timm.create_model("vit_small_patch16_224").state_dict(), vit_small)
+    shapes = r"patch_embed.proj.weight \(384, 3, 16, 16\) \(expected \(192, 3, 16, 16\)\)"
+    with pytest.raises(WeightsError, match=shapes):
+        create_backbone(vit_small, backbone=VIT)
+    wide = tmp_path / "wide_resnet50_2.pt"  # ResNet50's keys, twice the inner widths
+    torch.save(timm.create_model("wide_resnet50_2").state_dict(), wide)
+    done = epicfeat("extract", "--backbone", "timm:resnet50.tv_in1k", "--weights", wide, "--video-ids", "P01_01",
+                    "--videos", synthetic_dataset.videos, "--cache", tmp_path / "cache", "--no-progress")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "with the wrong shape: layer1.0.conv1.weight (128, 64, 1, 1) (expected (64, 64, 1, 1))" in message
+
+
+def test_weights_from_a_file_load_and_an_exported_state_dict_round_trips(tmp_path):
+    random = create_backbone("random", backbone=RESNET18, seed=3)
+    path = tmp_path / "resnet18.safetensors"
+    from safetensors.torch import save_file
+
+    full = timm.create_model("resnet18")  # with its classifier, as timm's files hold it: fc.* is ignored
+    full.load_state_dict({**random.model.state_dict(), "fc.weight": full.fc.weight, "fc.bias": full.fc.bias})
+    save_file(full.state_dict(), path)
+    loaded = create_backbone(path, backbone=RESNET18)
+    assert loaded.weights_sha == random.weights_sha and loaded.weights_name == f"sha-{random.weights_sha[:12]}"
+
+
+def test_offline_pretrained_weights_say_which_file_to_fetch_and_where(tmp_path):
+    env = {**CHILD_ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "th")}
+    done = epicfeat("extract", "--backbone", "timm:resnet18.tv_in1k", "--weights", "pretrained", "--video-ids",
+                    "P01_01", "--videos", tmp_path, "--cache", tmp_path / "cache", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    message = " ".join(done.stderr.split())
+    assert "hf download timm/resnet18.tv_in1k model.safetensors" in message
+    assert str(tmp_path / "hf" / "hub" / "models--timm--resnet18.tv_in1k") in message
+    assert "https://huggingface.co/timm/resnet18.tv_in1k/resolve/main/model.safetensors" in message
