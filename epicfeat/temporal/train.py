@@ -37,7 +37,7 @@ from epicfeat.metrics import epic_metrics
 from epicfeat.recipes import config_to_dict, save_config
 from epicfeat.store import open_feature_set
 from epicfeat.temporal.checkpoint import ModelCard, check_feature_set, load_checkpoint, save_checkpoint
-from epicfeat.temporal.data import PackedSplit, feature_stats, packed_split
+from epicfeat.temporal.data import Context, PackedSplit, feature_stats, packed_split
 from epicfeat.temporal.model import TemporalModel, TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.precision import grad_scaler, resolve_temporal_precision, supported_precision
 from epicfeat.training import (BackgroundWriter, EarlyStopping, EpochLog, LRSchedule, RunFolder, TrainingState,
@@ -89,7 +89,8 @@ def load_training_data(config: TrainTemporalConfig) -> TrainingData:
         raise TrainError("no annotations given: pass --annotations DIR (the folder holding EPIC_100_*.csv)")
     annotations = EpicAnnotations(config.annotations, train_file=config.train_file)
     store = open_feature_set(config.cache, config.feature_set)
-    pack = functools.partial(packed_split, store, cache=config.pack_cache, progress=config.progress)
+    pack = functools.partial(packed_split, store, cache=config.pack_cache, progress=config.progress,
+                             context=Context.of_config(config))  # with the rows around each segment the head reads
     train = pack(annotations.segments(config.train_splits), config.train_splits)
     if len(train) == 0:
         raise TrainError(
@@ -190,11 +191,8 @@ def _prepare(config: TrainTemporalConfig, data: TrainingData, device: torch.devi
     generator = torch.Generator(device=train_on_device.device).manual_seed(config.seed)
 
     # --- model, standardised with the training split's statistics (computed where the split is)
-    model_args = TemporalModelArgs(
-        input_dim=data.train.features.shape[1], hidden=config.hidden, layers=config.layers,
-        lstm_dropout=config.lstm_dropout, dropout=config.dropout, pooling=config.pooling,
-        n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes),
-    )
+    model_args = TemporalModelArgs.of_config(config, input_dim=data.train.features.shape[1],
+                                             n_verbs=len(data.verb_classes), n_nouns=len(data.noun_classes))
     model = create_temporal_model(model_args, *feature_stats(train_on_device)).to(device)
     model.compute_dtype = PRECISION_DTYPES[config.precision]
     # Fused AdamW: one kernel for all 17 M parameters instead of a loop of small ones (and no host read per step).
@@ -490,8 +488,9 @@ class EpochPlan:
 def plan_epoch(split: PackedSplit, settings: StepSettings, generator: torch.Generator,
                device: torch.device) -> EpochPlan:
     """The epoch's order, rows and CutMix, drawn from ``generator`` where it lives in a few ops for all segments;
-    targets and weights on ``device`` (the model's). CutMix: each micro-batch one span round((1 - lam) * L),
-    lam ~ Beta(alpha, alpha), at a start uniform in [0, L - span], pasted from a random partner in the micro-batch."""
+    targets and weights on ``device`` (the model's). CutMix: each micro-batch one span round((1 - lam) * T),
+    lam ~ Beta(alpha, alpha), at a start uniform in [0, T - span] of the segment's rows (after its K context rows:
+    the context stays each segment's own), pasted from a random partner in the micro-batch."""
     where = generator.device  # the split's device in train-temporal
     order = torch.randperm(len(split), generator=generator, device=where).to(split.device)  # (S,) the epoch's order
     rows = split.sample_rows(order, settings.frames, train=True, generator=generator)  # (S, L)
@@ -499,7 +498,7 @@ def plan_epoch(split: PackedSplit, settings: StepSettings, generator: torch.Gene
     partner = torch.arange(len(split), device=where)  # (S,) position of each segment's partner: itself
     share = torch.zeros(len(split), device=where)  # (S,) the partner's share f
     if settings.cutmix_alpha > 0:
-        length = rows.shape[1]
+        k, length = split.context.frames, settings.frames  # the span lies in the segment's T rows
         micro, count = _micro_batch_index(len(split), settings, where)  # (S,) each position's micro-batch; M
         spans = draw_cutmix_spans(count, length, settings.cutmix_alpha, generator)  # (M,)
         uniform = torch.rand(count, generator=generator, device=where)  # (M,)
@@ -507,7 +506,7 @@ def plan_epoch(split: PackedSplit, settings: StepSettings, generator: torch.Gene
         # A random partner inside each micro-batch: its positions sorted by (micro-batch, a uniform key).
         keys = micro.double() + torch.rand(len(split), generator=generator, device=where, dtype=torch.float64)
         partner = torch.argsort(keys, stable=True)  # (S,) a permutation within each micro-batch
-        steps = torch.arange(length, device=where)  # (L,)
+        steps = torch.arange(rows.shape[1], device=where) - k  # (L,) positions from the segment's first row
         start, span = starts[micro].unsqueeze(1), spans[micro].unsqueeze(1)  # (S, 1) each
         inside = ((steps >= start) & (steps < start + span)).to(rows.device)  # (S, L)
         # Pasting the partner's rows before the one gather equals pasting its features after it.
