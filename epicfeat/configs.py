@@ -163,7 +163,7 @@ class TrainTemporalConfig:
     deterministic: bool = option(False, "Deterministic kernels for the run (bit-exact CPU resume).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", "What the BiLSTM computes in (explicit casts, fp32 master weights; fp16 with loss scaling); auto: bf16 "
+        "auto", "What the temporal head computes in (explicit casts, fp32 master weights; fp16 with loss scaling); auto: bf16 "
         "on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. The resolved value is recorded in the "
         "run's config and used by its validation and by evaluate."
     )
@@ -214,7 +214,7 @@ class ScoringConfig:
     batch_size: int = option(500, "Segments per forward pass.")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["checkpoint", "fp32", "bf16", "fp16"] = option(
-        "checkpoint", "What each model's BiLSTM computes in; checkpoint: the precision it was trained and validated in "
+        "checkpoint", "What each model's head computes in; checkpoint: the precision it was trained and validated in "
         "(its config's)."
     )
     progress: bool = option(True, "Progress bars and the summary table.")
