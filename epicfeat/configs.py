@@ -163,9 +163,9 @@ class TrainTemporalConfig:
     deterministic: bool = option(False, "Deterministic kernels for the run (bit-exact CPU resume).")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "auto", "What the temporal head computes in (explicit casts, fp32 master weights; fp16 with loss scaling); auto: bf16 "
-        "on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. The resolved value is recorded in the "
-        "run's config and used by its validation and by evaluate."
+        "auto", "What the temporal head computes in (explicit casts, fp32 master weights; fp16 with loss scaling); "
+        "auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), else fp32. The resolved value is "
+        "recorded in the run's config and used by its validation and by evaluate."
     )
     progress: bool = option(True, "Rich progress bars, per-epoch lines and the summary table.")
 
