@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The temporal heads side by side on one feature set: train-temporal --head lstm | transformer | attentive | mean
-# (and a 1-frame baseline), each best.pt evaluated on validation, one table (top-1 / top-5, tail, unseen, epoch
-# seconds, parameters) in OUT/compare/compare.md with compare.json and compare.png. Every run resumes.
+# (and a 1-frame baseline), each best.pt evaluated on validation, one table (top-1, tail, unseen, head, T, context,
+# epoch seconds, parameters) in OUT/compare/comparison.md with comparison.json (every metric, top-5 too) and
+# comparison.png (top-1 beside epoch seconds). Every run resumes.
 #
 #   bash pipelines/compare_heads.sh ANNOTATIONS_DIR CACHE_DIR [OUT_DIR]     # features already extracted
 #   bash pipelines/compare_heads.sh --synthetic [OUT_DIR]                   # the demo's data, CPU, minutes

@@ -38,6 +38,16 @@ def test_the_table_holds_every_variant_s_metrics_and_columns(tmp_path, capsys):
     assert not any(isinstance(v, float) and math.isnan(v) for v in saved[0]["metrics"].values())
 
 
+def test_a_cost_column_is_charted_beside_the_accuracies_and_small_numbers_keep_two_decimals(tmp_path):
+    rows = [Row("lstm", _metrics(40.0, 30.0, 20.0), {"epoch s": 0.05}), Row("mean", _metrics(30.0, 20.0, 10.0),
+                                                                              {"epoch s": 0.02})]
+    plain = (write_comparison(rows, tmp_path / "plain", title="heads").parent / "comparison.png").read_bytes()
+    costly = write_comparison(rows, tmp_path / "cost", title="heads", cost="epoch s")
+    assert costly.read_text().splitlines()[4].endswith("| 0.05 |")
+    width = int.from_bytes((costly.parent / "comparison.png").read_bytes()[16:20], "big")  # PNG header: IHDR width
+    assert width == int.from_bytes(plain[16:20], "big") + 3 * 120  # 3 inches more at 120 dpi
+
+
 def test_the_recipe_answers_bad_input_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(RECIPE), "--backbones", "timm:resnet181", "--annotations", tmp_path,
                            "--videos", tmp_path, "--out", tmp_path / "out"], capture_output=True, text=True,

@@ -181,22 +181,25 @@ def test_compare_runs_tabulates_each_runs_official_metrics_epoch_time_and_parame
     transformer.mkdir(parents=True)
     _with_head(checkpoints[1], transformer / "best.pt", "transformer", 8, Context(1.0, 2))
     shutil.copy(checkpoints[1].parent / "metrics.csv", transformer / "metrics.csv")
-    table = compare_runs([lstm, transformer], annotations=dataset.annotations, cache=cache, out=tmp_path / "cmp",
-                         device="cpu", progress=False)
-    assert table["run"].tolist() == [lstm.name, "head_transformer"] and table["head"].tolist() == ["lstm", "transformer"]
-    assert table["T"].tolist() == [4, 8] and table["context_s"].tolist() == [0.0, 1.0]
+    rows = compare_runs([lstm, transformer], annotations=dataset.annotations, cache=cache, out=tmp_path / "cmp",
+                        device="cpu")
+    assert [r.name for r in rows] == [lstm.name, "head_transformer"]
+    assert [r.extra["head"] for r in rows] == ["lstm", "transformer"]
+    assert [r.extra["T"] for r in rows] == [4, 8] and [r.extra["context s"] for r in rows] == [0.0, 1.0]
     direct = evaluate(_config(EvaluateConfig, trained, tmp_path / "direct", checkpoints=(transformer / "best.pt",)))
-    assert table["action@1"][1] == direct.metrics["all_action_accuracy_at_1"]
-    assert table["verb@5"][1] == direct.metrics["all_verb_accuracy_at_5"]
+    assert rows[1].metrics["all_action_accuracy_at_1"] == direct.metrics["all_action_accuracy_at_1"]
     model = load_checkpoint(transformer / "best.pt").create_model()
-    assert table["parameters"][1] == sum(p.numel() for p in model.parameters())
-    assert (table["epoch_s"] > 0).all() and table["epochs"].tolist() == [1, 1]
-    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert rows[1].extra["parameters"] == sum(p.numel() for p in model.parameters())
+    assert all(r.extra["epoch s"] > 0 and r.extra["epochs"] == 1 for r in rows)
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert [row["head"] for row in saved] == ["lstm", "transformer"]
-    assert "| run | head | T |" in (tmp_path / "cmp" / "compare.md").read_text()
-    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    assert saved[1]["metrics"]["all_verb_accuracy_at_5"] == direct.metrics["all_verb_accuracy_at_5"]
+    lines = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
+    assert lines[2].endswith("| head | T | context s | epoch s | epochs | parameters |")
+    assert lines[5].startswith(f"| head_transformer | {direct.metrics['all_verb_accuracy_at_1']:.1f} |")
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
     with pytest.raises(CompareError, match="no best.pt"):
-        compare_runs([tmp_path], annotations=dataset.annotations, cache=cache, out=tmp_path / "x", progress=False)
+        compare_runs([tmp_path], annotations=dataset.annotations, cache=cache, out=tmp_path / "x")
     command = [sys.executable, "-m", "epicfeat.temporal.compare", "--annotations", str(dataset.annotations),
                "--cache", str(cache), "--out", str(tmp_path / "y"), str(tmp_path / "nothing")]
     done = subprocess.run(command, capture_output=True, text=True)

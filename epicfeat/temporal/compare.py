@@ -1,8 +1,9 @@
 """Stage-two runs side by side: the heads comparison (``pipelines/compare_heads.sh``), or any set of runs on one
 feature set (backbones, T, context...).
 
-    compare_runs(runs, ...)    train-temporal run folders -> evaluate each best.pt -> one table (top-1 / top-5, tail,
-                               unseen, epoch seconds, parameters), compare.md / compare.json / compare.png
+    compare_runs(runs, ...)    train-temporal run folders -> evaluate each best.pt -> one table (epicfeat.comparison:
+                               top-1, tail, unseen, head, T, context, epoch seconds, parameters), comparison.md /
+                               comparison.json / comparison.png
     time_heads(train, ...)     epoch time and the model's share of it per head on one packed split (bench_temporal)
 
     python -m epicfeat.temporal.compare --annotations DIR --cache DIR --out DIR RUN [RUN ...]
@@ -10,7 +11,6 @@ feature set (backbones, T, context...).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -21,21 +21,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from epicfeat.comparison import Row, write_comparison
 from epicfeat.configs import EvaluateConfig, TrainTemporalConfig
 from epicfeat.devices import PRECISION_DTYPES
 from epicfeat.errors import EpicfeatError
-from epicfeat.files import atomic_write_text
 from epicfeat.temporal.checkpoint import load_checkpoint
 from epicfeat.temporal.data import PackedSplit, feature_stats
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
-
-#: (column, metric key of evaluate's metrics) of the table, after the run's name.
-COLUMNS = (
-    ("verb@1", "all_verb_accuracy_at_1"), ("noun@1", "all_noun_accuracy_at_1"),
-    ("action@1", "all_action_accuracy_at_1"), ("verb@5", "all_verb_accuracy_at_5"),
-    ("noun@5", "all_noun_accuracy_at_5"), ("action@5", "all_action_accuracy_at_5"),
-    ("tail action@1", "tail_action_accuracy_at_1"), ("unseen action@1", "unseen_action_accuracy_at_1"),
-)
 
 
 class CompareError(EpicfeatError):
@@ -43,11 +35,11 @@ class CompareError(EpicfeatError):
 
 
 # ------------------------------------------------------------------------------------------------- the table
-def compare_runs(runs: Sequence[Path], *, annotations: Path, cache: Path, out: Path, device: str = "auto",
-                 progress: bool = True) -> pd.DataFrame:
+def compare_runs(runs: Sequence[Path], *, annotations: Path, cache: Path, out: Path, device: str = "auto") -> list[Row]:
     """Evaluate each run's best.pt on validation (``evaluate``, into ``out/<run name>``) and tabulate: a row per run
-    with the official metrics, the median epoch seconds of its metrics.csv and its parameters. Writes compare.md,
-    compare.json and compare.png into ``out``; returns the table."""
+    with the official metrics (every one, top-5 too, in comparison.json), its head, T, context seconds, the median
+    epoch seconds of its metrics.csv and its parameters. Writes comparison.md/.json/.png into ``out``; returns the
+    rows."""
     from epicfeat.evaluate import evaluate  # evaluate imports the temporal package: imported when called
 
     rows = []
@@ -59,49 +51,14 @@ def compare_runs(runs: Sequence[Path], *, annotations: Path, cache: Path, out: P
                                          device=device, progress=False))
         checkpoint = load_checkpoint(best)
         epochs = pd.read_csv(log)
-        rows.append({"run": run.name, "head": checkpoint.model_args.head, "T": checkpoint.window,
-                     "context_s": checkpoint.model_args.context.seconds,
-                     **{label: scored.metrics[key] for label, key in COLUMNS},
-                     "epoch_s": statistics.median(epochs["epoch_seconds"]), "epochs": len(epochs),
-                     "parameters": sum(t.numel() for name, t in checkpoint.model_state.items()
-                                       if name not in ("feature_mean", "feature_std"))})
-    table = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.md", _markdown(table))
-    atomic_write_text(out / "compare.json", table.to_json(orient="records", indent=1))
-    _plot(table, out / "compare.png")
-    if progress:
-        print(_markdown(table))
-    return table
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.1f}" if abs(value) >= 1 or value == 0 else f"{value:.2f}"
-        return f"{value:,}" if isinstance(value, int) else str(value)
-
-    header = "| " + " | ".join(table.columns) + " |"
-    lines = [header, "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def _plot(table: pd.DataFrame, path: Path) -> None:
-    """Top-1 per run (verb, noun, action) beside epoch seconds: what each head buys and costs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (accuracy, seconds) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
-    table.set_index("run")[["verb@1", "noun@1", "action@1"]].plot.bar(ax=accuracy, rot=0)
-    accuracy.set_ylabel("validation top-1 (%)")
-    table.set_index("run")["epoch_s"].plot.bar(ax=seconds, rot=0, color="grey")
-    seconds.set_ylabel("seconds per epoch (median)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        rows.append(Row(run.name, scored.metrics, {
+            "head": checkpoint.model_args.head, "T": checkpoint.window,
+            "context s": checkpoint.model_args.context.seconds,
+            "epoch s": statistics.median(epochs["epoch_seconds"]), "epochs": len(epochs),
+            "parameters": sum(t.numel() for name, t in checkpoint.model_state.items()
+                              if name not in ("feature_mean", "feature_std"))}))
+    write_comparison(rows, out, title="stage-two runs compared (validation)", cost="epoch s")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ per-head timings
@@ -166,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="train-temporal run folders (each holds best.pt)")
     parser.add_argument("--annotations", type=Path, required=True, help="folder with EPIC_100_*.csv")
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="folder of feature sets")
-    parser.add_argument("--out", type=Path, required=True, help="folder for compare.md/.json/.png and evaluations")
+    parser.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.json/.png and evaluations")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     try:
