@@ -482,8 +482,14 @@ class FrameFiles:
                         raise VideoError(f"{self.path}: truncated inside {member.name}: download this tar again")
                     where[number], last = (member.offset_data, member.size), f"after {member.name}"
                     tar.members = []  # the index is ours: do not keep a TarInfo per frame
+                end = tar.offset
         except tarfile.TarError as err:
             raise VideoError(f"{self.path}: corrupt tar ({err}) {last}; download this tar again") from None
+        # tarfile takes a damaged header after the first for the end of the archive: the real end is two zero blocks.
+        self._tar.seek(end)
+        if self._tar.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            raise VideoError(f"{self.path}: corrupt or cut-off tar (no valid header or end {last}); download this "
+                             "tar again")
         return where
 
     def read(self, number: int) -> bytes:

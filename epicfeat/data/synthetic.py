@@ -31,6 +31,8 @@ import json
 import math
 import os
 import shutil
+import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -621,3 +623,62 @@ def write_synthetic_video(path: str | Path, *, seconds: float, width: int = 640,
     _encode_video(partial, video, spec, seed)
     os.replace(partial, path)
     return path
+
+
+# ------------------------------------------------------------------------------------- the official rgb_frames form
+def write_jpeg_frames(images: Iterable[np.ndarray], path: str | Path, *, quality: int = 2) -> Path:
+    """Write (H, W, 3) uint8 RGB images as the official RGB frames: ``frame_%010d.jpg`` from 1, in the folder
+    ``path``, or in the tar ``path`` when it ends in .tar (members in frame order, as the download's). ``quality``
+    is FFmpeg's JPEG quantiser (2: best, 31: worst). A killed run never leaves half a tar at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = None
+    as_tar = path.suffix.lower() == ".tar"
+    partial = path.with_name(f".{path.name}.partial")
+    tar = tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) if as_tar else None
+    if not as_tar:
+        path.mkdir(exist_ok=True)
+    try:
+        for number, image in enumerate(images, start=1):
+            if codec is None:
+                codec = av.CodecContext.create("mjpeg", "w")
+                codec.height, codec.width = image.shape[:2]
+                codec.pix_fmt, codec.time_base = "yuvj420p", Fraction(1, 60)
+                codec.options = {"qmin": str(quality), "qmax": str(quality)}
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format="yuvj420p")
+            frame.pts = number
+            data = b"".join(bytes(packet) for packet in codec.encode(frame))
+            name = f"frame_{number:010d}.jpg"
+            if tar is None:
+                (path / name).write_bytes(data)
+            else:
+                member = tarfile.TarInfo(f"./{name}")
+                member.size, member.mtime, member.mode = len(data), 0, 0o644
+                tar.addfile(member, io.BytesIO(data))
+    finally:
+        if tar is not None:
+            tar.close()
+    if as_tar:
+        os.replace(partial, path)
+    return path
+
+
+def resampled(images: Iterable[np.ndarray], native: Fraction, rate: Fraction) -> Iterator[np.ndarray]:
+    """A ``native``-fps frame sequence at ``rate`` fps: output frame j (shown at j / rate s) is the input frame shown
+    then, as the official frames were resampled from the camera's rate."""
+    j = 0
+    for i, image in enumerate(images):
+        while j / rate < (i + 1) / native:  # frame i is shown until (i + 1) / native
+            yield image
+            j += 1
+
+
+def video_as_frames(video: str | Path, path: str | Path, *, rate: float | None = None, quality: int = 2) -> Path:
+    """The official-frames form of a video file (a folder, or a tar when ``path`` ends in .tar): every decoded
+    frame, resampled to ``rate`` fps (None: the stream's own rate), for tests and benchmarks."""
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        native = stream.average_rate
+        images = (frame.to_ndarray(format="rgb24") for frame in container.decode(stream))
+        return write_jpeg_frames(resampled(images, native, Fraction(rate) if rate else native), path,
+                                 quality=quality)
