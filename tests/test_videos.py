@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from epicfeat.data import videos as videos_module
-from epicfeat.data.videos import VideoLookup, VideoRootError, VideoSource, epic_frames_fps, find_sources, find_videos
+from epicfeat.data.videos import (VideoLookup, VideoRootError, VideoSource, epic_frames_fps, find_sources, find_videos,
+                                  source_identity)
 from epicfeat.errors import EpicfeatError
 
 
@@ -118,21 +119,20 @@ def test_find_sources_every_form_and_the_auto_rule(forms_root):
         "P02_101": VideoSource(forms_root / "P02" / "rgb_frames" / "P02_101.tar", 50.0),  # extension: 50 fps
     }
     assert lookup.missing == ("P01_01", "P09_01")
-    assert lookup.identity == "frames-epic"
-    assert "2 of 5 videos found as video files, 3 as frames; reading frames" in lookup.choice
+    assert lookup.form == "frames" and source_identity(lookup.form, None) == "frames-epic"
     # A tie goes to the video files (a cache of videos stays that cache when frames appear beside them).
     tie = find_sources(forms_root, ["P01_01", "P01_02", "P01_03"])
     assert {i: s.form for i, s in tie.found.items()} == {"P01_01": "video", "P01_02": "video"}
-    assert tie.identity == "video" and tie.missing == ("P01_03",)
+    assert tie.form == "video" and tie.missing == ("P01_03",)
 
 
 def test_find_sources_forced_form_and_frames_fps(forms_root):
     video = find_sources(forms_root, ["P01_02", "P02_101"], source="video")
     assert video.found == {"P01_02": VideoSource(forms_root / "P01" / "P01_02.MP4")}
-    assert video.choice == "--source video" and video.missing == ("P02_101",)
+    assert video.form == "video" and video.missing == ("P02_101",)
     frames = find_sources(forms_root, ["P01_01", "P02_101"], source="frames", frames_fps=30)
     assert frames.found == {"P02_101": VideoSource(forms_root / "P02" / "rgb_frames" / "P02_101.tar", 30.0)}
-    assert frames.identity == "frames-30fps"
+    assert source_identity(frames.form, 30) == "frames-30fps" and source_identity("video", 30) == "video"
 
 
 def test_find_sources_template(forms_root):

@@ -114,14 +114,20 @@ class VideoSource:
 
 @dataclass(frozen=True)
 class SourceLookup:
-    """The requested videos in the run's one form: ``found`` video_id -> source, ``missing`` (input order),
-    ``choice`` a line saying which form and why (for the summary), ``identity`` the form and time base as the
-    feature set's identity records them: "video", "frames-epic" (60 / 50 fps by id) or "frames-30fps"."""
+    """The requested videos in the run's one form (``form``: "video" or "frames"): ``found`` video_id -> source,
+    ``missing`` the others (input order)."""
 
     found: dict[str, VideoSource]
     missing: tuple[str, ...]
-    choice: str
-    identity: str
+    form: str
+
+
+def source_identity(form: str, frames_fps: float | None) -> str:
+    """A form and its time base as a feature set's identity records them: "video", "frames-epic" (the official
+    frames' 60 / 50 fps by id) or "frames-30fps" (``--frames-fps 30``)."""
+    if form == "video":
+        return "video"
+    return "frames-epic" if frames_fps is None else f"frames-{frames_fps:g}fps"
 
 
 def epic_frames_fps(video_id: str) -> float:
@@ -195,13 +201,7 @@ def find_sources(root: str | Path, video_ids: Iterable[str], *, source: SourceCh
                 listed[participant] = _list_frames(root / participant / FRAMES_FOLDER)
             if video_id in listed[participant]:
                 frames[video_id] = listed[participant][video_id]
-    if source == "auto":
-        form = "frames" if len(frames) > len(videos) else "video"
-        choice = (f"auto: {len(videos)} of {len(wanted)} videos found as video files, {len(frames)} as frames; "
-                  f"reading {'frames' if form == 'frames' else 'video files'} (--source to choose)")
-    else:
-        form = source
-        choice = f"--source {source}"
+    form = source if source != "auto" else "frames" if len(frames) > len(videos) else "video"
     if form == "frames":
         found = {video_id: VideoSource(path, frames_fps or epic_frames_fps(video_id))
                  for video_id, path in frames.items()}
@@ -209,5 +209,4 @@ def find_sources(root: str | Path, video_ids: Iterable[str], *, source: SourceCh
         found = {video_id: VideoSource(path) for video_id, path in videos.items()}
     found = {video_id: found[video_id] for video_id in wanted if video_id in found}  # input order
     missing = tuple(video_id for video_id in wanted if video_id not in found)
-    identity = "video" if form == "video" else "frames-epic" if frames_fps is None else f"frames-{frames_fps:g}fps"
-    return SourceLookup(found=found, missing=missing, choice=choice, identity=identity)
+    return SourceLookup(found=found, missing=missing, form=form)
