@@ -158,15 +158,37 @@ def test_foreign_members_and_corrupt_tars(tmp_path):
     header = data.index(b"./frame_0000000003.jpg") // 512 * 512  # the third member's header block
     data[header + 148: header + 156] = b"garbage!"  # its checksum
     (tmp_path / "corrupt.tar").write_bytes(bytes(data))
-    assert _error(tmp_path / "corrupt.tar").startswith(f"{tmp_path / 'corrupt.tar'}: corrupt or cut-off tar (no "
-                                                       "valid header or end after ./frame_0000000002.jpg)")
+    assert _error(tmp_path / "corrupt.tar") == (f"{tmp_path / 'corrupt.tar'}: corrupt tar (a damaged header after "
+                                                "./frame_0000000002.jpg); download this tar again")
     (tmp_path / "cut.tar").write_bytes(good.read_bytes()[: header + 512 + 100])  # cut inside the third frame
     assert "truncated inside ./frame_0000000003.jpg" in _error(tmp_path / "cut.tar")
     (tmp_path / "cut2.tar").write_bytes(good.read_bytes()[:header])  # cut between two members
-    assert "corrupt or cut-off tar (no valid header or end after ./frame_0000000002.jpg)" in _error(
+    assert "cut-off tar (it ends after ./frame_0000000002.jpg without the end-of-archive blocks)" in _error(
         tmp_path / "cut2.tar")
     (tmp_path / "empty").mkdir()
     assert "no frames" in _error(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tars_of_any_format_long_names_and_folders(tmp_path, tar_format):
+    """GNU long names and pax path records (a 120-character folder in front of each frame), folder members."""
+    jpegs = _jpegs(tmp_path, 3)
+    deep = "./" + "P01_01_rgb_frames_" * 6 + "/"
+    path = tmp_path / "P01_01.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        tar.addfile(_folder_member(deep))
+        for k, data in enumerate(jpegs, start=1):
+            info = tarfile.TarInfo(f"{deep}frame_{k:010d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sizes, indices, pts, shown = _rows(path, 60.0, fps=None)
+    assert indices.tolist() == shown == [0, 1, 2]
+
+
+def _folder_member(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
 
 
 def test_a_bad_video_fails_alone_in_the_pool(tmp_path):

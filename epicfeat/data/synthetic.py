@@ -673,12 +673,16 @@ def resampled(images: Iterable[np.ndarray], native: Fraction, rate: Fraction) ->
             j += 1
 
 
-def video_as_frames(video: str | Path, path: str | Path, *, rate: float | None = None, quality: int = 2) -> Path:
+def video_as_frames(video: str | Path, path: str | Path, *, rate: float | None = None,
+                    size: tuple[int, int] | None = None, quality: int = 2) -> Path:
     """The official-frames form of a video file (a folder, or a tar when ``path`` ends in .tar): every decoded
-    frame, resampled to ``rate`` fps (None: the stream's own rate), for tests and benchmarks."""
+    frame, resampled to ``rate`` fps (None: the stream's own rate) and scaled to ``size`` (width, height; the
+    official frames are 456x256), for tests and benchmarks."""
+    width, height = size or (None, None)
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
         native = stream.average_rate
-        images = (frame.to_ndarray(format="rgb24") for frame in container.decode(stream))
+        images = (frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
+                  for frame in container.decode(stream))
         return write_jpeg_frames(resampled(images, native, Fraction(rate) if rate else native), path,
                                  quality=quality)
