@@ -5,6 +5,7 @@ No EPIC video can be downloaded in CI or on a laptop, so ``epicfeat demo`` and t
 What it writes under ``out_dir``::
 
     videos/P01/P01_01.MP4 ...           the downscaled-copy layout (videos_640x360/PXX/PXX_YY.MP4), H.264, yuv420p
+    videos/P01/rgb_frames/P01_01/ ...   with ``rgb_frames=True``, the official JPEG frames too (folders and tars)
     annotations/EPIC_100_train.csv       plus validation, test_timestamps, verb/noun classes, video_info,
                                          tail verbs/nouns and unseen participants: the real files' exact schemas
     synthetic_dataset.json               completion marker (spec + seed), written last
@@ -40,6 +41,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from epicfeat.data.videos import FRAMES_FOLDER, epic_frames_fps
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 
@@ -102,6 +104,9 @@ class SyntheticSpec:
     frame_rates: tuple[str, ...] = ("60000/1001", "50", "60000/1001", "30")
     nouns: int = 8  # at most len(NOUN_LOOKS)
     crf: int = 20  # x264 quality (lower = better, bigger files)
+    # Also the official RGB frames of every video, made from its MP4 as EPIC's were: rgb_frames/P01_01/ for odd
+    # video numbers, rgb_frames/P01_02.tar for even ones, at the rate of the id (60 fps for EPIC-55 ids).
+    rgb_frames: bool = False
 
     def __post_init__(self):
         def fail(message: str):
@@ -590,6 +595,8 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0,
     paths = [dataset.videos / video.participant_id / f"{video.video_id}.MP4" for video in videos]
     for path, video in zip(paths, videos):
         _encode_video(path, video, spec, seed)
+        if spec.rgb_frames:
+            files.append(_official_frames(path, video).relative_to(root).as_posix())
     files += [path.relative_to(root).as_posix() for path in paths]
 
     splits = ("train", "validation", "test")
@@ -603,6 +610,16 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0,
     atomic_write_text(root / MARKER_FILE, json.dumps(marker, indent=2) + "\n")  # last: the dataset is complete
     (root / IN_PROGRESS_FILE).unlink()
     return dataset
+
+
+def _official_frames(video_path: Path, video: _Video) -> Path:
+    """Write ``video``'s official frames beside its MP4 (a folder or a tar, see SyntheticSpec.rgb_frames); returns the
+    file whose presence means they are complete (the tar, or the folder's last frame)."""
+    folder = video_path.parent / FRAMES_FOLDER
+    as_tar = int(video.video_id.split("_")[1]) % 2 == 0
+    written = video_as_frames(video_path, folder / (f"{video.video_id}.tar" if as_tar else video.video_id),
+                              rate=epic_frames_fps(video.video_id))
+    return written if as_tar else max(written.iterdir())
 
 
 def write_synthetic_video(path: str | Path, *, seconds: float, width: int = 640, height: int = 360,
