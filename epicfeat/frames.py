@@ -2,7 +2,9 @@
 
 It imports no torch, so the decode processes stay light. ``iter_frames`` streams a video once in constant memory;
 ``decode_frames_at`` fetches the frames shown at given times; ``Preprocess`` is the one preprocessing definition;
-``decode_video`` turns a ``VideoJob`` into events and ``DecodePool`` runs it in spawned processes.
+``decode_video`` turns a ``VideoJob`` into events and ``DecodePool`` runs it in spawned processes. The official
+JPEG frames (a folder or tar, ``FrameFiles``) go the same way (``iter_frame_files``): frame k is shown at
+(k - 1) / frames_fps seconds, and rows are sampled from those times by the same rule as from a video's pts.
 
 Every time in seconds counts from the video stream's first pts (exactly), never from the audio's: an H.264 stream
 with B-frames starts a few ticks after its audio, and rows must not move with whether a file has sound.
@@ -468,7 +470,7 @@ class FrameFiles:
 
     def _index_tar(self) -> dict[int, tuple[int, int]]:
         """Read the tar's headers (ustar, with GNU long names and pax paths), seeking past the data: tarfile's
-        own scan took 0.6 ms a member (a minute for a 100,000-frame video), this one a few microseconds."""
+        own scan costs about 60 times as much a member, a minute for a long video's 100,000 frames."""
         size = os.fstat(self._tar.fileno()).st_size
         where: dict[int, tuple[int, int]] = {}
         last, long_name, offset = "before the first frame", None, 0
@@ -531,8 +533,8 @@ class FrameFiles:
 class _JpegDecoder:
     """FFmpeg's JPEG decoder in this process, one frame per call, for the same Resizer as video frames.
 
-    Not torchvision's decode_jpeg: on the 2-core EPYC it decoded 456x256 frames at 1,030/s (batched) against 1,260/s
-    here, and importing it costs each decode process 3.6 s and 640 MB.
+    Not torchvision's decode_jpeg: it was no faster per core on a CPU, and importing torch would cost each decode
+    process seconds and hundreds of MB (README, "Reading EPIC-100's forms").
     """
 
     def __init__(self, files: FrameFiles):
