@@ -3,8 +3,7 @@
 It imports no torch, so the decode processes stay light. ``iter_frames`` streams a video once in constant memory;
 ``decode_frames_at`` fetches the frames shown at given times; ``Preprocess`` is the one preprocessing definition;
 ``decode_video`` turns a ``VideoJob`` into events and ``DecodePool`` runs it in spawned processes. The official
-JPEG frames (a folder or tar, ``FrameFiles``) go the same way (``iter_frame_files``): frame k is shown at
-(k - 1) / frames_fps seconds, and rows are sampled from those times by the same rule as from a video's pts.
+JPEG frames (frame_files.py) go the same way, their rows sampled by the same ``Sampling`` rule.
 
 Every time in seconds counts from the video stream's first pts (exactly), never from the audio's: an H.264 stream
 with B-frames starts a few ticks after its audio, and rows must not move with whether a file has sound.
@@ -18,7 +17,6 @@ import math
 import multiprocessing
 import os
 import queue
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -292,7 +290,7 @@ def _decoded_frames(
         raise failure(f"the container lists {stream.frames} frames but only {packets_read} could be read, ending")
 
 
-class _Sampling:
+class Sampling:
     """Rows at ``fps`` per second (None: every frame): target k takes the first frame at or after k / fps seconds
     (compared exactly, as fractions), and a frame is used at most once (a rate below ``fps`` or a gap in VFR video
     gives one row). The one definition for video pts and for the times of JPEG frames."""
@@ -319,16 +317,14 @@ def iter_frames(
 ) -> Iterator[FrameBatch]:
     """Stream a video once, front to back, in constant memory, yielding batches of sampled, preprocessed frames.
 
-    Sampling as ``_Sampling`` says (``fps=None`` keeps every frame). ``frame_indices`` count frames in presentation order; ``threads=0`` lets FFmpeg choose codec threads.
+    Sampling as ``Sampling`` says (``fps=None`` keeps every frame). ``frame_indices`` count frames in presentation
+    order; ``threads=0`` lets FFmpeg choose codec threads.
     Raises VideoError naming the file and the reason (missing, empty, not a video, no decoder, truncated, corrupt).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path)
-    sampling = _Sampling(fps)
-    resizer = Resizer(preprocess)
-    images = np.empty((batch_size, preprocess.crop, preprocess.crop, 3), np.uint8)  # the batch being filled
-    rows: list[tuple[int, float, np.ndarray | None]] = []  # its (index, seconds, source) so far
+    sampling, batcher, resizer = Sampling(fps), Batcher(batch_size, preprocess.crop), Resizer(preprocess)
     # keep_source (predict's annotated video): each sampled frame also as full-size RGB, one reused context.
     source_rgb = VideoReformatter() if keep_source else None
     with _open_video(path, threads) as (container, stream):
@@ -338,20 +334,37 @@ def iter_frames(
             if not sampling.keep(time):
                 continue
             source = source_rgb.reformat(frame, format="rgb24").to_ndarray() if source_rgb is not None else None
-            images[len(rows)] = resizer(frame)
-            rows.append((index, float(time), source))
-            if len(rows) == batch_size:
-                yield _frame_batch(rows, images)
-                images, rows = np.empty_like(images), []
-    if rows:
-        yield _frame_batch(rows, images)
+            if (batch := batcher.add(index, float(time), resizer(frame), source)) is not None:
+                yield batch
+    if (batch := batcher.flush()) is not None:
+        yield batch
 
 
-def _frame_batch(rows: list[tuple[int, float, np.ndarray | None]], images: np.ndarray) -> FrameBatch:
-    """The batch of ``rows`` [(index, seconds, full-size source or None)] and the first ``len(rows)`` images."""
-    indices, seconds, sources = zip(*rows)
-    return FrameBatch(frame_indices=np.array(indices, np.int64), pts=np.array(seconds, np.float64),
-                      images=images[: len(rows)], sources=None if sources[0] is None else list(sources))
+class Batcher:
+    """Sampled rows gathered into FrameBatches of ``batch_size`` rows (a video's last one shorter)."""
+
+    def __init__(self, batch_size: int, crop: int):
+        self._shape = (batch_size, crop, crop, 3)
+        self._images = np.empty(self._shape, np.uint8)  # the batch being filled
+        self._rows: list[tuple[int, float, np.ndarray | None]] = []  # its (index, seconds, full-size source) so far
+
+    def add(self, index: int, seconds: float, image: np.ndarray, source: np.ndarray | None = None
+            ) -> FrameBatch | None:
+        """Add one row; returns the batch it completes, if it does."""
+        self._images[len(self._rows)] = image
+        self._rows.append((index, seconds, source))
+        return self.flush() if len(self._rows) == self._shape[0] else None
+
+    def flush(self) -> FrameBatch | None:
+        """The rows gathered so far as a batch (None when there are none); the next batch starts empty."""
+        if not self._rows:
+            return None
+        indices, seconds, sources = zip(*self._rows)
+        batch = FrameBatch(frame_indices=np.array(indices, np.int64), pts=np.array(seconds, np.float64),
+                           images=self._images[: len(self._rows)],
+                           sources=None if sources[0] is None else list(sources))
+        self._images, self._rows = np.empty(self._shape, np.uint8), []
+        return batch
 
 
 def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Preprocess, *, threads: int = 0
@@ -425,170 +438,6 @@ def _seek(path: Path, container: av.container.InputContainer, ticks: int, stream
         raise VideoError(f"{path}: cannot seek in this file ({err.strerror}); remux or re-copy it") from None
 
 
-# ------------------------------------------------------------------------------------------- JPEG frames
-_FRAME_NAME = re.compile(r"frame_(\d{10})\.jpg")  # the official frame_%010d.jpg, numbered from 1
-_BLOCK = 512  # a tar's header and data blocks
-
-
-class FrameFiles:
-    """The JPEG frames of one video, a folder or a tar of ``frame_%010d.jpg`` numbered 1..n without a gap.
-
-    A tar is read in place: one pass over its headers (seeking past the data) makes an index of (offset, size) per
-    frame, then frames are read by offset, front to back for a tar written in order. Anything else in it (other
-    files, a gap, a repeated number) is a VideoError naming the video and the frame; sub-folders are ignored.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._tar = None
-        if not path.exists():
-            raise VideoError(f"{path}: frames not found; check --videos and the file name")
-        if path.is_dir():
-            names = {}
-            for entry in os.scandir(path):
-                if not entry.is_dir():
-                    names[self._number(entry.name)] = entry.name
-            self._where = names  # frame number -> file name
-        else:
-            self._tar = open(path, "rb")
-            self._where = self._index_tar()  # frame number -> (data offset, size)
-        self.count = len(self._where)
-        if self.count == 0:
-            raise VideoError(f"{path}: no frames (frame_0000000001.jpg, ...) in it; check that this is a frames "
-                             "folder or tar")
-        if max(self._where) != self.count:  # numbers are unique and positive: a larger maximum means a gap
-            gap = next(k for k in range(1, self.count + 1) if k not in self._where)
-            raise VideoError(f"{path}: frame_{gap:010d}.jpg is missing (the frames run to "
-                             f"frame_{max(self._where):010d}.jpg); re-extract or re-download this video's frames")
-
-    def _number(self, name: str) -> int:
-        match = _FRAME_NAME.fullmatch(os.path.basename(name))
-        if match is None or int(match.group(1)) == 0:
-            raise VideoError(f"{self.path}: holds {name!r}, which is not a frame (frame_%010d.jpg, from 1); "
-                             "point --videos at the official rgb_frames, or remove the file")
-        return int(match.group(1))
-
-    def _index_tar(self) -> dict[int, tuple[int, int]]:
-        """Read the tar's headers (ustar, with GNU long names and pax paths), seeking past the data: tarfile's
-        own scan costs about 60 times as much a member, a minute for a long video's 100,000 frames."""
-        size = os.fstat(self._tar.fileno()).st_size
-        where: dict[int, tuple[int, int]] = {}
-        last, long_name, offset = "before the first frame", None, 0
-        while True:
-            self._tar.seek(offset)
-            header = self._tar.read(_BLOCK)
-            if header == bytes(_BLOCK):
-                break  # the end-of-archive blocks
-            if len(header) < _BLOCK:
-                raise VideoError(f"{self.path}: cut-off tar (it ends {last} without the end-of-archive blocks); "
-                                 "download this tar again")
-            checksum = header[148:156].split(b"\0")[0].strip()
-            if not checksum.isdigit() or int(checksum, 8) != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-                raise VideoError(f"{self.path}: corrupt tar (a damaged header {last}); download this tar again")
-            kind, length = header[156:157], int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
-            name = long_name or (header[345:500].split(b"\0")[0] + b"/" * (header[345] != 0)
-                                 + header[:100].split(b"\0")[0]).decode("utf-8", "replace")
-            data = offset + _BLOCK
-            if data + length > size:
-                raise VideoError(f"{self.path}: truncated inside {name}; download this tar again")
-            offset = data + -(-length // _BLOCK) * _BLOCK  # the data, padded to whole blocks
-            if kind in (b"L", b"x"):  # the next member's long name: a GNU name block or a pax "path" record
-                self._tar.seek(data)
-                text = self._tar.read(length).decode("utf-8", "replace")
-                long_name = text.rstrip("\0") if kind == b"L" else next(
-                    (r.split("=", 1)[1] for r in text.split("\n") if " path=" in r), long_name)
-                continue
-            long_name = None
-            if kind in (b"5", b"g"):  # a folder, pax global attributes
-                continue
-            number = self._number(name)
-            if kind not in (b"0", b"\0") or number in where:
-                raise VideoError(f"{self.path}: holds {name!r} twice or not as a plain file; download this tar "
-                                 "again")
-            where[number], last = (data, length), f"after {name}"
-        return where
-
-    def read(self, number: int) -> bytes:
-        """The bytes of frame ``number`` (1-based)."""
-        if self._tar is None:
-            return (self.path / self._where[number]).read_bytes()
-        offset, size = self._where[number]
-        self._tar.seek(offset)
-        data = self._tar.read(size)
-        if len(data) != size:
-            raise VideoError(f"{self.path}: truncated inside frame_{number:010d}.jpg; download this tar again")
-        return data
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-
-    def __enter__(self) -> FrameFiles:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _JpegDecoder:
-    """FFmpeg's JPEG decoder in this process, one frame per call, for the same Resizer as video frames.
-
-    Not torchvision's decode_jpeg: it was no faster per core on a CPU, and importing torch would cost each decode
-    process seconds and hundreds of MB (README, "Reading EPIC-100's forms").
-    """
-
-    def __init__(self, files: FrameFiles):
-        self.files = files
-        self._codec = av.CodecContext.create("mjpeg", "r")
-        self._codec.thread_count = 1  # a frame per packet, none held back; the pool's processes are the parallelism
-
-    def __call__(self, number: int) -> av.VideoFrame:
-        data = self.files.read(number)
-        name = f"{self.files.path}: frame_{number:010d}.jpg"
-        # FFmpeg conceals a cut-off JPEG (grey rows) without an error: its end-of-image marker is checked instead.
-        if not (data.startswith(b"\xff\xd8") and data.rstrip(b"\0").endswith(b"\xff\xd9")):
-            raise VideoError(f"{name} is truncated or not a JPEG ({len(data)} bytes); re-extract or re-download "
-                             "this video's frames")
-        try:
-            frames = self._codec.decode(av.Packet(data))
-        except av.FFmpegError as err:
-            raise VideoError(f"{name} cannot be decoded ({err.strerror}); re-extract or re-download this video's "
-                             "frames") from None
-        if len(frames) != 1:
-            raise VideoError(f"{name} cannot be decoded (no picture in it); re-extract or re-download this video's "
-                             "frames")
-        return frames[0]
-
-
-def probe_frame_files(files: FrameFiles, frames_fps: float) -> VideoMeta:
-    """A frames source's header: its rate, duration (frames / rate) and the first frame's size."""
-    first = _JpegDecoder(files)(1)
-    return VideoMeta(path=files.path, fps=frames_fps, duration=files.count / frames_fps, width=first.width,
-                     height=first.height, codec="mjpeg")
-
-
-def iter_frame_files(files: FrameFiles, frames_fps: float, *, fps: float | None, preprocess: Preprocess,
-                     batch_size: int = 64) -> Iterator[FrameBatch]:
-    """``iter_frames`` for JPEG frames: frame k is shown at (k - 1) / frames_fps seconds, rows are sampled from
-    those times exactly as from a video's pts, and only the frames that become rows are read and decoded."""
-    sampling = _Sampling(fps)
-    step = 1 / Fraction(frames_fps)  # seconds per frame, exactly
-    decode, resizer = _JpegDecoder(files), Resizer(preprocess)
-    images = np.empty((batch_size, preprocess.crop, preprocess.crop, 3), np.uint8)  # the batch being filled
-    rows: list[tuple[int, float, None]] = []
-    for index in range(files.count):
-        time = index * step
-        if not sampling.keep(time):
-            continue
-        images[len(rows)] = resizer(decode(index + 1))
-        rows.append((index, float(time), None))
-        if len(rows) == batch_size:
-            yield _frame_batch(rows, images)
-            images, rows = np.empty_like(images), []
-    if rows:
-        yield _frame_batch(rows, images)
-
-
 # ------------------------------------------------------------------------------- whole videos for extract
 @dataclass(frozen=True)
 class VideoJob:
@@ -638,6 +487,8 @@ def decode_video(job: VideoJob, settings: DecodeSettings) -> Iterator[VideoStart
     rows, last_pts = 0, -1.0
     try:
         with contextlib.ExitStack() as stack:
+            from epicfeat.frame_files import FrameFiles, iter_frame_files, probe_frame_files  # it imports this module
+
             if job.frames_fps is None:
                 meta = probe_video(job.path)
                 batches = iter_frames(job.path, fps=settings.fps, preprocess=settings.preprocess,

@@ -16,18 +16,16 @@ import pytest
 from epicfeat.data.annotations import read_segments
 from epicfeat.data.synthetic import video_as_frames, write_jpeg_frames, write_synthetic_video
 from epicfeat.data.videos import EPIC55_FRAMES_FPS, EXTENSION_FRAMES_FPS, epic_frames_fps
+from epicfeat.frame_files import FrameFiles, iter_frame_files
 from epicfeat.frames import (
     DecodePool,
     DecodeSettings,
-    FrameFiles,
     FramesDecoded,
     Preprocess,
     VideoEnded,
-    VideoError,
     VideoJob,
     VideoStarted,
     decode_video,
-    iter_frame_files,
     iter_frames,
 )
 

@@ -313,7 +313,7 @@ def test_official_frames_beside_the_videos(tmp_path):
     frame k the video frame shown at (k - 1) / 60 s; find_sources sees both forms."""
     from epicfeat.data.synthetic import resampled
     from epicfeat.data.videos import find_sources
-    from epicfeat.frames import FrameFiles
+    from epicfeat.frame_files import FrameFiles
 
     spec = dataclasses.replace(TINY, rgb_frames=True)
     dataset = generate_synthetic_dataset(tmp_path / "data", seed=0, spec=spec)
