@@ -36,19 +36,21 @@ class FrameFiles:
         if not path.exists():
             raise VideoError(f"{path}: frames not found; check --videos and the file name")
         if path.is_dir():
-            names = {}
-            for entry in os.scandir(path):
-                if not entry.is_dir():
-                    names[self._number(entry.name)] = entry.name
-            self._where = names  # frame number -> file name
+            self._where = {self._number(entry.name): entry.name  # frame number -> file name
+                           for entry in os.scandir(path) if not entry.is_dir()}
         else:
             self._tar = open(path, "rb")
-            self._where = self._index_tar()  # frame number -> (data offset, size)
+            try:
+                self._where = self._index_tar()  # frame number -> (data offset, size)
+            except VideoError:
+                self._tar.close()
+                raise
         self.count = len(self._where)
-        if self.count == 0:
-            raise VideoError(f"{path}: no frames (frame_0000000001.jpg, ...) in it; check that this is a frames "
-                             "folder or tar")
-        if max(self._where) != self.count:  # numbers are unique and positive: a larger maximum means a gap
+        if self.count == 0 or max(self._where) != self.count:  # unique positive numbers: a larger maximum is a gap
+            self.close()
+            if self.count == 0:
+                raise VideoError(f"{path}: no frames (frame_0000000001.jpg, ...) in it; check that this is a frames "
+                                 "folder or tar")
             gap = next(k for k in range(1, self.count + 1) if k not in self._where)
             raise VideoError(f"{path}: frame_{gap:010d}.jpg is missing (the frames run to "
                              f"frame_{max(self._where):010d}.jpg); re-extract or re-download this video's frames")
