@@ -434,6 +434,9 @@ class DemoConfig:
     dataset: Literal["default", "tiny"] = option(
         "default", "default: 18 videos, 6 min of video; tiny: 6 videos of about 4 s (tests)."
     )
+    source: Literal["video", "frames"] = option(
+        "video", "Extract from the videos, or from their official JPEG frames (folders and tars, generated too)."
+    )
     # --- stage one (features): random weights, the seed's 10 rows/s, smaller crops than ImageNet's 224
     fps: float = option(10.0, "Feature rows per second of video.")
     resize: int = option(128, "Shorter side before the centre crop (ImageNet uses 256).")

@@ -13,6 +13,7 @@ CLI command, with smaller settings, and resumes: finished work is reused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -59,17 +60,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
     save_config(config, out / "config.yaml")
     seconds: dict[str, float] = {}
     say = functools.partial(_stage, config.progress, seconds)
+    runs = out / ("runs" if config.source == "video" else f"runs_{config.source}")  # models of each form apart
 
     with say("generate", "1/6 generate the synthetic EPIC-100 dataset"):
-        spec = SyntheticSpec.tiny() if config.dataset == "tiny" else SyntheticSpec()
+        spec = dataclasses.replace(SyntheticSpec.tiny() if config.dataset == "tiny" else SyntheticSpec(),
+                                   rgb_frames=config.source == "frames")
         dataset = generate_synthetic_dataset(out / "data", seed=config.seed, spec=spec)
-    with say("extract", "2/6 extract ResNet50 features of every video (random weights)"):
+    with say("extract", f"2/6 extract ResNet50 features of every video from its {config.source} (random weights)"):
         feature_set = _extract(config, dataset, out / "cache")
     checkpoints: dict[int, Path] = {}
     for frames in config.frames:
         baseline = " (single-frame baseline)" if frames == 1 else ""
         with say("train", f"3/6 train the {frames}-frame temporal model{baseline}"):
-            checkpoints[frames] = _train(config, dataset, feature_set, frames, out / "runs" / f"temporal_{frames}f")
+            checkpoints[frames] = _train(config, dataset, feature_set, frames, runs / f"temporal_{frames}f")
 
     ensemble = [checkpoints[f] for f in config.frames if f > 1]
     evaluations = {f"{f}-frame": [checkpoints[f]] for f in config.frames}
@@ -78,11 +81,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
     common = dict(annotations=dataset.annotations, cache=feature_set.parent, feature_set=feature_set.name,
                   device=config.device)
     with say("evaluate", "4/6 evaluate every model and the ensemble on validation"):
-        metrics, evaluation = _evaluate_all(evaluations, out / "runs" / "evaluate", common)
+        metrics, evaluation = _evaluate_all(evaluations, runs / "evaluate", common)
     with say("submit", "5/6 write the test-split submission of the ensemble"):
         submission = submit(SubmitConfig(checkpoints=tuple(ensemble or checkpoints.values()),
-                                          out=out / "runs" / "submit", progress=config.progress, **common))
-    deploy = out / "runs" / "deploy"
+                                          out=runs / "submit", progress=config.progress, **common))
+    deploy = runs / "deploy"
     with say("deploy", "6/6 predict over a validation video and export to ONNX"):
         predicted, exported = _deploy(config, dataset, checkpoints[max(config.frames)], deploy)
 

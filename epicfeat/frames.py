@@ -2,7 +2,8 @@
 
 It imports no torch, so the decode processes stay light. ``iter_frames`` streams a video once in constant memory;
 ``decode_frames_at`` fetches the frames shown at given times; ``Preprocess`` is the one preprocessing definition;
-``decode_video`` turns a ``VideoJob`` into events and ``DecodePool`` runs it in spawned processes.
+``decode_video`` turns a ``VideoJob`` into events and ``DecodePool`` runs it in spawned processes. The official
+JPEG frames (frame_files.py) go the same way, their rows sampled by the same ``Sampling`` rule.
 
 Every time in seconds counts from the video stream's first pts (exactly), never from the audio's: an H.264 stream
 with B-frames starts a few ticks after its audio, and rows must not move with whether a file has sound.
@@ -23,6 +24,7 @@ from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
 from pathlib import Path
+from time import perf_counter
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import av
@@ -288,52 +290,81 @@ def _decoded_frames(
         raise failure(f"the container lists {stream.frames} frames but only {packets_read} could be read, ending")
 
 
+class Sampling:
+    """Rows at ``fps`` per second (None: every frame): target k takes the first frame at or after k / fps seconds
+    (compared exactly, as fractions), and a frame is used at most once (a rate below ``fps`` or a gap in VFR video
+    gives one row). The one definition for video pts and for the times of JPEG frames."""
+
+    def __init__(self, fps: float | None):
+        if fps is not None and fps <= 0:
+            raise ValueError(f"fps must be positive or None, got {fps}")
+        self.rate = Fraction(fps) if fps is not None else None  # exact value of the float the caller gave
+        self.next_target = 0  # k of the next target time k / fps
+
+    def keep(self, time: Fraction) -> bool:
+        """Whether the frame shown at ``time`` seconds (frames in presentation order) becomes a row."""
+        if self.rate is None:
+            return True
+        if time * self.rate < self.next_target:  # time < k / fps
+            return False
+        self.next_target = math.floor(time * self.rate) + 1  # first target strictly after this frame
+        return True
+
+
 def iter_frames(
     path: str | Path, *, fps: float | None, preprocess: Preprocess, batch_size: int = 64, threads: int = 0,
     keep_source: bool = False,
 ) -> Iterator[FrameBatch]:
     """Stream a video once, front to back, in constant memory, yielding batches of sampled, preprocessed frames.
 
-    Sampling: target k takes the first frame at or after k/fps seconds (compared exactly, as fractions), and a
-    frame is used at most once (a rate below ``fps`` or a gap in VFR video gives one row); ``fps=None`` keeps every
-    frame. ``frame_indices`` count frames in presentation order; ``threads=0`` lets FFmpeg choose codec threads.
+    Sampling as ``Sampling`` says (``fps=None`` keeps every frame). ``frame_indices`` count frames in presentation
+    order; ``threads=0`` lets FFmpeg choose codec threads.
     Raises VideoError naming the file and the reason (missing, empty, not a video, no decoder, truncated, corrupt).
     """
-    if fps is not None and fps <= 0:
-        raise ValueError(f"fps must be positive or None, got {fps}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path)
-    rate = Fraction(fps) if fps is not None else None  # exact value of the float the caller gave
-    resizer = Resizer(preprocess)
-    images = np.empty((batch_size, preprocess.crop, preprocess.crop, 3), np.uint8)  # the batch being filled
-    rows: list[tuple[int, float, np.ndarray | None]] = []  # its (index, seconds, source) so far
+    sampling, batcher, resizer = Sampling(fps), Batcher(batch_size, preprocess.crop), Resizer(preprocess)
     # keep_source (predict's annotated video): each sampled frame also as full-size RGB, one reused context.
     source_rgb = VideoReformatter() if keep_source else None
     with _open_video(path, threads) as (container, stream):
         origin, time_base = _time_origin(stream), stream.time_base
-        next_target = 0  # k of the next target time k / fps
         for index, (pts, frame) in enumerate(_decoded_frames(path, container, stream, from_start=True)):
             time = pts * time_base - origin  # exact seconds (Fraction)
-            if rate is not None:
-                if time * rate < next_target:  # time < k / fps
-                    continue
-                next_target = math.floor(time * rate) + 1  # first target strictly after this frame
+            if not sampling.keep(time):
+                continue
             source = source_rgb.reformat(frame, format="rgb24").to_ndarray() if source_rgb is not None else None
-            images[len(rows)] = resizer(frame)
-            rows.append((index, float(time), source))
-            if len(rows) == batch_size:
-                yield _frame_batch(rows, images)
-                images, rows = np.empty_like(images), []
-    if rows:
-        yield _frame_batch(rows, images)
+            if (batch := batcher.add(index, float(time), resizer(frame), source)) is not None:
+                yield batch
+    if (batch := batcher.flush()) is not None:
+        yield batch
 
 
-def _frame_batch(rows: list[tuple[int, float, np.ndarray | None]], images: np.ndarray) -> FrameBatch:
-    """The batch of ``rows`` [(index, seconds, full-size source or None)] and the first ``len(rows)`` images."""
-    indices, seconds, sources = zip(*rows)
-    return FrameBatch(frame_indices=np.array(indices, np.int64), pts=np.array(seconds, np.float64),
-                      images=images[: len(rows)], sources=None if sources[0] is None else list(sources))
+class Batcher:
+    """Sampled rows gathered into FrameBatches of ``batch_size`` rows (a video's last one shorter)."""
+
+    def __init__(self, batch_size: int, crop: int):
+        self._shape = (batch_size, crop, crop, 3)
+        self._images = np.empty(self._shape, np.uint8)  # the batch being filled
+        self._rows: list[tuple[int, float, np.ndarray | None]] = []  # its (index, seconds, full-size source) so far
+
+    def add(self, index: int, seconds: float, image: np.ndarray, source: np.ndarray | None = None
+            ) -> FrameBatch | None:
+        """Add one row; returns the batch it completes, if it does."""
+        self._images[len(self._rows)] = image
+        self._rows.append((index, seconds, source))
+        return self.flush() if len(self._rows) == self._shape[0] else None
+
+    def flush(self) -> FrameBatch | None:
+        """The rows gathered so far as a batch (None when there are none); the next batch starts empty."""
+        if not self._rows:
+            return None
+        indices, seconds, sources = zip(*self._rows)
+        batch = FrameBatch(frame_indices=np.array(indices, np.int64), pts=np.array(seconds, np.float64),
+                           images=self._images[: len(self._rows)],
+                           sources=None if sources[0] is None else list(sources))
+        self._images, self._rows = np.empty(self._shape, np.uint8), []
+        return batch
 
 
 def decode_frames_at(path: str | Path, times: Sequence[float], preprocess: Preprocess, *, threads: int = 0
@@ -413,9 +444,10 @@ class VideoJob:
     """One video to decode, with what the annotations expect of it."""
 
     video_id: str
-    path: Path
+    path: Path  # a video file, or a folder / tar of JPEG frames (data.videos.find_sources)
     needed_until: float | None = None  # latest stop time (s) the annotations need from this video
     duration: float | None = None  # expected duration (s), for the progress bar's ETA
+    frames_fps: float | None = None  # None: a video file; else JPEG frames, frame k shown at (k - 1) / frames_fps
 
 
 @dataclass(frozen=True)
@@ -454,12 +486,22 @@ def decode_video(job: VideoJob, settings: DecodeSettings) -> Iterator[VideoStart
     """One video front to back: VideoStarted, FramesDecoded..., VideoEnded (never raises: a failure is its end)."""
     rows, last_pts = 0, -1.0
     try:
-        meta = probe_video(job.path)
-        yield VideoStarted(job.video_id, meta)
-        for batch in iter_frames(job.path, fps=settings.fps, preprocess=settings.preprocess,
-                                 batch_size=settings.batch_size, threads=settings.threads):
-            rows, last_pts = rows + len(batch), float(batch.pts[-1])
-            yield FramesDecoded(job.video_id, batch)
+        with contextlib.ExitStack() as stack:
+            from epicfeat.frame_files import FrameFiles, iter_frame_files, probe_frame_files  # it imports this module
+
+            if job.frames_fps is None:
+                meta = probe_video(job.path)
+                batches = iter_frames(job.path, fps=settings.fps, preprocess=settings.preprocess,
+                                      batch_size=settings.batch_size, threads=settings.threads)
+            else:
+                files = stack.enter_context(FrameFiles(job.path))
+                meta = probe_frame_files(files, job.frames_fps)
+                batches = iter_frame_files(files, job.frames_fps, fps=settings.fps,
+                                           preprocess=settings.preprocess, batch_size=settings.batch_size)
+            yield VideoStarted(job.video_id, meta)
+            for batch in batches:
+                rows, last_pts = rows + len(batch), float(batch.pts[-1])
+                yield FramesDecoded(job.video_id, batch)
     except VideoError as err:
         yield VideoEnded(job.video_id, str(err))
         return
@@ -695,3 +737,15 @@ class DecodePool:
             worker.process.join(timeout=5)
         worker.conn.close()
         worker.slots.close(unlink=True)
+
+
+def decode_rows_per_second(job: VideoJob, settings: DecodeSettings) -> float:
+    """Rows per second the decode room makes of one video in this process (either form), for benchmarks that put
+    frames beside videos (bench_extract); VideoError if the video fails."""
+    started, rows = perf_counter(), 0
+    for event in decode_video(job, settings):
+        if isinstance(event, FramesDecoded):
+            rows += len(event.batch)
+        elif isinstance(event, VideoEnded) and event.error:
+            raise VideoError(event.error)
+    return rows / (perf_counter() - started)

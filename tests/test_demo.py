@@ -42,3 +42,23 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     again = run_demo(config)
     assert {path: path.stat().st_mtime_ns for path in again.checkpoints.values()} == before
     assert json.dumps(again.metrics) == json.dumps(result.metrics)  # NaN (empty tail subsets) included
+
+
+def test_demo_from_frames(tmp_path):
+    """`epicfeat demo --source frames`: the dataset's official frames (folders and tars) feed the whole pipeline."""
+    import dataclasses
+
+    from epicfeat.configs import ExtractConfig
+
+    if "source" not in {f.name for f in dataclasses.fields(ExtractConfig)}:
+        pytest.skip("extract reads frames once /work/notes/i24_extract.patch is applied (ExtractConfig.source)")
+    config = DemoConfig(out=tmp_path / "demo", dataset="tiny", source="frames", resize=64, crop=56, frames=(1, 4),
+                        hidden=16, epochs=1, batch_size=8, device="cpu", progress=False)
+    result = run_demo(config)
+    from epicfeat.store import FeatureStore
+
+    store = FeatureStore.open(result.feature_set)
+    assert store.identity.source == "frames-epic" and len(store.complete_videos()) == 6
+    assert {p.name for p in (result.dataset / "videos" / "P01" / "rgb_frames").iterdir()} >= {"P01_01", "P01_02.tar"}
+    assert result.checkpoints[4].is_relative_to(tmp_path / "demo" / "runs_frames")
+    assert set(result.metrics) == {"1-frame", "4-frame"}

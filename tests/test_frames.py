@@ -192,6 +192,16 @@ def test_batch_size_does_not_change_the_rows(videos, fps):
     assert reference.frame_indices.dtype == np.int64 and reference.pts.dtype == np.float64
 
 
+def test_keep_source_gives_each_row_its_full_size_frame(videos):
+    """predict's annotated video: every row also as the full-size RGB frame, in every batch, the last one included."""
+    batches = list(iter_frames(videos["50"], fps=10, preprocess=SMALL, batch_size=3, keep_source=True))
+    assert [len(b) for b in batches] == [3] * 6 + [2]
+    for batch in batches:
+        assert len(batch.sources) == len(batch) and all(s.shape == (48, 64, 3) for s in batch.sources)
+        assert [_frame_number(s) for s in batch.sources] == batch.frame_indices.tolist()
+    assert list(iter_frames(videos["50"], fps=10, preprocess=SMALL, batch_size=3))[0].sources is None
+
+
 def test_probe_video(videos):
     meta = probe_video(videos["59.94"])
     assert meta.fps == pytest.approx(60000 / 1001)

@@ -2,6 +2,7 @@
 determinism, and the folder's reuse / regeneration rules."""
 import dataclasses
 import json
+import math
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -305,3 +306,35 @@ def test_bad_spec_is_a_clear_error(changes, message):
 def test_bad_seed_is_a_clear_error(tmp_path):
     with pytest.raises(SyntheticDatasetError, match="seed must be a non-negative integer"):
         generate_synthetic_dataset(tmp_path, seed=-1, spec=TINY)
+
+
+def test_official_frames_beside_the_videos(tmp_path):
+    """rgb_frames=True: every video's frames at 60 fps (EPIC-55 ids), folders for odd numbers and tars for even, each
+    frame k the video frame shown at (k - 1) / 60 s; find_sources sees both forms."""
+    from epicfeat.data.synthetic import resampled
+    from epicfeat.data.videos import find_sources
+    from epicfeat.frame_files import FrameFiles
+
+    spec = dataclasses.replace(TINY, rgb_frames=True)
+    dataset = generate_synthetic_dataset(tmp_path / "data", seed=0, spec=spec)
+    ids = [video.video_id for video in S._plan(spec, 0)]
+    lookup = find_sources(dataset.videos, ids, source="frames")
+    assert lookup.missing == () and find_sources(dataset.videos, ids).form == "video"  # a tie: the videos
+    for video in S._plan(spec, 0):
+        source = lookup.found[video.video_id]
+        assert source.frames_fps == 60.0
+        assert source.path.name == video.video_id + (".tar" if int(video.video_id[-2:]) % 2 == 0 else "")
+        times, images, facts = _decode(dataset.videos / video.participant_id / f"{video.video_id}.MP4")
+        expected = list(resampled(iter(images), facts["rate"], Fraction(60)))
+        with FrameFiles(source.path) as files:
+            assert files.count == len(expected) == math.ceil(len(times) * 60 / facts["rate"])
+            for k in (1, files.count // 2, files.count):  # JPEG loss only
+                decoded = av.CodecContext.create("mjpeg", "r").decode(av.Packet(files.read(k)))[0]
+                assert np.abs(decoded.to_ndarray(format="rgb24").astype(int) - expected[k - 1]).mean() < 4
+    tar = lookup.found["P01_02"].path
+    before = tar.stat().st_mtime_ns
+    generate_synthetic_dataset(tmp_path / "data", seed=0, spec=spec)  # complete: reused
+    assert tar.stat().st_mtime_ns == before
+    tar.unlink()  # a missing frames file: the dataset is regenerated
+    generate_synthetic_dataset(tmp_path / "data", seed=0, spec=spec)
+    assert tar.is_file()

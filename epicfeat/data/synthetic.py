@@ -5,6 +5,7 @@ No EPIC video can be downloaded in CI or on a laptop, so ``epicfeat demo`` and t
 What it writes under ``out_dir``::
 
     videos/P01/P01_01.MP4 ...           the downscaled-copy layout (videos_640x360/PXX/PXX_YY.MP4), H.264, yuv420p
+    videos/P01/rgb_frames/P01_01/ ...   with ``rgb_frames=True``, the official JPEG frames too (folders and tars)
     annotations/EPIC_100_train.csv       plus validation, test_timestamps, verb/noun classes, video_info,
                                          tail verbs/nouns and unseen participants: the real files' exact schemas
     synthetic_dataset.json               completion marker (spec + seed), written last
@@ -31,6 +32,8 @@ import json
 import math
 import os
 import shutil
+import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -38,6 +41,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from epicfeat.data.videos import FRAMES_FOLDER, epic_frames_fps
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 
@@ -100,6 +104,9 @@ class SyntheticSpec:
     frame_rates: tuple[str, ...] = ("60000/1001", "50", "60000/1001", "30")
     nouns: int = 8  # at most len(NOUN_LOOKS)
     crf: int = 20  # x264 quality (lower = better, bigger files)
+    # Also the official RGB frames of every video, made from its MP4 as EPIC's were: rgb_frames/P01_01/ for odd
+    # video numbers, rgb_frames/P01_02.tar for even ones, at the rate of the id (60 fps for EPIC-55 ids).
+    rgb_frames: bool = False
 
     def __post_init__(self):
         def fail(message: str):
@@ -588,6 +595,8 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0,
     paths = [dataset.videos / video.participant_id / f"{video.video_id}.MP4" for video in videos]
     for path, video in zip(paths, videos):
         _encode_video(path, video, spec, seed)
+        if spec.rgb_frames:
+            files.append(_official_frames(path, video).relative_to(root).as_posix())
     files += [path.relative_to(root).as_posix() for path in paths]
 
     splits = ("train", "validation", "test")
@@ -601,6 +610,16 @@ def generate_synthetic_dataset(out_dir: str | Path, *, seed: int = 0,
     atomic_write_text(root / MARKER_FILE, json.dumps(marker, indent=2) + "\n")  # last: the dataset is complete
     (root / IN_PROGRESS_FILE).unlink()
     return dataset
+
+
+def _official_frames(video_path: Path, video: _Video) -> Path:
+    """Write ``video``'s official frames beside its MP4 (a folder or a tar, see SyntheticSpec.rgb_frames); returns the
+    file whose presence means they are complete (the tar, or the folder's last frame)."""
+    folder = video_path.parent / FRAMES_FOLDER
+    as_tar = int(video.video_id.split("_")[1]) % 2 == 0
+    written = video_as_frames(video_path, folder / (f"{video.video_id}.tar" if as_tar else video.video_id),
+                              rate=epic_frames_fps(video.video_id))
+    return written if as_tar else max(written.iterdir())
 
 
 def write_synthetic_video(path: str | Path, *, seconds: float, width: int = 640, height: int = 360,
@@ -621,3 +640,66 @@ def write_synthetic_video(path: str | Path, *, seconds: float, width: int = 640,
     _encode_video(partial, video, spec, seed)
     os.replace(partial, path)
     return path
+
+
+# ------------------------------------------------------------------------------------- the official rgb_frames form
+def write_jpeg_frames(images: Iterable[np.ndarray], path: str | Path, *, quality: int = 2) -> Path:
+    """Write (H, W, 3) uint8 RGB images as the official RGB frames: ``frame_%010d.jpg`` from 1, in the folder
+    ``path``, or in the tar ``path`` when it ends in .tar (members in frame order, as the download's). ``quality``
+    is FFmpeg's JPEG quantiser (2: best, 31: worst). A killed run never leaves half a tar at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = None
+    as_tar = path.suffix.lower() == ".tar"
+    partial = path.with_name(f".{path.name}.partial")
+    tar = tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) if as_tar else None
+    if not as_tar:
+        path.mkdir(exist_ok=True)
+    try:
+        for number, image in enumerate(images, start=1):
+            if codec is None:
+                codec = av.CodecContext.create("mjpeg", "w")
+                codec.height, codec.width = image.shape[:2]
+                codec.pix_fmt, codec.time_base = "yuvj420p", Fraction(1, 60)
+                codec.options = {"qmin": str(quality), "qmax": str(quality)}
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format="yuvj420p")
+            frame.pts = number
+            data = b"".join(bytes(packet) for packet in codec.encode(frame))
+            name = f"frame_{number:010d}.jpg"
+            if tar is None:
+                (path / name).write_bytes(data)
+            else:
+                member = tarfile.TarInfo(f"./{name}")
+                member.size, member.mtime, member.mode = len(data), 0, 0o644
+                tar.addfile(member, io.BytesIO(data))
+    finally:
+        if tar is not None:
+            tar.close()
+    if as_tar:
+        os.replace(partial, path)
+    return path
+
+
+def resampled(images: Iterable[np.ndarray], native: Fraction, rate: Fraction) -> Iterator[np.ndarray]:
+    """A ``native``-fps frame sequence at ``rate`` fps: output frame j (shown at j / rate s) is the input frame shown
+    then, as the official frames were resampled from the camera's rate."""
+    j = 0
+    for i, image in enumerate(images):
+        while j / rate < (i + 1) / native:  # frame i is shown until (i + 1) / native
+            yield image
+            j += 1
+
+
+def video_as_frames(video: str | Path, path: str | Path, *, rate: float | None = None,
+                    size: tuple[int, int] | None = None, quality: int = 2) -> Path:
+    """The official-frames form of a video file (a folder, or a tar when ``path`` ends in .tar): every decoded
+    frame, resampled to ``rate`` fps (None: the stream's own rate) and scaled to ``size`` (width, height; the
+    official frames are 456x256), for tests and benchmarks."""
+    width, height = size or (None, None)
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        native = stream.average_rate
+        images = (frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
+                  for frame in container.decode(stream))
+        return write_jpeg_frames(resampled(images, native, Fraction(rate) if rate else native), path,
+                                 quality=quality)
