@@ -27,7 +27,22 @@ class ExtractConfig:
     video_ids: tuple[str, ...] = option(
         (), "Video ids instead of a split (repeat the option or separate with commas: P01_01,P01_02)."
     )
-    videos: Path | None = option(None, "Video root (<root>/P01/P01_01.MP4 or <root>/P01/videos/P01_01.MP4).")
+    videos: Path | None = option(
+        None, "Video root: <root>/P01/P01_01.MP4, <root>/P01/videos/P01_01.MP4, the official RGB frames "
+        "<root>/P01/rgb_frames/P01_01/ or <root>/P01/rgb_frames/P01_01.tar."
+    )
+    video_path: str | None = option(
+        None, "Any other layout: a template such as '{root}/{participant}/{video}.MP4' naming a video file, a frames "
+        "folder or a .tar of frames."
+    )
+    source: Literal["auto", "video", "frames"] = option(
+        "auto", "Which form to read (one per feature set); auto: the form that finds more of the videos, video files "
+        "on a tie."
+    )
+    frames_fps: float | None = option(
+        None, "Rate of the JPEG frames (frame k at (k - 1) / rate s); default: EPIC's, 60 for EPIC-55 ids, 50 for "
+        "extension ids (Pxx_1yy)."
+    )
     annotations: Path | None = option(None, "Folder with EPIC_100_*.csv (needed for --split).")
     cache: Path = option(Path("cache"), "Folder of feature sets: <cache>/<feature set key>/.")
     # what defines the feature set (all of it goes into the feature set's identity)

@@ -104,7 +104,7 @@ def _extract(config: DemoConfig, dataset, cache: Path) -> Path:
     summary = extract_features(ExtractConfig(
         split="all", videos=dataset.videos, annotations=dataset.annotations, cache=cache,
         weights="random", seed=config.seed, fps=config.fps, resize=config.resize, crop=config.crop,
-        precision=config.precision, device=config.device, progress=config.progress,
+        precision=config.precision, device=config.device, progress=config.progress, source=config.source,
     ))
     if config.progress:
         print_summary(summary)

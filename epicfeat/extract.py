@@ -40,7 +40,7 @@ from epicfeat.backbone import RESNET50, canonical_backbone, create_backbone, pre
 from epicfeat.claims import Claim, ClaimQueue
 from epicfeat.configs import ExtractConfig
 from epicfeat.data.annotations import EpicAnnotations
-from epicfeat.data.videos import find_videos
+from epicfeat.data.videos import find_sources, source_identity
 from epicfeat.devices import resolve_device, resolve_precision
 from epicfeat.encoder import TF32, FrameEncoder, build_encoder
 from epicfeat.errors import EpicfeatError
@@ -98,6 +98,7 @@ class ExtractSummary:
     done: tuple[VideoResult, ...]  # extracted by this run
     failed: tuple[VideoResult, ...]  # failed during this run: by this run, or by another writer of the cache
     failed_here: int  # how many of ``failed`` this run failed itself
+    source: str  # the form read and its time base (the identity's): "video", "frames-epic", "frames-30fps"
     skipped: tuple[str, ...]  # complete before this run began
     by_others: tuple[str, ...]  # completed by other writers sharing the cache during this run
     missing: tuple[str, ...]  # listed, but no file under --videos
@@ -209,11 +210,14 @@ def feature_set_identity(config: ExtractConfig, backbone: torch.nn.Module,
         feature_dim=backbone.num_features, precision=config.precision, decoder=decoder_version(),
         device=device_description(device), tf32=TF32, batch_size=config.batch_size,
         channels_last=config.channels_last, compile=config.compile, fold_bn=config.fold_bn,
+        # select_videos resolves --source auto; a config never looked up (benchmarks, predict's) reads video files
+        source=source_identity("video" if config.source == "auto" else config.source, config.frames_fps),
     )
 
 
-def select_videos(config: ExtractConfig) -> tuple[list[VideoJob], list[str]]:
-    """The videos to extract (found on disk) and the ids listed but missing, from ``--split`` or ``--video-ids``."""
+def select_videos(config: ExtractConfig) -> tuple[list[VideoJob], list[str], ExtractConfig]:
+    """The videos to extract (found on disk), the ids listed but missing, from ``--split`` or ``--video-ids``, and
+    ``config`` with its ``--source auto`` resolved to the form chosen (data/videos.py's rule)."""
     if config.videos is None:
         raise EpicfeatError("no video folder given: pass --videos DIR (the folder holding P01/, P02/, ...)")
     needed_until: dict[str, float] = {}
@@ -228,10 +232,11 @@ def select_videos(config: ExtractConfig) -> tuple[list[VideoJob], list[str]]:
     elif not config.video_ids:
         raise EpicfeatError("--split needs the annotation CSVs: pass --annotations DIR, or list --video-ids")
     video_ids = list(config.video_ids) or sorted(needed_until)
-    lookup = find_videos(config.videos, video_ids)
-    jobs = [VideoJob(video_id, Path(lookup.found[video_id]), needed_until.get(video_id), durations.get(video_id))
-            for video_id in video_ids if video_id in lookup.found]
-    return jobs, list(lookup.missing)
+    lookup = find_sources(config.videos, video_ids, source=config.source, template=config.video_path,
+                          frames_fps=config.frames_fps)
+    jobs = [VideoJob(video_id, source.path, needed_until.get(video_id), durations.get(video_id), source.frames_fps)
+            for video_id, source in lookup.found.items()]
+    return jobs, list(lookup.missing), dataclasses.replace(config, source=lookup.form)
 
 
 def decode_workers_for(requested: int, n_jobs: int) -> int:
@@ -253,7 +258,7 @@ def extract_features(config: ExtractConfig) -> ExtractSummary:
     worker) over the videos of ``--split`` / ``--video-ids``. Failures are recorded, never fatal; several runs on one
     cache share the work."""
     started = time.perf_counter()
-    jobs, missing = select_videos(config)
+    jobs, missing, config = select_videos(config)
     if config.scheduler:
         return _extract_on_dask(config, jobs, missing, started)
     device = resolve_device(config.device)
@@ -277,8 +282,13 @@ def _open_feature_set(config: ExtractConfig, identity: FeatureSetIdentity, missi
     store = FeatureStore.create(config.cache, identity)
     save_config(config, store.path / "extract_config.yaml")
     for video_id in missing:
-        store.record_failure(video_id, "video file not found under --videos")
+        store.record_failure(video_id, _not_found(config))
     return _Start(store, tuple(store.complete_videos()), folder_bytes(store.path), started)
+
+
+def _not_found(config: ExtractConfig) -> str:
+    other = "frames" if config.source == "video" else "video"
+    return f"not found under --videos as {config.source} (--source {other} reads the other form)"
 
 
 def _summarize(start: _Start, jobs: list[VideoJob], missing: list[str],
@@ -293,7 +303,7 @@ def _summarize(start: _Start, jobs: list[VideoJob], missing: list[str],
     complete = {v for v in listed if store.is_complete(v)}
     ours = {r.video_id for r in done}
     return ExtractSummary(
-        store=store.path, videos=len(listed) + len(missing), done=done,
+        store=store.path, source=store.identity.source, videos=len(listed) + len(missing), done=done,
         failed=tuple(failed[v] for v in listed if v in failed), failed_here=len(own_failures),
         skipped=tuple(v for v in listed if v in start.skipped),
         by_others=tuple(v for v in listed if v in complete and v not in ours and v not in start.skipped),
@@ -613,6 +623,7 @@ def print_summary(summary: ExtractSummary) -> None:
     rate = summary.rows / summary.seconds if summary.seconds else 0.0
     table = Table(title="epicfeat extract", show_header=False)
     table.add_row("feature set", str(summary.store))
+    table.add_row("source", summary.source)
     table.add_row("[bold]this run[/]", "")
     table.add_row("  videos extracted", str(len(summary.done)))
     table.add_row("  rows written", f"{summary.rows:,}")
@@ -636,7 +647,7 @@ def print_summary(summary: ExtractSummary) -> None:
         failures.add_column("video")
         failures.add_column("reason")
         for video_id in summary.missing:
-            failures.add_row(video_id, "video file not found under --videos")
+            failures.add_row(video_id, f"not found under --videos as {summary.source}")
         for result in summary.failed:
             failures.add_row(result.video_id, result.reason)
         console.print(failures)

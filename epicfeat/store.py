@@ -109,6 +109,9 @@ class FeatureSetIdentity:
     channels_last: bool  # memory layout of the backbone: another convolution path
     compile: bool  # torch.compile fuses ops: other rounding
     fold_bn: bool  # batch norms folded into the convolutions: other rounding
+    # What was read, and its time base: "video" (video files, times from their pts), "frames-epic" (the official
+    # JPEG frames, 60 / 50 fps by id), "frames-30fps" (--frames-fps 30). Other pixels: another feature set.
+    source: str = "video"
 
     def __post_init__(self):
         # Normalise so that identities read back from JSON compare (and hash) equal to the ones built in code.

@@ -290,7 +290,7 @@ def test_key_differs_for_any_field_change():
                "crop": 224, "mean": (0.5, 0.456, 0.406), "std": (0.229, 0.224, 0.2), "backbone": "resnet101",
                "dtype": "float32", "feature_dim": 1024, "precision": "bf16",
                "decoder": "pyav-17.0.0-libavcodec-61.19.100", "device": "cuda-NVIDIA H200", "tf32": True,
-               "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": False}
+               "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": False, "source": "frames-epic"}
     assert set(changed) == {f.name for f in dataclasses.fields(FeatureSetIdentity)}  # every field is covered
     keys = {base.key()}
     for name, value in changed.items():

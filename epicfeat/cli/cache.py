@@ -33,6 +33,7 @@ def _info(cfg: CacheConfig) -> None:
         table.add_row("rows", f"{rate}, {identity['feature_dim']}-d {identity['dtype']}")
         table.add_row("preprocessing", f"resize {identity['resize']}, crop {identity['crop']}, "
                                        f"mean {identity['mean']}, std {identity['std']}")
+        table.add_row("source", identity["source"])
         table.add_row("run settings", _run_settings(identity))
         table.add_row("videos", f"{facts['videos_complete']} complete, {facts['videos_partial']} partial, "
                                 f"{facts['videos_failed']} failed")
