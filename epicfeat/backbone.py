@@ -117,12 +117,13 @@ class TimmFeatures(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     def stages(self) -> list[nn.Module]:
-        """timm's coarse layer groups in order (stem, stages or blocks, final norm), as finetune trains the last."""
-        from timm.models import group_modules
+        """timm's coarse layer groups in order (stem, stages or blocks, final norm), as finetune trains the last:
+        each the group's own parameters, so the stem holds those outside any layer too (a ViT's pos_embed)."""
+        from timm.models import group_parameters
 
-        groups = group_modules(self.model, self.model.group_matcher(coarse=True))  # group id -> module names
-        modules = dict(self.model.named_modules())
-        return [nn.ModuleList([modules[n] for n in names]) for _, names in sorted(groups.items())]
+        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))  # group id -> parameter names
+        params = dict(self.model.named_parameters())
+        return [nn.ParameterList([params[n] for n in names]) for _, names in sorted(groups.items())]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)  # (N, 3, H, W) -> (N, D): num_classes=0 leaves the pooled pre-logits

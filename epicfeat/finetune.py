@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from epicfeat.backbone import weights_identity, weights_name_of_sha
+from epicfeat.backbone import RESNET50, TIMM, weights_identity, weights_name_of_sha
 from epicfeat.clips import (ClipAugment, ClipData, SkippedVideos, derive_seed, global_positions, load_clip_data,
                             sample_step_cutmix, worker_init)
 from epicfeat.configs import FinetuneConfig
@@ -66,7 +66,8 @@ class FinetuneResult(TrainResult):
 # ------------------------------------------------------------------------------------------------- the model
 class ClipModel(nn.Module):
     """clips (B, T, 3, H, W), values 0..255 -> the frame encoder -> (B, T, D) -> the temporal model -> verb (B, Cv)
-    and noun (B, Cn) logits. Only the encoder's last ``trainable_stages`` stages train; batch norms stay frozen.
+    and noun (B, Cn) logits. Only the encoder's last ``trainable_stages`` stages (``backbone.stages()``: ResNet50's
+    stem and layers, a timm model's coarse groups) train; batch norms' statistics stay frozen.
     ``set_precision``: the encoder autocasts to it, the LSTM casts explicitly (CUDA autocast would pick fp16)."""
 
     def __init__(self, encoder: FrameEncoder, temporal: TemporalModel, *, trainable_stages: int):
@@ -113,11 +114,11 @@ def load_start(config: FinetuneConfig) -> Start:
         raise FinetuneError("no starting checkpoint: pass --checkpoint runs/temporal/best.pt (a train-temporal run)")
     checkpoint = load_checkpoint(config.checkpoint)
     identity = checkpoint.feature_set
-    if identity.get("backbone", "resnet50") != "resnet50" or checkpoint.model_args.input_dim != 2048:
-        raise FinetuneError(
-            f"{config.checkpoint}: trained on {identity.get('backbone')} features of {checkpoint.model_args.input_dim} "
-            "dimensions; finetune trains the ResNet50 backbone (2048-d) only"
-        )
+    backbone = identity.get("backbone", RESNET50)
+    if backbone != RESNET50 and not backbone.startswith(TIMM):
+        raise FinetuneError(f"{config.checkpoint}: trained on {backbone} features; finetune trains image backbones "
+                            "only (resnet50, timm:<model name>): fine-tune another backbone outside epicfeat and "
+                            "pass --weights to extract")
     args = checkpoint.model_args
     if args.fixed_length and config.frames not in (None, args.frames):
         raise FinetuneError(f"--frames {config.frames}: {config.checkpoint}'s {args.head} head reads exactly "
@@ -125,6 +126,10 @@ def load_start(config: FinetuneConfig) -> Start:
                             "--frames out")
     encoder = create_encoder(identity, torch.device("cpu"), weights=checkpoint.backbone_weights(config.weights),
                              trainable=True)  # the weights' hash is checked
+    stages = len(encoder.backbone.stages())
+    if config.trainable_stages > stages:
+        raise FinetuneError(f"--trainable-stages {config.trainable_stages}: {backbone} has {stages} stages "
+                            f"(timm's coarse layer groups); give 0..{stages}")
     try:
         store = open_feature_set(Path(config.cache), config.feature_set or checkpoint.feature_set_key)
     except EpicfeatError as err:

@@ -14,7 +14,7 @@ import torchvision
 from epicfeat.backbone import (RESNET50, TimmFeatures, WeightsError, canonical_backbone, create_backbone,
                                pretrained_data_config)
 from epicfeat.configs import ExtractConfig
-from epicfeat.encoder import create_encoder
+from epicfeat.encoder import build_encoder, create_encoder
 from epicfeat.extract import extract_features, resolved
 from epicfeat.frames import Preprocess, iter_frames
 from epicfeat.store import FeatureStore
@@ -144,19 +144,82 @@ def test_a_checkpoint_is_refused_on_another_backbone_s_cache_naming_both(synthet
     assert "timm-vit_tiny_patch16_224" in refused.stderr and "timm-resnet18" in refused.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="finetune.py (issue 23's file) refuses every backbone but resnet50 (load_start)")
-def test_finetune_trains_a_timm_image_backbone(synthetic_dataset, tmp_path):
-    from epicfeat.configs import FinetuneConfig, TrainTemporalConfig
-    from epicfeat.finetune import load_start
-    from epicfeat.temporal.train import train_temporal
+def test_finetune_trains_a_timm_image_backbone_that_extract_then_loads(synthetic_dataset, tmp_path):
+    """512-d resnet18 through the console script: finetune (checkpointed) trains its last coarse groups with frozen
+    batch-norm statistics, and `extract --weights best.pt --backbone` caches the features best.pt pairs with."""
+    from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
 
+    resnet18 = "timm:resnet18.tv_in1k"  # bilinear resizing: extract takes a weights file for it (a1_in1k's: bicubic)
+    store = _extract(synthetic_dataset, tmp_path / "cache", resnet18, crop=64, fold_bn=False)
+    data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
+    trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 2, "--hidden", 8, "--epochs",
+                       1, "--batch-size", 8, "--micro-batch-size", 8, "--device", "cpu", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    tuned = epicfeat("finetune", *data, "--checkpoint", tmp_path / "run/best.pt", "--videos", synthetic_dataset.videos,
+                     "--out", tmp_path / "ft", "--epochs", 1, "--batch-size", 4, "--micro-batch-size", 2,
+                     "--num-workers", 0, "--trainable-stages", 2, "--activation-checkpointing", "--lr", "1e-3",
+                     "--backbone-lr", "1e-3", "--warmup-epochs", 0, "--no-eval-start", "--device", "cpu",
+                     "--no-progress")
+    assert tuned.returncode == 0, tuned.stderr
+    before = create_backbone("random", backbone=resnet18, seed=0).state_dict()
+    after = torch.load(tmp_path / "ft/best.pt", map_location="cpu", weights_only=True)["backbone"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.layer4.") for k in changed) and any(k.startswith("model.layer3.") for k in changed)
+    assert not any(k.startswith(("model.conv1.", "model.bn1.", "model.layer1.", "model.layer2.")) for k in changed)
+    assert not any(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+
+    again = epicfeat("extract", "--backbone", resnet18, "--weights", tmp_path / "ft/best.pt", "--split", "validation",
+                     "--videos", synthetic_dataset.videos, "--annotations", synthetic_dataset.annotations, "--cache",
+                     tmp_path / "cache", "--crop", 64, "--fps", 10, "--precision", "fp32", "--batch-size", 16,
+                     "--decode-workers", 0, "--device", "cpu", "--no-progress")
+    assert again.returncode == 0, again.stderr
+    checkpoint = load_checkpoint(tmp_path / "ft/best.pt")
+    (fine_tuned,) = [s for s in FeatureStore.list_sets(tmp_path / "cache") if s.path != store.path]
+    assert fine_tuned.identity.weights_sha == checkpoint.feature_set["weights_sha"] != store.identity.weights_sha
+    assert fine_tuned.identity.feature_dim == 512
+    check_feature_set(checkpoint, fine_tuned.identity)  # best.pt pairs with the features of its own backbone
+
+
+def test_a_timm_backbone_trains_every_parameter_and_checkpoints_to_the_same_gradients():
+    """A ViT's coarse groups hold its pos_embed and cls_token too; grad checkpointing changes no gradient."""
+    from epicfeat.finetune import ClipModel
+    from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
+
+    identity = {"fold_bn": False, "mean": (0.5,) * 3, "std": (0.5,) * 3, "precision": "fp32", "channels_last": False,
+                "compile": False}
+    clips = torch.rand(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255  # (B, T, 3, H, W)
+    grads = []
+    for checkpointing in (False, True):
+        encoder = build_encoder(create_backbone("random", backbone=VIT, crop=32), identity, CPU, trainable=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the same head both times
+            temporal = create_temporal_model(TemporalModelArgs(input_dim=192, frames=2, n_verbs=3, n_nouns=4,
+                                                               hidden=4, layers=1, dropout=0.0))
+        stages = len(encoder.backbone.stages())
+        model = ClipModel(encoder, temporal, trainable_stages=stages).train()
+        model.encoder.set_grad_checkpointing(checkpointing)
+        verbs, nouns = model(clips)
+        (verbs.sum() + nouns.sum()).backward()
+        assert all(p.grad is not None for p in model.encoder.parameters())  # pos_embed and cls_token included
+        grads.append([p.grad.clone() for p in model.encoder.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_refuses_a_backbone_it_cannot_train_in_one_line(synthetic_dataset, tmp_path):
+    """A checkpoint of a video backbone's features (a future torchvision:...) is refused before anything loads."""
     _extract(synthetic_dataset, tmp_path / "cache", RESNET18)
-    result = train_temporal(TrainTemporalConfig(
-        annotations=synthetic_dataset.annotations, cache=tmp_path / "cache", out=tmp_path / "run", frames=2, hidden=8,
-        epochs=1, batch_size=8, micro_batch_size=8, device="cpu", progress=False))
-    start = load_start(FinetuneConfig(checkpoint=result.best_checkpoint, videos=synthetic_dataset.videos,
-                                      annotations=synthetic_dataset.annotations, cache=tmp_path / "cache"))
-    assert start.encoder.num_features == 512 and len(start.encoder.backbone.stages()) >= 2
+    data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
+    trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 2, "--hidden", 8, "--epochs",
+                       1, "--batch-size", 8, "--micro-batch-size", 8, "--device", "cpu", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    payload = torch.load(tmp_path / "run/best.pt", map_location="cpu", weights_only=False)
+    payload["feature_set"]["backbone"] = "torchvision:r2plus1d_18"
+    torch.save(payload, tmp_path / "video.pt")
+    refused = epicfeat("finetune", *data, "--checkpoint", tmp_path / "video.pt", "--videos", synthetic_dataset.videos,
+                       "--out", tmp_path / "ft", "--device", "cpu", "--no-progress")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "torchvision:r2plus1d_18 features; finetune trains image backbones only" in " ".join(refused.stderr.split())
 
 
 # ---------------------------------------------------------------------------------------------- bad input

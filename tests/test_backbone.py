@@ -196,7 +196,7 @@ def test_timm_random_weights_are_seeded_leave_the_rng_alone_and_expose_the_encod
     assert a.name == "timm:resnet18.a1_in1k" and a.num_features == 512 and not a.training
     assert a.data_config["interpolation"] == "bicubic" and a.data_config["crop_pct"] == 0.95
     stages = a.stages()  # timm's coarse groups: the stem, layer1 .. layer4
-    assert len(stages) == 5 and stages[-1][0] is a.model.layer4[0].conv1
+    assert len(stages) == 5 and stages[-1][0] is a.model.layer4[0].conv1.weight  # each group's own parameters
     with torch.inference_mode():
         assert a(torch.zeros(2, 3, 32, 32)).shape == (2, 512)  # pooled pre-logits, no classifier
     a.set_grad_checkpointing(True)
