@@ -74,6 +74,7 @@ class Scores:
     noun: np.ndarray  # (N, Cn)
     weights: list[float]  # normalised ensemble weights
     feature_set_key: str
+    source: str  # the feature set's source form: video, or official frames (frames-epic, ...)
     split_segments: int  # segments in the split's CSV
     dropped: int  # of them, segments whose video is not in the feature set
     missing_video_ids: tuple[str, ...]
@@ -137,7 +138,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
         segments=len(scores.narration_ids), dropped=scores.dropped,
     )
     if config.progress:
-        _print_table(rows, title=f"{config.split} ({len(scores.narration_ids)} segments, official EPIC-100 metrics, %)")
+        _print_table(rows, title=f"{config.split} ({len(scores.narration_ids)} segments read from {scores.source}, "
+                                 "official EPIC-100 metrics, %)")
         print(f"wrote {metrics_json}, {metrics_table}, {results_pickle}, {per_class_csv}, {plot}")
     return result
 
@@ -171,6 +173,7 @@ def _write_metric_files(config: EvaluateConfig, members, scores: Scores, member_
         "segments_in_split": scores.split_segments,
         "segments_without_features": scores.dropped,
         "feature_set": scores.feature_set_key,
+        "source": scores.source,
         "ensemble_mode": config.ensemble_mode if len(members) > 1 else "single model (logits)",
         "members": [
             {"checkpoint": str(path), "frames": _frames(ckpt), "weight": weight, "metrics": _json_safe(member_metrics[name])}
@@ -273,7 +276,7 @@ def _score(config: ScoringConfig, members: list[tuple[Path, Any]], annotations, 
         verb, noun = ensemble([(v, n) for _, v, n in scored], weights, mode=config.ensemble_mode)
     return Scores(
         narration_ids=list(packed.narration_ids), members=scored, verb=verb, noun=noun,
-        weights=(weights / weights.sum()).tolist(), feature_set_key=store.identity.key(),
+        weights=(weights / weights.sum()).tolist(), feature_set_key=store.identity.key(), source=store.identity.source,
         split_segments=len(segments), dropped=len(segments) - len(packed),
         missing_video_ids=tuple(packed.missing_video_ids), packed=packed,
     )

@@ -46,12 +46,6 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
 
 def test_demo_from_frames(tmp_path):
     """`epicfeat demo --source frames`: the dataset's official frames (folders and tars) feed the whole pipeline."""
-    import dataclasses
-
-    from epicfeat.configs import ExtractConfig
-
-    if "source" not in {f.name for f in dataclasses.fields(ExtractConfig)}:
-        pytest.skip("extract reads frames once /work/notes/i24_extract.patch is applied (ExtractConfig.source)")
     config = DemoConfig(out=tmp_path / "demo", dataset="tiny", source="frames", resize=64, crop=56, frames=(1, 4),
                         hidden=16, epochs=1, batch_size=8, device="cpu", progress=False)
     result = run_demo(config)

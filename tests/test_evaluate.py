@@ -94,6 +94,7 @@ def test_evaluate_one_checkpoint_writes_official_files_with_hand_checked_metrics
                             tail_verbs=annotations.tail_verbs, tail_nouns=annotations.tail_nouns, unseen=unseen)
     saved = json.loads(result.metrics_json.read_text())
     assert saved["segments"] == len(validation) and saved["segments_without_features"] == 0
+    assert saved["source"] == "video"  # the form the features were read from (a video, or its official frames)
     assert set(saved["metrics"]) == set(expected) and len(expected) == 12  # 6 all + 3 tail + 3 unseen
     for name, value in expected.items():  # an empty subset is NaN, saved as null
         assert saved["metrics"][name] == (None if np.isnan(value) else pytest.approx(value, abs=1e-4)), name

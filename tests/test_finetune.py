@@ -749,3 +749,8 @@ def test_a_feature_set_is_paired_by_its_weights_hash_not_their_name(stage_two):
                                        "weights_sha": other.weights_sha})
     with pytest.raises(Exception, match="differ in: crop, weights"):  # the name rule covers the weights alone
         check_feature_set(checkpoint, {**same, "crop": identity["crop"] + 1})
+    # The same backbone and preprocessing over another source form (a video's official frames) is scored too;
+    # anything else that differs besides is still refused.
+    check_feature_set(checkpoint, {**identity, "source": "frames-epic"})
+    with pytest.raises(Exception, match="differ in: crop, source"):
+        check_feature_set(checkpoint, {**identity, "source": "frames-epic", "crop": identity["crop"] + 1})

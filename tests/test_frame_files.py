@@ -248,19 +248,11 @@ def test_annotation_frames_agree_with_the_frames_time_base(shared_annotations):
         assert abs(ratio.median() - (60 if labelled else 50)) < 0.01
 
 
-# ------------------------------------------------------------------------- extract (with the i24 extract patch)
-def _needs_extract_patch():
-    import dataclasses
-
-    from epicfeat.configs import ExtractConfig
-
-    if "source" not in {f.name for f in dataclasses.fields(ExtractConfig)}:
-        pytest.skip("extract reads frames once /work/notes/i24_extract.patch is applied (ExtractConfig.source)")
+# ----------------------------------------------------------------------------------------------------- extract
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_extract_from_frames_is_its_own_feature_set_close_to_the_video(tmp_path):
-    _needs_extract_patch()
     from epicfeat.configs import ExtractConfig
     from epicfeat.extract import extract_features
     from epicfeat.store import FeatureStore
@@ -285,7 +277,6 @@ def test_extract_from_frames_is_its_own_feature_set_close_to_the_video(tmp_path)
 
 
 def test_extract_cli_a_bad_tar_fails_alone(tmp_path):
-    _needs_extract_patch()
     import subprocess
 
     _numbered_frames(tmp_path / "P01" / "rgb_frames" / "P01_01.tar", 60)

@@ -188,8 +188,10 @@ def check_feature_set(checkpoint: Checkpoint, identity: Any) -> None:
         k for k in set(wanted) | set(checkpoint.feature_set)
         if _canonical(wanted.get(k)) != _canonical(checkpoint.feature_set.get(k))
     )
-    # Weights are paired by content: the same weights_sha under another name (sha-...) gives the same numbers.
-    if differing == ["weights"] and wanted.get("weights_sha"):
+    # Weights are paired by content: the same weights_sha under another name (sha-...) gives the same numbers. The
+    # source form (a video or its official frames) is not checked: same backbone and preprocessing, same content.
+    named = [k for k in differing if k != "source"]
+    if not named or (named == ["weights"] and wanted.get("weights_sha")):
         return
     raise CheckpointError(
         f"checkpoint {checkpoint.path} was trained on feature set '{checkpoint.feature_set_key}' but the features "
