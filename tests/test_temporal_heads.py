@@ -229,8 +229,8 @@ def test_time_heads_gives_each_heads_epoch_time_model_share_and_parameters():
     from epicfeat.temporal.compare import time_heads
 
     train = _planted_split(60, seed=1)
-    rows = time_heads(train, heads=HEADS, frames=4, batch_size=20, device=torch.device("cpu"), n_verbs=N_VERBS,
-                      n_nouns=N_NOUNS, hidden=8, width=16, attention_heads=4)
+    rows = time_heads(train, heads=HEADS, frames=4, batch_size=20, device=torch.device("cpu"),
+                      classes=(N_VERBS, N_NOUNS), hidden=8, width=16, attention_heads=4)
     assert [row["head"] for row in rows] == list(HEADS)
     for row in rows:
         assert row["epoch_s"] > 0 and row["model_s"] > 0 and row["model_share"] == row["model_s"] / row["epoch_s"]

@@ -63,10 +63,11 @@ def compare_runs(runs: Sequence[Path], *, annotations: Path, cache: Path, out: P
 
 # ------------------------------------------------------------------------------------------ per-head timings
 def time_heads(train: PackedSplit, *, heads: Sequence[str], frames: int, batch_size: int, device: torch.device,
-               precision: str = "fp32", n_verbs: int = 97, n_nouns: int = 300, **sizes) -> list[dict]:
+               precision: str = "fp32", classes: tuple[int, int] = (97, 300), **sizes) -> list[dict]:
     """Per head: one epoch of train-temporal's loop (``train_one_epoch``) on ``train`` against the model alone (its
     forward, backward and AdamW on one pre-gathered batch, as many steps as the epoch has), parameters; each head
-    as train-temporal builds it from its defaults and ``sizes`` (TrainTemporalConfig fields: width, depth, ...).
+    as train-temporal builds it from its defaults, ``classes`` (verbs, nouns) and ``sizes`` (TrainTemporalConfig
+    fields: width, depth, ...).
     The split's context (if any) is the heads'. For bench_temporal: the heads side by side in one run."""
     from epicfeat.temporal.train import StepSettings, train_one_epoch  # train imports this package's neighbours
     from epicfeat.training import EarlyStopping, LRSchedule, TrainingState
@@ -79,7 +80,7 @@ def time_heads(train: PackedSplit, *, heads: Sequence[str], frames: int, batch_s
                                      context_frames=max(train.context.frames, 1), **sizes)
         torch.manual_seed(0)
         model = create_temporal_model(TemporalModelArgs.of_config(config, input_dim=train.features.shape[1],
-                                                                  n_verbs=n_verbs, n_nouns=n_nouns),
+                                                                  n_verbs=classes[0], n_nouns=classes[1]),
                                       *feature_stats(train)).to(device)
         model.compute_dtype = PRECISION_DTYPES[precision]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
