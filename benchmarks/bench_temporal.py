@@ -643,8 +643,9 @@ def print_real_loop(results: list[dict], where: str) -> None:
                 f"{r['launches_per_epoch_start']:.0f} per epoch besides; graphs: {'on' if r['graphs'] else 'off'}")
         row("    validation (evaluate, official metrics)", f"{r['validate']:.2f} s",
             f"{r['val_segments'] / r['validate']:,.0f} seg/s")
-        row("    epic_metrics alone, 9,668 segments", f"{r['metrics_s'] * 1000:.0f} ms",
-            "97 / 300 classes, tail and unseen subsets, on this host's CPU (part of every validation)")
+        if "metrics_s" in r:
+            row("    epic_metrics alone, 9,668 segments", f"{r['metrics_s'] * 1000:.0f} ms",
+                "97 / 300 classes, tail and unseen subsets, on this host's CPU (part of every validation)")
         if "peak_gib" in r:
             row("    peak GPU memory", f"{r['peak_gib']:.1f} GiB")
             row("    train + validate", f"{r['epoch'] + r['validate']:.2f} s",
