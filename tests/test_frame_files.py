@@ -28,19 +28,9 @@ from epicfeat.frames import (
     decode_video,
     iter_frames,
 )
+from test_frames import _frame_image, _frame_number
 
 SMALL = Preprocess(resize=32, crop=32)
-
-
-def _frame_image(number: int, width: int = 64, height: int = 48) -> np.ndarray:
-    image = np.empty((height, width, 3), np.uint8)
-    image[...] = (16 * (number // 16) + 8, 16 * (number % 16) + 8, 128)  # solid colour encoding `number`
-    return image
-
-
-def _frame_number(image: np.ndarray) -> int:
-    red, green = image[..., 0].mean(), image[..., 1].mean()
-    return int(red // 16) * 16 + int(green // 16)
 
 
 def _numbered_frames(path: Path, count: int) -> Path:

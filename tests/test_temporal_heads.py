@@ -17,6 +17,7 @@ from epicfeat.temporal.data import Context, PackedSplit, feature_stats
 from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.train import StepSettings, score_split, train_one_epoch
 from epicfeat.training import EarlyStopping, LRSchedule, TrainingState
+from test_train_temporal import DIM, N_NOUNS, N_VERBS, _planted_split
 
 SMALL = dict(input_dim=6, frames=4, hidden=5, width=8, depth=2, attention_heads=2, n_verbs=7, n_nouns=11)
 
@@ -123,28 +124,7 @@ def test_a_bilstm_without_context_reads_any_number_of_rows_and_the_attention_hea
 
 
 # ------------------------------------------------------------------------------------------------- learning
-N_VERBS, N_NOUNS, DIM = 4, 3, 8
-
-
-def _planted_split(n: int, seed: int) -> PackedSplit:
-    """Segments whose verb only the *order* of rows reveals (features 0 and 1 rise or fall across the segment around
-    a random level: one row, or the mean of rows, says nothing about the verb), and whose noun any row reveals."""
-    rng = np.random.default_rng(seed)
-    verbs, nouns, counts = rng.integers(0, N_VERBS, n), rng.integers(0, N_NOUNS, n), rng.integers(6, 20, n)
-    rows = []
-    for verb, noun, count in zip(verbs, nouns, counts):
-        t = np.linspace(-1.0, 1.0, count)  # position in the segment
-        x = rng.normal(0.0, 0.2, (count, DIM))
-        x[:, 0] += rng.normal() + (2 if verb & 1 else -2) * t
-        x[:, 1] += rng.normal() + (2 if verb & 2 else -2) * t
-        x[:, 2 + noun] += 2.0
-        rows.append(13.0 + 14.0 * x)  # scaled like random-weight ResNet50 features: standardisation matters
-    row_count = torch.tensor(counts, dtype=torch.int64)
-    return PackedSplit(features=torch.tensor(np.concatenate(rows), dtype=torch.float16),
-                       row_start=torch.cumsum(row_count, 0) - row_count, row_count=row_count,
-                       verb_labels=torch.tensor(verbs), noun_labels=torch.tensor(nouns),
-                       narration_ids=[f"P01_01_{i}" for i in range(n)], participant_ids=["P01"] * n,
-                       video_ids=["P01_01"] * n)
+# _planted_split: segments whose verb only the order of rows reveals, whose noun any row reveals (stage two's).
 
 
 def _train(head: str, frames: int, train: PackedSplit, validation: PackedSplit, epochs: int = 24) -> dict:

@@ -149,7 +149,8 @@ class TemporalModel(nn.Module):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Standardised rows (B, L, D) -> pooled (B, W): what each head defines (BiLSTM, transformer, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no forward_features")
 
     def segment(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, L, W) -> (B, T, W): the segment's own rows, between the K context rows on each side (constant bounds:
