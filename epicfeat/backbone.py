@@ -1,12 +1,14 @@
-"""The backbone: frames -> one pooled feature vector per frame, by name (``create_backbone``).
+"""The backbone: frames -> one pooled feature vector per frame (or per clip), by name (``create_backbone``).
 
 * ``resnet50``: torchvision's ResNet50 up to global average pooling (2048-d), the seed's and the default;
-* ``timm:<model name>``: any timm image model, the feature being its pooled pre-logits (``num_classes=0``).
+* ``timm:<model name>``: any timm image model, the feature being its pooled pre-logits (``num_classes=0``);
+* ``torchvision:<video model>``: a torchvision Kinetics-400 video model (r2plus1d_18, mvit_v2_s, swin3d_t, s3d, ...),
+  one feature per clip of frames: its pooled features before the classifier.
 
 Every backbone carries ``weights_name`` (readable; a file's weights are named by their hash) and ``weights_sha``
 (a hash of its tensors), which go into the feature set's identity, so features of different weights never mix, and
 ``data_config``: the preprocessing its pretrained weights expect (timm's keys: input_size, interpolation, crop_pct,
-crop_mode, mean, std).
+crop_mode, mean, std; a video backbone's also clip_len and clip_fps, the clips they were evaluated on).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import difflib
 import hashlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,13 +27,19 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
-from torchvision.models import ResNet50_Weights
+from torchvision.models import ResNet50_Weights, WeightsEnum
 
 from epicfeat.errors import EpicfeatError, listed
 
 FEATURE_DIM = 2048
 RESNET50 = "resnet50"
 TIMM = "timm:"
+VIDEO = "torchvision:"
+
+# The classifier of each torchvision video family, replaced by nn.Identity so that forward ends at the pooled
+# features: VideoResNet's fc (r2plus1d_18, r3d_18, mc3_18), MViT's and Swin3D's head, S3D's classifier (a 1x1x1
+# convolution that S3D averages over T, H, W after: without it, that average pools the features).
+VIDEO_CLASSIFIERS = ("fc", "head", "classifier")
 
 # --weights names for torchvision's ImageNet weights. "imagenet" (= "pretrained") is the better V2 recipe (80.9%).
 TORCHVISION_WEIGHTS = {
@@ -129,6 +138,30 @@ class TimmFeatures(nn.Module):
         return self.model(images)  # (N, 3, H, W) -> (N, D): num_classes=0 leaves the pooled pre-logits
 
 
+class VideoFeatures(nn.Module):
+    """A torchvision video model without its classifier: (N, T, 3, H, W) clips -> (N, D) pooled features, with
+    ``num_features``. ``model`` holds torchvision's module, so ``self.model.state_dict()`` is a torchvision state
+    dict (less the classifier)."""
+
+    def __init__(self, name: str, model: nn.Module, data_config: dict):
+        super().__init__()
+        classifier = next(c for c in VIDEO_CLASSIFIERS if isinstance(getattr(model, c, None), nn.Module))
+        last = [m for m in getattr(model, classifier).modules() if isinstance(m, (nn.Linear, nn.Conv3d))][-1]
+        self.num_features: int = last.weight.shape[1]  # Linear (classes, D), Conv3d (classes, D, 1, 1, 1)
+        setattr(model, classifier, nn.Identity())
+        self.model = model
+        self.name, self.data_config = name, data_config
+        self.weights_name = "random"
+        self.weights_sha = ""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        raise EpicfeatError(f"{self.name} is a video backbone; finetune trains image backbones only (resnet50, "
+                            "timm:<model name>)")
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.model(clips.transpose(1, 2))  # (N, T, 3, H, W) -> (N, 3, T, H, W) -> (N, D)
+
+
 def fold_batch_norms(model: ResNet50Features) -> ResNet50Features:
     """An inference copy of ``model`` with every batch norm folded into the convolution before it.
 
@@ -172,27 +205,41 @@ def weights_identity(model: nn.Module) -> str:
 
 def create_backbone(weights: str = "pretrained", *, backbone: str = RESNET50, seed: int = 0,
                     crop: int | None = None) -> nn.Module:
-    """Build ``backbone`` (``resnet50`` or ``timm:<model name>``) in eval mode, with ``weights_name``,
-    ``weights_sha``, ``num_features`` and ``data_config`` set.
+    """Build ``backbone`` (``resnet50``, ``timm:<model name>`` or ``torchvision:<video model>``) in eval mode, with
+    ``weights_name``, ``weights_sha``, ``num_features`` and ``data_config`` set.
 
     ``weights``: ``"pretrained"`` (the backbone's default pretrained weights, through its library's cache: torch hub
     for resnet50, whose ``"imagenet"`` = ``"imagenet1k_v2"`` and ``"imagenet1k_v1"`` name them too, the Hugging Face
     hub for timm); ``"random"`` (the library's init drawn with ``seed``, the global RNG untouched); or the path of a
     state dict (``.safetensors`` too) or of an epicfeat checkpoint holding a ``"backbone"`` state dict. ``crop``: the
     input size, for models built for one (ViTs) when it is not their pretrained one.
+
+    * A video backbone (``torchvision:r2plus1d_18``) is a ``VideoFeatures``: (N, T, 3, H, W) clips -> (N, D), its
+      ``"pretrained"`` weights torchvision's Kinetics-400 ones (torch hub's cache), ``data_config`` with clip_len and
+      clip_fps; ``crop`` must fit the model (MViT takes 224 only, S3D 224 and more).
     """
     weights = str(weights)
     backbone = canonical_backbone(backbone)
     if backbone == RESNET50:
         return _create_resnet50(weights, seed)
+    if backbone.startswith(VIDEO):
+        return _create_video(backbone, weights, seed, crop)
     return _create_timm(backbone, weights, seed, crop)
 
 
 def canonical_backbone(backbone: str) -> str:
-    """``resnet50``, or ``timm:<architecture>.<pretrained tag>`` (the tag timm defaults to written out, so that the
-    name fixes the pretrained weights and preprocessing); an unknown name lists the close matches."""
+    """``resnet50``, ``timm:<architecture>.<pretrained tag>`` (the tag timm defaults to written out, so that the
+    name fixes the pretrained weights and preprocessing) or ``torchvision:<video model>`` (as given: its Kinetics-400
+    weights are the only ones); an unknown name lists the close matches."""
     backbone = str(backbone).strip()
     if backbone == RESNET50:
+        return backbone
+    if backbone.startswith(VIDEO):
+        name, known = backbone[len(VIDEO):], _video_models()
+        if name not in known:
+            matches = _close_matches(name, known, prefix={n: VIDEO + n for n in known})
+            raise BackboneError(f"--backbone {backbone}: torchvision has no video model {name!r}{matches}; its video "
+                                f"models: {', '.join(known)} (image backbones: resnet50 or timm:<model name>)")
         return backbone
     if backbone.startswith(TIMM):
         timm = _import_timm(backbone)
@@ -210,26 +257,32 @@ def canonical_backbone(backbone: str) -> str:
                                 f"{architecture}; its tags: {listed(timm.list_pretrained(architecture + '.*'), 8)}"
                                 ) from None
         return f"{TIMM}{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else backbone
-    if backbone.startswith("torchvision:"):
-        raise BackboneError(f"--backbone {backbone}: torchvision video backbones are not available yet; use resnet50 "
-                            "or timm:<model name>")
     try:
         import timm
 
         timm_names = timm.list_models()
     except ImportError:
         timm_names = []
-    matches = _close_matches(backbone, [RESNET50, *timm_names],
-                             prefix={n: TIMM + n for n in timm_names if n != RESNET50})  # resnet50: ours
-    raise BackboneError(f"--backbone {backbone}: not a backbone{matches}; give resnet50 or timm:<model name> (any timm "
-                        "image model)")
+    video_names = _video_models()
+    prefix = {**{n: TIMM + n for n in timm_names if n != RESNET50}, **{n: VIDEO + n for n in video_names}}
+    matches = _close_matches(backbone, [RESNET50, *timm_names, *video_names], prefix=prefix)  # resnet50: ours
+    raise BackboneError(f"--backbone {backbone}: not a backbone{matches}; give resnet50, timm:<model name> (any timm "
+                        "image model) or torchvision:<video model> (r2plus1d_18, mvit_v2_s, swin3d_t, s3d, ...)")
+
+
+def is_video(backbone: str) -> bool:
+    """Whether ``backbone`` (a canonical name) is a video backbone: clips in, one feature per clip."""
+    return str(backbone).strip().startswith(VIDEO)
 
 
 def pretrained_data_config(backbone: str) -> dict:
     """The preprocessing the pretrained weights of ``backbone`` (a canonical name) expect, in timm's keys, without
-    building the model: input_size (3, H, W), interpolation, crop_pct, crop_mode, mean, std."""
+    building the model: input_size (3, H, W), interpolation, crop_pct, crop_mode, mean, std; a video backbone's
+    also clip_len (frames, int) and clip_fps (float), the clips the weights were evaluated on."""
     if backbone == RESNET50:
         return dict(RESNET50_DATA_CONFIG)
+    if backbone.startswith(VIDEO):
+        return _video_data_config(backbone[len(VIDEO):])
     timm = _import_timm(backbone)
     cfg = timm.models.get_pretrained_cfg(backbone[len(TIMM):])
     return timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
@@ -238,6 +291,28 @@ def pretrained_data_config(backbone: str) -> dict:
 def resize_for(data_config: dict, crop: int) -> int:
     """The shorter side before a centre crop of ``crop``: timm's eval transform, floor(crop / crop_pct)."""
     return math.floor(crop / data_config["crop_pct"])
+
+
+def _video_data_config(name: str) -> dict:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()  # VideoClassification: crop_size [c, c], resize_size [short side] or [h, w]
+    crop = transform.crop_size[0]
+    # torchvision resizes some clips to a fixed size (r2plus1d_18's 128 x 171, s3d's 256 x 256); epicfeat resizes the
+    # shorter side to the smaller (128, 256), keeping the aspect ratio (EPIC is 16:9), then crops the centre.
+    resize = min(transform.resize_size)
+    docs = weights.meta["_docs"]  # "... parameters `frame_rate=15`, `clips_per_video=5`, and `clip_len=16`"
+    clip_len, clip_fps = int(re.search(r"clip_len=(\d+)", docs)[1]), float(re.search(r"frame_rate=([\d.]+)", docs)[1])
+    if name == "s3d":
+        # s3d was evaluated on one 128-frame clip per video (8.5 s, far longer than most EPIC actions); it takes any
+        # clip of min_temporal_size (14) frames or more, so its clips are 16 frames like the others'.
+        clip_len = 16
+    return {"input_size": (3, crop, crop), "interpolation": transform.interpolation.value, "crop_pct": crop / resize,
+            "crop_mode": "center", "mean": tuple(transform.mean), "std": tuple(transform.std),
+            "clip_len": clip_len, "clip_fps": clip_fps}
+
+
+def _video_models() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models.video)
 
 
 def _import_timm(backbone: str):
@@ -264,7 +339,7 @@ def _create_resnet50(weights: str, seed: int) -> ResNet50Features:
     state_dict, source = None, ""
     if weights in TORCHVISION_WEIGHTS:
         name, enum = TORCHVISION_WEIGHTS[weights]
-        state_dict, source = _torchvision_state_dict(weights, enum), f"torchvision {enum}"
+        state_dict, source = _torchvision_state_dict(weights, enum, "a ResNet50 state dict"), f"torchvision {enum}"
     elif weights == "random":
         name = f"random-seed{seed}"
     else:
@@ -274,9 +349,8 @@ def _create_resnet50(weights: str, seed: int) -> ResNet50Features:
         torch.manual_seed(seed)
         model = ResNet50Features()
     if state_dict is not None:
-        trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}  # ImageNet's classifier
-        _load(model, trunk, source, "torchvision ResNet50 weights (keys like 'conv1.weight', "
-                                    "'layer4.2.bn3.running_var')")
+        _load_trunk(model, state_dict, ("fc",), source, "torchvision ResNet50 weights (keys like 'conv1.weight', "
+                                                        "'layer4.2.bn3.running_var')")  # fc: ImageNet's classifier
     return _named(model, name)
 
 
@@ -305,12 +379,38 @@ def _create_timm(backbone: str, weights: str, seed: int, crop: int | None) -> Ti
             model = timm.create_model(name, pretrained=False, **kwargs)
     features = TimmFeatures(backbone, model, data_config)
     if state_dict is not None:
-        if all(k.startswith("model.") for k in state_dict):  # an epicfeat checkpoint's TimmFeatures state dict
-            state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
         classifier = cfg.classifier if cfg is not None else "head"
         classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        trunk = {k: v for k, v in state_dict.items() if not k.startswith(tuple(c + "." for c in classifiers))}
-        _load(model, trunk, source, f"timm {name} weights (a state dict of timm.create_model({name!r}))")
+        _load_trunk(model, state_dict, classifiers, source,
+                    f"timm {name} weights (a state dict of timm.create_model({name!r}))")
+    return _named(features, weights_name)
+
+
+def _create_video(backbone: str, weights: str, seed: int, crop: int | None) -> VideoFeatures:
+    name = backbone[len(VIDEO):]
+    enum = torchvision.models.get_model_weights(name).DEFAULT  # Kinetics-400
+    smallest = enum.meta["min_size"][0]
+    fixed = name.startswith("mvit")  # MViT's position tables are built for min_size crops of min_temporal_size frames
+    if crop is not None and (crop < smallest or fixed and crop != smallest):
+        raise BackboneError(f"--crop {crop}: {backbone} takes crops of {'exactly' if fixed else 'at least'} "
+                            f"{smallest} pixels; give --crop {smallest} or leave it out")
+    if weights in TORCHVISION_WEIGHTS and weights != "pretrained":
+        raise WeightsError(f"--weights {weights} names torchvision's ResNet50 weights; {backbone} takes pretrained "
+                           "(torchvision's Kinetics-400 weights), random or PATH")
+    state_dict, source, weights_name = None, "", "pretrained"
+    if weights == "pretrained":
+        state_dict, source = _torchvision_state_dict(weights, enum, f"a {name} state dict"), f"torchvision {enum}"
+    elif weights == "random":
+        weights_name = f"random-seed{seed}"
+    else:
+        path = _weights_file(weights, "pretrained, random", f"{backbone} state dict")
+        state_dict, source, weights_name = _state_dict_from_file(path), str(path), None
+    with torch.random.fork_rng(devices=[]):  # the random init must not move the caller's RNG streams
+        torch.manual_seed(seed)
+        features = VideoFeatures(backbone, torchvision.models.get_model(name), pretrained_data_config(backbone))
+    if state_dict is not None:  # Kinetics' classifier dropped
+        _load_trunk(features.model, state_dict, VIDEO_CLASSIFIERS, source,
+                    f"torchvision {name} weights (a state dict of torchvision.models.{name}())")
     return _named(features, weights_name)
 
 
@@ -362,8 +462,9 @@ def weights_name_of_sha(weights_sha: str) -> str:
     return f"sha-{weights_sha[:12]}"
 
 
-def _torchvision_state_dict(weights: str, enum: ResNet50_Weights) -> Mapping[str, torch.Tensor]:
-    """torchvision's weights the normal way: torch hub's cache, else a download into it."""
+def _torchvision_state_dict(weights: str, enum: WeightsEnum, alternative: str) -> Mapping[str, torch.Tensor]:
+    """torchvision's weights ``enum`` the normal way: torch hub's cache, else a download into it. ``alternative``:
+    what a --weights PATH would hold instead ("a ResNet50 state dict")."""
     file_name = os.path.basename(urlparse(enum.url).path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
     was_cached = cached.is_file()
@@ -378,8 +479,8 @@ def _torchvision_state_dict(weights: str, enum: ResNet50_Weights) -> Mapping[str
         raise WeightsError(
             f"--weights {weights}: {problem}get the file on a machine with internet and copy it to that path:\n"
             f"  mkdir -p {cached.parent} && curl -L -o {cached} {enum.url}\n"
-            f"(TORCH_HOME moves the cache.) Alternatives: --weights PATH (a ResNet50 state dict or an epicfeat "
-            f"checkpoint), or --weights random (seeded random weights, for tests and the demo)"
+            f"(TORCH_HOME moves the cache.) Alternatives: --weights PATH ({alternative} or an epicfeat checkpoint), "
+            f"or --weights random (seeded random weights, for tests and the demo)"
         ) from None
 
 
@@ -404,6 +505,16 @@ def _state_dict_from_file(path: Path) -> Mapping[str, torch.Tensor]:
             f"(found: {keys}); save one with torch.save(model.state_dict(), path)"
         )
     return obj
+
+
+def _load_trunk(model: nn.Module, state_dict: Mapping[str, torch.Tensor], classifiers: tuple[str, ...], source: str,
+                what: str) -> None:
+    """``_load`` without the keys of ``classifiers`` (top-level module names): a library's file holds its classifier,
+    the model has none. An epicfeat checkpoint's wrapper state dict (TimmFeatures, VideoFeatures) loads too."""
+    if all(k.startswith("model.") for k in state_dict):  # the wrapper's keys: "model." + the library's
+        state_dict = {k[len("model."):]: v for k, v in state_dict.items()}
+    trunk = {k: v for k, v in state_dict.items() if not k.startswith(tuple(c + "." for c in classifiers))}
+    _load(model, trunk, source, what)
 
 
 def _load(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, what: str) -> None:
