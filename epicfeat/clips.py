@@ -12,11 +12,12 @@ A clip's times and augmentation come from seeds derived from (seed, epoch, segme
 """
 from __future__ import annotations
 
+
 import functools
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,7 @@ def load_clip_data(config: FinetuneConfig, card: ModelCard, store, preprocess: P
             tuple(annotations.nouns.keys) != tuple(card.noun_classes):
         raise ClipError(f"the class tables in {config.annotations} differ from those {config.checkpoint} was "
                         "trained with; use the annotations of the stage-two run")
-    decodes = {"train": Preprocess(resize=preprocess.resize, crop=preprocess.resize, mean=preprocess.mean,
-                                   std=preprocess.std), "validation": preprocess}
+    decodes = {"train": replace(preprocess, crop=preprocess.resize), "validation": preprocess}
     splits = {"train": config.train_splits}
     if config.train_splits == "train":
         splits["validation"] = "validation"

@@ -68,6 +68,9 @@ class ExtractConfig:
     std: tuple[float, float, float] | None = option(
         None, "Normalisation std per RGB channel; default: the backbone's pretrained one (ImageNet's).", cli=False
     )
+    interpolation: Literal["bilinear", "bicubic"] | None = option(
+        None, "Resize filter; default: the backbone's pretrained one (resnet50: bilinear).", cli=False
+    )
     precision: Precision = option(
         "auto", "Backbone compute precision; auto: bf16 on a GPU and on a CPU with native bf16 (AMX / AVX512-BF16), "
         "else fp32. Features are stored as float16 either way; the resolved value is part of the feature set."

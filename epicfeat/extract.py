@@ -48,6 +48,7 @@ from epicfeat.frames import (
     DecodePool,
     DecodeSettings,
     FramesDecoded,
+    INTERPOLATIONS,
     Preprocess,
     VideoEnded,
     VideoJob,
@@ -137,7 +138,8 @@ class _Start:
 def preprocess_of(config: ExtractConfig) -> Preprocess:
     """How ``config``'s frames become model input (its backbone's pretrained preprocessing unless overridden)."""
     config = resolved(config, torch.device("cpu"))  # the preprocessing does not depend on the device
-    return Preprocess(resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
+    return Preprocess(resize=config.resize, crop=config.crop, mean=config.mean, std=config.std,
+                      interpolation=config.interpolation)
 
 
 def decoder_version() -> str:
@@ -163,30 +165,32 @@ def resolve_fold_bn(fold_bn: bool | None, device: torch.device, backbone: str = 
 
 def resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
     """``config`` with everything left to the backbone or the device resolved, as the identity records it: the
-    backbone's canonical name, its pretrained preprocessing (crop, resize, mean, std), precision and fold_bn."""
+    backbone's canonical name, its pretrained preprocessing (crop, resize, mean, std, interpolation), precision and fold_bn."""
     backbone = canonical_backbone(config.backbone)
     data = pretrained_data_config(backbone)
     _check_decodable(backbone, data, config.weights)
     crop = config.crop or data["input_size"][-1]
+    # Random weights expect no filter in particular: one the decoder lacks falls back to bilinear.
+    interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bilinear"
     return dataclasses.replace(
         config, backbone=backbone, crop=crop, resize=config.resize or resize_for(data, crop),
         mean=tuple(config.mean or data["mean"]), std=tuple(config.std or data["std"]),
-        precision=resolve_precision(config.precision, device),
+        interpolation=config.interpolation or interpolation, precision=resolve_precision(config.precision, device),
         fold_bn=resolve_fold_bn(config.fold_bn, device, backbone),
     )
 
 
 def _check_decodable(backbone: str, data: dict, weights: str) -> None:
     """Refuse pretrained weights whose preprocessing the decode room cannot apply: it resizes the shorter side with
-    swscale's bilinear filter and cuts a centre crop (frames.Preprocess). Random weights expect nothing."""
+    one of swscale's filters (frames.INTERPOLATIONS) and cuts a centre crop. Random weights expect nothing."""
     if weights == "random":
         return
-    if data["interpolation"] != "bilinear" or data["crop_mode"] != "center":
+    if data["interpolation"] not in INTERPOLATIONS or data["crop_mode"] != "center":
         raise EpicfeatError(
             f"{backbone}'s pretrained preprocessing resizes with {data['interpolation']} interpolation and a "
-            f"{data['crop_mode']} crop; epicfeat's decoder resizes with bilinear interpolation and a centre crop only, "
-            "so its features would not be the ones the weights were trained for. Bicubic resizing in the decoder is "
-            "not built yet; --weights random runs the pipeline with this backbone meanwhile"
+            f"{data['crop_mode']} crop; epicfeat's decoder resizes with {' or '.join(INTERPOLATIONS)} interpolation "
+            "and a centre crop only, so its features would not be the ones the weights were trained for; "
+            "--weights random runs the pipeline with this backbone"
         )
 
 
@@ -206,7 +210,7 @@ def feature_set_identity(config: ExtractConfig, backbone: torch.nn.Module,
     config = resolved(config, device)
     return FeatureSetIdentity(
         weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=config.fps, resize=config.resize,
-        crop=config.crop, mean=config.mean, std=config.std, backbone=backbone.name,
+        crop=config.crop, mean=config.mean, std=config.std, interpolation=config.interpolation, backbone=backbone.name,
         feature_dim=backbone.num_features, precision=config.precision, decoder=decoder_version(),
         device=device_description(device), tf32=TF32, batch_size=config.batch_size,
         channels_last=config.channels_last, compile=config.compile, fold_bn=config.fold_bn,

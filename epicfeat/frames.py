@@ -37,8 +37,9 @@ from epicfeat.errors import EpicfeatError
 if TYPE_CHECKING:  # torch is never imported here: decode processes run without it
     import torch
 
-# swscale's bilinear filter; on downscaling it widens to cover every source pixel (no aliasing like nearest).
-_INTERPOLATION = "BILINEAR"
+# swscale's filters, named as timm's pretrained configurations name them; on downscaling each widens to cover every
+# source pixel (no aliasing, like the antialiased resizing of the weights' training recipes).
+INTERPOLATIONS = ("bilinear", "bicubic")
 # The ISO media boxes an MP4/MOV file starts with: such a file that cannot be opened is a damaged MP4.
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot")
 # A video whose last row is this far (s) short of its container's or annotations' end is reported, not cached.
@@ -61,6 +62,7 @@ class Preprocess:
     crop: int = 224  # then a centred square of this side is cut out
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB statistics, on the 0..1 scale
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"  # the resize filter (INTERPOLATIONS)
 
     def __post_init__(self):
         if self.resize < 1 or self.crop < 1 or self.crop > self.resize:
@@ -72,12 +74,16 @@ class Preprocess:
             raise EpicfeatError(
                 f"preprocessing mean={self.mean}, std={self.std}: need three values each (R, G, B) and std > 0"
             )
+        if self.interpolation not in INTERPOLATIONS:
+            raise EpicfeatError(f"preprocessing interpolation {self.interpolation!r}: the decoder resizes with one of "
+                                f"{', '.join(INTERPOLATIONS)}")
 
     @classmethod
     def from_identity(cls, feature_set: dict) -> Preprocess:
         """The preprocessing a feature set was extracted with (its identity dict), for finetune, predict, export."""
         return cls(resize=int(feature_set["resize"]), crop=int(feature_set["crop"]),
-                   mean=tuple(feature_set["mean"]), std=tuple(feature_set["std"]))
+                   mean=tuple(feature_set["mean"]), std=tuple(feature_set["std"]),
+                   interpolation=feature_set["interpolation"])
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after resizing the shorter side to ``resize``; the longer side is truncated like
@@ -114,7 +120,7 @@ class Preprocess:
             **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()},
             "resize_mode": "shorter_side",
             "crop_mode": "center",
-            "interpolation": f"swscale_{_INTERPOLATION.lower()}",
+            "interpolation": f"swscale_{self.interpolation}",
             "color": "rgb24",
         }
 
@@ -147,13 +153,14 @@ class Resizer:
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
+        self._filter = preprocess.interpolation.upper()  # PyAV's name of swscale's filter
         self._scale = VideoReformatter()
         self._to_rgb = VideoReformatter()
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         width, height = self.preprocess.resized_size(frame.width, frame.height)
         left, top = self.preprocess.crop_offsets(width, height)
-        small = self._scale.reformat(frame, width=width, height=height, interpolation=_INTERPOLATION, threads=1)
+        small = self._scale.reformat(frame, width=width, height=height, interpolation=self._filter, threads=1)
         plane = self._to_rgb.reformat(small, format="rgb24", threads=1).planes[0]
         # View the RGB plane in place (rows may be padded to line_size) instead of copying it with to_ndarray:
         # the caller copies just the crop.

@@ -97,6 +97,7 @@ class FeatureSetIdentity:
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # the resize filter (frames.INTERPOLATIONS), the backbone's pretrained recipe's
     backbone: str = "resnet50"
     dtype: str = "float16"  # stored dtype of features
     feature_dim: int = 2048

@@ -58,12 +58,27 @@ def test_timm_names_are_canonical_and_their_preprocessing_comes_from_the_pretrai
     assert pretrained_data_config(RESNET50)["interpolation"] == "bilinear"
 
 
-def test_pretrained_weights_needing_bicubic_resizing_are_refused_and_random_ones_run():
-    """The decoder resizes bilinearly only; resnet18.a1_in1k's weights were trained on bicubic resizing."""
-    with pytest.raises(Exception, match="bicubic interpolation.*bilinear interpolation and a centre crop only"):
-        resolved(ExtractConfig(backbone=RESNET18, weights="pretrained"), CPU)
-    resolved(ExtractConfig(backbone=RESNET18, weights="random"), CPU)
-    resolved(ExtractConfig(backbone="timm:resnet18.tv_in1k", weights="pretrained"), CPU)  # bilinear: fine
+def test_the_decoder_resizes_with_the_interpolation_the_pretrained_weights_were_trained_on():
+    """resnet18.a1_in1k's recipe resizes bicubically, tv_in1k's bilinearly: the identity records which."""
+    assert resolved(ExtractConfig(backbone=RESNET18, weights="pretrained"), CPU).interpolation == "bicubic"
+    assert resolved(ExtractConfig(backbone="timm:resnet18.tv_in1k", weights="pretrained"), CPU).interpolation == \
+        "bilinear"
+    assert resolved(ExtractConfig(weights="random"), CPU).interpolation == "bilinear"  # resnet50: the seed's
+
+
+def test_a_bicubic_feature_set_resizes_bicubically_everywhere(synthetic_dataset, tmp_path):
+    """extract records bicubic in the identity and the attrs; the encoder's preprocessing (predict, export,
+    finetune) reads it back; the rows are the model's on bicubically resized frames, not bilinear ones."""
+    store = _extract(synthetic_dataset, tmp_path, RESNET18, video_ids=("P01_01",), split="train")
+    assert store.identity.interpolation == "bicubic"
+    assert store.video_attrs("P01_01")["preprocess"]["interpolation"] == "swscale_bicubic"
+    preprocess = Preprocess.from_identity(store.identity.to_dict())
+    assert preprocess.interpolation == "bicubic"
+    bilinear = Preprocess(resize=preprocess.resize, crop=preprocess.crop)
+    path = synthetic_dataset.videos / "P01" / "P01_01.MP4"
+    bicubic_images = next(iter_frames(path, preprocess=preprocess, fps=10.0, batch_size=4)).images
+    bilinear_images = next(iter_frames(path, preprocess=bilinear, fps=10.0, batch_size=4)).images
+    assert not np.array_equal(bicubic_images, bilinear_images)
 
 
 # ---------------------------------------------------------------------------------- the features themselves

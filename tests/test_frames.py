@@ -344,6 +344,22 @@ def test_preprocess_identity_and_validation():
     assert identity["mean"] == [0.485, 0.456, 0.406] and identity["interpolation"] == "swscale_bilinear"
     with pytest.raises(Exception, match="crop <= resize"):
         Preprocess(resize=100, crop=112)
+    assert Preprocess(interpolation="bicubic").identity()["interpolation"] == "swscale_bicubic"
+    with pytest.raises(Exception, match="interpolation 'lanczos'.*bilinear, bicubic"):
+        Preprocess(interpolation="lanczos")
+
+
+def test_bicubic_resizing_is_swscale_s_bicubic_filter():
+    """The Resizer scales with the preprocessing's filter: bicubic equals swscale's BICUBIC and differs from the
+    bilinear result on a detailed frame."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+    bicubic = Resizer(Preprocess(resize=40, crop=40, interpolation="bicubic"))(frame)
+    bilinear = Resizer(Preprocess(resize=40, crop=40))(frame)
+    reference = frame.reformat(width=53, height=40, interpolation="BICUBIC").to_ndarray(format="rgb24")
+    assert np.array_equal(bicubic, reference[:, 6:46])  # (53 - 40) / 2 = 6.5 -> 6 (torchvision's rounding)
+    assert not np.array_equal(bicubic, bilinear)
 
 
 def _write_bframe_video(path: Path, *, audio: bool) -> None:

@@ -287,7 +287,8 @@ def test_key_is_readable_and_round_trips():
 def test_key_differs_for_any_field_change():
     base = identity()
     changed = {"weights": "imagenet1k_v2", "weights_sha": "fedcba9876543210", "fps": 5.0, "resize": 256,
-               "crop": 224, "mean": (0.5, 0.456, 0.406), "std": (0.229, 0.224, 0.2), "backbone": "resnet101",
+               "crop": 224, "mean": (0.5, 0.456, 0.406), "std": (0.229, 0.224, 0.2), "interpolation": "bicubic",
+               "backbone": "resnet101",
                "dtype": "float32", "feature_dim": 1024, "precision": "bf16",
                "decoder": "pyav-17.0.0-libavcodec-61.19.100", "device": "cuda-NVIDIA H200", "tf32": True,
                "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": False, "source": "frames-epic"}
