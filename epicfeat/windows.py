@@ -1,0 +1,80 @@
+"""Clip rows for video backbones: a video's frames, decoded once at the clip frame rate, cut into overlapping windows.
+
+Row k is centred at the first decoded frame at or after k / fps seconds (``frames.Sampling``, as image rows are)
+and holds ``clip_len`` consecutive frames, ``clip_len // 2`` of them before its centre; at a video's ends the first
+or last frame repeats. Rows carry the centre's pts and frame index, and the span (first and last frame times) they
+saw, so stage two samples them exactly as it samples image rows. No torch here: decoding's room.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from epicfeat.frames import FrameBatch, Sampling
+
+
+@dataclass
+class ClipBatch:
+    frame_indices: np.ndarray  # (n,) int64, the centre frame's position in presentation order
+    pts: np.ndarray  # (n,) float64, the centre frame's time (s)
+    span: np.ndarray  # (n, 2) float64, times (s) of the first and last frame of each clip
+    images: np.ndarray  # (n, clip_len, crop, crop, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+
+class ClipWindows:
+    """One video's clip rows, ``batch_size`` at a time: ``add`` each decoded batch, then ``end``. Only the frames
+    the rows not yet emitted need are kept (about batch_size / fps seconds of frames)."""
+
+    def __init__(self, clip_len: int, fps: float, batch_size: int):
+        self.clip_len, self.batch_size = clip_len, batch_size
+        self._before = clip_len // 2  # frames before the centre; clip_len - 1 - _before after it
+        self._sampling = Sampling(fps)
+        self._first = 0  # position (in the decoded stream) of _images[0]
+        self._images: list[np.ndarray] = []  # (crop, crop, 3) each
+        self._pts: list[float] = []
+        self._indices: list[int] = []
+        self._centres: list[int] = []  # stream positions of the rows not yet emitted
+
+    def add(self, batch: FrameBatch) -> list[ClipBatch]:
+        """Take a decoded batch; returns the full batches of rows whose clips are now whole."""
+        for image, pts, index in zip(batch.images, batch.pts, batch.frame_indices):
+            # The exact time back from the float (stream time bases have denominators far below a million).
+            if self._sampling.keep(Fraction(float(pts)).limit_denominator(1_000_000)):
+                self._centres.append(self._first + len(self._images))
+            self._images.append(image)
+            self._pts.append(float(pts))
+            self._indices.append(int(index))
+        last = self._first + len(self._images) - 1
+        whole = sum(1 for c in self._centres if c + self.clip_len - 1 - self._before <= last)
+        return self._emit(whole - whole % self.batch_size)
+
+    def end(self) -> list[ClipBatch]:
+        """The video ended: every row left, its clip padded with the last frame."""
+        return self._emit(len(self._centres))
+
+    def _emit(self, rows: int) -> list[ClipBatch]:
+        batches = []
+        last = self._first + len(self._images) - 1
+        for start in range(0, rows, self.batch_size):
+            centres = np.array(self._centres[start : start + self.batch_size])  # (n,)
+            offsets = np.arange(self.clip_len) - self._before  # (clip_len,)
+            positions = np.clip(centres[:, None] + offsets, 0, last) - self._first  # (n, clip_len) into _images
+            middle = centres - self._first
+            pts = np.array(self._pts)
+            batches.append(ClipBatch(
+                frame_indices=np.array(self._indices)[middle], pts=pts[middle],
+                span=np.stack([pts[positions[:, 0]], pts[positions[:, -1]]], axis=1),  # (n, 2)
+                images=np.stack([np.stack([self._images[p] for p in clip]) for clip in positions]),
+            ))
+        del self._centres[:rows]
+        # Keep the frames from the first one a pending or future row needs.
+        keep_from = (self._centres[0] if self._centres else last + 1) - self._before
+        drop = max(0, keep_from - self._first)
+        del self._images[:drop], self._pts[:drop], self._indices[:drop]
+        self._first += drop
+        return batches
