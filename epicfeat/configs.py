@@ -48,8 +48,9 @@ class ExtractConfig:
     # what defines the feature set (all of it goes into the feature set's identity)
     backbone: str = option(
         "resnet50", "resnet50 (torchvision's ResNet50, 2048-d) | timm:<model name> (any timm image model, e.g. "
-        "timm:vit_small_patch14_dinov2.lvd142m or timm:convnext_tiny; its pooled pre-logits). The preprocessing "
-        "defaults come from the model's pretrained configuration."
+        "timm:vit_small_patch14_dinov2.lvd142m or timm:convnext_tiny; its pooled pre-logits) | torchvision:<video "
+        "model> (Kinetics-400 r2plus1d_18, mvit_v2_s, swin3d_t, s3d, ...: a row is the clip the weights were evaluated "
+        "on, centred at the row's time). The preprocessing defaults come from the model's pretrained configuration."
     )
     weights: str = option(
         "pretrained", "pretrained (the backbone's default pretrained weights, through torch hub's or the Hugging "

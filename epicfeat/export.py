@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from epicfeat.configs import ExportConfig
-from epicfeat.encoder import FrameEncoder, create_encoder
+from epicfeat.encoder import FrameEncoder, create_encoder, refuse_video_backbone
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 from epicfeat.frames import Preprocess
@@ -129,6 +129,7 @@ class _Models:
 def build_models(config: ExportConfig) -> _Models:
     """The checkpoint's head and encoder (matching its feature set) and seeded check inputs."""
     checkpoint = load_checkpoint(config.checkpoint)
+    refuse_video_backbone(checkpoint.feature_set, "export")
     window = checkpoint.sequence_length  # rows per window, context included
     preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()

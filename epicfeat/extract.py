@@ -36,7 +36,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from epicfeat import __version__
-from epicfeat.backbone import RESNET50, canonical_backbone, create_backbone, pretrained_data_config, resize_for
+from epicfeat.backbone import (RESNET50, canonical_backbone, create_backbone, is_video, pretrained_data_config,
+                               resize_for)
 from epicfeat.claims import Claim, ClaimQueue
 from epicfeat.configs import ExtractConfig
 from epicfeat.data.annotations import EpicAnnotations
@@ -47,6 +48,7 @@ from epicfeat.errors import EpicfeatError
 from epicfeat.frames import (
     DecodePool,
     DecodeSettings,
+    FrameBatch,
     FramesDecoded,
     INTERPOLATIONS,
     Preprocess,
@@ -60,6 +62,7 @@ from epicfeat.frames import (
 from epicfeat.recipes import save_config
 from epicfeat.store import ClaimLostError, CompletedElsewhereError, FeatureSetIdentity, FeatureStore, VideoWriter
 from epicfeat.store import folder_bytes
+from epicfeat.windows import ClipBatch, ClipWindows
 
 try:  # only --scheduler needs dask; machines without it (the GPU check's) run extract all the same
     import dask
@@ -169,6 +172,10 @@ def resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
     backbone = canonical_backbone(config.backbone)
     data = pretrained_data_config(backbone)
     _check_decodable(backbone, data, config.weights)
+    if "clip_len" in data and (config.fps is None or config.fps > data["clip_fps"]):
+        raise EpicfeatError(f"--fps {config.fps}: {backbone}'s rows are clips of {data['clip_len']} frames at "
+                            f"{data['clip_fps']:g} fps, so rows come at most {data['clip_fps']:g} per second; give "
+                            f"--fps {data['clip_fps']:g} or less")
     crop = config.crop or data["input_size"][-1]
     # Random weights expect no filter in particular: one the decoder lacks falls back to bilinear.
     interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bilinear"
@@ -177,7 +184,14 @@ def resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
         mean=tuple(config.mean or data["mean"]), std=tuple(config.std or data["std"]),
         interpolation=config.interpolation or interpolation, precision=resolve_precision(config.precision, device),
         fold_bn=resolve_fold_bn(config.fold_bn, device, backbone),
+        channels_last=config.channels_last and not is_video(backbone),  # clips are 5-d: no channels_last layout
     )
+
+
+def clip_of(config: ExtractConfig) -> tuple[int, float | None]:
+    """(frames per row, their rate): a video backbone's clip (its pretrained clip_len, clip_fps), else (1, None)."""
+    data = pretrained_data_config(canonical_backbone(config.backbone))
+    return data.get("clip_len", 1), data.get("clip_fps")
 
 
 def _check_decodable(backbone: str, data: dict, weights: str) -> None:
@@ -208,6 +222,7 @@ def feature_set_identity(config: ExtractConfig, backbone: torch.nn.Module,
     """
     device = device if device is not None else torch.device("cpu")
     config = resolved(config, device)
+    clip_len, clip_fps = clip_of(config)
     return FeatureSetIdentity(
         weights=backbone.weights_name, weights_sha=backbone.weights_sha, fps=config.fps, resize=config.resize,
         crop=config.crop, mean=config.mean, std=config.std, interpolation=config.interpolation, backbone=backbone.name,
@@ -216,6 +231,7 @@ def feature_set_identity(config: ExtractConfig, backbone: torch.nn.Module,
         channels_last=config.channels_last, compile=config.compile, fold_bn=config.fold_bn,
         # select_videos resolves --source auto; a config never looked up (benchmarks, predict's) reads video files
         source=source_identity("video" if config.source == "auto" else config.source, config.frames_fps),
+        clip_len=clip_len, clip_fps=clip_fps,
     )
 
 
@@ -253,7 +269,9 @@ def decode_workers_for(requested: int, n_jobs: int) -> int:
 def decode_settings(config: ExtractConfig, workers: int) -> DecodeSettings:
     """How ``workers`` decode processes (0: this process) decode: codec threads shared out among them."""
     threads = codec_threads(workers, config.decode_threads) if workers else config.decode_threads
-    return DecodeSettings(config.fps, preprocess_of(config), config.batch_size, threads)
+    clip_len, clip_fps = clip_of(config)
+    fps = config.fps if clip_len == 1 else clip_fps  # a video backbone's frames: every one its clips hold
+    return DecodeSettings(fps, preprocess_of(config), config.batch_size, threads)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -331,6 +349,8 @@ class Pipeline:
         self.claims: dict[str, Claim] = {}  # held: claimed and not yet committed or failed
         self.results: list[VideoResult] = []
         self._writers: dict[str, tuple[VideoWriter, VideoMeta]] = {}
+        self._clip_len = clip_of(config)[0]
+        self._windows: dict[str, ClipWindows] = {}  # a video backbone's clip rows being gathered, per video
         self._decided: set[str] = set()  # committed, failed or given up: later events of the video are ignored
         self._stop = threading.Event()
         self._claim_error: BaseException | None = None
@@ -387,15 +407,24 @@ class Pipeline:
             writer = self.store.writer(event.video_id, attrs=self._attrs(event.meta),
                                        claim=self.claims[event.video_id])
             self._writers[event.video_id] = (writer, event.meta)
+            if self._clip_len > 1:
+                self._windows[event.video_id] = ClipWindows(self._clip_len, self.config.fps, self.config.batch_size)
 
     def _frames(self, event: FramesDecoded) -> None:
         if event.video_id not in self._writers:  # failed meanwhile
             return
-        images = torch.from_numpy(event.batch.images).permute(0, 3, 1, 2)  # (n, H, W, 3) -> (n, 3, H, W)
+        windows = self._windows.get(event.video_id)
+        for batch in [event.batch] if windows is None else windows.add(event.batch):
+            self._write(event.video_id, batch)
+
+    def _write(self, video_id: str, batch: FrameBatch | ClipBatch) -> None:
+        if video_id not in self._writers:  # failed meanwhile
+            return
+        images = torch.from_numpy(batch.images).movedim(-1, -3)  # (n, [clip,] H, W, 3) -> (n, [clip,] 3, H, W)
         features = self.encoder.encode(images, pad_to=self.config.batch_size).cpu().numpy()  # (n, D) float16
-        with self._per_video(event.video_id):
-            self._writers[event.video_id][0].append(features, event.batch.pts, event.batch.frame_indices)
-        self.progress.rows(event.video_id, len(event.batch), float(event.batch.pts[-1]))
+        with self._per_video(video_id):
+            self._writers[video_id][0].append(features, batch.pts, batch.frame_indices, batch.span)
+        self.progress.rows(video_id, len(batch), float(batch.pts[-1]))
 
     def _ended(self, event: VideoEnded) -> None:
         video_id = event.video_id
@@ -403,6 +432,11 @@ class Pipeline:
             return
         if event.error:
             self._fail(video_id, event.error)
+            return
+        windows = self._windows.pop(video_id, None)
+        for batch in windows.end() if windows is not None else []:  # the rows whose clips reach the video's end
+            self._write(video_id, batch)
+        if video_id in self._decided:
             return
         writer, meta = self._writers[video_id]
         with self._per_video(video_id):
@@ -434,6 +468,7 @@ class Pipeline:
 
     def _drop_writer(self, video_id: str) -> None:
         """Close the video's open writer, if any: its partial folder stays until the video's next writer removes it."""
+        self._windows.pop(video_id, None)
         writer = self._writers.pop(video_id, None)
         if writer is not None:
             writer[0].close()

@@ -145,6 +145,11 @@ class FrameBatch:
     def __len__(self) -> int:
         return len(self.pts)
 
+    @property
+    def span(self) -> np.ndarray:
+        """(n, 2) seconds: the first and last frame each row saw, for an image row its own frame."""
+        return np.stack([self.pts, self.pts], axis=1)
+
 
 # ------------------------------------------------------------------------------------------------ preprocessing
 class Resizer:

@@ -31,7 +31,7 @@ from av.video.reformatter import VideoReformatter
 
 from epicfeat.configs import PredictConfig
 from epicfeat.devices import PRECISION_DTYPES, resolve_device
-from epicfeat.encoder import FrameEncoder, create_encoder
+from epicfeat.encoder import FrameEncoder, create_encoder, refuse_video_backbone
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_frames
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
@@ -623,6 +623,7 @@ def create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.d
                   pad_to: int | None) -> Models:
     """The encoder of the checkpoint's feature set (in the run's precision, layout and compilation) and the head."""
     feature_set = checkpoint.feature_set
+    refuse_video_backbone(feature_set, "predict")
     settings = {**feature_set, "precision": config.precision or feature_set["precision"],
                 "channels_last": config.channels_last, "compile": config.compile}
     encoder = create_encoder(settings, device, weights=checkpoint_weights(checkpoint, config.weights),

@@ -12,6 +12,8 @@ that changes the numbers: backbone, weights, preprocessing, precision, run setti
                 features  (rows, dim)     float16, chunks of ~1 MiB along time          rows, provenance,
                 pts       (rows,)         float64 seconds, from the stream               checksums, complete
                 frame_index (rows,)       int64, 0-based position in presentation order
+                span      (rows, 2)       float64 seconds: the first and last frame a row saw (a video
+                                          backbone's clip; an image row's span is its pts twice)
         .partial/P01_02.<host>-<pid>-<random>/        a video being written (or left by a crash)
         .trash/                           old copies moved aside by an overwrite, deleted right after
 
@@ -113,6 +115,9 @@ class FeatureSetIdentity:
     # What was read, and its time base: "video" (video files, times from their pts), "frames-epic" (the official
     # JPEG frames, 60 / 50 fps by id), "frames-30fps" (--frames-fps 30). Other pixels: another feature set.
     source: str = "video"
+    # A video backbone's rows are clips of clip_len frames at clip_fps (image backbones: 1 frame, None)
+    clip_len: int = 1
+    clip_fps: float | None = None
 
     def __post_init__(self):
         # Normalise so that identities read back from JSON compare (and hash) equal to the ones built in code.
@@ -123,6 +128,8 @@ class FeatureSetIdentity:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "feature_dim", int(self.feature_dim))
         object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "clip_len", int(self.clip_len))
+        object.__setattr__(self, "clip_fps", None if self.clip_fps is None else float(self.clip_fps))
         try:
             is_float = np.dtype(self.dtype).kind == "f"
         except TypeError:
@@ -168,6 +175,7 @@ class VideoFeatures:
     features: zarr.Array  # (rows, feature_dim) float16, chunked along time
     pts: np.ndarray  # (rows,) float64 seconds, strictly increasing
     frame_indices: np.ndarray  # (rows,) int64, 0-based source frame positions
+    span: zarr.Array  # (rows, 2) float64 seconds: first and last frame each row saw
     attrs: dict = field(default_factory=dict)  # source_fps, duration, source_path, width, height, provenance, ...
 
     @property
@@ -304,10 +312,11 @@ class FeatureStore:
             features = group["features"]
             pts = np.asarray(group["pts"][:], dtype=np.float64)
             frame_indices = np.asarray(group["frame_index"][:], dtype=np.int64)
+            span = group["span"]
         except (KeyError, FileNotFoundError, ValueError) as err:
             raise StoreError(f"video {video_id} in feature set {self.path} is damaged ({err!r}); run "
                              "`epicfeat cache verify` and re-extract it.") from None
-        return VideoFeatures(video_id, features, pts, frame_indices, dict(group.attrs))
+        return VideoFeatures(video_id, features, pts, frame_indices, span, dict(group.attrs))
 
     # ------------------------------------------------------------------------------------------- failures
     def record_failure(self, video_id: str, reason: str, *, path: str | os.PathLike | None = None,
@@ -392,12 +401,12 @@ class FeatureStore:
         if sha is not None and sha != self.identity.weights_sha:
             problems.append(f"written with weights {sha}, but the feature set is {self.identity.weights_sha}")
         arrays = {}
-        for name in ("features", "pts", "frame_index"):
+        for name in ("features", "pts", "frame_index", "span"):
             try:
                 arrays[name] = group[name]
             except Exception:  # KeyError, or damaged array metadata
                 problems.append(f"array '{name}' is missing or its metadata is unreadable")
-        if len(arrays) < 3:
+        if len(arrays) < 4:
             return problems
         features, pts_array, frames_array = arrays["features"], arrays["pts"], arrays["frame_index"]
         dim = self.identity.feature_dim
@@ -407,7 +416,7 @@ class FeatureStore:
             problems.append(f"features are {features.dtype}, expected {self.identity.dtype}")
         rows = features.shape[0]
         counts = {"features": rows, "pts": pts_array.shape[0], "frame_index": frames_array.shape[0],
-                  "attribute rows": attrs.get("rows", rows)}
+                  "span": arrays["span"].shape[0], "attribute rows": attrs.get("rows", rows)}
         if len(set(counts.values())) > 1:
             problems.append("row counts disagree: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                             + " (truncated array?)")
@@ -416,20 +425,21 @@ class FeatureStore:
                 problems.append(f"{name}: {array.nchunks - array.nchunks_initialized} of {array.nchunks} chunks "
                                 "missing on disk")
         checksums = attrs.get("checksums") or {}
-        problems += self._verify_index(pts_array, frames_array, checksums)
+        problems += self._verify_index(pts_array, frames_array, arrays["span"], checksums)
         problems += self._verify_features(features, checksums)
         problems += _verify_row_count(rows, attrs, self.identity.fps)
         return problems
 
     @staticmethod
-    def _verify_index(pts_array, frames_array, checksums: dict) -> list[str]:
+    def _verify_index(pts_array, frames_array, span_array, checksums: dict) -> list[str]:
         problems = []
         try:
             pts = np.asarray(pts_array[:], dtype=np.float64)
             frames = np.asarray(frames_array[:], dtype=np.int64)
+            span = np.asarray(span_array[:], dtype=np.float64)
         except Exception as err:  # a truncated or garbled chunk fails to decode
-            return [f"pts / frame_index chunks cannot be read ({type(err).__name__}: {err})"]
-        for name, values in (("pts", pts), ("frame_index", frames)):
+            return [f"pts / frame_index / span chunks cannot be read ({type(err).__name__}: {err})"]
+        for name, values in (("pts", pts), ("frame_index", frames), ("span", span)):
             expected = checksums.get(name)
             if expected and hashlib.sha256(values.tobytes()).hexdigest() != expected:
                 problems.append(f"{name} do not match the checksum stored at commit (silent corruption)")
@@ -439,6 +449,8 @@ class FeatureStore:
             problems.append(f"pts are not strictly increasing at row {int(np.flatnonzero(np.diff(pts) <= 0)[0]) + 1}")
         if len(frames) and (frames.min() < 0 or np.any(np.diff(frames) <= 0)):
             problems.append("frame_index is not a strictly increasing run of frame positions >= 0")
+        if len(span) == len(pts) and not np.all((span[:, 0] <= pts) & (pts <= span[:, 1])):
+            problems.append("span does not hold its row's pts (first frame <= pts <= last frame)")
         return problems
 
     @staticmethod
@@ -511,12 +523,12 @@ class VideoWriter:
         self._dtype = np.dtype(store.identity.dtype)
         self._dim = store.identity.feature_dim
         self.chunk_rows = feature_chunk_rows(self._dim, self._dtype)
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
         self._written = 0
         # Checksums of what was computed, taken before Zarr encodes it: verify recomputes them from what it reads.
         self._chunk_sums: list[str] = []  # sha256 of each chunk of features
-        self._pts_sum, self._frames_sum = hashlib.sha256(), hashlib.sha256()
+        self._pts_sum, self._frames_sum, self._span_sum = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
 
         self.folder = store.path / _PARTIAL / f"{self.video_id}.{unique_token()}"
         group = zarr.open_group(self.folder, mode="w-", zarr_format=3)
@@ -528,6 +540,8 @@ class VideoWriter:
                                        fill_value=np.nan, dimension_names=("row",))
         self._frames = group.create_array("frame_index", shape=(0,), chunks=(INDEX_CHUNK_ROWS,), dtype="int64",
                                           fill_value=-1, dimension_names=("row",))
+        self._span = group.create_array("span", shape=(0, 2), chunks=(INDEX_CHUNK_ROWS // 2, 2), dtype="float64",
+                                        fill_value=np.nan, dimension_names=("row", "end"))
         self._group = group
 
     def __enter__(self) -> "VideoWriter":
@@ -536,18 +550,21 @@ class VideoWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
 
-    def append(self, features, pts, frame_indices) -> None:
-        """Add rows: features (n, feature_dim), pts (n,) seconds, frame_indices (n,)."""
+    def append(self, features, pts, frame_indices, span=None) -> None:
+        """Add rows: features (n, feature_dim), pts (n,) seconds, frame_indices (n,), span (n, 2) seconds (None:
+        each row saw the one frame at its pts)."""
         if self._closed:
             raise StoreError(f"writer for video {self.video_id} is closed (committed or abandoned); open a new one")
         features = np.array(features, dtype=self._dtype, copy=True)  # own copy: callers may reuse their buffers
         pts = np.array(pts, dtype=np.float64, copy=True).reshape(-1)
         frame_indices = np.array(frame_indices, dtype=np.int64, copy=True).reshape(-1)
-        shape_ok = features.ndim == 2 and features.shape[1] == self._dim
+        span = np.stack([pts, pts], axis=1) if span is None else np.array(span, dtype=np.float64, copy=True)
+        shape_ok = features.ndim == 2 and features.shape[1] == self._dim and span.shape == (len(pts), 2)
         if not shape_ok or not len(features) == len(pts) == len(frame_indices):
             raise StoreError(f"video {self.video_id}: append needs features (n, {self._dim}), pts (n,), "
-                             f"frame_indices (n,); got {features.shape}, {pts.shape}, {frame_indices.shape}")
-        self._pending.append((features, pts, frame_indices))
+                             f"frame_indices (n,), span (n, 2); got {features.shape}, {pts.shape}, "
+                             f"{frame_indices.shape}, {span.shape}")
+        self._pending.append((features, pts, frame_indices, span))
         self._pending_rows += len(pts)
         self.rows += len(pts)
         if self._pending_rows >= FLUSH_CHUNKS * self.chunk_rows:
@@ -567,7 +584,7 @@ class VideoWriter:
             "rows": self.rows,
             "checksums": {"algorithm": "sha256", "features_chunk_rows": self.chunk_rows,
                           "features": self._chunk_sums, "pts": self._pts_sum.hexdigest(),
-                          "frame_index": self._frames_sum.hexdigest()},
+                          "frame_index": self._frames_sum.hexdigest(), "span": self._span_sum.hexdigest()},
             "provenance": {"backbone": identity.backbone, "weights": identity.weights,
                            "weights_sha": identity.weights_sha, "precision": identity.precision,
                            "preprocessing": {"fps": identity.fps, "resize": identity.resize, "crop": identity.crop,
@@ -604,7 +621,7 @@ class VideoWriter:
 
     def _check_chunks_on_disk(self) -> None:
         """Refuse to publish a folder that lost chunks (removed under us, e.g. by a writer that took our claim)."""
-        for array in (self._features, self._pts, self._frames):
+        for array in (self._features, self._pts, self._frames, self._span):
             if array.nchunks_initialized < array.nchunks:
                 self.close()
                 raise ClaimLostError(f"video {self.video_id}: {array.nchunks - array.nchunks_initialized} of "
@@ -626,23 +643,27 @@ class VideoWriter:
         features = np.concatenate([p[0] for p in self._pending])  # (P, feature_dim)
         pts = np.concatenate([p[1] for p in self._pending])  # (P,)
         frames = np.concatenate([p[2] for p in self._pending])  # (P,)
+        span = np.concatenate([p[3] for p in self._pending])  # (P, 2)
         # Write whole chunks only (the rest waits), so no chunk is ever read back and rewritten.
         n = len(pts) if final else (len(pts) // self.chunk_rows) * self.chunk_rows
         start, stop = self._written, self._written + n
         self._features.resize((stop, self._dim))
         self._pts.resize((stop,))
         self._frames.resize((stop,))
+        self._span.resize((stop, 2))
         self._features[start:stop] = features[:n]
         self._pts[start:stop] = pts[:n]
         self._frames[start:stop] = frames[:n]
+        self._span[start:stop] = span[:n]
         for chunk in range(0, n, self.chunk_rows):  # start is a multiple of the chunk size: blocks = chunks
             block = np.ascontiguousarray(features[chunk : chunk + self.chunk_rows])  # (<=chunk_rows, dim)
             self._chunk_sums.append(hashlib.sha256(block.tobytes()).hexdigest())
         self._pts_sum.update(np.ascontiguousarray(pts[:n]).tobytes())
         self._frames_sum.update(np.ascontiguousarray(frames[:n]).tobytes())
+        self._span_sum.update(np.ascontiguousarray(span[:n]).tobytes())
         self._written = stop
         rest = len(pts) - n
-        self._pending = [(features[n:], pts[n:], frames[n:])] if rest else []
+        self._pending = [(features[n:], pts[n:], frames[n:], span[n:])] if rest else []
         self._pending_rows = rest
 
 

@@ -301,3 +301,75 @@ def test_offline_pretrained_weights_say_which_file_to_fetch_and_where(tmp_path):
     assert "hf download timm/resnet18.tv_in1k model.safetensors" in message
     assert str(tmp_path / "hf" / "hub" / "models--timm--resnet18.tv_in1k") in message
     assert "https://huggingface.co/timm/resnet18.tv_in1k/resolve/main/model.safetensors" in message
+
+
+# ------------------------------------------------------------------------------------------ video backbones
+R2PLUS1D = "torchvision:r2plus1d_18"
+
+
+def test_video_backbone_rows_are_clips_centred_at_10_fps_each_the_model_on_its_16_frames(synthetic_dataset,
+                                                                                        tmp_path):
+    """torchvision:r2plus1d_18: rows at --fps 10, each the pooled 512-d features of 16 frames at 15 fps centred at
+    the row's pts; the span each row saw is stored, a second for whole clips; the video decoded at 15 fps once."""
+    store = _extract(synthetic_dataset, tmp_path, R2PLUS1D, video_ids=("P01_01",), split="train", batch_size=4)
+    identity = store.identity
+    assert (identity.backbone, identity.feature_dim, identity.clip_len, identity.clip_fps) == (R2PLUS1D, 512, 16, 15.0)
+    assert (identity.crop, identity.resize, identity.channels_last) == (32, 36, False)  # 36 = floor(32 / (112/128))
+    video = store.read("P01_01")
+    preprocess = Preprocess.from_identity(identity.to_dict())
+    path = next(synthetic_dataset.videos.rglob("P01_01.*"))
+    frames = [b for b in iter_frames(path, fps=15.0, preprocess=preprocess, batch_size=999)]
+    images, pts = np.concatenate([b.images for b in frames]), np.concatenate([b.pts for b in frames])
+    image_rows = np.concatenate([b.pts for b in iter_frames(path, fps=10.0, preprocess=preprocess, batch_size=999)])
+    assert video.rows == len(image_rows)  # one row per 0.1 s, as image backbones give
+    np.testing.assert_allclose(video.pts, image_rows, atol=1 / 15)  # each centred at the clip frame nearest its time
+    span = np.asarray(video.span[:])
+    assert np.all((span[:, 0] <= video.pts) & (video.pts <= span[:, 1]))
+    interior = (span[:, 0] > 0) & (span[:, 1] < pts[-1])
+    np.testing.assert_allclose(span[interior, 1] - span[interior, 0], 15 / 15, rtol=2e-3)  # 16 frames at ~15 fps
+    # Row 10 (interior): the model on the 16 decoded frames of its span, in a padded batch as extract runs it.
+    first = int(np.searchsorted(pts, span[10, 0]))
+    assert interior[10] and pts[first + 8] == video.pts[10] and pts[first + 15] == span[10, 1]  # 8 before, 7 after
+    clip = torch.from_numpy(images[first:first + 16]).permute(0, 3, 1, 2).float()  # (16, 3, crop, crop)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (identity.mean, identity.std))
+    clips = torch.zeros((4, 16, 3, 32, 32))
+    clips[0] = (clip - mean) * (1.0 / std)
+    model = create_backbone("random", backbone=R2PLUS1D, seed=0)
+    with torch.inference_mode():
+        direct = model(clips)[0].numpy().astype(np.float16)  # (512,)
+    np.testing.assert_allclose(np.asarray(video.features[10]).astype(np.float32), direct.astype(np.float32),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_a_video_backbone_is_refused_where_rows_would_repeat_and_by_finetune(synthetic_dataset, tmp_path):
+    with pytest.raises(Exception, match=r"--fps 30.0: torchvision:r2plus1d_18's rows are clips of 16 frames at 15 fps"):
+        resolved(ExtractConfig(backbone=R2PLUS1D, weights="random", fps=30.0), CPU)
+    with pytest.raises(Exception, match="--fps 15 or less"):
+        resolved(ExtractConfig(backbone=R2PLUS1D, weights="random", fps=None), CPU)
+
+
+def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_the_commands_that_refuse_it(
+        synthetic_dataset, tmp_path):
+    """`extract --backbone torchvision:r2plus1d_18` caches 512-d clip rows that train-temporal and evaluate use as
+    any rows; predict, export and finetune (frame by frame, image backbones) refuse it in one line."""
+    data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
+    extracted = epicfeat("extract", "--backbone", R2PLUS1D, "--weights", "random", "--split", "all", "--videos",
+                         synthetic_dataset.videos, *data, "--crop", 32, "--fps", 10, "--precision", "fp32",
+                         "--batch-size", 8, "--decode-workers", 1, "--device", "cpu", "--no-progress")
+    assert extracted.returncode == 0, extracted.stderr
+    trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 4, "--hidden", 8, "--epochs",
+                       1, "--batch-size", 8, "--micro-batch-size", 8, "--device", "cpu", "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = tmp_path / "run" / "best.pt"
+    assert torch.load(checkpoint, weights_only=False)["model_args"]["input_dim"] == 512
+    evaluated = epicfeat("evaluate", *data, "--checkpoint", checkpoint, "--out", tmp_path / "eval", "--device", "cpu",
+                         "--no-progress")
+    assert evaluated.returncode == 0, evaluated.stderr
+    video = next(synthetic_dataset.videos.rglob("P01_01.*"))
+    for command in (["predict", video, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress"],
+                    ["export", "--checkpoint", checkpoint, "--format", "torchscript", "--out", tmp_path / "ts"],
+                    ["finetune", *data, "--checkpoint", checkpoint, "--videos", synthetic_dataset.videos, "--out",
+                     tmp_path / "ft", "--device", "cpu", "--no-progress"]):
+        refused = epicfeat(*command)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert R2PLUS1D in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr

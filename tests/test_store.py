@@ -291,7 +291,8 @@ def test_key_differs_for_any_field_change():
                "backbone": "resnet101",
                "dtype": "float32", "feature_dim": 1024, "precision": "bf16",
                "decoder": "pyav-17.0.0-libavcodec-61.19.100", "device": "cuda-NVIDIA H200", "tf32": True,
-               "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": False, "source": "frames-epic"}
+               "batch_size": 256, "channels_last": False, "compile": True, "fold_bn": False, "source": "frames-epic",
+               "clip_len": 16, "clip_fps": 15.0}
     assert set(changed) == {f.name for f in dataclasses.fields(FeatureSetIdentity)}  # every field is covered
     keys = {base.key()}
     for name, value in changed.items():
@@ -366,7 +367,8 @@ def test_verify_catches_truncated_and_missing_data(store):
     group["pts"][10] = 0.0
     problems = store.verify()
     assert problems == [
-        "P04_01: row counts disagree: features 500, pts 600, frame_index 600, attribute rows 600 (truncated array?)",
+        "P04_01: row counts disagree: features 500, pts 600, frame_index 600, span 600, attribute rows 600 "
+        "(truncated array?)",
         "P04_01: features: 1 chunk(s) do not match the checksum stored at commit (chunks 1); re-extract the video",
         "P04_01: features: 3 chunk checksums stored for 500 rows",
         "P04_01: 500 rows, but 60.00 s at 10 rows/s makes about 600",
@@ -375,6 +377,7 @@ def test_verify_catches_truncated_and_missing_data(store):
         "P04_02: features hold NaN/inf in 256 rows (first: row 256)",
         "P04_03: pts do not match the checksum stored at commit (silent corruption)",
         "P04_03: pts are not strictly increasing at row 10",
+        "P04_03: span does not hold its row's pts (first frame <= pts <= last frame)",
         "P04_04: attributes missing: source_path, duration, width, height",
     ]
 
