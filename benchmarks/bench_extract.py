@@ -3,6 +3,7 @@
     python benchmarks/bench_extract.py                  # CPU sections 1-5 (about 6 minutes on 2 cores; --quick: 3)
     python benchmarks/bench_extract.py --vs-straight    # the extract CLI vs a straight PyAV -> ResNet50 loop
     ... --vs-straight --backbones resnet50,timm:resnet18,timm:vit_tiny_patch16_224   # the same, per backbone
+    ... --vs-straight --backbones torchvision:r2plus1d_18 --many 1   # a video backbone (clips of 16 frames)
     python benchmarks/bench_extract.py --gpu            # the GPU section (about 80 s on a 16-core H200 host)
     python benchmarks/bench_extract.py --gpu --gpu-device cpu   # its dry run on a CPU, tiny sizes
     ... --out FILE.json                                 # every number as JSON as well
@@ -368,19 +369,36 @@ import sys, numpy as np, torch
 from pathlib import Path
 from epicfeat.backbone import create_backbone
 from epicfeat.configs import ExtractConfig
-from epicfeat.extract import preprocess_of
+from epicfeat.extract import clip_of, preprocess_of
 from epicfeat.frames import iter_frames
 backbone, precision, paths = sys.argv[1], sys.argv[2], sys.argv[3:]
-preprocess = preprocess_of(ExtractConfig(backbone=backbone, weights="random"))  # the backbone's pretrained one
-model = create_backbone("random", backbone=backbone).eval().to(memory_format=torch.channels_last)
-mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255
-std = torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255
+config = ExtractConfig(backbone=backbone, weights="random")
+preprocess = preprocess_of(config)  # the backbone's pretrained one
+clip_len, clip_fps = clip_of(config)
+model = create_backbone("random", backbone=backbone).eval()
+layout = torch.channels_last if clip_len == 1 else torch.contiguous_format
+model = model.to(memory_format=layout)
+mean = torch.tensor(preprocess.mean).view(3, 1, 1) * 255
+std = torch.tensor(preprocess.std).view(3, 1, 1) * 255
 dtype = torch.bfloat16 if precision == "bf16" else None
+
+def run(images):  # (n, [clip_len,] crop, crop, 3) uint8
+    pixels = (torch.from_numpy(images).movedim(-1, -3).float() - mean) / std  # (n, [clip_len,] 3, crop, crop)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        return model(pixels.contiguous(memory_format=layout)).float().numpy().astype(np.float16)
+
 for path in paths:
-    for batch in iter_frames(Path(path), fps=10.0, preprocess=preprocess, batch_size=64):
-        pixels = (torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() - mean) / std  # (n, 3, crop, crop)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            features = model(pixels.contiguous(memory_format=torch.channels_last)).float().numpy().astype(np.float16)
+    if clip_len == 1:
+        for batch in iter_frames(Path(path), fps=10.0, preprocess=preprocess, batch_size=64):
+            run(batch.images)
+        continue
+    # A video backbone, straight: every frame at the clip rate in memory, then the clip around each 0.1 s.
+    batches = list(iter_frames(Path(path), fps=clip_fps, preprocess=preprocess, batch_size=64))
+    frames, pts = np.concatenate([b.images for b in batches]), np.concatenate([b.pts for b in batches])
+    centres = np.unique(np.searchsorted(pts, np.arange(0, pts[-1] + 1e-9, 0.1) - 1e-9))
+    for start in range(0, len(centres), 64):
+        c = centres[start:start + 64, None] + np.arange(clip_len) - clip_len // 2  # (n, clip_len)
+        run(frames[np.clip(c, 0, len(frames) - 1)])
 """
 
 

@@ -123,7 +123,9 @@ def build_encoder(backbone: nn.Module, feature_set: Mapping[str, Any], device: t
     if feature_set["fold_bn"] and not trainable:
         backbone = fold_batch_norms(backbone)  # one pass per activation map instead of two
     encoder = FrameEncoder(backbone, mean=feature_set["mean"], std=feature_set["std"],
-                           precision=feature_set["precision"], channels_last=feature_set["channels_last"])
+                           precision=feature_set["precision"],
+                           # a video backbone's clips are 5-d: channels_last is a layout of 4-d images
+                           channels_last=feature_set["channels_last"] and int(feature_set.get("clip_len", 1)) == 1)
     encoder = encoder.to(device).eval()
     if feature_set["compile"]:
         encoder.backbone = torch.compile(encoder.backbone)

@@ -31,7 +31,7 @@ from av.video.reformatter import VideoReformatter
 
 from epicfeat.configs import PredictConfig
 from epicfeat.devices import PRECISION_DTYPES, resolve_device
-from epicfeat.encoder import FrameEncoder, create_encoder, refuse_video_backbone
+from epicfeat.encoder import FrameEncoder, create_encoder
 from epicfeat.errors import EpicfeatError
 from epicfeat.frames import FrameBatch, Preprocess, Resizer, VideoError, iter_frames
 from epicfeat.metrics import ACTION_VERB_MULTIPLIER, action_scores
@@ -39,6 +39,7 @@ from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 from epicfeat.temporal.data import PTS_TOLERANCE, Context, sequence_offsets
 from epicfeat.temporal.precision import recorded_precision
+from epicfeat.windows import ClipBatch, ClipWindows
 
 TIMELINE_SUFFIXES = (".csv", ".jsonl")
 
@@ -205,7 +206,7 @@ class SegmentWindow:
 # ------------------------------------------------------------------------------------------------ sources
 @dataclass
 class SourceBatch:
-    frames: FrameBatch  # sampled, resized and cropped frames with their indices and times
+    frames: FrameBatch | ClipBatch  # sampled, resized and cropped frames (or clips) with their indices and times
     arrivals: np.ndarray  # (n,) perf_counter seconds when each frame was captured (live) or decoded (file)
     sources: list[np.ndarray] | None = None  # full-size RGB frames (H, W, 3), for the annotated video only
 
@@ -226,6 +227,16 @@ def _camera_device(source: str, camera_format: str | None) -> tuple[str, str] | 
     if camera_format:
         return source, camera_format
     return None
+
+
+def _clip_rows(batches: Iterator[SourceBatch], windows: ClipWindows) -> Iterator[SourceBatch]:
+    """A video backbone's rows, as extract makes them: the frames gathered into clips (``windows``). A row arrives
+    with the last frame of its clip."""
+    for batch in batches:
+        for clips in windows.add(batch.frames):
+            yield SourceBatch(clips, np.full(len(clips), batch.arrivals[-1]))
+    for clips in windows.end():
+        yield SourceBatch(clips, np.full(len(clips), time.perf_counter()))
 
 
 def _file_batches(path: str, fps: float | None, preprocess: Preprocess, batch_size: int, *,
@@ -536,6 +547,11 @@ def predict(config: PredictConfig) -> PredictResult:
     checkpoint = load_checkpoint(config.checkpoint)
     device = resolve_device(config.device)
     fps = _sampled_fps(config, checkpoint.feature_set)
+    clip_len = int(checkpoint.feature_set["clip_len"])
+    if clip_len > 1 and config.video_out is not None:
+        raise PredictError(f"--video-out: the annotated video is drawn for image backbones only; these features come "
+                           f"from the video backbone {checkpoint.feature_set['backbone']}: write --timeline instead")
+    decode_fps = fps if clip_len == 1 else float(checkpoint.feature_set["clip_fps"])  # clips hold every such frame
     camera = _camera_device(str(config.source), config.camera_format)
     if camera is None and not Path(config.source).exists():
         raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
@@ -549,11 +565,13 @@ def predict(config: PredictConfig) -> PredictResult:
     keep_source = config.video_out is not None
     capture = None
     if camera is None:
-        batches = _file_batches(config.source, fps, models.preprocess, batch_size, keep_source=keep_source)
+        batches = _file_batches(config.source, decode_fps, models.preprocess, batch_size, keep_source=keep_source)
     else:
-        capture = LiveCapture(*camera, fps, models.preprocess, capacity=batch_size, max_seconds=config.max_seconds,
-                              keep_source=keep_source)
+        capture = LiveCapture(*camera, decode_fps, models.preprocess, capacity=batch_size,
+                              max_seconds=config.max_seconds, keep_source=keep_source)
         batches = capture.batches(batch_size)
+    if clip_len > 1:
+        batches = _clip_rows(batches, ClipWindows(clip_len, fps, batch_size))
 
     result = PredictResult(predictions=[], frames=0, seconds=0.0, window=checkpoint.window, stride=config.stride,
                            fps_sampled=fps, window_seconds=config.window_seconds, live=capture is not None,
@@ -598,8 +616,9 @@ class Models:
     pad_to: int | None  # a short batch is padded to this many rows, as extract padded its last batch (None: not)
 
     def features(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 crops (n, crop, crop, 3) -> (n, D) in the feature set's stored dtype, as extract stored them."""
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2)  # (n, 3, crop, crop), a view
+        """uint8 crops (n, [clip_len,] crop, crop, 3) -> (n, D) in the feature set's stored dtype, as extract stored
+        them."""
+        pixels = torch.from_numpy(images).movedim(-1, -3)  # (n, [clip_len,] 3, crop, crop), a view
         stored = getattr(torch, self.checkpoint.feature_set["dtype"])
         features = self.encoder.encode(pixels, pad_to=self.pad_to, dtype=stored)
         if self.device.type == "cuda":
@@ -623,7 +642,6 @@ def create_models(config: PredictConfig, checkpoint: Checkpoint, device: torch.d
                   pad_to: int | None) -> Models:
     """The encoder of the checkpoint's feature set (in the run's precision, layout and compilation) and the head."""
     feature_set = checkpoint.feature_set
-    refuse_video_backbone(feature_set, "predict")
     settings = {**feature_set, "precision": config.precision or feature_set["precision"],
                 "channels_last": config.channels_last, "compile": config.compile}
     encoder = create_encoder(settings, device, weights=checkpoint_weights(checkpoint, config.weights),
@@ -722,8 +740,9 @@ def _stream(config: PredictConfig, batches: Iterator[SourceBatch], models: Model
 @torch.inference_mode()
 def _warm_up(models: Models, batch_size: int) -> None:
     """One untimed pass of each model: the one-off costs (kernel selection, autotuning, compiling) stay untimed."""
-    crop = models.preprocess.crop
-    features = models.features(np.zeros((batch_size, crop, crop, 3), np.uint8))  # (B, D)
+    crop, clip_len = models.preprocess.crop, int(models.checkpoint.feature_set["clip_len"])
+    clip = (clip_len,) if clip_len > 1 else ()
+    features = models.features(np.zeros((batch_size, *clip, crop, crop, 3), np.uint8))  # (B, D)
     models.head(features[:1].expand(models.checkpoint.sequence_length, -1)[None])  # (1, L, D)
 
 

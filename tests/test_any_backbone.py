@@ -1,5 +1,6 @@
 """`--backbone`: timm image models through the whole pipeline at their own feature width, resnet50 unchanged, and
 clear answers to bad names, a missing timm, weights of the wrong shape and no internet."""
+import json
 import os
 import subprocess
 import sys
@@ -351,7 +352,8 @@ def test_a_video_backbone_is_refused_where_rows_would_repeat_and_by_finetune(syn
 def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_the_commands_that_refuse_it(
         synthetic_dataset, tmp_path):
     """`extract --backbone torchvision:r2plus1d_18` caches 512-d clip rows that train-temporal and evaluate use as
-    any rows; predict, export and finetune (frame by frame, image backbones) refuse it in one line."""
+    any rows; predict makes the same clip rows from a video file; export, finetune and predict's annotated video
+    (image backbones) refuse it in one line."""
     data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
     extracted = epicfeat("extract", "--backbone", R2PLUS1D, "--weights", "random", "--split", "all", "--videos",
                          synthetic_dataset.videos, *data, "--crop", 32, "--fps", 10, "--precision", "fp32",
@@ -366,7 +368,18 @@ def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_
                          "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr
     video = next(synthetic_dataset.videos.rglob("P01_01.*"))
-    for command in (["predict", video, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress"],
+    predicted = epicfeat("predict", video, "--checkpoint", checkpoint, "--timeline", tmp_path / "timeline.jsonl",
+                         "--stride", 1, "--device", "cpu", "--no-progress")
+    assert predicted.returncode == 0, predicted.stderr
+    stored = FeatureStore.open(next((tmp_path / "cache").iterdir())).read("P01_01")
+    timeline = [json.loads(line) for line in (tmp_path / "timeline.jsonl").read_text().splitlines()]
+    predictions = [r for r in timeline if r.get("type") == "prediction"]
+    assert timeline[-1]["frames"] == stored.rows  # the summary: as many rows as extract stored
+    # predict's rows are extract's: the same centres, the last (its clip padded at the video's end) included
+    assert predictions and {p["frame_index"] for p in predictions} <= set(stored.frame_indices.tolist())
+    assert predictions[-1]["frame_index"] == stored.frame_indices[-1] and predictions[-1]["time"] == stored.pts[-1]
+    for command in (["predict", video, "--checkpoint", checkpoint, "--video-out", tmp_path / "out.mp4", "--device",
+                     "cpu", "--no-progress"],
                     ["export", "--checkpoint", checkpoint, "--format", "torchscript", "--out", tmp_path / "ts"],
                     ["finetune", *data, "--checkpoint", checkpoint, "--videos", synthetic_dataset.videos, "--out",
                      tmp_path / "ft", "--device", "cpu", "--no-progress"]):
