@@ -64,7 +64,8 @@ ROWS_FPS = 10.0  # extract's default rows per second
 BATCH = 64  # extract's default batch size
 TARGET_E2E_RATIO = 0.95  # end to end / slowest stage alone
 TARGET_VS_STRAIGHT = 0.9  # the extract CLI / a straight decode -> backbone loop, every backbone
-GPU_BACKBONES = ("timm:resnet18", "timm:vit_tiny_patch16_224", "timm:convnext_tiny")  # the GPU section's model steps
+# the GPU section's model steps besides ResNet50's (a video backbone's rows are 16-frame clips)
+GPU_BACKBONES = ("timm:resnet18", "timm:vit_tiny_patch16_224", "timm:convnext_tiny", "torchvision:r2plus1d_18")
 TARGET_MEMORY_GROWTH = 0.10  # 10-minute peak within 10 % of the 1-minute peak
 
 
@@ -168,10 +169,14 @@ def encoder_for(device: torch.device, *, fold_bn: bool | None = None, batch_size
     return build_encoder(model, extract.feature_set_identity(config, model, device).to_dict(), device)
 
 
-def encode_rows_per_s(encoder: FrameEncoder, repeats: int, batch: int = BATCH, crop: int = 224) -> float:
-    """Extract's model step on uint8 host frames (to the device, normalise, backbone, float16 back): rows/s."""
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch, crop, crop, 3), dtype=np.uint8))
-    step = lambda: encoder.encode(images.permute(0, 3, 1, 2), pad_to=batch).cpu()  # noqa: E731
+def encode_rows_per_s(encoder: FrameEncoder, repeats: int, batch: int = BATCH, crop: int = 224,
+                      clip_len: int = 1) -> float:
+    """Extract's model step on uint8 host frames (to the device, normalise, backbone, float16 back): rows/s (a
+    video backbone's rows: clips of ``clip_len`` frames)."""
+    clip = (clip_len,) if clip_len > 1 else ()
+    shape = (batch, *clip, crop, crop, 3)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    step = lambda: encoder.encode(images.movedim(-1, -3), pad_to=batch).cpu()  # noqa: E731
     step()  # warm-up: oneDNN / cuDNN pick their kernels
     times = []
     for _ in range(repeats):
@@ -489,10 +494,13 @@ def gpu_section(args, workdir: Path) -> dict:
     for backbone in GPU_BACKBONES:
         encoder = encoder_for(device, backbone=backbone, batch_size=8 if dry else BATCH)
         crop = encoder.backbone.data_config["input_size"][-1]
-        rate = gpu["backbones"][backbone] = {"feature_dim": encoder.num_features, "crop": crop, "rows_per_s":
-                                             encode_rows_per_s(encoder, 2 if dry else 20, 8 if dry else BATCH, crop)}
+        clip_len = encoder.backbone.data_config.get("clip_len", 1)
+        rate = gpu["backbones"][backbone] = {
+            "feature_dim": encoder.num_features, "crop": crop, "clip_len": clip_len,
+            "rows_per_s": encode_rows_per_s(encoder, 2 if dry else 20, 8 if dry else BATCH, crop, clip_len)}
+        what = f"{clip_len}-frame clips" if clip_len > 1 else "frames"
         print(f"  {elapsed()} extract's step, {backbone} ({rate['feature_dim']}-d, {crop} px): "
-              f"{rate['rows_per_s']:,.0f} frames/s", flush=True)
+              f"{rate['rows_per_s']:,.0f} {what}/s", flush=True)
     workers = max(1, available_cores() - 1)
     config = ExtractConfig(weights="random", device=str(device), decode_workers=workers)
     gpu["decode_workers"], gpu["end_to_end"] = {}, {}

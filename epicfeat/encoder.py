@@ -14,7 +14,6 @@ from torch import nn
 
 from epicfeat.backbone import RESNET50, TORCHVISION_WEIGHTS, WeightsError, create_backbone, fold_batch_norms
 from epicfeat.devices import PRECISION_DTYPES, cuda_settings
-from epicfeat.errors import EpicfeatError
 
 #: "fp32" on a GPU is real fp32: TF32 stays off around every model call, as each identity records (``tf32``).
 TF32 = False
@@ -74,16 +73,6 @@ class FrameEncoder(nn.Module):
         with cuda_settings(tf32=TF32, cudnn_benchmark=pad_to is not None):
             features = self.forward_features(images)  # (pad_to or N, D) float32
         return features[:rows].to(dtype)
-
-
-def refuse_video_backbone(feature_set: Mapping[str, Any], command: str) -> None:
-    """``command`` runs the encoder on single frames: a feature set of clip rows (a video backbone's) is refused."""
-    if int(feature_set.get("clip_len", 1)) > 1:
-        raise EpicfeatError(
-            f"{command} runs image backbones frame by frame; these features come from the video backbone "
-            f"{feature_set['backbone']} (rows of {feature_set['clip_len']}-frame clips), which {command} does not "
-            "run yet. evaluate and submit take its cached features; for live prediction extract an image backbone"
-        )
 
 
 def create_encoder(feature_set: Mapping[str, Any], device: torch.device, *, weights: str | None = None,

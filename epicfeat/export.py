@@ -5,7 +5,8 @@ Two models per format, plus ``classes.json`` (class names and every preprocessin
 * ``temporal_head``: features (1, L, D) float32 -> verb_logits (1, Cv), noun_logits (1, Cn); L = T, or K + T + K
   for a head trained with context (classes.json's ``window`` says which rows).
 * ``full_model``: frames (1, L, 3, crop, crop) float32 RGB 0..255 -> the same logits (normalisation, backbone,
-  rounding to the stored dtype and head inside).
+  rounding to the stored dtype and head inside); for a video backbone each row is a clip: (1, L, clip_len, 3, crop,
+  crop).
 
 The TorchScript full model computes in the feature set's precision and equals ``predict``; ONNX and CoreML have no
 bf16 convolution, so theirs is fp32. Every exported file is run on seeded random inputs and must agree within
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from epicfeat.configs import ExportConfig
-from epicfeat.encoder import FrameEncoder, create_encoder, refuse_video_backbone
+from epicfeat.encoder import FrameEncoder, create_encoder
 from epicfeat.errors import EpicfeatError
 from epicfeat.files import atomic_write_text
 from epicfeat.frames import Preprocess
@@ -72,7 +73,7 @@ class ExportResult:
 
 
 class FullModel(nn.Module):
-    """frames (B, T, 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): the frame encoder, the rounding to
+    """frames (B, T, [clip_len,] 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): the frame encoder, the rounding to
     the stored dtype, the head (fp32). The encoder runs channels-last, as ``predict`` does: a CPU's bf16 kernels
     depend on the layout."""
 
@@ -82,7 +83,7 @@ class FullModel(nn.Module):
         self.window = window  # a constant, not the input's shape: coremltools fails on traced shape arithmetic
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.encoder(frames.flatten(0, 1))  # (B*T, D) float32: every frame through the backbone
+        features = self.encoder(frames.flatten(0, 1))  # (B*T, D) float32: every frame (clip) through the backbone
         # Round to the feature set's stored dtype, as the training features were.
         features = features.to(self.feature_dtype).float()
         features = features.reshape(-1, self.window, self.encoder.num_features)  # (B, T, D)
@@ -97,7 +98,7 @@ class _Models:
     head: nn.Module
     encoder: FrameEncoder  # predict's: the feature set's precision, channels-last
     features: torch.Tensor  # (1, T, D) float32 check input of the head
-    frames: np.ndarray  # (1, T, crop, crop, 3) uint8 check input of the full model, as predict receives frames
+    frames: np.ndarray  # (1, T, [clip_len,] crop, crop, 3) uint8 check input of the full model, as predict gets them
 
     @property
     def precision(self) -> str:
@@ -109,19 +110,19 @@ class _Models:
 
     def full_model(self, precision: str) -> FullModel:
         encoder = FrameEncoder(self.encoder.backbone, mean=self.preprocess.mean, std=self.preprocess.std,
-                               precision=precision, channels_last=True)
+                               precision=precision, channels_last=self.frames.ndim == 5)  # not for clips (6-d)
         return FullModel(encoder, self.head, self.feature_dtype, window=self.window).eval()
 
     def frames_input(self) -> torch.Tensor:
-        """The check frames as the full model takes them: (1, T, 3, crop, crop) float32 RGB 0..255."""
-        return torch.from_numpy(self.frames).permute(0, 1, 4, 2, 3).float().contiguous()
+        """The check frames as the full model takes them: (1, T, [clip_len,] 3, crop, crop) float32 RGB 0..255."""
+        return torch.from_numpy(self.frames).movedim(-1, -3).float().contiguous()
 
     @torch.inference_mode()
     def predict_path(self, name: str) -> list[np.ndarray]:
         """Logits of ``predict``'s own code on the check input of model ``name``."""
         if name == "temporal_head":
             return [t.numpy() for t in self.head(self.features)]
-        pixels = torch.from_numpy(self.frames[0]).permute(0, 3, 1, 2)  # (T, 3, crop, crop), a view
+        pixels = torch.from_numpy(self.frames[0]).movedim(-1, -3)  # (T, [clip_len,] 3, crop, crop), a view
         features = self.encoder.encode(pixels, dtype=self.feature_dtype)  # (T, D), stored dtype
         return [t.numpy() for t in self.head(features[None])]  # (1, T, D) -> (1, Cv), (1, Cn)
 
@@ -129,7 +130,6 @@ class _Models:
 def build_models(config: ExportConfig) -> _Models:
     """The checkpoint's head and encoder (matching its feature set) and seeded check inputs."""
     checkpoint = load_checkpoint(config.checkpoint)
-    refuse_video_backbone(checkpoint.feature_set, "export")
     window = checkpoint.sequence_length  # rows per window, context included
     preprocess = Preprocess.from_identity(checkpoint.feature_set)
     head = checkpoint.create_model()
@@ -140,8 +140,10 @@ def build_models(config: ExportConfig) -> _Models:
     generator = torch.Generator().manual_seed(config.seed_inputs)
     # Random features spread like the training features (the head's own statistics).
     features = head.feature_mean + head.feature_std * torch.randn(1, window, head.args.input_dim, generator=generator)
-    frames = torch.randint(0, 256, (1, window, preprocess.crop, preprocess.crop, 3), generator=generator,
-                           dtype=torch.uint8).numpy()  # (1, T, crop, crop, 3)
+    clip_len = int(checkpoint.feature_set["clip_len"])
+    clip = (clip_len,) if clip_len > 1 else ()  # a video backbone's rows are clips
+    frames = torch.randint(0, 256, (1, window, *clip, preprocess.crop, preprocess.crop, 3), generator=generator,
+                           dtype=torch.uint8).numpy()  # (1, T, [clip_len,] crop, crop, 3)
     return _Models(checkpoint, preprocess, window, head, encoder, features, frames)
 
 
@@ -222,16 +224,22 @@ def _check_coreml(path: Path, name: str, input_name: str, example: torch.Tensor,
 
 def _metadata(models: _Models, config: ExportConfig, result: ExportResult, full_precision: str) -> dict:
     checkpoint, feature_set = models.checkpoint, models.checkpoint.feature_set
+    clip_len = int(feature_set["clip_len"])
     preprocessing = {
         **models.preprocess.identity(),  # resize, crop, mean, std, resize_mode, crop_mode, interpolation, color
         "fps": feature_set["fps"],  # frames per second sampled from the source (null: every frame)
         "sampling": "each target k / fps takes the first frame at or after it",
         "value_range": "0..255 (uint8 RGB as float32; normalisation is inside full_model)",
-        "layout": "NCHW per frame: frames (1, T, 3, crop, crop)",
+        "layout": "NCHW per frame: frames " + ("(1, T, 3, crop, crop)" if clip_len == 1 else
+                                               "(1, T, clip_len, 3, crop, crop): a clip per row"),
         "precision": models.precision,  # the feature set's backbone precision (what predict computes in)
         "feature_dtype": feature_set["dtype"],  # features are rounded to this, as stored
         "decoder": feature_set["decoder"],
     }
+    if clip_len > 1:  # a video backbone's
+        preprocessing["clip"] = {"frames": clip_len, "fps": feature_set["clip_fps"],
+                                 "rule": "clip_len frames at fps, clip_len // 2 of them before the row's frame; at a "
+                                         "video's ends the edge frame repeats"}
     return {
         "verb_classes": list(checkpoint.verb_classes),  # index = output position in verb_logits
         "noun_classes": list(checkpoint.noun_classes),
@@ -240,8 +248,7 @@ def _metadata(models: _Models, config: ExportConfig, result: ExportResult, full_
         "inputs": {
             "temporal_head": {"name": "features", "shape": list(models.features.shape), "dtype": "float32",
                               "precision": "fp32", "what": "the window's L rows of features, oldest first"},
-            "full_model": {"name": "frames", "shape": [1, models.window, 3, models.preprocess.crop,
-                                                       models.preprocess.crop],
+            "full_model": {"name": "frames", "shape": list(models.frames_input().shape),
                            "dtype": "float32", "precision": full_precision,
                            "what": "the window's L frames, oldest first, RGB 0..255, shorter side resized then "
                                    "centre crop"},

@@ -352,8 +352,8 @@ def test_a_video_backbone_is_refused_where_rows_would_repeat_and_by_finetune(syn
 def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_the_commands_that_refuse_it(
         synthetic_dataset, tmp_path):
     """`extract --backbone torchvision:r2plus1d_18` caches 512-d clip rows that train-temporal and evaluate use as
-    any rows; predict makes the same clip rows from a video file; export, finetune and predict's annotated video
-    (image backbones) refuse it in one line."""
+    any rows; predict makes the same clip rows from a video file; export takes clips; finetune and predict's
+    annotated video (image backbones) refuse it in one line."""
     data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
     extracted = epicfeat("extract", "--backbone", R2PLUS1D, "--weights", "random", "--split", "all", "--videos",
                          synthetic_dataset.videos, *data, "--crop", 32, "--fps", 10, "--precision", "fp32",
@@ -378,9 +378,13 @@ def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_
     # predict's rows are extract's: the same centres, the last (its clip padded at the video's end) included
     assert predictions and {p["frame_index"] for p in predictions} <= set(stored.frame_indices.tolist())
     assert predictions[-1]["frame_index"] == stored.frame_indices[-1] and predictions[-1]["time"] == stored.pts[-1]
+    exported = epicfeat("export", "--checkpoint", checkpoint, "--format", "torchscript", "--out", tmp_path / "ts")
+    assert exported.returncode == 0, exported.stderr
+    classes = json.loads((tmp_path / "ts" / "classes.json").read_text())
+    assert classes["inputs"]["full_model"]["shape"] == [1, 4, 16, 3, 32, 32]  # 4 rows, each a 16-frame clip
+    assert [c["matches_predict"] for c in classes["checks"]] == [True, True]
     for command in (["predict", video, "--checkpoint", checkpoint, "--video-out", tmp_path / "out.mp4", "--device",
                      "cpu", "--no-progress"],
-                    ["export", "--checkpoint", checkpoint, "--format", "torchscript", "--out", tmp_path / "ts"],
                     ["finetune", *data, "--checkpoint", checkpoint, "--videos", synthetic_dataset.videos, "--out",
                      tmp_path / "ft", "--device", "cpu", "--no-progress"]):
         refused = epicfeat(*command)
