@@ -62,7 +62,7 @@ from epicfeat.frames import (
 from epicfeat.recipes import save_config
 from epicfeat.store import ClaimLostError, CompletedElsewhereError, FeatureSetIdentity, FeatureStore, VideoWriter
 from epicfeat.store import folder_bytes
-from epicfeat.windows import ClipBatch, ClipWindows
+from epicfeat.windows import ClipBatch, ClipWindows, clip_step
 
 try:  # only --scheduler needs dask; machines without it (the GPU check's) run extract all the same
     import dask
@@ -172,10 +172,9 @@ def resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
     backbone = canonical_backbone(config.backbone)
     data = pretrained_data_config(backbone)
     _check_decodable(backbone, data, config.weights)
-    if "clip_len" in data and (config.fps is None or config.fps > data["clip_fps"]):
-        raise EpicfeatError(f"--fps {config.fps}: {backbone}'s rows are clips of {data['clip_len']} frames at "
-                            f"{data['clip_fps']:g} fps, so rows come at most {data['clip_fps']:g} per second; give "
-                            f"--fps {data['clip_fps']:g} or less")
+    if "clip_len" in data and config.fps is None:
+        raise EpicfeatError(f"--fps: {backbone}'s rows are clips of {data['clip_len']} frames centred on a grid of "
+                            "rows per second, which every-frame rows do not give; set --fps (e.g. 10)")
     crop = config.crop or data["input_size"][-1]
     # Random weights expect no filter in particular: one the decoder lacks falls back to bilinear.
     interpolation = data["interpolation"] if data["interpolation"] in INTERPOLATIONS else "bilinear"
@@ -270,7 +269,8 @@ def decode_settings(config: ExtractConfig, workers: int) -> DecodeSettings:
     """How ``workers`` decode processes (0: this process) decode: codec threads shared out among them."""
     threads = codec_threads(workers, config.decode_threads) if workers else config.decode_threads
     clip_len, clip_fps = clip_of(config)
-    fps = config.fps if clip_len == 1 else clip_fps  # a video backbone's frames: every one its clips hold
+    # a video backbone's frames: every one its clips hold, and one for each row's centre
+    fps = config.fps if clip_len == 1 else clip_fps * clip_step(clip_fps, config.fps)
     return DecodeSettings(fps, preprocess_of(config), config.batch_size, threads)
 
 
@@ -349,7 +349,8 @@ class Pipeline:
         self.claims: dict[str, Claim] = {}  # held: claimed and not yet committed or failed
         self.results: list[VideoResult] = []
         self._writers: dict[str, tuple[VideoWriter, VideoMeta]] = {}
-        self._clip_len = clip_of(config)[0]
+        self._clip_len, clip_fps = clip_of(config)
+        self._clip_step = clip_step(clip_fps, config.fps) if self._clip_len > 1 else 1
         self._windows: dict[str, ClipWindows] = {}  # a video backbone's clip rows being gathered, per video
         self._decided: set[str] = set()  # committed, failed or given up: later events of the video are ignored
         self._stop = threading.Event()
@@ -408,7 +409,8 @@ class Pipeline:
                                        claim=self.claims[event.video_id])
             self._writers[event.video_id] = (writer, event.meta)
             if self._clip_len > 1:
-                self._windows[event.video_id] = ClipWindows(self._clip_len, self.config.fps, self.config.batch_size)
+                self._windows[event.video_id] = ClipWindows(self._clip_len, self._clip_step, self.config.fps,
+                                                            self.config.batch_size)
 
     def _frames(self, event: FramesDecoded) -> None:
         if event.video_id not in self._writers:  # failed meanwhile

@@ -39,7 +39,7 @@ from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 from epicfeat.temporal.data import PTS_TOLERANCE, Context, sequence_offsets
 from epicfeat.temporal.precision import recorded_precision
-from epicfeat.windows import ClipBatch, ClipWindows
+from epicfeat.windows import ClipBatch, ClipWindows, clip_step
 
 TIMELINE_SUFFIXES = (".csv", ".jsonl")
 
@@ -551,7 +551,11 @@ def predict(config: PredictConfig) -> PredictResult:
     if clip_len > 1 and config.video_out is not None:
         raise PredictError(f"--video-out: the annotated video is drawn for image backbones only; these features come "
                            f"from the video backbone {checkpoint.feature_set['backbone']}: write --timeline instead")
-    decode_fps = fps if clip_len == 1 else float(checkpoint.feature_set["clip_fps"])  # clips hold every such frame
+    if clip_len > 1:  # decoded as extract decoded them: every frame the clips hold, one for each row's centre
+        step = clip_step(float(checkpoint.feature_set["clip_fps"]), float(checkpoint.feature_set["fps"]))
+        decode_fps = float(checkpoint.feature_set["clip_fps"]) * step
+    else:
+        decode_fps = fps
     camera = _camera_device(str(config.source), config.camera_format)
     if camera is None and not Path(config.source).exists():
         raise VideoError(f"{config.source}: file not found; give a video file or a camera index")
@@ -571,7 +575,7 @@ def predict(config: PredictConfig) -> PredictResult:
                               max_seconds=config.max_seconds, keep_source=keep_source)
         batches = capture.batches(batch_size)
     if clip_len > 1:
-        batches = _clip_rows(batches, ClipWindows(clip_len, fps, batch_size))
+        batches = _clip_rows(batches, ClipWindows(clip_len, step, fps, batch_size))
 
     result = PredictResult(predictions=[], frames=0, seconds=0.0, window=checkpoint.window, stride=config.stride,
                            fps_sampled=fps, window_seconds=config.window_seconds, live=capture is not None,

@@ -1,18 +1,26 @@
-"""Clip rows for video backbones: a video's frames, decoded once at the clip frame rate, cut into overlapping windows.
+"""Clip rows for video backbones: a video's frames, decoded once, cut into overlapping windows.
 
 Row k is centred at the first decoded frame at or after k / fps seconds (``frames.Sampling``, as image rows are)
-and holds ``clip_len`` consecutive frames, ``clip_len // 2`` of them before its centre; at a video's ends the first
-or last frame repeats. Rows carry the centre's pts and frame index, and the span (first and last frame times) they
-saw, so stage two samples them exactly as it samples image rows. No torch here: decoding's room.
+and holds ``clip_len`` frames ``step`` decoded frames apart, ``clip_len // 2`` of them before its centre; at a video's
+ends the first or last frame repeats. The video is decoded once, at clip_fps * step (``clip_step``). Rows carry the
+centre's pts and frame index, and the span (first and last frame times) they saw, so stage two samples them exactly
+as it samples image rows. No torch here: decoding's room.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
 from epicfeat.frames import FrameBatch, Sampling
+
+
+def clip_step(clip_fps: float, fps: float) -> int:
+    """Decoded frames per clip frame: decoding at clip_fps * step >= fps gives each row a centre frame of its own
+    (7.5-fps clips at 10 rows/s: decoded at 15 fps, clips take every second frame)."""
+    return max(1, math.ceil(fps / clip_fps - 1e-9))
 
 
 @dataclass
@@ -30,9 +38,10 @@ class ClipWindows:
     """One video's clip rows, ``batch_size`` at a time: ``add`` each decoded batch, then ``end``. Only the frames
     the rows not yet emitted need are kept (about batch_size / fps seconds of frames)."""
 
-    def __init__(self, clip_len: int, fps: float, batch_size: int):
+    def __init__(self, clip_len: int, step: int, fps: float, batch_size: int):
         self.clip_len, self.batch_size = clip_len, batch_size
-        self._before = clip_len // 2  # frames before the centre; clip_len - 1 - _before after it
+        self._offsets = (np.arange(clip_len) - clip_len // 2) * step  # (clip_len,) decoded frames from the centre
+        self._before, self._after = -int(self._offsets[0]), int(self._offsets[-1])
         self._sampling = Sampling(fps)
         self._first = 0  # position (in the decoded stream) of _images[0]
         self._images: list[np.ndarray] = []  # (crop, crop, 3) each
@@ -50,7 +59,7 @@ class ClipWindows:
             self._pts.append(float(pts))
             self._indices.append(int(index))
         last = self._first + len(self._images) - 1
-        whole = sum(1 for c in self._centres if c + self.clip_len - 1 - self._before <= last)
+        whole = sum(1 for c in self._centres if c + self._after <= last)
         return self._emit(whole - whole % self.batch_size)
 
     def end(self) -> list[ClipBatch]:
@@ -62,8 +71,7 @@ class ClipWindows:
         last = self._first + len(self._images) - 1
         for start in range(0, rows, self.batch_size):
             centres = np.array(self._centres[start : start + self.batch_size])  # (n,)
-            offsets = np.arange(self.clip_len) - self._before  # (clip_len,)
-            positions = np.clip(centres[:, None] + offsets, 0, last) - self._first  # (n, clip_len) into _images
+            positions = np.clip(centres[:, None] + self._offsets, 0, last) - self._first  # (n, clip_len) into _images
             middle = centres - self._first
             pts = np.array(self._pts)
             batches.append(ClipBatch(

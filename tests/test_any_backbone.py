@@ -16,7 +16,7 @@ from epicfeat.backbone import (RESNET50, TimmFeatures, WeightsError, canonical_b
                                pretrained_data_config)
 from epicfeat.configs import ExtractConfig
 from epicfeat.encoder import build_encoder, create_encoder
-from epicfeat.extract import extract_features, resolved
+from epicfeat.extract import decode_settings, extract_features, resolved
 from epicfeat.frames import Preprocess, iter_frames
 from epicfeat.store import FeatureStore
 
@@ -123,19 +123,26 @@ def _assert_rows_equal_the_model(store: FeatureStore, dataset, model: torch.nn.M
 
 
 # ------------------------------------------------------------------- any width through the commands after it
-def test_a_vit_feature_set_runs_through_train_evaluate_predict_and_export(synthetic_dataset, tmp_path):
-    """192-d rows: train-temporal, evaluate, predict and export follow the stored width (console script)."""
-    store = _extract(synthetic_dataset, tmp_path / "cache", VIT)
-    data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
+def _train_and_evaluate(dataset, tmp_path: Path, *, width: int) -> Path:
+    """train-temporal and evaluate on the one feature set under tmp_path/cache (console script): its best.pt, whose
+    head reads rows of ``width``."""
+    data = ["--annotations", dataset.annotations, "--cache", tmp_path / "cache"]
     trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 4, "--hidden", 8, "--epochs",
                        1, "--batch-size", 8, "--micro-batch-size", 8, "--device", "cpu", "--no-progress")
     assert trained.returncode == 0, trained.stderr
     checkpoint = tmp_path / "run" / "best.pt"
-    assert torch.load(checkpoint, weights_only=False)["model_args"]["input_dim"] == 192
+    assert torch.load(checkpoint, weights_only=False)["model_args"]["input_dim"] == width
     evaluated = epicfeat("evaluate", *data, "--checkpoint", checkpoint, "--out", tmp_path / "eval", "--device", "cpu",
                          "--no-progress")
     assert evaluated.returncode == 0, evaluated.stderr
     assert (tmp_path / "eval" / "metrics.json").is_file()
+    return checkpoint
+
+
+def test_a_vit_feature_set_runs_through_train_evaluate_predict_and_export(synthetic_dataset, tmp_path):
+    """192-d rows: train-temporal, evaluate, predict and export follow the stored width (console script)."""
+    store = _extract(synthetic_dataset, tmp_path / "cache", VIT)
+    checkpoint = _train_and_evaluate(synthetic_dataset, tmp_path, width=192)
     video = next(synthetic_dataset.videos.rglob("P01_01.*"))
     predicted = epicfeat("predict", video, "--checkpoint", checkpoint, "--timeline",
                          tmp_path / "timeline.jsonl", "--max-seconds", 2, "--device", "cpu", "--no-progress")
@@ -165,7 +172,7 @@ def test_finetune_trains_a_timm_image_backbone_that_extract_then_loads(synthetic
     batch-norm statistics, and `extract --weights best.pt --backbone` caches the features best.pt pairs with."""
     from epicfeat.temporal.checkpoint import check_feature_set, load_checkpoint
 
-    resnet18 = "timm:resnet18.tv_in1k"  # bilinear resizing: extract takes a weights file for it (a1_in1k's: bicubic)
+    resnet18 = "timm:resnet18.tv_in1k"
     store = _extract(synthetic_dataset, tmp_path / "cache", resnet18, crop=64, fold_bn=False)
     data = ["--annotations", synthetic_dataset.annotations, "--cache", tmp_path / "cache"]
     trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 2, "--hidden", 8, "--epochs",
@@ -342,11 +349,13 @@ def test_video_backbone_rows_are_clips_centred_at_10_fps_each_the_model_on_its_1
                                rtol=1e-2, atol=1e-3)
 
 
-def test_a_video_backbone_is_refused_where_rows_would_repeat_and_by_finetune(synthetic_dataset, tmp_path):
-    with pytest.raises(Exception, match=r"--fps 30.0: torchvision:r2plus1d_18's rows are clips of 16 frames at 15 fps"):
-        resolved(ExtractConfig(backbone=R2PLUS1D, weights="random", fps=30.0), CPU)
-    with pytest.raises(Exception, match="--fps 15 or less"):
+def test_a_video_backbone_needs_a_row_rate_and_decodes_every_frame_its_clips_and_rows_need():
+    with pytest.raises(Exception, match=r"--fps: torchvision:r2plus1d_18's rows are clips of 16 frames"):
         resolved(ExtractConfig(backbone=R2PLUS1D, weights="random", fps=None), CPU)
+    assert decode_settings(ExtractConfig(backbone=R2PLUS1D, weights="random", fps=10.0), 0).fps == 15.0
+    assert decode_settings(ExtractConfig(backbone=R2PLUS1D, weights="random", fps=30.0), 0).fps == 30.0
+    mvit = ExtractConfig(backbone="torchvision:mvit_v2_s", weights="random", fps=10.0)
+    assert decode_settings(mvit, 0).fps == 15.0  # 7.5-fps clips, rows at 10 per second: every second frame
 
 
 def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_the_commands_that_refuse_it(
@@ -359,14 +368,7 @@ def test_a_video_backbone_through_the_console_script_extract_train_evaluate_and_
                          synthetic_dataset.videos, *data, "--crop", 32, "--fps", 10, "--precision", "fp32",
                          "--batch-size", 8, "--decode-workers", 1, "--device", "cpu", "--no-progress")
     assert extracted.returncode == 0, extracted.stderr
-    trained = epicfeat("train-temporal", *data, "--out", tmp_path / "run", "--frames", 4, "--hidden", 8, "--epochs",
-                       1, "--batch-size", 8, "--micro-batch-size", 8, "--device", "cpu", "--no-progress")
-    assert trained.returncode == 0, trained.stderr
-    checkpoint = tmp_path / "run" / "best.pt"
-    assert torch.load(checkpoint, weights_only=False)["model_args"]["input_dim"] == 512
-    evaluated = epicfeat("evaluate", *data, "--checkpoint", checkpoint, "--out", tmp_path / "eval", "--device", "cpu",
-                         "--no-progress")
-    assert evaluated.returncode == 0, evaluated.stderr
+    checkpoint = _train_and_evaluate(synthetic_dataset, tmp_path, width=512)
     video = next(synthetic_dataset.videos.rglob("P01_01.*"))
     predicted = epicfeat("predict", video, "--checkpoint", checkpoint, "--timeline", tmp_path / "timeline.jsonl",
                          "--stride", 1, "--device", "cpu", "--no-progress")

@@ -3,7 +3,7 @@ frame decoded once whatever the overlap, the same rows however the decoded frame
 import numpy as np
 
 from epicfeat.frames import FrameBatch
-from epicfeat.windows import ClipWindows
+from epicfeat.windows import ClipWindows, clip_step
 
 
 def _frames(n: int, rate: int = 15) -> FrameBatch:
@@ -24,7 +24,7 @@ def _run(frames: FrameBatch, sizes: list[int], **kwargs):
 
 def test_rows_are_clips_centred_on_the_row_grid_and_padded_at_the_ends():
     frames = _frames(15)  # 1 s at 15 fps; rows at 10 fps: targets 0, 0.1, ..., 0.9 s
-    batches = _run(frames, [15], clip_len=4, fps=10.0, batch_size=4)
+    batches = _run(frames, [15], clip_len=4, step=1, fps=10.0, batch_size=4)
     assert [len(b) for b in batches] == [4, 4, 2]
     centres = np.concatenate([b.frame_indices for b in batches]) // 2  # frame numbers
     # the first frame at or after k / 10 s: frame ceil(1.5 k)
@@ -42,9 +42,9 @@ def test_rows_are_clips_centred_on_the_row_grid_and_padded_at_the_ends():
 
 def test_the_rows_do_not_depend_on_how_the_decoded_frames_are_batched():
     frames = _frames(100)
-    whole = _run(frames, [100], clip_len=16, fps=10.0, batch_size=8)
-    pieces = _run(frames, [1] * 100, clip_len=16, fps=10.0, batch_size=8)
-    ragged = _run(frames, [7, 30, 1, 62], clip_len=16, fps=10.0, batch_size=8)
+    whole = _run(frames, [100], clip_len=16, step=1, fps=10.0, batch_size=8)
+    pieces = _run(frames, [1] * 100, clip_len=16, step=1, fps=10.0, batch_size=8)
+    ragged = _run(frames, [7, 30, 1, 62], clip_len=16, step=1, fps=10.0, batch_size=8)
     for other in (pieces, ragged):
         assert [len(b) for b in other] == [len(b) for b in whole]
         for a, b in zip(whole, other):
@@ -54,10 +54,23 @@ def test_the_rows_do_not_depend_on_how_the_decoded_frames_are_batched():
 
 
 def test_only_the_frames_pending_rows_need_are_kept():
-    windows = ClipWindows(clip_len=16, fps=10.0, batch_size=4)
+    windows = ClipWindows(clip_len=16, step=1, fps=10.0, batch_size=4)
     frames = _frames(300)
     most = 0
     for i in range(300):
         windows.add(FrameBatch(frames.frame_indices[i:i + 1], frames.pts[i:i + 1], frames.images[i:i + 1]))
         most = max(most, len(windows._images))
     assert most <= 16 + 4 * 15 // 10 + 2  # one clip plus the centres of one batch of rows
+
+
+def test_clips_slower_than_the_rows_take_every_step_th_decoded_frame():
+    """7.5-fps clips (MViT's) at 10 rows/s: decoded at 15 fps, each clip takes every second frame, so its frames
+    stay 1 / 7.5 s apart and each row still has its own centre."""
+    assert (clip_step(7.5, 10.0), clip_step(15.0, 10.0), clip_step(15.0, 15.0), clip_step(15.0, 30.0)) == (2, 1, 1, 2)
+    frames = _frames(30)  # 2 s at 15 fps
+    batches = _run(frames, [30], clip_len=4, step=2, fps=10.0, batch_size=4)
+    centres = np.concatenate([b.frame_indices for b in batches]) // 2
+    assert centres.tolist() == [0, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24, 26, 27, 29]
+    clips = np.concatenate([b.images[:, :, 0, 0, 0] for b in batches])  # (rows, 4) frame numbers
+    assert clips[3].tolist() == [1, 3, 5, 7]  # 2 before the centre (frame 5), 1 after, 2 frames apart
+    assert clips[0].tolist() == [0, 0, 0, 2] and clips[-1].tolist() == [25, 27, 29, 29]
