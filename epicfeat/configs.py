@@ -104,6 +104,14 @@ class ExtractConfig:
     )
     progress: bool = option(True, "A progress bar with the rate and ETA (the summary table is printed either way).")
 
+    def __post_init__(self) -> None:
+        for name in ("fps", "frames_fps", "claim_lease_s"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "resize", "crop", "workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class TrainTemporalConfig:

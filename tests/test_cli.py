@@ -84,6 +84,8 @@ USAGE_ERRORS = [
     (["train-temporal", "--config", "/nonexistent/recipe.yaml"], "/nonexistent/recipe.yaml"),
     (["evaluate", "--checkpoint", "/nonexistent/best.pt"], "annotations"),
     (["cache", "export"], "--out"),
+    (["extract", "--fps", "0"], "fps must be > 0"),  # before any video is opened, not a failure per video
+    (["extract", "--batch-size", "0"], "batch_size must be >= 1"),
     (["no-such-command"], "no-such-command"),
 ]
 
