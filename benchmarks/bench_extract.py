@@ -203,9 +203,9 @@ class _Watch:
             self.model_s += time.perf_counter() - started
             return out
 
-        def timed_append(writer, features, pts, frame_indices):
+        def timed_append(writer, features, pts, frame_indices, span=None):
             started = time.perf_counter()
-            append(writer, features, pts, frame_indices)
+            append(writer, features, pts, frame_indices, span)
             self.write_s += time.perf_counter() - started
             self.rows.append((time.perf_counter(), len(pts)))
 

@@ -231,10 +231,10 @@ def test_each_video_is_committed_as_soon_as_its_last_row_is_written(tmp_path, mo
     seen: list[tuple[str, bool, int]] = []
     append = VideoWriter.append
 
-    def watched_append(self, features, pts, frame_indices):
+    def watched_append(self, features, pts, frame_indices, span=None):
         earlier = ids[: ids.index(self.video_id)]
         seen.append((self.video_id, all(self.store.is_complete(v) for v in earlier), len(self.store.partial_videos())))
-        append(self, features, pts, frame_indices)
+        append(self, features, pts, frame_indices, span)
 
     monkeypatch.setattr(VideoWriter, "append", watched_append)
     summary = extract_features(config(root, tmp_path / "cache", video_ids=tuple(ids), batch_size=4))
