@@ -293,7 +293,10 @@ def test_a_dead_decoder_costs_one_retry_of_its_video(videos, reference, tmp_path
             yield event
 
     monkeypatch.setattr(DecodePool, "decode", killing_decode)
-    summary = extract_features(config(videos, tmp_path / "cache", decode_workers=1))
+    # Twice: P01_01 in 10 batches of 2 rows, so that a decoder is still on it at its first batches (a decoder runs
+    # at most PREFETCH_BATCHES ahead); in 3 batches of 8 the second decoder could finish it and be killed on P01_02.
+    batch_size = 8 if times == 1 else 2
+    summary = extract_features(config(videos, tmp_path / "cache", decode_workers=1, batch_size=batch_size))
     store = FeatureStore.open(summary.store)
     assert len(kills) == times
     if times == 1:  # the retry on a fresh process completes it, bit for bit
