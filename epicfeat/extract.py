@@ -62,7 +62,7 @@ from epicfeat.frames import (
 from epicfeat.recipes import save_config
 from epicfeat.store import ClaimLostError, CompletedElsewhereError, FeatureSetIdentity, FeatureStore, VideoWriter
 from epicfeat.store import folder_bytes
-from epicfeat.windows import ClipBatch, ClipWindows, clip_step
+from epicfeat.windows import ClipBatch, ClipWindows, clip_decoding
 
 try:  # only --scheduler needs dask; machines without it (the GPU check's) run extract all the same
     import dask
@@ -270,7 +270,7 @@ def decode_settings(config: ExtractConfig, workers: int) -> DecodeSettings:
     threads = codec_threads(workers, config.decode_threads) if workers else config.decode_threads
     clip_len, clip_fps = clip_of(config)
     # a video backbone's frames: every one its clips hold, and one for each row's centre
-    fps = config.fps if clip_len == 1 else clip_fps * clip_step(clip_fps, config.fps)
+    fps = config.fps if clip_len == 1 else clip_decoding(clip_fps, config.fps)[1]
     return DecodeSettings(fps, preprocess_of(config), config.batch_size, threads)
 
 
@@ -350,7 +350,7 @@ class Pipeline:
         self.results: list[VideoResult] = []
         self._writers: dict[str, tuple[VideoWriter, VideoMeta]] = {}
         self._clip_len, clip_fps = clip_of(config)
-        self._clip_step = clip_step(clip_fps, config.fps) if self._clip_len > 1 else 1
+        self._clip_step = clip_decoding(clip_fps, config.fps)[0] if self._clip_len > 1 else 1
         self._windows: dict[str, ClipWindows] = {}  # a video backbone's clip rows being gathered, per video
         self._decided: set[str] = set()  # committed, failed or given up: later events of the video are ignored
         self._stop = threading.Event()

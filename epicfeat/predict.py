@@ -39,7 +39,7 @@ from epicfeat.recipes import save_config
 from epicfeat.temporal.checkpoint import Checkpoint, load_checkpoint
 from epicfeat.temporal.data import PTS_TOLERANCE, Context, sequence_offsets
 from epicfeat.temporal.precision import recorded_precision
-from epicfeat.windows import ClipBatch, ClipWindows, clip_step
+from epicfeat.windows import ClipBatch, ClipWindows, clip_decoding
 
 TIMELINE_SUFFIXES = (".csv", ".jsonl")
 
@@ -551,9 +551,9 @@ def predict(config: PredictConfig) -> PredictResult:
     if clip_len > 1 and config.video_out is not None:
         raise PredictError(f"--video-out: the annotated video is drawn for image backbones only; these features come "
                            f"from the video backbone {checkpoint.feature_set['backbone']}: write --timeline instead")
-    if clip_len > 1:  # decoded as extract decoded them: every frame the clips hold, one for each row's centre
-        step = clip_step(float(checkpoint.feature_set["clip_fps"]), float(checkpoint.feature_set["fps"]))
-        decode_fps = float(checkpoint.feature_set["clip_fps"]) * step
+    if clip_len > 1:  # decoded as extract decoded them (at the feature set's rate, whatever --skip-frames)
+        feature_set = checkpoint.feature_set
+        step, decode_fps = clip_decoding(float(feature_set["clip_fps"]), float(feature_set["fps"]))
     else:
         decode_fps = fps
     camera = _camera_device(str(config.source), config.camera_format)

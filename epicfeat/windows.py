@@ -2,7 +2,7 @@
 
 Row k is centred at the first decoded frame at or after k / fps seconds (``frames.Sampling``, as image rows are)
 and holds ``clip_len`` frames ``step`` decoded frames apart, ``clip_len // 2`` of them before its centre; at a video's
-ends the first or last frame repeats. The video is decoded once, at clip_fps * step (``clip_step``). Rows carry the
+ends the first or last frame repeats. The video is decoded once, at clip_fps * step (``clip_decoding``). Rows carry the
 centre's pts and frame index, and the span (first and last frame times) they saw, so stage two samples them exactly
 as it samples image rows. No torch here: decoding's room.
 """
@@ -17,10 +17,12 @@ import numpy as np
 from epicfeat.frames import FrameBatch, Sampling
 
 
-def clip_step(clip_fps: float, fps: float) -> int:
-    """Decoded frames per clip frame: decoding at clip_fps * step >= fps gives each row a centre frame of its own
-    (7.5-fps clips at 10 rows/s: decoded at 15 fps, clips take every second frame)."""
-    return max(1, math.ceil(fps / clip_fps - 1e-9))
+def clip_decoding(clip_fps: float, fps: float) -> tuple[int, float]:
+    """(step, decode fps) of clips of ``clip_fps`` under rows at ``fps``: decoding at clip_fps * step >= fps gives
+    each row a centre frame of its own (7.5-fps clips at 10 rows/s: decoded at 15 fps, clips take every second
+    frame)."""
+    step = max(1, math.ceil(fps / clip_fps - 1e-9))
+    return step, clip_fps * step
 
 
 @dataclass
@@ -39,7 +41,7 @@ class ClipWindows:
     the rows not yet emitted need are kept (about batch_size / fps seconds of frames)."""
 
     def __init__(self, clip_len: int, step: int, fps: float, batch_size: int):
-        self.clip_len, self.batch_size = clip_len, batch_size
+        self.batch_size = batch_size
         self._offsets = (np.arange(clip_len) - clip_len // 2) * step  # (clip_len,) decoded frames from the centre
         self._before, self._after = -int(self._offsets[0]), int(self._offsets[-1])
         self._sampling = Sampling(fps)
@@ -69,13 +71,13 @@ class ClipWindows:
     def _emit(self, rows: int) -> list[ClipBatch]:
         batches = []
         last = self._first + len(self._images) - 1
+        pts, indices = np.array(self._pts), np.array(self._indices)  # (frames kept,)
         for start in range(0, rows, self.batch_size):
             centres = np.array(self._centres[start : start + self.batch_size])  # (n,)
             positions = np.clip(centres[:, None] + self._offsets, 0, last) - self._first  # (n, clip_len) into _images
             middle = centres - self._first
-            pts = np.array(self._pts)
             batches.append(ClipBatch(
-                frame_indices=np.array(self._indices)[middle], pts=pts[middle],
+                frame_indices=indices[middle], pts=pts[middle],
                 span=np.stack([pts[positions[:, 0]], pts[positions[:, -1]]], axis=1),  # (n, 2)
                 images=np.stack([np.stack([self._images[p] for p in clip]) for clip in positions]),
             ))

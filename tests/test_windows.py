@@ -3,7 +3,7 @@ frame decoded once whatever the overlap, the same rows however the decoded frame
 import numpy as np
 
 from epicfeat.frames import FrameBatch
-from epicfeat.windows import ClipWindows, clip_step
+from epicfeat.windows import ClipWindows, clip_decoding
 
 
 def _frames(n: int, rate: int = 15) -> FrameBatch:
@@ -66,7 +66,8 @@ def test_only_the_frames_pending_rows_need_are_kept():
 def test_clips_slower_than_the_rows_take_every_step_th_decoded_frame():
     """7.5-fps clips (MViT's) at 10 rows/s: decoded at 15 fps, each clip takes every second frame, so its frames
     stay 1 / 7.5 s apart and each row still has its own centre."""
-    assert (clip_step(7.5, 10.0), clip_step(15.0, 10.0), clip_step(15.0, 15.0), clip_step(15.0, 30.0)) == (2, 1, 1, 2)
+    assert [clip_decoding(*rates) for rates in ((7.5, 10.0), (15.0, 10.0), (15.0, 15.0), (15.0, 30.0))] == \
+        [(2, 15.0), (1, 15.0), (1, 15.0), (2, 30.0)]
     frames = _frames(30)  # 2 s at 15 fps
     batches = _run(frames, [30], clip_len=4, step=2, fps=10.0, batch_size=4)
     centres = np.concatenate([b.frame_indices for b in batches]) // 2
