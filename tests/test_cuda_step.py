@@ -1,10 +1,9 @@
 """Stage two's step as a CUDA graph: each epoch's full steps replay one captured step (``StepGraph``), and train what
 the eager steps train. Run by the GPU check with the other CUDA tests (``python -m pytest -m cuda tests/``);
 ``EPICFEAT_TEST_CUDA_DEVICE=cpu`` rehearses them on the CPU, where the same static-input step runs without a capture."""
-import os
-
 import pytest
 import torch
+from test_cuda import CUDA, DEVICE, pytestmark  # noqa: F401 - the CUDA tests' device and marks (skip without a GPU)
 from test_train_temporal import DIM, N_NOUNS, N_VERBS, _planted_split
 
 import epicfeat.temporal.train as train_module
@@ -13,16 +12,6 @@ from epicfeat.temporal.model import TemporalModelArgs, create_temporal_model
 from epicfeat.temporal.train import StepSettings, train_one_epoch
 from epicfeat.training import EarlyStopping, LRSchedule, TrainingState
 
-DEVICE = torch.device(os.environ.get("EPICFEAT_TEST_CUDA_DEVICE", "cuda"))
-CUDA = DEVICE.type == "cuda"
-
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(CUDA and not torch.cuda.is_available(),
-                       reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
-                              "EPICFEAT_TEST_CUDA_DEVICE=cpu rehearses these tests on the CPU"),
-    pytest.mark.usefixtures("one_torch_thread"),
-]
 
 
 def _epochs(graphs: bool, precision: str, epochs: int = 2):

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from epicfeat.store import FeatureSetIdentity, FeatureStore
 from epicfeat.temporal.data import (
     Context,
     PackedSplit,
@@ -292,14 +293,19 @@ def test_sequence_offsets_without_context_are_the_bin_offsets():
         Context(1.0, 0)
 
 
-def test_a_pack_with_context_is_cached_apart_from_one_without(tmp_path):
-    store_module = pytest.importorskip("epicfeat.store")
-    identity = store_module.FeatureSetIdentity(
+# --- the real FeatureStore ----------------------------------------------------------------------------------------
+def _store(tmp_path, *, feature_dim: int) -> FeatureStore:
+    """An empty feature set of ``feature_dim`` rows under tmp_path/cache."""
+    identity = FeatureSetIdentity(
         weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=4,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=feature_dim,
         decoder="pyav-test", device="cpu", tf32=False, batch_size=8, channels_last=False, compile=False,
         fold_bn=True)
-    store = store_module.FeatureStore.create(tmp_path / "cache", identity)
+    return FeatureStore.create(tmp_path / "cache", identity)
+
+
+def test_a_pack_with_context_is_cached_apart_from_one_without(tmp_path):
+    store = _store(tmp_path, feature_dim=4)
     with store.writer("P01_01", attrs={"source_fps": 50.0, "duration": 3.0}) as writer:
         writer.append(_video(np.arange(30) / 10)[0], np.arange(30) / 10, np.arange(30) * 5)
         writer.commit()
@@ -347,17 +353,8 @@ def test_feature_stats_are_the_float64_values_rounded_once_even_with_a_large_off
     np.testing.assert_array_max_ulp(std.numpy(), exact.std(axis=0).astype(np.float32), maxulp=1)
 
 
-# --- the real FeatureStore (once epicfeat.store exists) ---------------------------------------------------------
-
-
 def test_pack_from_a_real_feature_store(tmp_path):
-    store_module = pytest.importorskip("epicfeat.store", reason="epicfeat/store.py not written yet")
-    identity = store_module.FeatureSetIdentity(
-        weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        decoder="pyav-test", device="cpu", tf32=False, batch_size=8, channels_last=False, compile=False,
-        fold_bn=True)
-    store = store_module.FeatureStore.create(tmp_path / "cache", identity)
+    store = _store(tmp_path, feature_dim=2048)
     rng = np.random.default_rng(3)
     videos = {}
     for video_id, n_rows in (("P01_01", 70), ("P01_02", 30)):
@@ -381,19 +378,13 @@ def test_pack_from_a_real_feature_store(tmp_path):
     for s, rows in expected.items():
         begin, count = int(split.row_start[s]), int(split.row_count[s])
         np.testing.assert_array_equal(split.features[begin:begin + count].numpy(), rows)
-    assert split.feature_set == identity.to_dict()
+    assert split.feature_set == store.identity.to_dict()
 
 
 def test_a_packed_split_is_cached_on_disk_and_repacked_when_its_inputs_change(tmp_path, monkeypatch):
     import epicfeat.temporal.data as data_module
 
-    store_module = pytest.importorskip("epicfeat.store")
-    identity = store_module.FeatureSetIdentity(
-        weights="random-seed0", weights_sha="0" * 16, fps=10.0, resize=128, crop=112,
-        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), feature_dim=4,
-        decoder="pyav-test", device="cpu", tf32=False, batch_size=8, channels_last=False, compile=False,
-        fold_bn=True)
-    store = store_module.FeatureStore.create(tmp_path / "cache", identity)
+    store = _store(tmp_path, feature_dim=4)
     rng = np.random.default_rng(0)
     for video_id in ("P01_01", "P01_02"):
         with store.writer(video_id, attrs={"source_fps": 50.0, "duration": 3.0}) as writer:
@@ -415,7 +406,7 @@ def test_a_packed_split_is_cached_on_disk_and_repacked_when_its_inputs_change(tm
         assert torch.equal(getattr(again, name), getattr(first, name)), name
     assert again.narration_ids == ["a", "b"] and again.missing_video_ids == ("P01_03",)
     assert again.summary["loaded_from_cache"] == 1 and again.feature_set == first.feature_set
-    assert store_module.FeatureStore.list_sets(tmp_path / "cache")[0].path == store.path  # not taken for a set
+    assert FeatureStore.list_sets(tmp_path / "cache")[0].path == store.path  # not taken for a set
 
     other_labels = segments.assign(verb_class=[2, 3, 0])
     assert cached_pack_split(store, other_labels, "train", progress=False).verb_labels.tolist() == [2, 3]
