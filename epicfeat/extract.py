@@ -168,7 +168,8 @@ def resolve_fold_bn(fold_bn: bool | None, device: torch.device, backbone: str = 
 
 def resolved(config: ExtractConfig, device: torch.device) -> ExtractConfig:
     """``config`` with everything left to the backbone or the device resolved, as the identity records it: the
-    backbone's canonical name, its pretrained preprocessing (crop, resize, mean, std, interpolation), precision and fold_bn."""
+    backbone's canonical name, its pretrained preprocessing (crop, resize, mean, std, interpolation), precision,
+    fold_bn and channels_last."""
     backbone = canonical_backbone(config.backbone)
     data = pretrained_data_config(backbone)
     _check_decodable(backbone, data, config.weights)
