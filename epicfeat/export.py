@@ -74,8 +74,8 @@ class ExportResult:
 
 class FullModel(nn.Module):
     """frames (B, T, [clip_len,] 3, H, W) float RGB 0..255 -> (verb_logits, noun_logits): the frame encoder, the
-    rounding to the stored dtype, the head (fp32). The encoder runs channels-last, as ``predict`` does: a CPU's bf16 kernels
-    depend on the layout."""
+    rounding to the stored dtype, the head (fp32). The encoder runs channels-last (images; not clips), as ``predict``
+    does: a CPU's bf16 kernels depend on the layout."""
 
     def __init__(self, encoder: FrameEncoder, head: nn.Module, feature_dtype: torch.dtype, *, window: int):
         super().__init__()
